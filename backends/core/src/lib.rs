@@ -1,0 +1,240 @@
+//! The kernel-facing contract every forkloop backend implements.
+//!
+//! A backend only registers file descriptors with an [`Interest`], waits for readiness
+//! and rebuilds its kernel object after `fork()`. Everything else — watcher tables,
+//! timers, signals, child processes, fork policy — lives once in the `forkloop` crate.
+//! Readiness is level-triggered: an fd that stays ready is reported by every wait.
+
+use std::io;
+use std::ops::{BitOr, BitOrAssign};
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+/// Turns a libc return value of `-1` into the `errno` error, in one place.
+#[macro_export]
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: the caller's `unsafe` context vouches for the arguments.
+        #[allow(unused_unsafe)]
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(res)
+        }
+    }};
+}
+
+macro_rules! bit_set {
+    ($(#[$meta:meta])* $name:ident { $($(#[$bmeta:meta])* $bit:ident = $value:expr,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+        pub struct $name(u8);
+
+        impl $name {
+            $($(#[$bmeta])* pub const $bit: $name = $name($value);)*
+            /// The empty set.
+            pub const NONE: $name = $name(0);
+
+            /// Whether every bit of `other` is set in `self`.
+            pub const fn contains(self, other: $name) -> bool {
+                self.0 & other.0 == other.0
+            }
+
+            /// Whether `self` and `other` share a bit.
+            pub const fn intersects(self, other: $name) -> bool {
+                self.0 & other.0 != 0
+            }
+
+            /// Whether no bit is set.
+            pub const fn is_empty(self) -> bool {
+                self.0 == 0
+            }
+        }
+
+        impl BitOr for $name {
+            type Output = $name;
+            fn bitor(self, rhs: $name) -> $name {
+                $name(self.0 | rhs.0)
+            }
+        }
+
+        impl BitOrAssign for $name {
+            fn bitor_assign(&mut self, rhs: $name) {
+                self.0 |= rhs.0;
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let names: Vec<&str> = [$((stringify!($bit), $name::$bit)),*]
+                    .iter()
+                    .filter(|(_, bit)| self.contains(*bit))
+                    .map(|(name, _)| *name)
+                    .collect();
+                write!(f, "{}({})", stringify!($name), names.join("|"))
+            }
+        }
+    };
+}
+
+bit_set! {
+    /// What a registration asks the kernel to report.
+    Interest {
+        /// Data to read, end of file, or a pending error.
+        READ = 1,
+        /// Room to write.
+        WRITE = 2,
+        /// The peer hung up (reported even without READ where the backend can).
+        HANGUP = 4,
+    }
+}
+
+bit_set! {
+    /// What the kernel reported for one fd.
+    Readiness {
+        /// Readable (POLLIN, EPOLLIN, EVFILT_READ).
+        READABLE = 1,
+        /// Writable (POLLOUT, EPOLLOUT, EVFILT_WRITE).
+        WRITABLE = 2,
+        /// The peer hung up (POLLHUP, EPOLLRDHUP, EV_EOF).
+        HANGUP = 4,
+        /// An error is pending on the fd (POLLERR, EPOLLERR, EV_ERROR).
+        ERROR = 8,
+    }
+}
+
+/// One readiness report from [`Backend::wait`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The registered fd.
+    pub fd: RawFd,
+    /// What it is ready for.
+    pub readiness: Readiness,
+}
+
+/// The small kernel-facing part of an event loop.
+///
+/// The loop keeps the authoritative table of registrations; a backend may keep its own
+/// copy when its syscall needs one (poll, select), and gets the loop's table back in
+/// [`Backend::post_fork`].
+pub trait Backend {
+    /// The backend's short name: `"epoll"`, `"poll"`, ….
+    fn name(&self) -> &'static str;
+
+    /// Starts watching `fd`. `interest` may be empty only for a hangup-only watch.
+    fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()>;
+
+    /// Changes the interest of an fd already registered.
+    fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()>;
+
+    /// Stops watching `fd`.
+    fn deregister(&mut self, fd: RawFd) -> io::Result<()>;
+
+    /// Waits up to `timeout` (forever if `None`) and appends readiness to `events`.
+    ///
+    /// A wait interrupted by a signal returns `Ok` with no events. Timeouts are rounded
+    /// up to the syscall's granularity, so a wait never returns before its deadline just
+    /// because the kernel's unit is coarser.
+    fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
+
+    /// Rebuilds the kernel state in a forked child (or again in the same process) from
+    /// the loop's registrations, without touching the kernel object inherited from the
+    /// parent in any way that would change the parent's view of it.
+    fn post_fork(
+        &mut self,
+        registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
+    ) -> io::Result<()>;
+
+    /// The fd of the backend's kernel object, if it has one (epoll, kqueue).
+    fn kernel_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+/// A timeout in whole milliseconds for poll(2)/epoll_wait(2), rounded up so the wait
+/// never ends before the deadline (which would make the loop spin), clamped to `c_int`.
+/// `None` becomes `-1` (wait forever).
+pub fn timeout_ms(timeout: Option<Duration>) -> libc::c_int {
+    match timeout {
+        None => -1,
+        Some(t) => {
+            let ms = t.as_nanos().div_ceil(1_000_000);
+            ms.min(libc::c_int::MAX as u128) as libc::c_int
+        }
+    }
+}
+
+/// An error for an fd that is negative or not open, checked by the backends whose
+/// syscall would only notice at wait time (poll, select).
+pub fn check_fd_open(fd: RawFd) -> io::Result<()> {
+    if fd < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {fd} is negative"),
+        ));
+    }
+    syscall!(fcntl(fd, libc::F_GETFD))
+        .map(drop)
+        .map_err(|e| io::Error::new(e.kind(), format!("fd {fd} is not open: {e}")))
+}
+
+/// The error for a registered fd that was closed behind the loop's back.
+pub fn closed_while_registered(backend: &str, fd: RawFd) -> io::Error {
+    io::Error::other(format!(
+        "{backend}: fd {fd} was closed while still watched; cancel its watches before closing it"
+    ))
+}
+
+/// The error for modifying or deregistering an fd the backend does not know.
+pub fn not_registered(backend: &str, fd: RawFd) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{backend}: fd {fd} is not registered"),
+    )
+}
+
+/// The error for registering an fd twice.
+pub fn already_registered(backend: &str, fd: RawFd) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{backend}: fd {fd} is already registered"),
+    )
+}
+
+/// Whether the calling process is the one that `pid` (from `std::process::id()`) names:
+/// backends whose kernel object is not inherited (kqueue) only close the old one when
+/// `post_fork` runs in the process that created it.
+pub fn same_process(pid: u32) -> bool {
+    std::process::id() == pid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeout_rounds_up_so_the_wait_never_ends_early() {
+        assert_eq!(timeout_ms(None), -1);
+        assert_eq!(timeout_ms(Some(Duration::ZERO)), 0);
+        assert_eq!(timeout_ms(Some(Duration::from_nanos(1))), 1);
+        assert_eq!(timeout_ms(Some(Duration::from_micros(1500))), 2);
+        assert_eq!(
+            timeout_ms(Some(Duration::from_secs(u64::MAX))),
+            libc::c_int::MAX
+        );
+    }
+
+    #[test]
+    fn bit_sets_combine_and_print() {
+        let i = Interest::READ | Interest::WRITE;
+        assert!(i.contains(Interest::READ) && !i.contains(Interest::HANGUP));
+        assert_eq!(format!("{i:?}"), "Interest(READ|WRITE)");
+    }
+
+    #[test]
+    fn closed_and_negative_fds_are_refused() {
+        assert!(check_fd_open(-1).is_err());
+        assert!(check_fd_open(1_000_000).is_err());
+    }
+}

@@ -1,0 +1,148 @@
+//! The epoll(7) backend (Linux), level-triggered.
+//!
+//! After fork the child shares the parent's epoll instance: an `EPOLL_CTL_DEL` in the
+//! child deregisters the parent's fd, and both processes steal each other's events.
+//! [`Backend::post_fork`] therefore builds a new instance, re-adds every registration,
+//! and closes the inherited fd without ever calling `epoll_ctl` on it.
+#![cfg(any(target_os = "linux", target_os = "android"))]
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use forkloop_backend::{syscall, timeout_ms, Backend, Event, Interest, Readiness};
+
+const INITIAL_EVENTS: usize = 256;
+
+/// A level-triggered epoll instance.
+pub struct Epoll {
+    epfd: OwnedFd,
+    buffer: Vec<libc::epoll_event>,
+    registered: usize,
+}
+
+fn create() -> io::Result<OwnedFd> {
+    let fd = syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?;
+    // SAFETY: epoll_create1 just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn interest_to_events(interest: Interest) -> u32 {
+    let mut events = 0;
+    if interest.contains(Interest::READ) {
+        events |= libc::EPOLLIN;
+    }
+    if interest.contains(Interest::WRITE) {
+        events |= libc::EPOLLOUT;
+    }
+    if interest.contains(Interest::HANGUP) {
+        events |= libc::EPOLLRDHUP;
+    }
+    events as u32
+}
+
+fn events_to_readiness(events: u32) -> Readiness {
+    let events = events as libc::c_int;
+    let mut r = Readiness::NONE;
+    if events & libc::EPOLLIN != 0 {
+        r |= Readiness::READABLE;
+    }
+    if events & libc::EPOLLOUT != 0 {
+        r |= Readiness::WRITABLE;
+    }
+    if events & (libc::EPOLLHUP | libc::EPOLLRDHUP) != 0 {
+        r |= Readiness::HANGUP;
+    }
+    if events & libc::EPOLLERR != 0 {
+        r |= Readiness::ERROR;
+    }
+    r
+}
+
+fn ctl(epfd: &OwnedFd, op: libc::c_int, fd: RawFd, interest: Interest) -> io::Result<()> {
+    let mut event = libc::epoll_event {
+        events: interest_to_events(interest),
+        u64: fd as u64,
+    };
+    syscall!(epoll_ctl(epfd.as_raw_fd(), op, fd, &mut event)).map(drop)
+}
+
+impl Epoll {
+    /// A new epoll instance (close-on-exec).
+    pub fn new() -> io::Result<Epoll> {
+        Ok(Epoll {
+            epfd: create()?,
+            buffer: Vec::with_capacity(INITIAL_EVENTS),
+            registered: 0,
+        })
+    }
+}
+
+impl Backend for Epoll {
+    fn name(&self) -> &'static str {
+        "epoll"
+    }
+
+    /// Regular files are refused by epoll with `EPERM`; the loop treats them as always
+    /// ready, as poll(2) would report them.
+    fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
+        ctl(&self.epfd, libc::EPOLL_CTL_ADD, fd, interest)?;
+        self.registered += 1;
+        Ok(())
+    }
+
+    fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
+        ctl(&self.epfd, libc::EPOLL_CTL_MOD, fd, interest)
+    }
+
+    fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
+        self.registered = self.registered.saturating_sub(1);
+        ctl(&self.epfd, libc::EPOLL_CTL_DEL, fd, Interest::NONE)
+    }
+
+    fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        // A full buffer last time means more may be waiting: grow towards the fd count.
+        if self.buffer.len() == self.buffer.capacity() && self.buffer.capacity() < self.registered {
+            self.buffer.reserve(self.buffer.capacity());
+        }
+        self.buffer.clear();
+        let n = match syscall!(epoll_wait(
+            self.epfd.as_raw_fd(),
+            self.buffer.as_mut_ptr(),
+            self.buffer.capacity().min(libc::c_int::MAX as usize) as libc::c_int,
+            timeout_ms(timeout)
+        )) {
+            Ok(n) => n as usize,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // SAFETY: epoll_wait initialized the first n entries, n <= capacity.
+        unsafe { self.buffer.set_len(n) };
+        events.extend(self.buffer.iter().map(|e| Event {
+            fd: e.u64 as RawFd,
+            readiness: events_to_readiness(e.events),
+        }));
+        Ok(())
+    }
+
+    fn post_fork(
+        &mut self,
+        registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
+    ) -> io::Result<()> {
+        let fresh = create()?;
+        let mut registered = 0;
+        for (fd, interest) in registrations {
+            ctl(&fresh, libc::EPOLL_CTL_ADD, fd, interest)?;
+            registered += 1;
+        }
+        // Dropping the inherited fd only closes this process's reference to the shared
+        // instance; no epoll_ctl ever touches it, so the parent's registrations stand.
+        self.epfd = fresh;
+        self.registered = registered;
+        Ok(())
+    }
+
+    fn kernel_fd(&self) -> Option<RawFd> {
+        Some(self.epfd.as_raw_fd())
+    }
+}

@@ -1,0 +1,137 @@
+//! The poll(2) backend: no kernel state, so nothing to rebuild after fork.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use forkloop_backend::{
+    already_registered, check_fd_open, closed_while_registered, not_registered, syscall,
+    timeout_ms, Backend, Event, Interest, Readiness,
+};
+
+/// poll(2) over an array the backend keeps in step with the registrations.
+#[derive(Default)]
+pub struct Poll {
+    fds: Vec<libc::pollfd>,
+    index: HashMap<RawFd, usize>,
+}
+
+impl Poll {
+    /// A backend with nothing registered. It needs no kernel object, so it cannot fail.
+    pub fn new() -> Poll {
+        Poll::default()
+    }
+}
+
+fn interest_to_events(interest: Interest) -> libc::c_short {
+    let mut events = 0;
+    if interest.contains(Interest::READ) {
+        events |= libc::POLLIN;
+    }
+    if interest.contains(Interest::WRITE) {
+        events |= libc::POLLOUT;
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if interest.contains(Interest::HANGUP) {
+        events |= libc::POLLRDHUP;
+    }
+    events
+}
+
+fn revents_to_readiness(revents: libc::c_short) -> Readiness {
+    let mut r = Readiness::NONE;
+    if revents & libc::POLLIN != 0 {
+        r |= Readiness::READABLE;
+    }
+    if revents & libc::POLLOUT != 0 {
+        r |= Readiness::WRITABLE;
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if revents & libc::POLLRDHUP != 0 {
+        r |= Readiness::HANGUP;
+    }
+    if revents & libc::POLLHUP != 0 {
+        r |= Readiness::HANGUP;
+    }
+    if revents & libc::POLLERR != 0 {
+        r |= Readiness::ERROR;
+    }
+    r
+}
+
+impl Backend for Poll {
+    fn name(&self) -> &'static str {
+        "poll"
+    }
+
+    fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
+        check_fd_open(fd)?;
+        if self.index.contains_key(&fd) {
+            return Err(already_registered("poll", fd));
+        }
+        self.index.insert(fd, self.fds.len());
+        self.fds.push(libc::pollfd {
+            fd,
+            events: interest_to_events(interest),
+            revents: 0,
+        });
+        Ok(())
+    }
+
+    fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
+        let i = *self
+            .index
+            .get(&fd)
+            .ok_or_else(|| not_registered("poll", fd))?;
+        self.fds[i].events = interest_to_events(interest);
+        Ok(())
+    }
+
+    fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
+        let i = self
+            .index
+            .remove(&fd)
+            .ok_or_else(|| not_registered("poll", fd))?;
+        self.fds.swap_remove(i);
+        if let Some(moved) = self.fds.get(i) {
+            self.index.insert(moved.fd, i);
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        let n = match syscall!(poll(
+            self.fds.as_mut_ptr(),
+            self.fds.len() as libc::nfds_t,
+            timeout_ms(timeout)
+        )) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut left = n;
+        for pfd in &self.fds {
+            if left == 0 {
+                break;
+            }
+            if pfd.revents == 0 {
+                continue;
+            }
+            left -= 1;
+            if pfd.revents & libc::POLLNVAL != 0 {
+                return Err(closed_while_registered("poll", pfd.fd));
+            }
+            events.push(Event {
+                fd: pfd.fd,
+                readiness: revents_to_readiness(pfd.revents),
+            });
+        }
+        Ok(())
+    }
+
+    fn post_fork(&mut self, _: &mut dyn Iterator<Item = (RawFd, Interest)>) -> io::Result<()> {
+        // The pollfd array is plain memory, copied by fork: nothing is shared.
+        Ok(())
+    }
+}

@@ -1,0 +1,166 @@
+//! The select(2) backend: no kernel state, so nothing to rebuild after fork.
+//!
+//! select's `fd_set` is a fixed bitmap of `FD_SETSIZE` bits; in C an fd beyond it is a
+//! buffer overflow. Here registering such an fd is an error that says what to use instead.
+//! select cannot tell a hangup from readability, so hangup-only interest is refused.
+
+use std::collections::HashMap;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use forkloop_backend::{
+    already_registered, check_fd_open, closed_while_registered, not_registered, syscall, Backend,
+    Event, Interest, Readiness,
+};
+
+/// select(2) over the backend's own list of registrations.
+#[derive(Default)]
+pub struct Select {
+    registrations: Vec<(RawFd, Interest)>,
+    index: HashMap<RawFd, usize>,
+}
+
+impl Select {
+    /// A backend with nothing registered. It needs no kernel object, so it cannot fail.
+    pub fn new() -> Select {
+        Select::default()
+    }
+}
+
+fn check_interest(fd: RawFd, interest: Interest) -> io::Result<()> {
+    if interest.contains(Interest::HANGUP) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("select: cannot report a hangup on fd {fd} apart from readability; watch it for read, or use the poll or epoll backend"),
+        ));
+    }
+    Ok(())
+}
+
+fn empty_set() -> libc::fd_set {
+    let mut set = MaybeUninit::<libc::fd_set>::uninit();
+    // SAFETY: FD_ZERO initializes every bit of the set it is given.
+    unsafe {
+        libc::FD_ZERO(set.as_mut_ptr());
+        set.assume_init()
+    }
+}
+
+/// A timeout as a timeval, rounded up to the microsecond.
+fn timeval(timeout: Duration) -> libc::timeval {
+    let micros = timeout.as_nanos().div_ceil(1_000);
+    let secs = (micros / 1_000_000).min(libc::time_t::MAX as u128);
+    libc::timeval {
+        tv_sec: secs as libc::time_t,
+        tv_usec: (micros % 1_000_000) as libc::suseconds_t,
+    }
+}
+
+impl Backend for Select {
+    fn name(&self) -> &'static str {
+        "select"
+    }
+
+    fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
+        check_fd_open(fd)?;
+        if fd >= libc::FD_SETSIZE as RawFd {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "select: fd {fd} is above FD_SETSIZE ({}); use the poll or epoll backend",
+                    libc::FD_SETSIZE
+                ),
+            ));
+        }
+        check_interest(fd, interest)?;
+        if self.index.contains_key(&fd) {
+            return Err(already_registered("select", fd));
+        }
+        self.index.insert(fd, self.registrations.len());
+        self.registrations.push((fd, interest));
+        Ok(())
+    }
+
+    fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
+        check_interest(fd, interest)?;
+        let i = *self
+            .index
+            .get(&fd)
+            .ok_or_else(|| not_registered("select", fd))?;
+        self.registrations[i].1 = interest;
+        Ok(())
+    }
+
+    fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
+        let i = self
+            .index
+            .remove(&fd)
+            .ok_or_else(|| not_registered("select", fd))?;
+        self.registrations.swap_remove(i);
+        if let Some(&(moved, _)) = self.registrations.get(i) {
+            self.index.insert(moved, i);
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        let (mut read, mut write) = (empty_set(), empty_set());
+        let mut nfds = 0;
+        for &(fd, interest) in &self.registrations {
+            // SAFETY: register() refused every fd outside 0..FD_SETSIZE.
+            unsafe {
+                if interest.contains(Interest::READ) {
+                    libc::FD_SET(fd, &mut read);
+                }
+                if interest.contains(Interest::WRITE) {
+                    libc::FD_SET(fd, &mut write);
+                }
+            }
+            nfds = nfds.max(fd + 1);
+        }
+        let mut tv = timeout.map(timeval);
+        let tv_ptr = tv.as_mut().map_or(std::ptr::null_mut(), |tv| tv as *mut _);
+        match syscall!(select(
+            nfds,
+            &mut read,
+            &mut write,
+            std::ptr::null_mut(),
+            tv_ptr
+        )) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
+                let closed = self
+                    .registrations
+                    .iter()
+                    .find(|(fd, _)| check_fd_open(*fd).is_err());
+                return Err(closed.map_or(e, |&(fd, _)| closed_while_registered("select", fd)));
+            }
+            Err(e) => return Err(e),
+        }
+        for &(fd, _) in &self.registrations {
+            let mut readiness = Readiness::NONE;
+            // SAFETY: fd is within 0..FD_SETSIZE (checked at registration).
+            unsafe {
+                if libc::FD_ISSET(fd, &read) {
+                    readiness |= Readiness::READABLE;
+                }
+                if libc::FD_ISSET(fd, &write) {
+                    readiness |= Readiness::WRITABLE;
+                }
+            }
+            if !readiness.is_empty() {
+                events.push(Event { fd, readiness });
+            }
+        }
+        Ok(())
+    }
+
+    fn post_fork(&mut self, _: &mut dyn Iterator<Item = (RawFd, Interest)>) -> io::Result<()> {
+        // The registration list is plain memory, copied by fork: nothing is shared.
+        Ok(())
+    }
+}

@@ -1,0 +1,90 @@
+//! The one error type of the `forkloop` crate.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::Kind;
+
+/// What went wrong, in words a user can act on; `source` is what the OS said.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The backend's Cargo feature is off.
+    #[error("the {0} backend is not compiled in: enable the `{0}` feature of forkloop")]
+    NotCompiledIn(Kind),
+    /// The backend cannot exist on this OS (epoll off Linux, kqueue off the BSDs).
+    #[error("the {kind} backend is not available on this system: {reason}")]
+    Unsupported {
+        /// The backend asked for.
+        kind: Kind,
+        /// Why it cannot run here.
+        reason: &'static str,
+    },
+    /// A backend name that forkloop does not know.
+    #[error("unknown backend {0:?}: expected one of poll, select, epoll, kqueue, mio, polling")]
+    UnknownBackend(String),
+    /// A backend list (`FORKLOOP_BACKEND`, or all of them for the default choice)
+    /// names no backend that is compiled in and can run here.
+    #[error("none of the backends {value:?} is usable here: {reasons}")]
+    NoUsableBackend {
+        /// The list.
+        value: String,
+        /// Why each named backend was refused.
+        reasons: String,
+    },
+    /// The OS refused to create what the loop needs (an epoll fd, a pipe, …).
+    #[error("cannot create {what}: {source}")]
+    Create {
+        /// What could not be created.
+        what: &'static str,
+        /// The OS error; `EMFILE` means the fd limit is reached.
+        source: io::Error,
+    },
+    /// The backend refused to watch an fd (closed, invalid, beyond FD_SETSIZE, …).
+    #[error("{backend}: cannot watch fd {fd}: {source}")]
+    Watch {
+        /// The backend's name.
+        backend: &'static str,
+        /// The fd.
+        fd: RawFd,
+        /// Why.
+        source: io::Error,
+    },
+    /// Waiting for events failed, e.g. an fd was closed while still watched.
+    #[error("{backend}: wait failed: {source}")]
+    Wait {
+        /// The backend's name.
+        backend: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// Rebuilding the backend after fork failed.
+    #[error("{backend}: post_fork failed: {source}")]
+    PostFork {
+        /// The backend's name.
+        backend: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// A signal that cannot be watched: unknown, uncatchable, or taken by another loop.
+    #[error("signal {signal}: {reason}")]
+    Signal {
+        /// The signal number.
+        signal: libc::c_int,
+        /// Why it cannot be watched.
+        reason: String,
+    },
+    /// `watch_process` for a pid that is not a child of this process.
+    #[error("pid {0} is not a child of this process (waitid: ECHILD)")]
+    NotAChild(libc::pid_t),
+    /// fork(2) failed.
+    #[error("fork failed: {0}")]
+    Fork(io::Error),
+    /// The process-global loop was asked for while it is already lent out (a nested
+    /// `with_global`) or from a thread other than the one that owns it.
+    #[error("the process-global loop {0}")]
+    GlobalUnavailable(&'static str),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,34 @@
+//! Small OS helpers shared by the loop's modules.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use forkloop_backend::syscall;
+
+/// A non-blocking, close-on-exec pipe: `(read, write)`.
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    #[cfg(not(any(target_os = "macos", target_os = "ios")))]
+    syscall!(pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK))?;
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    {
+        // macOS has no pipe2: close-on-exec is set right after, not atomically.
+        syscall!(pipe(fds.as_mut_ptr()))?;
+        for fd in fds {
+            syscall!(fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC))?;
+            syscall!(fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK))?;
+        }
+    }
+    // SAFETY: pipe2/pipe just returned these two fds and nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Where this thread's `errno` lives, so a signal handler can save and restore it.
+pub(crate) fn errno_location() -> *mut libc::c_int {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    // SAFETY: always safe to call; returns this thread's errno slot.
+    return unsafe { libc::__errno_location() };
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    // SAFETY: always safe to call; returns this thread's errno slot.
+    return unsafe { libc::__error() };
+}
