@@ -1,0 +1,207 @@
+//! Shared by the matrix: the backend template, loop construction, per-test process
+//! isolation for fork and signal tests, and small fixtures.
+#![allow(dead_code)] // each test crate uses a different part of this module
+
+use std::cell::Cell;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use forkloop::{Kind, Loop};
+use rstest_reuse::template;
+
+/// The timing unit of looptests.md, in its quick mode.
+pub const U: Duration = Duration::from_millis(100);
+
+/// Every backend; the ones not compiled in or not usable here are ignored, with why.
+#[template]
+#[rstest]
+#[cfg_attr(
+    not(feature = "poll"),
+    ignore = "poll backend not compiled in (feature `poll`)"
+)]
+#[case::poll(Kind::Poll)]
+#[cfg_attr(
+    not(feature = "select"),
+    ignore = "select backend not compiled in (feature `select`)"
+)]
+#[case::select(Kind::Select)]
+#[cfg_attr(
+    not(has_epoll),
+    ignore = "epoll backend not compiled in (feature `epoll`) or not on Linux"
+)]
+#[case::epoll(Kind::Epoll)]
+#[cfg_attr(
+    not(has_kqueue),
+    ignore = "kqueue backend not compiled in (feature `kqueue`) or not on macOS/BSD"
+)]
+#[case::kqueue(Kind::Kqueue)]
+#[cfg_attr(
+    not(feature = "mio"),
+    ignore = "mio backend not compiled in (feature `mio`)"
+)]
+#[case::mio(Kind::Mio)]
+#[cfg_attr(
+    not(feature = "polling"),
+    ignore = "polling backend not compiled in (feature `polling`)"
+)]
+#[case::polling(Kind::Polling)]
+pub fn backends(#[case] kind: Kind) {}
+
+pub fn new_loop(kind: Kind) -> Loop {
+    Loop::with_backend(kind).unwrap_or_else(|e| panic!("{kind}: {e}"))
+}
+
+/// A shared counter for callbacks to bump: `(counter, clone for the callback)`.
+pub fn counter() -> (Rc<Cell<u32>>, Rc<Cell<u32>>) {
+    let c = Rc::new(Cell::new(0));
+    (c.clone(), c)
+}
+
+pub fn bump(c: &Rc<Cell<u32>>) {
+    c.set(c.get() + 1);
+}
+
+/// A connected, non-blocking socketpair.
+pub fn socketpair() -> (UnixStream, UnixStream) {
+    let (a, b) = UnixStream::pair().expect("socketpair");
+    a.set_nonblocking(true).unwrap();
+    b.set_nonblocking(true).unwrap();
+    (a, b)
+}
+
+/// Reads whatever is there without blocking.
+pub fn drain(s: &mut UnixStream) -> usize {
+    let mut buf = [0u8; 4096];
+    let mut total = 0;
+    while let Ok(n @ 1..) = s.read(&mut buf) {
+        total += n;
+    }
+    total
+}
+
+/// Iterates `lp` until `done()` or `limit` passes; returns whether `done()` held.
+pub fn loop_until(lp: &mut Loop, limit: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        lp.loop_once(Some(left)).expect("loop_once");
+    }
+    true
+}
+
+const ISOLATED_ENV: &str = "FORKLOOP_ISOLATED_TEST";
+
+/// Runs `body` in a process of its own: fork and process-wide signals are unsound
+/// among the test harness's threads. The test binary is re-executed for exactly this
+/// test; the parent checks that it ran (not filtered to nothing) and passed, within a
+/// bound.
+pub fn isolated(body: impl FnOnce()) {
+    let name = std::thread::current()
+        .name()
+        .expect("libtest names test threads")
+        .to_owned();
+    if std::env::var(ISOLATED_ENV).as_deref() == Ok(name.as_str()) {
+        body();
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let child = Command::new(exe)
+        .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+        .env(ISOLATED_ENV, &name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("re-executing the test binary");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(output) => output.expect("waiting for the isolated test"),
+        Err(_) => {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("isolated test {name} did not finish within 60 s");
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "isolated test {name} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        output.status
+    );
+}
+
+/// Waits for child `pid` without a loop, bounded: polls `waitpid(WNOHANG)`, and kills
+/// the child if it has not exited by `limit`. Returns the raw wait status.
+pub fn wait_child(pid: libc::pid_t, limit: Duration) -> libc::c_int {
+    let deadline = Instant::now() + limit;
+    let mut status = 0;
+    loop {
+        // SAFETY: status is a live c_int.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return status;
+        }
+        assert!(
+            r == 0,
+            "waitpid({pid}): {}",
+            std::io::Error::last_os_error()
+        );
+        if Instant::now() > deadline {
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            panic!("child {pid} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The exit code of a raw wait status, or a panic naming how the child died.
+pub fn exit_code(status: libc::c_int) -> i32 {
+    assert!(
+        libc::WIFEXITED(status),
+        "child did not exit normally: status {status:#x}"
+    );
+    libc::WEXITSTATUS(status)
+}
+
+/// A raw `fork()` (bypassing `Loop::fork`) whose child runs `f` and `_exit`s with its
+/// result — 255 if it panics — so the child never returns into the test harness.
+pub fn raw_fork(f: impl FnOnce() -> i32) -> libc::pid_t {
+    // SAFETY: the child runs `f` under catch_unwind and always _exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(255);
+        // SAFETY: ends the child without running the harness's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    pid
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to at least `want` (up to the hard limit).
+pub fn raise_fd_limit(want: u64) {
+    // SAFETY: rlimit is plain old data filled by getrlimit.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: lim is a live rlimit.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    if (lim.rlim_cur as u64) < want {
+        lim.rlim_cur = (want as libc::rlim_t).min(lim.rlim_max);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    }
+}

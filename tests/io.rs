@@ -1,0 +1,367 @@
+//! looptests.md, group io: readiness, hangup, partial unwatch and dispatch skipping.
+
+mod common;
+
+use std::cell::Cell;
+use std::io::Write;
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+
+use common::*;
+use forkloop::{Error, Interest, Kind, Loop, Watch};
+use rstest::rstest;
+use rstest_reuse::apply;
+
+fn watch_counting(lp: &mut Loop, fd: i32, interest: Interest) -> (Rc<Cell<u32>>, Watch) {
+    let (count, c) = counter();
+    let watch = lp.watch_io(fd, interest, move |_, _| bump(&c)).unwrap();
+    (count, watch)
+}
+
+#[apply(backends)]
+fn io_watch_does_not_keep_its_callback_alive_after_cancel_or_drop(#[case] kind: Kind) {
+    let (s1, _s2) = socketpair();
+    let token = Rc::new(());
+    let mut lp = new_loop(kind);
+    let t = token.clone();
+    let w = lp
+        .watch_io(s1.as_raw_fd(), Interest::READ, move |_, _| {
+            let _ = &t;
+        })
+        .unwrap();
+    assert_eq!(Rc::strong_count(&token), 2);
+    assert!(lp.cancel(w));
+    assert_eq!(Rc::strong_count(&token), 1, "cancel releases the callback");
+    let t = token.clone();
+    lp.watch_io(s1.as_raw_fd(), Interest::READ, move |_, _| {
+        let _ = &t;
+    })
+    .unwrap();
+    drop(lp);
+    assert_eq!(
+        Rc::strong_count(&token),
+        1,
+        "dropping the loop releases the callback"
+    );
+}
+
+#[apply(backends)]
+fn io_read_waits_for_data_and_for_an_iteration(#[case] kind: Kind) {
+    let (s1, mut s2) = socketpair();
+    let mut lp = new_loop(kind);
+    let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::READ);
+    assert_eq!(reads.get(), 0, "no callback before any iteration");
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(reads.get(), 0, "no callback with nothing to read");
+    s2.write_all(b"line\n").unwrap();
+    assert_eq!(reads.get(), 0, "still none before an iteration");
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(reads.get(), 1);
+}
+
+#[apply(backends)]
+fn io_read_watch_works_again_after_unwatch_and_rewatch(#[case] kind: Kind) {
+    let (s1, mut s2) = socketpair();
+    let mut lp = new_loop(kind);
+    let (_, w) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::READ);
+    assert!(lp.cancel(w));
+    assert!(!lp.cancel(w), "a second cancel is a harmless false");
+    let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::READ);
+    s2.write_all(b"x").unwrap();
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(reads.get(), 1);
+}
+
+#[apply(backends)]
+fn io_write_watch_fires_on_a_writable_socket(#[case] kind: Kind) {
+    let (s1, _s2) = socketpair();
+    let mut lp = new_loop(kind);
+    let (writes, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::WRITE);
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(writes.get(), 1);
+}
+
+#[apply(backends)]
+fn io_unwatching_write_leaves_the_read_watch_without_spurious_wakeups(#[case] kind: Kind) {
+    let (s1, mut s2) = socketpair();
+    let mut lp = new_loop(kind);
+    let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::READ);
+    let (writes, w) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::WRITE);
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!((reads.get(), writes.get()), (0, 1));
+    lp.cancel(w);
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(
+        (reads.get(), writes.get()),
+        (0, 1),
+        "no read, no write after unwatch"
+    );
+    s2.write_all(b"x").unwrap();
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(
+        (reads.get(), writes.get()),
+        (1, 1),
+        "the read watch survived"
+    );
+}
+
+#[apply(backends)]
+fn io_peer_hangup_is_readable(#[case] kind: Kind) {
+    let (s1, s2) = socketpair();
+    let mut lp = new_loop(kind);
+    let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::READ);
+    drop(s2);
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(reads.get(), 1);
+}
+
+#[apply(backends)]
+fn io_pipe_writer_closing_is_readable(#[case] kind: Kind) {
+    let (r, w) = std::io::pipe().unwrap();
+    let mut lp = new_loop(kind);
+    let (reads, _) = watch_counting(&mut lp, r.as_raw_fd(), Interest::READ);
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(reads.get(), 0, "nothing before the writer closes");
+    drop(w);
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(reads.get(), 1);
+}
+
+#[apply(backends)]
+fn io_hangup_watch_reports_peer_close_or_is_refused_by_select(#[case] kind: Kind) {
+    let (s1, s2) = socketpair();
+    let (r, w) = std::io::pipe().unwrap();
+    let mut lp = new_loop(kind);
+    let sock = lp.watch_io(s1.as_raw_fd(), Interest::HANGUP, |_, _| {});
+    if kind == Kind::Select {
+        let err = sock.unwrap_err();
+        assert!(matches!(err, Error::Watch { .. }), "{err}");
+        assert!(err.to_string().contains("hangup"), "{err}");
+        return;
+    }
+    sock.unwrap();
+    let (hangups, h) = counter();
+    lp.watch_io(s1.as_raw_fd(), Interest::HANGUP, move |_, _| bump(&h))
+        .unwrap();
+    let (pipe_hangups, p) = counter();
+    lp.watch_io(w.as_raw_fd(), Interest::HANGUP, move |_, _| bump(&p))
+        .unwrap();
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!((hangups.get(), pipe_hangups.get()), (0, 0), "no hangup yet");
+    drop(s2);
+    drop(r);
+    assert!(loop_until(&mut lp, 5 * U, || hangups.get() > 0
+        && pipe_hangups.get() > 0));
+}
+
+#[apply(backends)]
+fn io_callback_cancelled_by_an_earlier_one_in_the_same_dispatch_is_skipped(#[case] kind: Kind) {
+    let (s1, s2) = socketpair();
+    let mut lp = new_loop(kind);
+    let watches: Rc<Cell<Option<(Watch, Watch)>>> = Rc::new(Cell::new(None));
+    let (calls, _) = counter();
+    let make = |calls: Rc<Cell<u32>>, watches: Rc<Cell<Option<(Watch, Watch)>>>| {
+        move |lp: &mut Loop, _| {
+            bump(&calls);
+            let (a, b) = watches.get().unwrap();
+            lp.cancel(a);
+            lp.cancel(b);
+        }
+    };
+    let fd = s1.as_raw_fd();
+    let r = lp
+        .watch_io(fd, Interest::READ, make(calls.clone(), watches.clone()))
+        .unwrap();
+    let w = lp
+        .watch_io(fd, Interest::WRITE, make(calls.clone(), watches.clone()))
+        .unwrap();
+    watches.set(Some((r, w)));
+    drop(s2);
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(calls.get(), 1, "exactly one of the two callbacks ran");
+}
+
+#[apply(backends)]
+fn io_cancelling_another_fds_watch_in_one_dispatch_skips_it(#[case] kind: Kind) {
+    let (a1, _a2) = socketpair();
+    let (b1, _b2) = socketpair();
+    let mut lp = new_loop(kind);
+    let watches: Rc<Cell<Option<(Watch, Watch)>>> = Rc::new(Cell::new(None));
+    let (calls, _) = counter();
+    let make = |calls: Rc<Cell<u32>>, watches: Rc<Cell<Option<(Watch, Watch)>>>| {
+        move |lp: &mut Loop, _| {
+            bump(&calls);
+            let (a, b) = watches.get().unwrap();
+            lp.cancel(a);
+            lp.cancel(b);
+        }
+    };
+    let a = lp.watch_io(
+        a1.as_raw_fd(),
+        Interest::WRITE,
+        make(calls.clone(), watches.clone()),
+    );
+    let b = lp.watch_io(
+        b1.as_raw_fd(),
+        Interest::WRITE,
+        make(calls.clone(), watches.clone()),
+    );
+    watches.set(Some((a.unwrap(), b.unwrap())));
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(calls.get(), 1);
+}
+
+#[apply(backends)]
+fn io_pending_socket_error_is_readable(#[case] kind: Kind) {
+    let s1 = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let s2 = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s1.connect(s2.local_addr().unwrap()).unwrap();
+    s1.set_nonblocking(true).unwrap();
+    drop(s2);
+    let mut lp = new_loop(kind);
+    let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::READ);
+    s1.send(b"ping").unwrap();
+    assert!(loop_until(&mut lp, 5 * U, || reads.get() > 0));
+    let mut buf = [0u8; 8];
+    let err = s1.recv(&mut buf).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+}
+
+#[apply(backends)]
+fn io_regular_file_is_always_read_and_write_ready(#[case] kind: Kind) {
+    let file = tempfile();
+    let mut lp = new_loop(kind);
+    let (reads, _) = watch_counting(&mut lp, file.as_raw_fd(), Interest::READ);
+    let (writes, w) = watch_counting(&mut lp, file.as_raw_fd(), Interest::WRITE);
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!((reads.get(), writes.get()), (1, 1));
+    lp.cancel(w);
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!((reads.get(), writes.get()), (2, 1));
+}
+
+fn tempfile() -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("forkloop-io-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file
+}
+
+#[apply(backends)]
+fn io_separate_read_and_write_watches_on_one_fd_both_fire(#[case] kind: Kind) {
+    let (s1, mut s2) = socketpair();
+    let mut lp = new_loop(kind);
+    let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::READ);
+    let (writes, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::WRITE);
+    s2.write_all(b"x").unwrap();
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!((reads.get(), writes.get()), (1, 1));
+}
+
+#[apply(backends)]
+fn io_watches_survive_post_fork(#[case] kind: Kind) {
+    let (s1, mut s2) = socketpair();
+    let mut lp = new_loop(kind);
+    let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::READ);
+    let before = lp.backend_fd();
+    lp.post_fork().unwrap();
+    lp.post_fork().unwrap();
+    if before.is_some() {
+        assert!(lp.backend_fd().is_some());
+    }
+    s2.write_all(b"x").unwrap();
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(reads.get(), 1);
+}
+
+#[apply(backends)]
+fn io_level_triggered_until_drained(#[case] kind: Kind) {
+    let (mut s1, mut s2) = socketpair();
+    let fd = s1.as_raw_fd();
+    let mut lp = new_loop(kind);
+    let (reads, _) = watch_counting(&mut lp, fd, Interest::READ);
+    s2.write_all(b"xyz").unwrap();
+    lp.loop_once(Some(U)).unwrap();
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(reads.get(), 2, "still readable: reported again");
+    assert_eq!(drain(&mut s1), 3);
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(reads.get(), 2, "drained: not reported");
+}
+
+#[apply(backends)]
+fn io_closed_and_invalid_fds_are_refused(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    for fd in [-1, 1_000_000] {
+        let err = lp.watch_io(fd, Interest::READ, |_, _| {}).unwrap_err();
+        assert!(
+            matches!(err, Error::Watch { fd: f, .. } if f == fd),
+            "{err}"
+        );
+    }
+    let (s1, _s2) = socketpair();
+    let err = lp
+        .watch_io(s1.as_raw_fd(), Interest::NONE, |_, _| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("empty interest"), "{err}");
+}
+
+#[rstest]
+#[cfg_attr(
+    not(feature = "select"),
+    ignore = "select backend not compiled in (feature `select`)"
+)]
+fn select_refuses_fds_beyond_fd_setsize() {
+    // Isolated: it raises the fd limit and places an fd by number.
+    isolated(|| {
+        raise_fd_limit(libc::FD_SETSIZE as u64 + 64);
+        let (s1, _s2) = socketpair();
+        // SAFETY: dup2 onto a free high number; the duplicate is closed below.
+        let high = unsafe { libc::dup2(s1.as_raw_fd(), libc::FD_SETSIZE as i32 + 10) };
+        if high < 0 {
+            panic!(
+                "dup2 above FD_SETSIZE: {} (raise RLIMIT_NOFILE)",
+                std::io::Error::last_os_error()
+            );
+        }
+        let mut lp = new_loop(Kind::Select);
+        let err = lp
+            .watch_io(high, Interest::READ, |_, _| {})
+            .unwrap_err()
+            .to_string();
+        // SAFETY: closes the duplicate made above.
+        unsafe { libc::close(high) };
+        assert!(
+            err.contains("FD_SETSIZE") && err.contains("use the poll or epoll"),
+            "{err}"
+        );
+    });
+}
+
+#[rstest]
+#[cfg_attr(
+    not(feature = "poll"),
+    ignore = "poll backend not compiled in (feature `poll`)"
+)]
+fn fd_closed_while_watched_is_an_error_naming_it() {
+    // Isolated: another test thread could reuse the closed fd number.
+    isolated(|| {
+        let (s1, _s2) = socketpair();
+        let fd = s1.as_raw_fd();
+        let mut lp = new_loop(Kind::Poll);
+        lp.watch_io(fd, Interest::READ, |_, _| {}).unwrap();
+        drop(s1);
+        let err = lp.loop_once(Some(U)).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("fd {fd} was closed while still watched")),
+            "{err}"
+        );
+    });
+}
