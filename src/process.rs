@@ -85,6 +85,8 @@ impl Loop {
     }
 
     fn add_process_watch(&mut self, callback: ProcessCallback) -> Result<u64> {
+        // In a fresh child, post_fork must drop the parent's watches before this one joins.
+        self.ensure_current()?;
         if self.children.sigchld.is_none() {
             let watch = self.watch_signal(libc::SIGCHLD, |lp, _| lp.reap_children())?;
             self.children.sigchld = Some(watch);

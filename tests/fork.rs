@@ -1,0 +1,317 @@
+//! The fork group of looptests.md (real forks, every backend), and the process-global
+//! loop. Every test runs in a process of its own.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use forkloop::{ForkOptions, Interest, Kind, Loop, LoopId, BACKEND_ENV};
+use rstest::rstest;
+use rstest_reuse::apply;
+
+const CHILD_LIMIT: Duration = Duration::from_secs(20);
+
+fn global_identity() -> (LoopId, Option<i32>) {
+    Loop::with_global(|g| (g.id(), g.backend_fd())).unwrap()
+}
+
+/// 0 if this process's global loop is a new one, different from `parent`'s.
+fn fresh_global(parent: (LoopId, Option<i32>)) -> i32 {
+    let mine = global_identity();
+    let stable = global_identity() == mine;
+    let new_kernel_object = parent.1.is_none() || mine.1 != parent.1;
+    let ok = mine.0 != parent.0 && mine.0.pid == std::process::id() && stable && new_kernel_object;
+    (!ok) as i32
+}
+
+fn exits_with(pid: libc::pid_t, code: i32) {
+    assert_eq!(exit_code(wait_child(pid, CHILD_LIMIT)), code);
+}
+
+#[apply(backends)]
+fn fork_global_loop_is_fresh_in_every_kind_of_child(#[case] kind: Kind) {
+    isolated(|| {
+        std::env::set_var(BACKEND_ENV, kind.name());
+        let parent = global_identity();
+        assert_eq!(
+            Loop::with_global(|g| g.backend_name()).unwrap(),
+            kind.name()
+        );
+        let mut lp = new_loop(kind);
+        // Through Loop::fork.
+        let pid = lp
+            .fork(ForkOptions::new(), move || fresh_global(parent))
+            .unwrap();
+        exits_with(pid, 0);
+        // Through a raw fork from inside with_global, which the child inherits lent out.
+        Loop::with_global(|_| exits_with(raw_fork(move || fresh_global(parent)), 0)).unwrap();
+        // Through a daemonizing double fork.
+        let outer = raw_fork(move || {
+            let child = global_identity();
+            let grandchild = raw_fork(move || fresh_global(child));
+            exit_code(wait_child(grandchild, CHILD_LIMIT)) | fresh_global(parent)
+        });
+        exits_with(outer, 0);
+        assert_eq!(
+            global_identity(),
+            parent,
+            "the parent keeps its own global loop"
+        );
+    });
+}
+
+#[apply(backends)]
+fn fork_child_cancelling_and_dropping_everything_leaves_the_parent_its_events(#[case] kind: Kind) {
+    isolated(|| {
+        let (s1, mut s2) = socketpair();
+        let mut slot = Some(new_loop(kind));
+        let (reads, r) = counter();
+        let lp = slot.as_mut().unwrap();
+        let w = lp
+            .watch_io(s1.as_raw_fd(), Interest::READ, move |_, _| bump(&r))
+            .unwrap();
+        lp.loop_once(Some(Duration::ZERO)).unwrap();
+        // One child cancels before its loop noticed the fork, one after an iteration;
+        // both then drop the loop.
+        for iterate_first in [false, true] {
+            let child = raw_fork(|| {
+                let mut lp = slot.take().unwrap();
+                if iterate_first {
+                    lp.loop_once(Some(Duration::ZERO)).unwrap();
+                }
+                (!lp.cancel(w)) as i32
+            });
+            exits_with(child, 0);
+            let lp = slot.as_mut().unwrap();
+            let before = reads.get();
+            s2.write_all(b"x").unwrap();
+            assert!(
+                loop_until(lp, 50 * U, || reads.get() > before),
+                "parent lost its event"
+            );
+            let mut buf = [0u8; 8];
+            (&s1).read(&mut buf).unwrap();
+        }
+    });
+}
+
+#[apply(backends)]
+fn fork_child_registrations_never_reach_the_parent(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        lp.loop_once(Some(Duration::ZERO)).unwrap();
+        let (mut report_r, mut report_w) = std::io::pipe().unwrap();
+        let (mut done_r, mut done_w) = std::io::pipe().unwrap();
+        let child = raw_fork(|| {
+            let (c1, mut c2) = socketpair(); // first fds allocated after the fork
+            let (got, g) = counter();
+            lp.watch_io(c1.as_raw_fd(), Interest::READ, move |_, _| bump(&g))
+                .unwrap();
+            c2.write_all(b"child's own data").unwrap();
+            if !loop_until(&mut lp, 50 * U, || got.get() > 0) {
+                return 2;
+            }
+            report_w.write_all(&c1.as_raw_fd().to_ne_bytes()).unwrap();
+            let mut buf = [0u8; 1];
+            let _ = done_r.read(&mut buf); // keep c1 readable until the parent looked
+            0
+        });
+        let (d1, _d2) = socketpair(); // the same numbers, in the parent
+        drop((report_w, done_r));
+        let mut number = [0u8; 4];
+        report_r.read_exact(&mut number).unwrap();
+        assert_eq!(
+            i32::from_ne_bytes(number),
+            d1.as_raw_fd(),
+            "precondition: same fd number"
+        );
+        let (spurious, s) = counter();
+        lp.watch_io(d1.as_raw_fd(), Interest::READ, move |_, _| bump(&s))
+            .unwrap();
+        for _ in 0..3 {
+            lp.loop_once(Some(U)).unwrap();
+        }
+        done_w.write_all(b"!").unwrap();
+        exits_with(child, 0);
+        assert_eq!(
+            spurious.get(),
+            0,
+            "the child's readiness reached the parent's loop"
+        );
+    });
+}
+
+#[apply(backends)]
+fn fork_signals_stay_in_the_process_they_were_sent_to(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (parent_calls, p) = counter();
+        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&p))
+            .unwrap();
+        let (mut ready_r, mut ready_w) = std::io::pipe().unwrap();
+        let (go_r, mut go_w) = std::io::pipe().unwrap();
+        let child = lp
+            .fork(ForkOptions::new(), move || {
+                let mut lp = Loop::with_backend(kind).unwrap();
+                let (calls, c) = counter();
+                lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+                    .unwrap();
+                let (go, g) = counter();
+                lp.watch_io(go_r.as_raw_fd(), Interest::READ, move |_, _| bump(&g))
+                    .unwrap();
+                ready_w.write_all(b"r").unwrap();
+                if !loop_until(&mut lp, 50 * U, || go.get() > 0) {
+                    return 2;
+                }
+                lp.loop_once(Some(U)).unwrap();
+                if calls.get() != 0 {
+                    return 3; // the parent's signal reached the child
+                }
+                // SAFETY: raise has no memory-safety preconditions.
+                unsafe { libc::raise(libc::SIGUSR1) };
+                (!loop_until(&mut lp, 50 * U, || calls.get() == 1)) as i32
+            })
+            .unwrap();
+        let mut buf = [0u8; 1];
+        ready_r.read_exact(&mut buf).unwrap();
+        // SAFETY: raise has no memory-safety preconditions.
+        unsafe { libc::raise(libc::SIGUSR1) };
+        assert!(loop_until(&mut lp, 50 * U, || parent_calls.get() == 1));
+        go_w.write_all(b"g").unwrap();
+        let status = std::rc::Rc::new(std::cell::Cell::new(None));
+        let s = status.clone();
+        lp.watch_process(child, move |_, _, st| s.set(Some(st.code())))
+            .unwrap();
+        assert!(loop_until(&mut lp, 50 * U, || status.get().is_some()));
+        assert_eq!(status.get(), Some(Some(0)));
+        lp.loop_once(Some(U)).unwrap();
+        assert_eq!(
+            parent_calls.get(),
+            1,
+            "the child's signal reached the parent"
+        );
+    });
+}
+
+#[apply(backends)]
+fn fork_child_exit_status_is_the_closures_value_and_a_panic_is_255(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let ok = lp.fork(ForkOptions::new(), || 7).unwrap();
+        let panicked = lp
+            .fork(ForkOptions::new(), || panic!("child panics on purpose"))
+            .unwrap();
+        exits_with(ok, 7);
+        exits_with(panicked, 255);
+    });
+}
+
+#[apply(backends)]
+fn fork_child_gets_default_handlers_unless_kept_and_ignored_stays_ignored(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        // SAFETY: sets a disposition; no code of ours runs in it.
+        unsafe { libc::signal(libc::SIGUSR2, libc::SIG_IGN) };
+        lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        lp.watch_signal(libc::SIGUSR2, |_, _| {}).unwrap();
+        let handler = |sig| {
+            // SAFETY: a null new action only queries the current one.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(sig, std::ptr::null(), &mut old);
+                old.sa_sigaction
+            }
+        };
+        let reset = lp
+            .fork(ForkOptions::new(), move || {
+                let ok = handler(libc::SIGUSR1) == libc::SIG_DFL
+                    && handler(libc::SIGUSR2) == libc::SIG_IGN;
+                (!ok) as i32
+            })
+            .unwrap();
+        exits_with(reset, 0);
+        let kept = lp
+            .fork(ForkOptions::new().keep_signals(true), move || {
+                (handler(libc::SIGUSR1) == libc::SIG_DFL) as i32
+            })
+            .unwrap();
+        exits_with(kept, 0);
+    });
+}
+
+static PARENT_TIMER_FIRED: AtomicBool = AtomicBool::new(false);
+
+#[apply(backends)]
+fn fork_parent_timers_never_fire_in_a_loop_fork_child_but_do_in_a_post_fork_child(
+    #[case] kind: Kind,
+) {
+    isolated(|| {
+        std::env::set_var(BACKEND_ENV, kind.name());
+        Loop::with_global(|g| {
+            g.after(U, |_| PARENT_TIMER_FIRED.store(true, Ordering::SeqCst));
+            let child = g
+                .fork(ForkOptions::new(), || {
+                    Loop::with_global(|fresh| {
+                        let start = Instant::now();
+                        fresh.loop_once(Some(3 * U)).unwrap();
+                        let waited_fully = start.elapsed() >= 3 * U;
+                        (!waited_fully || PARENT_TIMER_FIRED.load(Ordering::SeqCst)) as i32
+                    })
+                    .unwrap()
+                })
+                .unwrap();
+            exits_with(child, 0);
+            // A child that keeps the inherited loop keeps its timers.
+            let keeper = raw_fork(|| {
+                let fired = || PARENT_TIMER_FIRED.load(Ordering::SeqCst);
+                (!loop_until(g, 50 * U, fired)) as i32
+            });
+            exits_with(keeper, 0);
+        })
+        .unwrap();
+    });
+}
+
+#[apply(backends)]
+fn fork_post_fork_works_again_in_a_grandchild(#[case] kind: Kind) {
+    isolated(|| {
+        let (s1, s2) = socketpair();
+        let mut lp = new_loop(kind);
+        let (reads, r) = counter();
+        lp.watch_io(s1.as_raw_fd(), Interest::READ, move |_, _| bump(&r))
+            .unwrap();
+        let (ticks, t) = counter();
+        lp.every(U / 10, move |_| bump(&t));
+        lp.loop_once(Some(Duration::ZERO)).unwrap();
+        let mut use_inherited = |depth: u32| {
+            let before = (reads.get(), ticks.get());
+            (&s2).write_all(b"x").unwrap();
+            let ok = loop_until(&mut lp, 50 * U, || {
+                reads.get() > before.0 && ticks.get() > before.1
+            });
+            drain(&mut (&s1).try_clone().unwrap());
+            if ok {
+                0
+            } else {
+                10 + depth as i32
+            }
+        };
+        let child = raw_fork(|| {
+            if use_inherited(1) != 0 {
+                return 11;
+            }
+            let grandchild = raw_fork(|| use_inherited(2));
+            let code = exit_code(wait_child(grandchild, CHILD_LIMIT));
+            if code != 0 {
+                return code;
+            }
+            use_inherited(1)
+        });
+        exits_with(child, 0);
+        assert_eq!(use_inherited(0), 0, "the parent's loop still works");
+    });
+}

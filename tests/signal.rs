@@ -1,0 +1,187 @@
+//! looptests.md, group signal. Every test runs in a process of its own (`isolated`).
+
+mod common;
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use common::*;
+use forkloop::{Error, Kind, Loop};
+use rstest::rstest;
+use rstest_reuse::apply;
+
+fn kill_self(signal: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), signal) }, 0);
+}
+
+fn disposition(signal: libc::c_int) -> libc::sighandler_t {
+    // SAFETY: a null new action only queries the current one into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        assert_eq!(libc::sigaction(signal, std::ptr::null(), &mut old), 0);
+        old.sa_sigaction
+    }
+}
+
+/// Iterates until `count` reaches `n`, then once more to show no extra call comes.
+fn expect_calls(lp: &mut Loop, count: &std::rc::Rc<std::cell::Cell<u32>>, n: u32) {
+    assert!(
+        loop_until(lp, 50 * U, || count.get() >= n),
+        "got {} of {n} calls",
+        count.get()
+    );
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(count.get(), n, "an extra call arrived");
+}
+
+#[apply(backends)]
+fn signal_is_deferred_to_dispatch_and_delivered_once_per_kill(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (calls, c) = counter();
+        lp.watch_signal(libc::SIGTERM, move |_, sig| {
+            assert_eq!(sig, libc::SIGTERM);
+            bump(&c);
+        })
+        .unwrap();
+        lp.loop_once(Some(U)).unwrap();
+        assert_eq!(calls.get(), 0, "no callback before the signal");
+        kill_self(libc::SIGTERM);
+        assert_eq!(calls.get(), 0, "not called before an iteration");
+        expect_calls(&mut lp, &calls, 1);
+        kill_self(libc::SIGTERM);
+        assert_eq!(calls.get(), 1, "the second is deferred too");
+        expect_calls(&mut lp, &calls, 2);
+    });
+}
+
+#[apply(backends)]
+fn signal_two_watches_both_run_and_one_survives_the_others_cancel(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (a, ca) = counter();
+        let (b, cb) = counter();
+        let wa = lp
+            .watch_signal(libc::SIGUSR1, move |_, _| bump(&ca))
+            .unwrap();
+        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&cb))
+            .unwrap();
+        kill_self(libc::SIGUSR1);
+        expect_calls(&mut lp, &a, 1);
+        assert_eq!(b.get(), 1);
+        assert!(lp.cancel(wa));
+        kill_self(libc::SIGUSR1);
+        expect_calls(&mut lp, &b, 2);
+        assert_eq!(a.get(), 1);
+    });
+}
+
+#[apply(backends)]
+fn signal_unknown_or_uncatchable_is_an_error(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    for sig in [0, -1, 4096, libc::SIGKILL, libc::SIGSTOP] {
+        let err = lp.watch_signal(sig, |_, _| {}).unwrap_err();
+        assert!(
+            matches!(err, Error::Signal { signal, .. } if signal == sig),
+            "{err}"
+        );
+    }
+}
+
+#[apply(backends)]
+fn signal_after_post_fork_in_the_same_process_arrives_exactly_once(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (calls, c) = counter();
+        lp.watch_signal(libc::SIGUSR2, move |_, _| bump(&c))
+            .unwrap();
+        lp.post_fork().unwrap();
+        lp.post_fork().unwrap();
+        kill_self(libc::SIGUSR2);
+        expect_calls(&mut lp, &calls, 1);
+    });
+}
+
+#[apply(backends)]
+fn signal_previous_disposition_is_back_after_the_last_watch_goes(#[case] kind: Kind) {
+    isolated(|| {
+        // SAFETY: sets a disposition; no handler code of ours runs.
+        unsafe { libc::signal(libc::SIGUSR1, libc::SIG_IGN) };
+        let mut lp = new_loop(kind);
+        let a = lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        let b = lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        assert_ne!(disposition(libc::SIGUSR1), libc::SIG_IGN);
+        lp.cancel(a);
+        assert_ne!(
+            disposition(libc::SIGUSR1),
+            libc::SIG_IGN,
+            "one watch is left"
+        );
+        lp.cancel(b);
+        assert_eq!(disposition(libc::SIGUSR1), libc::SIG_IGN);
+        lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        drop(lp);
+        assert_eq!(
+            disposition(libc::SIGUSR1),
+            libc::SIG_IGN,
+            "dropping the loop restores too"
+        );
+    });
+}
+
+#[apply(backends)]
+fn signal_watched_by_one_loop_is_refused_to_another(#[case] kind: Kind) {
+    isolated(|| {
+        let mut first = new_loop(kind);
+        let mut second = new_loop(kind);
+        let w = first.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        let err = second.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("another loop"), "{err}");
+        first.cancel(w);
+        let (calls, c) = counter();
+        second
+            .watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+            .unwrap();
+        kill_self(libc::SIGUSR1);
+        expect_calls(&mut second, &calls, 1);
+    });
+}
+
+#[apply(backends)]
+fn signal_raised_before_a_fork_is_delivered_once_in_the_parent_only(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (calls, c) = counter();
+        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+            .unwrap();
+        // raise() runs the handler on this thread before it returns: the signal is
+        // recorded, not yet dispatched, when the process forks.
+        // SAFETY: raise has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::raise(libc::SIGUSR1) }, 0);
+        let pid = lp
+            .fork(Default::default(), || {
+                let mut child = Loop::new().unwrap();
+                let (calls, c) = counter();
+                child
+                    .watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+                    .unwrap();
+                let start = std::time::Instant::now();
+                child.loop_once(Some(U)).unwrap();
+                // Neither delivered here nor spinning: the wait took its full timeout.
+                (calls.get() != 0 || start.elapsed() < U / 2) as i32
+            })
+            .unwrap();
+        let status = Rc::new(Cell::new(None));
+        let s = status.clone();
+        lp.watch_process(pid, move |_, _, st| s.set(Some(st.code())))
+            .unwrap();
+        assert!(loop_until(&mut lp, 50 * U, || status.get().is_some()));
+        expect_calls(&mut lp, &calls, 1);
+        assert_eq!(
+            status.get(),
+            Some(Some(0)),
+            "the child saw the parent's signal, or spun"
+        );
+    });
+}
