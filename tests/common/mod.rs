@@ -1,10 +1,11 @@
 //! Shared by the matrix: the backend template, loop construction, per-test process
 //! isolation for fork and signal tests, and small fixtures.
-#![allow(dead_code)] // each test crate uses a different part of this module
+#![allow(dead_code, unused_macros)] // each test crate uses a different part
 
 use std::cell::Cell;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::mpsc;
@@ -100,8 +101,9 @@ const ISOLATED_ENV: &str = "FORKLOOP_ISOLATED_TEST";
 
 /// Runs `body` in a process of its own: fork and process-wide signals are unsound
 /// among the test harness's threads. The test binary is re-executed for exactly this
-/// test; the parent checks that it ran (not filtered to nothing) and passed, within a
-/// bound.
+/// test, in a process group of its own; the parent checks, within a bound, that it ran
+/// (was not filtered to nothing) and passed, then kills whatever the test left behind.
+/// Output goes to files, so a straggler holding them open cannot stall the wait.
 pub fn isolated(body: impl FnOnce()) {
     let name = std::thread::current()
         .name()
@@ -111,34 +113,45 @@ pub fn isolated(body: impl FnOnce()) {
         body();
         return;
     }
-    let exe = std::env::current_exe().unwrap();
-    let child = Command::new(exe)
+    let log = |stream: &str| {
+        let file = format!(
+            "forkloop-{}-{}.{stream}",
+            std::process::id(),
+            name.replace("::", "-")
+        );
+        std::env::temp_dir().join(file)
+    };
+    let (out_path, err_path) = (log("out"), log("err"));
+    let mut child = Command::new(std::env::current_exe().unwrap())
         .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
         .env(ISOLATED_ENV, &name)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .process_group(0)
         .spawn()
         .expect("re-executing the test binary");
-    let pid = child.id();
+    let pid = child.id() as libc::pid_t;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
+        let _ = tx.send(child.wait());
     });
-    let output = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(output) => output.expect("waiting for the isolated test"),
-        Err(_) => {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            panic!("isolated test {name} did not finish within 60 s");
-        }
+    let status = rx.recv_timeout(Duration::from_secs(60));
+    // SAFETY: kill has no memory-safety preconditions; the group is the test's own.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    let read = |path| {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        text
     };
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (stdout, stderr) = (read(out_path), read(err_path));
+    let status = match status {
+        Ok(status) => status.expect("waiting for the isolated test"),
+        Err(_) => panic!("isolated test {name} did not finish within 60 s:\n{stdout}\n{stderr}"),
+    };
     assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "isolated test {name} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        output.status
+        status.success() && stdout.contains("1 passed"),
+        "isolated test {name} failed ({status}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
 }
 
