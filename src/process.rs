@@ -15,9 +15,12 @@ use crate::event_loop::{Watch, WatchKind};
 use crate::id_map::IdMap;
 use crate::{Error, Loop, Result};
 
+type OneChild = Box<dyn FnOnce(&mut Loop, libc::pid_t, ExitStatus)>;
+type AnyChild = Box<dyn FnMut(&mut Loop, libc::pid_t, ExitStatus)>;
+
 enum ProcessCallback {
-    One(Box<dyn FnOnce(&mut Loop, libc::pid_t, ExitStatus)>),
-    Any(Box<dyn FnMut(&mut Loop, libc::pid_t, ExitStatus)>),
+    One(OneChild),
+    Any(AnyChild),
 }
 
 /// One loop's child-process watches.

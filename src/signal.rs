@@ -5,11 +5,11 @@
 //! (atomics only: the handler and the fork child paths must be async-signal-safe). Each
 //! signal is watched by at most one loop of the process at a time.
 
-use std::collections::BTreeMap;
+use std::collections::btree_map::{BTreeMap, Entry};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 
-use forkloop_backend::Interest;
+use forkloop_backend::{cvt, Interest};
 use smallvec::SmallVec;
 
 use crate::event_loop::{Watch, WatchKind};
@@ -61,7 +61,8 @@ fn sigaction(signal: libc::c_int, handler: libc::sighandler_t) -> std::io::Resul
 fn restore(signal: libc::c_int, action: &libc::sigaction) -> std::io::Result<libc::sigaction> {
     // SAFETY: as in `sigaction`.
     let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
-    forkloop_backend::syscall!(sigaction(signal, action, &mut previous))?;
+    // SAFETY: both pointers are live sigaction values; an invalid signal is EINVAL.
+    cvt(unsafe { libc::sigaction(signal, action, &mut previous) })?;
     Ok(previous)
 }
 
@@ -101,9 +102,12 @@ pub(crate) fn reset_handlers_in_child() {
     }
 }
 
+type SignalCallback = Box<dyn FnMut(&mut Loop, libc::c_int)>;
+
 struct SignalWatch {
     signal: libc::c_int,
-    callback: Option<Box<dyn FnMut(&mut Loop, libc::c_int)>>,
+    /// `None` while it runs.
+    callback: Option<SignalCallback>,
 }
 
 struct Claimed {
@@ -139,19 +143,15 @@ impl Loop {
         check_signal(signal)?;
         self.ensure_current()?;
         let wake_fd = self.wake_pipe()?;
-        if !self.signals.claimed.contains_key(&signal) {
-            let previous = claim(signal, wake_fd)?;
-            let watches = SmallVec::new();
-            self.signals
-                .claimed
-                .insert(signal, Claimed { previous, watches });
-        }
         let id = self.next_id();
-        let claimed = self
-            .signals
-            .claimed
-            .get_mut(&signal)
-            .expect("claimed above");
+        let claimed = match self.signals.claimed.entry(signal) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let previous = claim(signal, wake_fd)?;
+                let watches = SmallVec::new();
+                e.insert(Claimed { previous, watches })
+            }
+        };
         claimed.watches.push(id);
         let callback = Some(Box::new(callback) as _);
         self.signals

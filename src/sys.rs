@@ -3,20 +3,24 @@
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 
-use forkloop_backend::syscall;
+use forkloop_backend::cvt;
 
 /// A non-blocking, close-on-exec pipe: `(read, write)`.
 pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [-1; 2];
     #[cfg(not(any(target_os = "macos", target_os = "ios")))]
-    syscall!(pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK))?;
+    // SAFETY: fds is a live array of two c_ints for pipe2 to fill.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) })?;
     #[cfg(any(target_os = "macos", target_os = "ios"))]
     {
         // macOS has no pipe2: close-on-exec is set right after, not atomically.
-        syscall!(pipe(fds.as_mut_ptr()))?;
+        // SAFETY: fds is a live array of two c_ints for pipe to fill.
+        cvt(unsafe { libc::pipe(fds.as_mut_ptr()) })?;
         for fd in fds {
-            syscall!(fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC))?;
-            syscall!(fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK))?;
+            // SAFETY: fcntl on fds pipe() just returned.
+            cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+            // SAFETY: as above.
+            cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) })?;
         }
     }
     // SAFETY: pipe2/pipe just returned these two fds and nothing else owns them.

@@ -94,7 +94,7 @@ fn fork_child_cancelling_and_dropping_everything_leaves_the_parent_its_events(#[
                 "parent lost its event"
             );
             let mut buf = [0u8; 8];
-            (&s1).read(&mut buf).unwrap();
+            (&s1).read_exact(&mut buf[..1]).unwrap();
         }
     });
 }
@@ -293,7 +293,7 @@ fn fork_post_fork_works_again_in_a_grandchild(#[case] kind: Kind) {
             let ok = loop_until(&mut lp, 50 * U, || {
                 reads.get() > before.0 && ticks.get() > before.1
             });
-            drain(&mut (&s1).try_clone().unwrap());
+            drain(&mut s1.try_clone().unwrap());
             if ok {
                 0
             } else {

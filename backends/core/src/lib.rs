@@ -10,19 +10,14 @@ use std::ops::{BitOr, BitOrAssign};
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-/// Turns a libc return value of `-1` into the `errno` error, in one place.
-#[macro_export]
-macro_rules! syscall {
-    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
-        // SAFETY: the caller's `unsafe` context vouches for the arguments.
-        #[allow(unused_unsafe)]
-        let res = unsafe { libc::$fn($($arg),*) };
-        if res == -1 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(res)
-        }
-    }};
+/// Turns a libc return value of `-1` into the `errno` error, in one place, so no call
+/// site handles errno by hand: `cvt(unsafe { libc::close(fd) })?`.
+pub fn cvt<T: Copy + PartialEq + From<i8>>(res: T) -> io::Result<T> {
+    if res == T::from(-1) {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(res)
+    }
 }
 
 macro_rules! bit_set {
@@ -174,7 +169,8 @@ pub fn check_fd_open(fd: RawFd) -> io::Result<()> {
             format!("fd {fd} is negative"),
         ));
     }
-    syscall!(fcntl(fd, libc::F_GETFD))
+    // SAFETY: F_GETFD only reads the flags of whatever `fd` names.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })
         .map(drop)
         .map_err(|e| io::Error::new(e.kind(), format!("fd {fd} is not open: {e}")))
 }

@@ -10,7 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use forkloop_backend::{syscall, timeout_ms, Backend, Event, Interest, Readiness};
+use forkloop_backend::{cvt, timeout_ms, Backend, Event, Interest, Readiness};
 
 const INITIAL_EVENTS: usize = 256;
 
@@ -22,7 +22,8 @@ pub struct Epoll {
 }
 
 fn create() -> io::Result<OwnedFd> {
-    let fd = syscall!(epoll_create1(libc::EPOLL_CLOEXEC))?;
+    // SAFETY: no pointers; returns a new fd or -1.
+    let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
     // SAFETY: epoll_create1 just returned this fd and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -64,7 +65,8 @@ fn ctl(epfd: &OwnedFd, op: libc::c_int, fd: RawFd, interest: Interest) -> io::Re
         events: interest_to_events(interest),
         u64: fd as u64,
     };
-    syscall!(epoll_ctl(epfd.as_raw_fd(), op, fd, &mut event)).map(drop)
+    // SAFETY: `event` is a live epoll_event; a bad fd is an error, not UB.
+    cvt(unsafe { libc::epoll_ctl(epfd.as_raw_fd(), op, fd, &mut event) }).map(drop)
 }
 
 impl Epoll {
@@ -106,12 +108,15 @@ impl Backend for Epoll {
             self.buffer.reserve(self.buffer.capacity());
         }
         self.buffer.clear();
-        let n = match syscall!(epoll_wait(
-            self.epfd.as_raw_fd(),
-            self.buffer.as_mut_ptr(),
-            self.buffer.capacity().min(libc::c_int::MAX as usize) as libc::c_int,
-            timeout_ms(timeout)
-        )) {
+        // SAFETY: the buffer pointer and capacity describe the backend's own Vec.
+        let n = match cvt(unsafe {
+            libc::epoll_wait(
+                self.epfd.as_raw_fd(),
+                self.buffer.as_mut_ptr(),
+                self.buffer.capacity().min(libc::c_int::MAX as usize) as libc::c_int,
+                timeout_ms(timeout),
+            )
+        }) {
             Ok(n) => n as usize,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e),

@@ -21,7 +21,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, not_registered, same_process, syscall, Backend, Event, Interest, Readiness,
+    already_registered, cvt, not_registered, same_process, Backend, Event, Interest, Readiness,
 };
 
 const EVENTS: usize = 256;
@@ -36,10 +36,12 @@ pub struct Kqueue {
 }
 
 fn create() -> io::Result<RawFd> {
-    let kq = syscall!(kqueue())?;
+    // SAFETY: no arguments; returns a new fd or -1.
+    let kq = cvt(unsafe { libc::kqueue() })?;
     // Not atomic, but a kqueue is never inherited by fork, so no child can see it
     // before close-on-exec is set.
-    if let Err(e) = syscall!(fcntl(kq, libc::F_SETFD, libc::FD_CLOEXEC)) {
+    // SAFETY: fcntl on the fd kqueue() just returned.
+    if let Err(e) = cvt(unsafe { libc::fcntl(kq, libc::F_SETFD, libc::FD_CLOEXEC) }) {
         close(kq);
         return Err(e);
     }
@@ -91,14 +93,17 @@ fn apply(kq: RawFd, changes: &[libc::kevent]) -> io::Result<()> {
     if changes.is_empty() {
         return Ok(());
     }
-    syscall!(kevent(
-        kq,
-        changes.as_ptr(),
-        changes.len() as _,
-        std::ptr::null_mut(),
-        0,
-        std::ptr::null()
-    ))
+    // SAFETY: the change list is a live slice; no event list is passed.
+    cvt(unsafe {
+        libc::kevent(
+            kq,
+            changes.as_ptr(),
+            changes.len() as _,
+            std::ptr::null_mut(),
+            0,
+            std::ptr::null(),
+        )
+    })
     .map(drop)
 }
 
@@ -157,14 +162,18 @@ impl Backend for Kqueue {
         });
         let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |ts| ts as *const _);
         self.buffer.clear();
-        let n = match syscall!(kevent(
-            self.kq,
-            std::ptr::null(),
-            0,
-            self.buffer.as_mut_ptr(),
-            self.buffer.capacity() as _,
-            ts_ptr
-        )) {
+        // SAFETY: the buffer pointer and capacity describe the backend's own Vec; the
+        // timespec, if any, is a live local.
+        let n = match cvt(unsafe {
+            libc::kevent(
+                self.kq,
+                std::ptr::null(),
+                0,
+                self.buffer.as_mut_ptr(),
+                self.buffer.capacity() as _,
+                ts_ptr,
+            )
+        }) {
             Ok(n) => n as usize,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e),

@@ -6,8 +6,8 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, check_fd_open, closed_while_registered, not_registered, syscall,
-    timeout_ms, Backend, Event, Interest, Readiness,
+    already_registered, check_fd_open, closed_while_registered, cvt, not_registered, timeout_ms,
+    Backend, Event, Interest, Readiness,
 };
 
 /// poll(2) over an array the backend keeps in step with the registrations.
@@ -101,11 +101,14 @@ impl Backend for Poll {
     }
 
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
-        let n = match syscall!(poll(
-            self.fds.as_mut_ptr(),
-            self.fds.len() as libc::nfds_t,
-            timeout_ms(timeout)
-        )) {
+        // SAFETY: the pointer and length describe the backend's own pollfd array.
+        let n = match cvt(unsafe {
+            libc::poll(
+                self.fds.as_mut_ptr(),
+                self.fds.len() as libc::nfds_t,
+                timeout_ms(timeout),
+            )
+        }) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e),

@@ -11,7 +11,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, check_fd_open, closed_while_registered, not_registered, syscall, Backend,
+    already_registered, check_fd_open, closed_while_registered, cvt, not_registered, Backend,
     Event, Interest, Readiness,
 };
 
@@ -122,13 +122,10 @@ impl Backend for Select {
         }
         let mut tv = timeout.map(timeval);
         let tv_ptr = tv.as_mut().map_or(std::ptr::null_mut(), |tv| tv as *mut _);
-        match syscall!(select(
-            nfds,
-            &mut read,
-            &mut write,
-            std::ptr::null_mut(),
-            tv_ptr
-        )) {
+        // SAFETY: the sets and the timeval are live locals; nfds bounds the sets.
+        match cvt(unsafe {
+            libc::select(nfds, &mut read, &mut write, std::ptr::null_mut(), tv_ptr)
+        }) {
             Ok(0) => return Ok(()),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
