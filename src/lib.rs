@@ -1,6 +1,6 @@
 //! forkloop: an event loop with pluggable backends that stays correct across `fork()`.
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
 //! use forkloop::{ForkOptions, Loop};
 //!

@@ -1,7 +1,7 @@
 //! The kqueue(2) backend (FreeBSD, macOS, the other BSDs), level-triggered.
 //!
 //! A kqueue is not inherited by a forked child: the child holds a number that names
-//! nothing, or — once the child opens files — something else. [`Backend::post_fork`]
+//! nothing, or — once the child opens files — something else. `Backend::post_fork`
 //! therefore builds a new kqueue, re-adds every registration and forgets the old number
 //! without closing it (closing would close whatever the child reused it for).
 //!
