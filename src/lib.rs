@@ -40,6 +40,8 @@ mod global;
 mod id_map;
 mod kind;
 mod process;
+#[cfg(feature = "server")]
+pub mod server;
 mod signal;
 mod sys;
 mod timer;

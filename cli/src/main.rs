@@ -1,0 +1,175 @@
+//! `forkloop serve`: the prefork HTTP/1.1 server with its built-in app.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use forkloop::server::{Config, Request, Responder, Response, Server};
+use forkloop::{Kind, Loop};
+
+const SIGNALS: &str = "\
+Signals to the master:
+  TERM, INT   graceful: stop accepting, finish in-flight requests, close idle
+              keep-alives, exit when every worker is gone (SIGKILL after
+              --graceful-timeout). A second TERM/INT stops at once.
+  HUP         rolling restart: every replacement is ready before its old
+              worker retires; capacity never drops.
+  TTIN, TTOU  one worker more / one fewer (never below 1).
+  USR1        workers reopen the access log.
+Workers ignore INT: Ctrl-C on the process group reaches only the master.";
+
+#[derive(Parser)]
+#[command(
+    name = "forkloop",
+    version,
+    about = "A prefork HTTP/1.1 server on the forkloop event loop"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve HTTP/1.1 with a master and forked workers.
+    #[command(after_help = SIGNALS)]
+    Serve(Serve),
+}
+
+#[derive(clap::Args)]
+struct Serve {
+    /// Address to listen on: HOST:PORT or unix:/PATH; repeat for several.
+    #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: Vec<String>,
+    /// Number of workers [default: one per CPU].
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// Event-loop backend [default: FORKLOOP_BACKEND, else the best compiled in].
+    #[arg(long, value_name = "KIND", value_parser = parse_kind)]
+    backend: Option<Kind>,
+    /// Seconds a draining worker may take before it is killed.
+    #[arg(long, value_name = "S", default_value = "30", value_parser = parse_seconds)]
+    graceful_timeout: Duration,
+    /// Seconds without a heartbeat after which a worker is killed and replaced.
+    #[arg(long, value_name = "S", default_value = "30", value_parser = parse_seconds)]
+    heartbeat_timeout: Duration,
+    /// Seconds for a request head to arrive (else 408 and close).
+    #[arg(long, value_name = "S", default_value = "10", value_parser = parse_seconds)]
+    header_timeout: Duration,
+    /// Seconds an idle keep-alive connection stays open.
+    #[arg(long, value_name = "S", default_value = "5", value_parser = parse_seconds)]
+    keepalive_timeout: Duration,
+    /// Largest request body accepted (else 413).
+    #[arg(long, value_name = "BYTES", default_value = "1048576")]
+    max_body_size: u64,
+    /// Recycle a worker after N requests (through the same overlap as HUP).
+    #[arg(long, value_name = "N")]
+    max_requests: Option<u64>,
+    /// Up to J extra requests per worker, so they do not all recycle at once.
+    #[arg(long, value_name = "J", default_value = "0")]
+    max_requests_jitter: u64,
+    /// Write the master's pid here (refused if it names a live process).
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// Log every request here; reopened on SIGUSR1.
+    #[arg(long, value_name = "PATH")]
+    access_log: Option<PathBuf>,
+    /// Test apps for the server's own tests.
+    #[arg(long, hide = true, value_enum, default_value = "hello")]
+    app: App,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum App {
+    /// The built-in app.
+    Hello,
+    /// Panics in every worker at start-up.
+    CrashAtStart,
+    /// Answers one request, then exits the worker.
+    ExitAfterRequest,
+}
+
+fn parse_kind(s: &str) -> Result<Kind, String> {
+    let kind: Kind = s.parse().map_err(|e: forkloop::Error| e.to_string())?;
+    kind.check_available().map_err(|e| e.to_string())?;
+    Ok(kind)
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s}: {e}"))
+}
+
+/// The built-in app: `GET /`, `GET /pid`, `POST /echo`, `GET /sleep?ms=N`.
+fn hello(lp: &mut Loop, request: Request, responder: Responder) {
+    let response = match (request.method.as_str(), request.path()) {
+        ("GET" | "HEAD", "/") => Response::text(200, "Hello, World!"),
+        ("GET" | "HEAD", "/pid") => Response::text(200, std::process::id().to_string()),
+        ("POST", "/echo") => {
+            Response::new(200, request.body).header("Content-Type", "application/octet-stream")
+        }
+        ("GET", "/sleep") => match request.query("ms").and_then(|ms| ms.parse().ok()) {
+            Some(ms) => {
+                // Answered later from the loop: the worker serves others meanwhile.
+                lp.after(Duration::from_millis(ms), move |lp| {
+                    responder.send(lp, Response::text(200, format!("slept {ms} ms")));
+                });
+                return;
+            }
+            None => Response::text(400, "usage: /sleep?ms=N\n"),
+        },
+        (_, "/" | "/pid" | "/echo" | "/sleep") => Response::text(405, "method not allowed\n"),
+        _ => Response::text(404, "not found\n"),
+    };
+    responder.send(lp, response);
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "forkloop[{}] {}: {}",
+                std::process::id(),
+                record.level(),
+                record.args()
+            )
+        })
+        .init();
+    let Command::Serve(args) = Cli::parse().command;
+    let mut config = Config::default();
+    config.listen = args.listen;
+    if let Some(workers) = args.workers {
+        config.workers = workers;
+    }
+    config.backend = args.backend;
+    config.graceful_timeout = args.graceful_timeout;
+    config.heartbeat_timeout = args.heartbeat_timeout;
+    config.header_timeout = args.header_timeout;
+    config.keepalive_timeout = args.keepalive_timeout;
+    config.max_body_size = args.max_body_size;
+    config.max_requests = args.max_requests;
+    config.max_requests_jitter = args.max_requests_jitter;
+    config.pid_file = args.pid_file;
+    config.access_log = args.access_log;
+    let server = match args.app {
+        App::Hello => Server::new(config, hello),
+        App::CrashAtStart => {
+            Server::new(config, hello).after_fork(|_| panic!("the app failed to start"))
+        }
+        App::ExitAfterRequest => Server::new(
+            config,
+            |lp: &mut Loop, request: Request, responder: Responder| {
+                hello(lp, request, responder);
+                lp.after(Duration::ZERO, |_| std::process::exit(3));
+            },
+        ),
+    };
+    if let Err(e) = server.run() {
+        log::error!("{e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,752 @@
+//! A worker: serves HTTP/1.1 connections accepted from the shared listeners on a fresh
+//! loop, reports to the master over its pipe (ready, heartbeats, recycle requests), and
+//! drains on SIGTERM.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
+use std::rc::{Rc, Weak};
+use std::time::{Duration, SystemTime};
+
+use super::http::{Limits, Parsed, Parser, Request, Response, CONTINUE};
+use super::listener::{Listener, Stream};
+use super::{Config, Handler};
+use crate::{Interest, Loop, Watch};
+
+/// Messages a worker sends its master, one byte each.
+pub(crate) const READY: u8 = b'R';
+pub(crate) const HEARTBEAT: u8 = b'H';
+pub(crate) const RECYCLE: u8 = b'M';
+
+/// Requests answered per connection before the next is parsed (pipelining depth).
+const MAX_PIPELINED: usize = 32;
+/// Connections accepted per wake-up, so one worker does not take a whole burst.
+const ACCEPT_BATCH: usize = 16;
+/// After EMFILE/ENFILE, accepting pauses this long instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a worker needs from the master, borrowed across the fork.
+pub(crate) struct WorkerSetup<'a> {
+    pub slot: usize,
+    pub config: &'a Config,
+    pub handler: Rc<dyn Handler>,
+    pub after_fork: Option<&'a dyn Fn(usize)>,
+    pub master: UnixStream,
+    pub master_pid: libc::pid_t,
+    pub max_requests: Option<u64>,
+}
+
+/// Answers one request. Send exactly once, now or later from the loop; a responder
+/// dropped unsent answers 500.
+pub struct Responder {
+    worker: Weak<RefCell<Worker>>,
+    conn: u64,
+    seq: u64,
+    sent: bool,
+}
+
+impl Responder {
+    /// Sends `response` for this request.
+    pub fn send(mut self, lp: &mut Loop, response: Response) {
+        self.sent = true;
+        if let Some(worker) = self.worker.upgrade() {
+            complete(&worker, lp, self.conn, self.seq, response);
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.sent {
+            if let Some(worker) = self.worker.upgrade() {
+                if let Ok(mut w) = worker.try_borrow_mut() {
+                    w.unanswered.push((self.conn, self.seq));
+                }
+            }
+        }
+    }
+}
+
+enum Slot {
+    /// Waiting for its handler.
+    Pending {
+        head: bool,
+        keep_alive: bool,
+        line: String,
+    },
+    /// Ready to go out once every earlier slot has.
+    Ready { bytes: Vec<u8>, close: bool },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TimerKind {
+    Header,
+    Idle,
+}
+
+struct Conn {
+    stream: Stream,
+    peer: String,
+    parser: Parser,
+    slots: VecDeque<Slot>,
+    first_seq: u64,
+    out: Vec<u8>,
+    read: Option<Watch>,
+    write: Option<Watch>,
+    timer: Option<(TimerKind, Watch)>,
+    /// No more requests are read: refused input, peer EOF, or draining.
+    no_more_requests: bool,
+}
+
+pub(crate) struct Worker {
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+    listeners: Vec<(Listener, Option<Watch>)>,
+    draining: bool,
+    served: u64,
+    max_requests: Option<u64>,
+    limits: Limits,
+    header_timeout: Duration,
+    keepalive_timeout: Duration,
+    date: (u64, String),
+    access_log: Option<File>,
+    access_log_path: Option<std::path::PathBuf>,
+    master: UnixStream,
+    handler: Rc<dyn Handler>,
+    unanswered: Vec<(u64, u64)>,
+}
+
+type Shared = Rc<RefCell<Worker>>;
+
+/// The worker's main; its return value is the process's exit status.
+pub(crate) fn run(setup: WorkerSetup<'_>, listeners: Vec<Listener>) -> i32 {
+    if let Err(e) = die_with_master(setup.master_pid) {
+        eprintln!("forkloop worker {}: {e}", setup.slot);
+        return 1;
+    }
+    // Ctrl-C on the process group is for the master, which drains us with TERM.
+    // SAFETY: sets a disposition; no handler code runs.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    if let Some(hook) = setup.after_fork {
+        hook(setup.slot);
+    }
+    let mut lp = match setup
+        .config
+        .backend
+        .map_or_else(Loop::new, Loop::with_backend)
+    {
+        Ok(lp) => lp,
+        Err(e) => {
+            eprintln!("forkloop worker {}: {e}", setup.slot);
+            return 1;
+        }
+    };
+    match serve(&mut lp, setup, listeners) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("forkloop worker: {e}");
+            1
+        }
+    }
+}
+
+/// Linux: the kernel sends SIGKILL when the master dies. Elsewhere EOF on the master
+/// pipe does the job alone.
+fn die_with_master(master_pid: libc::pid_t) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // SAFETY: PR_SET_PDEATHSIG takes a signal number; no pointers.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // The master may have died before prctl: then we have been re-parented already.
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != master_pid {
+        return Err(io::Error::other(
+            "the master exited before this worker started",
+        ));
+    }
+    Ok(())
+}
+
+fn serve(lp: &mut Loop, setup: WorkerSetup<'_>, listeners: Vec<Listener>) -> crate::Result<i32> {
+    let config = setup.config;
+    let access_log = config.access_log.as_deref().map(open_log).transpose();
+    let worker: Shared = Rc::new(RefCell::new(Worker {
+        conns: HashMap::new(),
+        next_conn: 0,
+        listeners: listeners.into_iter().map(|l| (l, None)).collect(),
+        draining: false,
+        served: 0,
+        max_requests: setup.max_requests,
+        limits: Limits {
+            max_head: config.max_header_size,
+            max_headers: 100,
+            max_body: config.max_body_size,
+        },
+        header_timeout: config.header_timeout,
+        keepalive_timeout: config.keepalive_timeout,
+        date: (0, String::new()),
+        access_log: access_log.unwrap_or_else(|e| {
+            log::error!("access log: {e}");
+            None
+        }),
+        access_log_path: config.access_log.clone(),
+        master: setup.master,
+        handler: setup.handler,
+        unanswered: Vec::new(),
+    }));
+
+    let w = worker.clone();
+    lp.watch_signal(libc::SIGTERM, move |lp, _| drain(&w, lp))?;
+    let w = worker.clone();
+    lp.watch_signal(libc::SIGUSR1, move |_, _| reopen_log(&w))?;
+    worker
+        .borrow()
+        .master
+        .set_nonblocking(true)
+        .map_err(|source| crate::Error::Create {
+            what: "the master pipe",
+            source,
+        })?;
+    let master_fd = worker.borrow().master.as_raw_fd();
+    let w = worker.clone();
+    lp.watch_io(master_fd, Interest::READ, move |lp, _| {
+        let mut buf = [0u8; 16];
+        let alive = matches!(
+            io::Read::read(&mut &w.borrow().master, &mut buf),
+            Ok(1..) | Err(_)
+        );
+        if !alive {
+            log::warn!("worker {}: the master is gone; exiting", std::process::id());
+            lp.stop(1);
+        }
+    })?;
+    let w = worker.clone();
+    let beat = (config.heartbeat_timeout / 4).max(Duration::from_millis(50));
+    lp.every(beat, move |_| tell_master(&w, HEARTBEAT));
+    start_accepting(&worker, lp)?;
+    tell_master(&worker, READY);
+    let code = lp.run()?;
+    // Leave nothing half-open behind.
+    let ids: Vec<u64> = worker.borrow().conns.keys().copied().collect();
+    for id in ids {
+        close(&worker, lp, id);
+    }
+    Ok(code)
+}
+
+fn open_log(path: &std::path::Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+fn reopen_log(worker: &Shared) {
+    let mut w = worker.borrow_mut();
+    if let Some(path) = w.access_log_path.clone() {
+        match open_log(&path) {
+            Ok(file) => w.access_log = Some(file),
+            Err(e) => log::error!("reopening the access log {}: {e}", path.display()),
+        }
+    }
+}
+
+fn tell_master(worker: &Shared, message: u8) {
+    let w = worker.borrow();
+    // Non-blocking is not needed: one byte into a socket buffer the master drains.
+    let _ = (&w.master).write(&[message]);
+}
+
+fn start_accepting(worker: &Shared, lp: &mut Loop) -> crate::Result<()> {
+    let count = worker.borrow().listeners.len();
+    for index in 0..count {
+        let fd = worker.borrow().listeners[index].0.as_raw_fd();
+        let w = worker.clone();
+        let watch = lp.watch_io(fd, Interest::READ, move |lp, _| accept(&w, lp, index))?;
+        worker.borrow_mut().listeners[index].1 = Some(watch);
+    }
+    Ok(())
+}
+
+fn stop_accepting(worker: &Shared, lp: &mut Loop) {
+    let watches: Vec<Watch> = worker
+        .borrow_mut()
+        .listeners
+        .iter_mut()
+        .filter_map(|(_, w)| w.take())
+        .collect();
+    for watch in watches {
+        lp.cancel(watch);
+    }
+}
+
+fn accept(worker: &Shared, lp: &mut Loop, index: usize) {
+    for _ in 0..ACCEPT_BATCH {
+        let accepted = worker.borrow().listeners[index].0.accept();
+        match accepted {
+            Ok((stream, peer)) => add_conn(worker, lp, stream, peer),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                // Out of fds: stop accepting for a moment instead of spinning on a
+                // listener that stays readable.
+                log::warn!("accept: {e}; pausing accepts for {ACCEPT_BACKOFF:?}");
+                stop_accepting(worker, lp);
+                let w = worker.clone();
+                lp.after(ACCEPT_BACKOFF, move |lp| {
+                    if !w.borrow().draining {
+                        let _ = start_accepting(&w, lp);
+                    }
+                });
+                return;
+            }
+            Err(e) => {
+                log::debug!("accept: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn add_conn(worker: &Shared, lp: &mut Loop, stream: Stream, peer: String) {
+    let fd = stream.as_raw_fd();
+    let id = {
+        let mut w = worker.borrow_mut();
+        w.next_conn += 1;
+        w.next_conn
+    };
+    let w = worker.clone();
+    let read = lp.watch_io(fd, Interest::READ, move |lp, _| on_readable(&w, lp, id));
+    let read = match read {
+        Ok(watch) => watch,
+        Err(e) => {
+            log::error!("watching a new connection: {e}");
+            return;
+        }
+    };
+    let limits = worker.borrow().limits;
+    let conn = Conn {
+        stream,
+        peer,
+        parser: Parser::new(limits),
+        slots: VecDeque::new(),
+        first_seq: 0,
+        out: Vec::new(),
+        read: Some(read),
+        write: None,
+        timer: None,
+        no_more_requests: false,
+    };
+    worker.borrow_mut().conns.insert(id, conn);
+    set_timer(worker, lp, id);
+}
+
+fn on_readable(worker: &Shared, lp: &mut Loop, id: u64) {
+    let mut buf = [0u8; 16 * 1024];
+    let mut eof = false;
+    {
+        let mut w = worker.borrow_mut();
+        let Some(conn) = w.conns.get_mut(&id) else {
+            return;
+        };
+        loop {
+            let room = conn.parser.room().min(buf.len());
+            match conn.stream.read(&mut buf[..room]) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    conn.parser.feed(&buf[..n]);
+                    if n < room || conn.parser.room() == 0 {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+    }
+    process(worker, lp, id);
+    if eof {
+        let finished = {
+            let mut w = worker.borrow_mut();
+            let Some(conn) = w.conns.get_mut(&id) else {
+                return;
+            };
+            conn.no_more_requests = true;
+            conn.slots.is_empty() && conn.out.is_empty()
+        };
+        if finished {
+            close(worker, lp, id);
+        } else {
+            pause_reading(worker, lp, id);
+        }
+    }
+}
+
+/// Parses and dispatches every complete request the connection has buffered.
+fn process(worker: &Shared, lp: &mut Loop, id: u64) {
+    loop {
+        let request = {
+            let mut guard = worker.borrow_mut();
+            let w = &mut *guard;
+            let Some(conn) = w.conns.get_mut(&id) else {
+                return;
+            };
+            if conn.no_more_requests || conn.slots.len() >= MAX_PIPELINED {
+                break;
+            }
+            match conn.parser.next() {
+                Ok(None) => break,
+                Ok(Some(Parsed::Continue)) => {
+                    conn.slots.push_back(Slot::Ready {
+                        bytes: CONTINUE.to_vec(),
+                        close: false,
+                    });
+                    continue;
+                }
+                Ok(Some(Parsed::Request(request))) => {
+                    let line = format!(
+                        "{} {} HTTP/1.{}",
+                        request.method, request.target, request.minor_version
+                    );
+                    let keep_alive = request.keep_alive && !w.draining;
+                    let head = request.method == "HEAD";
+                    conn.slots.push_back(Slot::Pending {
+                        head,
+                        keep_alive,
+                        line,
+                    });
+                    let seq = conn.first_seq + conn.slots.len() as u64 - 1;
+                    (request, seq)
+                }
+                Err(refusal) => {
+                    log::debug!("{}: refused: {}", conn.peer, refusal.why);
+                    let date = http_date(&mut w.date).to_owned();
+                    let mut bytes = Vec::new();
+                    let response = Response::text(refusal.status, format!("{}\n", refusal.why));
+                    response.encode(&mut bytes, false, false, &date);
+                    conn.slots.push_back(Slot::Ready { bytes, close: true });
+                    conn.no_more_requests = true;
+                    break;
+                }
+            }
+        };
+        cancel_timer(worker, lp, id);
+        dispatch(worker, lp, id, request);
+    }
+    flush(worker, lp, id);
+}
+
+fn dispatch(worker: &Shared, lp: &mut Loop, id: u64, (request, seq): (Request, u64)) {
+    let handler = worker.borrow().handler.clone();
+    let responder = Responder {
+        worker: Rc::downgrade(worker),
+        conn: id,
+        seq,
+        sent: false,
+    };
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler.call(lp, request, responder)));
+    if outcome.is_err() {
+        log::error!("a handler panicked; answering 500");
+    }
+    let unanswered = std::mem::take(&mut worker.borrow_mut().unanswered);
+    for (conn, seq) in unanswered {
+        complete(
+            worker,
+            lp,
+            conn,
+            seq,
+            Response::text(500, "Internal Server Error\n"),
+        );
+    }
+    let mut w = worker.borrow_mut();
+    w.served += 1;
+    if w.max_requests.is_some_and(|max| w.served == max) {
+        drop(w);
+        tell_master(worker, RECYCLE);
+    }
+}
+
+/// Fills a pending slot with its response and writes what can go out.
+fn complete(worker: &Shared, lp: &mut Loop, id: u64, seq: u64, response: Response) {
+    {
+        let mut guard = worker.borrow_mut();
+        let w = &mut *guard;
+        let Some(conn) = w.conns.get_mut(&id) else {
+            return;
+        };
+        let Some(index) = seq.checked_sub(conn.first_seq).map(|i| i as usize) else {
+            return;
+        };
+        let Some(slot @ Slot::Pending { .. }) = conn.slots.get_mut(index) else {
+            return;
+        };
+        let Slot::Pending {
+            head,
+            keep_alive,
+            line,
+        } = std::mem::replace(
+            slot,
+            Slot::Ready {
+                bytes: Vec::new(),
+                close: false,
+            },
+        )
+        else {
+            unreachable!()
+        };
+        let keep_alive = keep_alive && !w.draining;
+        let date = http_date(&mut w.date).to_owned();
+        let mut bytes = Vec::with_capacity(response.body.len() + 160);
+        response.encode(&mut bytes, head, keep_alive, &date);
+        if let Some(log) = &mut w.access_log {
+            let _ = writeln!(
+                log,
+                "{} - - [{date}] \"{line}\" {} {}",
+                conn.peer,
+                response.status,
+                response.body.len()
+            );
+        }
+        conn.slots[index] = Slot::Ready {
+            bytes,
+            close: !keep_alive,
+        };
+    }
+    flush(worker, lp, id);
+}
+
+/// Writes every ready response at the front of the queue, in order; closes the
+/// connection after one that says `Connection: close`.
+fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
+    let (close_now, want_write, resume) = {
+        let mut w = worker.borrow_mut();
+        let Some(conn) = w.conns.get_mut(&id) else {
+            return;
+        };
+        while let Some(Slot::Ready { .. }) = conn.slots.front() {
+            let Some(Slot::Ready { bytes, close }) = conn.slots.pop_front() else {
+                unreachable!()
+            };
+            conn.first_seq += 1;
+            conn.out.extend_from_slice(&bytes);
+            if close {
+                conn.no_more_requests = true;
+                conn.slots.clear();
+                break;
+            }
+        }
+        let mut failed = false;
+        while !conn.out.is_empty() {
+            match conn.stream.write(&conn.out) {
+                Ok(n) => {
+                    conn.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let done = conn.out.is_empty();
+        let close_now = failed || (done && conn.no_more_requests && conn.slots.is_empty());
+        let resume = done && !conn.no_more_requests && conn.slots.len() < MAX_PIPELINED;
+        (
+            close_now,
+            !done && conn.write.is_none(),
+            resume && conn.parser.buffered() > 0,
+        )
+    };
+    if close_now {
+        close(worker, lp, id);
+        return;
+    }
+    if want_write {
+        let fd = worker.borrow().conns[&id].stream.as_raw_fd();
+        let w = worker.clone();
+        match lp.watch_io(fd, Interest::WRITE, move |lp, _| on_writable(&w, lp, id)) {
+            Ok(watch) => worker.borrow_mut().conns.get_mut(&id).expect("live").write = Some(watch),
+            Err(e) => {
+                log::error!("watching a connection for write: {e}");
+                close(worker, lp, id);
+                return;
+            }
+        }
+    }
+    let drained_idle = {
+        let w = worker.borrow();
+        w.draining
+            && w.conns
+                .get(&id)
+                .is_some_and(|c| c.slots.is_empty() && c.out.is_empty())
+    };
+    if drained_idle {
+        close(worker, lp, id);
+        return;
+    }
+    if resume {
+        // Pipelined requests were held back while the queue was full.
+        let w = worker.clone();
+        lp.later(move |lp| process(&w, lp, id));
+    }
+    set_timer(worker, lp, id);
+}
+
+fn on_writable(worker: &Shared, lp: &mut Loop, id: u64) {
+    let watch = worker
+        .borrow_mut()
+        .conns
+        .get_mut(&id)
+        .and_then(|c| c.write.take());
+    if let Some(watch) = watch {
+        lp.cancel(watch);
+    }
+    flush(worker, lp, id);
+}
+
+fn pause_reading(worker: &Shared, lp: &mut Loop, id: u64) {
+    let watch = worker
+        .borrow_mut()
+        .conns
+        .get_mut(&id)
+        .and_then(|c| c.read.take());
+    if let Some(watch) = watch {
+        lp.cancel(watch);
+    }
+}
+
+fn cancel_timer(worker: &Shared, lp: &mut Loop, id: u64) {
+    let timer = worker
+        .borrow_mut()
+        .conns
+        .get_mut(&id)
+        .and_then(|c| c.timer.take());
+    if let Some((_, watch)) = timer {
+        lp.cancel(watch);
+    }
+}
+
+/// Arms the timer a connection waiting for a request needs: the header timeout while a
+/// head is incomplete (or none has come on a new connection), else the keep-alive one.
+fn set_timer(worker: &Shared, lp: &mut Loop, id: u64) {
+    let (wanted, current) = {
+        let w = worker.borrow();
+        let Some(conn) = w.conns.get(&id) else { return };
+        let waiting = conn.slots.is_empty() && conn.out.is_empty() && !conn.no_more_requests;
+        let wanted = match (waiting, conn.parser.mid_request() || conn.first_seq == 0) {
+            (false, _) => None,
+            (true, true) => Some((TimerKind::Header, w.header_timeout)),
+            (true, false) => Some((TimerKind::Idle, w.keepalive_timeout)),
+        };
+        (wanted, conn.timer.map(|(kind, _)| kind))
+    };
+    if wanted.map(|(k, _)| k) == current {
+        return;
+    }
+    cancel_timer(worker, lp, id);
+    if let Some((kind, after)) = wanted {
+        let w = worker.clone();
+        let watch = lp.after(after, move |lp| on_timeout(&w, lp, id, kind));
+        if let Some(conn) = worker.borrow_mut().conns.get_mut(&id) {
+            conn.timer = Some((kind, watch));
+        }
+    }
+}
+
+fn on_timeout(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind) {
+    let answer = {
+        let mut guard = worker.borrow_mut();
+        let w = &mut *guard;
+        let Some(conn) = w.conns.get_mut(&id) else {
+            return;
+        };
+        conn.timer = None;
+        if kind == TimerKind::Header && conn.parser.buffered() > 0 {
+            let date = http_date(&mut w.date).to_owned();
+            let mut bytes = Vec::new();
+            Response::text(408, "request head timed out\n").encode(&mut bytes, false, false, &date);
+            conn.slots.push_back(Slot::Ready { bytes, close: true });
+            conn.no_more_requests = true;
+            true
+        } else {
+            false
+        }
+    };
+    if answer {
+        flush(worker, lp, id);
+    } else {
+        close(worker, lp, id);
+    }
+}
+
+fn close(worker: &Shared, lp: &mut Loop, id: u64) {
+    let Some(conn) = worker.borrow_mut().conns.remove(&id) else {
+        return;
+    };
+    for watch in [conn.read, conn.write].into_iter().flatten() {
+        lp.cancel(watch);
+    }
+    if let Some((_, watch)) = conn.timer {
+        lp.cancel(watch);
+    }
+    drop(conn.stream);
+    let w = worker.borrow();
+    if w.draining && w.conns.is_empty() {
+        lp.stop(0);
+    }
+}
+
+/// SIGTERM: stop accepting at once (the listeners leave this worker's loop and close),
+/// close idle connections, answer in-flight requests with `Connection: close`, exit
+/// when none is left.
+fn drain(worker: &Shared, lp: &mut Loop) {
+    if worker.borrow().draining {
+        return;
+    }
+    worker.borrow_mut().draining = true;
+    stop_accepting(worker, lp);
+    worker.borrow_mut().listeners.clear();
+    let idle: Vec<u64> = {
+        let mut w = worker.borrow_mut();
+        for conn in w.conns.values_mut() {
+            conn.no_more_requests = true;
+        }
+        w.conns
+            .iter()
+            .filter(|(_, c)| c.slots.is_empty() && c.out.is_empty())
+            .map(|(&id, _)| id)
+            .collect()
+    };
+    for id in idle {
+        close(worker, lp, id);
+    }
+    if worker.borrow().conns.is_empty() {
+        lp.stop(0);
+    }
+}
+
+/// The `Date` header value, formatted once per second.
+fn http_date(cache: &mut (u64, String)) -> &str {
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if cache.0 != secs || cache.1.is_empty() {
+        *cache = (secs, httpdate::fmt_http_date(now));
+    }
+    &cache.1
+}
