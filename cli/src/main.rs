@@ -88,6 +88,8 @@ enum App {
     CrashAtStart,
     /// Answers one request, then exits the worker.
     ExitAfterRequest,
+    /// The built-in app, plus `GET /panic`, whose handler panics.
+    Panicky,
 }
 
 fn parse_kind(s: &str) -> Result<Kind, String> {
@@ -165,6 +167,15 @@ fn main() {
             |lp: &mut Loop, request: Request, responder: Responder| {
                 hello(lp, request, responder);
                 lp.after(Duration::ZERO, |_| std::process::exit(3));
+            },
+        ),
+        App::Panicky => Server::new(
+            config,
+            |lp: &mut Loop, request: Request, responder: Responder| {
+                if request.path() == "/panic" {
+                    panic!("the handler panics on purpose");
+                }
+                hello(lp, request, responder);
             },
         ),
     };

@@ -102,6 +102,17 @@ struct Conn {
     no_more_requests: bool,
 }
 
+impl Conn {
+    /// Between requests of a keep-alive connection: nothing buffered, nothing owed. A
+    /// new connection is not idle: its client is about to send its first request.
+    fn is_idle_keep_alive(&self) -> bool {
+        self.first_seq > 0
+            && self.slots.is_empty()
+            && self.out.is_empty()
+            && !self.parser.mid_request()
+    }
+}
+
 pub(crate) struct Worker {
     conns: HashMap<u64, Conn>,
     next_conn: u64,
@@ -711,8 +722,8 @@ fn close(worker: &Shared, lp: &mut Loop, id: u64) {
 }
 
 /// SIGTERM: stop accepting at once (the listeners leave this worker's loop and close),
-/// close idle connections, answer in-flight requests with `Connection: close`, exit
-/// when none is left.
+/// close idle keep-alive connections, answer what is in flight — including a request
+/// on a just-accepted connection — with `Connection: close`, and exit when none is left.
 fn drain(worker: &Shared, lp: &mut Loop) {
     if worker.borrow().draining {
         return;
@@ -720,17 +731,13 @@ fn drain(worker: &Shared, lp: &mut Loop) {
     worker.borrow_mut().draining = true;
     stop_accepting(worker, lp);
     worker.borrow_mut().listeners.clear();
-    let idle: Vec<u64> = {
-        let mut w = worker.borrow_mut();
-        for conn in w.conns.values_mut() {
-            conn.no_more_requests = true;
-        }
-        w.conns
-            .iter()
-            .filter(|(_, c)| c.slots.is_empty() && c.out.is_empty())
-            .map(|(&id, _)| id)
-            .collect()
-    };
+    let idle: Vec<u64> = worker
+        .borrow()
+        .conns
+        .iter()
+        .filter(|(_, c)| c.is_idle_keep_alive())
+        .map(|(&id, _)| id)
+        .collect();
     for id in idle {
         close(worker, lp, id);
     }

@@ -1,0 +1,213 @@
+//! Runs `forkloop serve` as a real process and talks HTTP to it.
+#![allow(dead_code)] // each test crate uses a different part
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+/// Every wait in these tests is bounded by this.
+pub const LIMIT: Duration = Duration::from_secs(20);
+
+pub struct Server {
+    child: Option<Child>,
+    pub addr: String,
+    pub pid: libc::pid_t,
+    lines: Receiver<String>,
+    pub log: Vec<String>,
+}
+
+/// Starts `forkloop serve` on an ephemeral port with `args`, and waits for its ready line.
+pub fn start(args: &[&str]) -> Server {
+    let mut server = spawn(args);
+    let line = server.wait_for("ready: listening on");
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("the ready line names the address")
+        .trim_end_matches(',')
+        .to_owned();
+    server.addr = addr;
+    server
+}
+
+/// Starts `forkloop serve` without waiting for it to become ready.
+pub fn spawn(args: &[&str]) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkloop"));
+    cmd.arg("serve");
+    if !args.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    if !args.contains(&"--workers") {
+        cmd.args(["--workers", "2"]);
+    }
+    let mut child = cmd
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("spawning forkloop serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let pid = child.id() as libc::pid_t;
+    Server {
+        child: Some(child),
+        addr: String::new(),
+        pid,
+        lines,
+        log: Vec::new(),
+    }
+}
+
+impl Server {
+    /// Waits (bounded) for a log line containing `needle`, and returns it.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + LIMIT;
+        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {needle:?} within {LIMIT:?}; log:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Every log line so far.
+    pub fn drain_log(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.log.push(line);
+        }
+        &self.log
+    }
+
+    /// How many log lines so far contain `needle`.
+    pub fn count(&mut self, needle: &str) -> usize {
+        self.drain_log()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(self.pid, signal) }, 0);
+    }
+
+    /// Waits (bounded) for the master to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().expect("not yet waited for");
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
+                    self.log.push(line);
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the master did not exit; log:\n{}",
+                self.log.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Whatever the test did, leave nothing of this server running.
+        // SAFETY: kill has no memory-safety preconditions; the group is the server's.
+        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends raw bytes on a new connection and reads until the server closes it.
+pub fn exchange(addr: &str, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `GET path` with `Connection: close`: (status, body).
+pub fn get(addr: &str, path: &str) -> (u16, String) {
+    let reply = exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    parse(&reply)
+}
+
+/// (status, body) of one complete response.
+pub fn parse(reply: &str) -> (u16, String) {
+    let status = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {reply:?}"));
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// Whether process `pid` is running (exists and is not a zombie).
+pub fn running(pid: libc::pid_t) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The pids of `pid`'s children (running or zombie).
+pub fn children(pid: libc::pid_t) -> Vec<libc::pid_t> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Waits (bounded) until `cond` holds, polling every few milliseconds.
+pub fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + LIMIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {LIMIT:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,287 @@
+//! `forkloop serve` as users run it: real processes, real sockets, bounded waits.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::*;
+
+#[test]
+fn built_in_app_answers_its_four_routes_and_head() {
+    let server = start(&[]);
+    let (status, body) = get(&server.addr, "/");
+    assert_eq!((status, body.as_str()), (200, "Hello, World!"));
+    let (status, body) = get(&server.addr, "/pid");
+    assert_eq!(status, 200);
+    let worker: libc::pid_t = body.parse().unwrap();
+    assert_ne!(worker, server.pid, "workers answer, not the master");
+    let reply = exchange(
+        &server.addr,
+        b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert_eq!(parse(&reply), (200, "hello".into()));
+    let (status, body) = get(&server.addr, "/sleep?ms=50");
+    assert_eq!((status, body.as_str()), (200, "slept 50 ms"));
+    let head = exchange(
+        &server.addr,
+        b"HEAD / HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        head.contains("Content-Length: 13\r\n") && head.ends_with("\r\n\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains("Date: ") && head.contains("Content-Type: text/plain"),
+        "{head}"
+    );
+    assert_eq!(get(&server.addr, "/nope").0, 404);
+}
+
+#[test]
+fn keep_alive_and_pipelining_answer_in_order_on_one_connection() {
+    let server = start(&[]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(b"GET /sleep?ms=100 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\nGET /pid HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let bodies: Vec<&str> = out.split("HTTP/1.1 200 OK").skip(1).collect();
+    assert_eq!(bodies.len(), 3, "{out}");
+    assert!(
+        bodies[0].ends_with("slept 100 ms") && bodies[1].ends_with("Hello, World!"),
+        "{out}"
+    );
+    assert!(
+        bodies[0].contains("Connection: keep-alive") && bodies[2].contains("Connection: close")
+    );
+}
+
+#[test]
+fn http_1_0_closes_unless_asked_and_expect_continue_gets_100() {
+    let server = start(&[]);
+    let reply = exchange(&server.addr, b"GET / HTTP/1.0\r\n\r\n");
+    assert!(
+        reply.contains("Connection: close") && reply.ends_with("Hello, World!"),
+        "{reply}"
+    );
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"ok").unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert_eq!(parse(&rest), (200, "ok".into()));
+}
+
+#[test]
+fn bad_requests_get_a_status_and_a_closed_connection() {
+    let server = start(&["--max-body-size", "100", "--header-timeout", "0.3"]);
+    let status = |req: &[u8]| parse(&exchange(&server.addr, req)).0;
+    assert_eq!(status(b"BLAH\x01 / HTTP/1.1\r\n\r\n"), 400);
+    let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+    assert_eq!(status(huge.as_bytes()), 431);
+    assert_eq!(
+        status(b"POST /echo HTTP/1.1\r\nContent-Length: 101\r\n\r\n"),
+        413
+    );
+    assert_eq!(
+        status(b"POST /echo HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        400
+    );
+    // A head that never completes: 408, then the connection closes.
+    assert_eq!(status(b"GET / HTTP/1.1\r\nHost: slow"), 408);
+    // The workers survived all of it.
+    assert_eq!(get(&server.addr, "/").0, 200);
+}
+
+#[test]
+fn idle_keep_alive_connections_close_after_the_timeout() {
+    let server = start(&["--keepalive-timeout", "0.3"]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    // read_to_string returns once the server closes the idle connection.
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.ends_with("Hello, World!"), "{out}");
+}
+
+#[test]
+fn a_panicking_handler_costs_one_500_not_the_worker() {
+    let server = start(&["--app", "panicky", "--workers", "1"]);
+    let before = get(&server.addr, "/pid").1;
+    assert_eq!(get(&server.addr, "/panic").0, 500);
+    assert_eq!(
+        get(&server.addr, "/pid").1,
+        before,
+        "the same worker goes on"
+    );
+}
+
+#[test]
+fn killed_worker_is_replaced_and_the_server_still_serves() {
+    let mut server = start(&["--workers", "1"]);
+    let old: libc::pid_t = get(&server.addr, "/pid").1.parse().unwrap();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    server.wait_for("exited unexpectedly");
+    let (status, body) = get(&server.addr, "/pid");
+    assert_eq!(status, 200);
+    assert_ne!(body.parse::<libc::pid_t>().unwrap(), old);
+    assert!(!running(old));
+}
+
+#[test]
+fn term_lets_in_flight_requests_finish_with_connection_close_then_exits() {
+    let mut server = start(&[]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    // Two pipelined requests in one segment: once the first is answered, the worker
+    // holds the second (sleeping) one too, in flight when TERM arrives.
+    s.write_all(b"GET / HTTP/1.1\r\n\r\nGET /sleep?ms=300 HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let mut first = Vec::new();
+    while !String::from_utf8_lossy(&first).ends_with("Hello, World!") {
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early");
+        first.extend_from_slice(&buf[..n]);
+    }
+    server.signal(libc::SIGTERM);
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert!(
+        rest.contains("Connection: close") && rest.ends_with("slept 300 ms"),
+        "{rest}"
+    );
+    assert!(server.wait_exit().success());
+    assert!(
+        TcpStream::connect(&server.addr).is_err(),
+        "nothing listens after exit"
+    );
+}
+
+#[test]
+fn hup_replaces_every_worker_with_no_failed_request() {
+    let server = start(&["--workers", "2"]);
+    let old: HashSet<libc::pid_t> = children(server.pid).into_iter().collect();
+    assert_eq!(old.len(), 2);
+    let addr = server.addr.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s2 = stop.clone();
+    let load = std::thread::spawn(move || {
+        let mut served = 0;
+        while !s2.load(std::sync::atomic::Ordering::SeqCst) {
+            assert_eq!(get(&addr, "/").0, 200, "a request failed during HUP");
+            served += 1;
+        }
+        served
+    });
+    server.signal(libc::SIGHUP);
+    let pid = server.pid;
+    eventually("every old worker retired", || {
+        let now: HashSet<_> = children(pid).into_iter().filter(|p| running(*p)).collect();
+        now.len() == 2 && now.is_disjoint(&old)
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let served = load.join().expect("the load thread saw a failure");
+    assert!(served > 0);
+}
+
+#[test]
+fn ttin_and_ttou_change_the_worker_count_never_below_one() {
+    let mut server = start(&["--workers", "1"]);
+    let pid = server.pid;
+    let workers = || children(pid).into_iter().filter(|p| running(*p)).count();
+    server.signal(libc::SIGTTIN);
+    server.wait_for("TTIN: 2 workers");
+    eventually("two workers", || workers() == 2);
+    server.signal(libc::SIGTTOU);
+    server.wait_for("TTOU: 1 workers");
+    eventually("one worker", || workers() == 1);
+    server.signal(libc::SIGTTOU);
+    server.wait_for("already at one worker");
+    assert_eq!(get(&server.addr, "/").0, 200);
+}
+
+#[test]
+fn an_app_that_cannot_start_makes_the_master_give_up_with_a_clear_message() {
+    let mut server = spawn(&["--app", "crash-at-start", "--workers", "2"]);
+    let status = server.wait_exit();
+    assert!(!status.success());
+    let log = server.drain_log().join("\n");
+    assert!(log.contains("exited before becoming ready"), "{log}");
+    let forks = server.count("exited unexpectedly");
+    assert!(
+        (5..=6).contains(&forks),
+        "forked {forks} times for a budget of 5:\n{log}"
+    );
+}
+
+#[test]
+fn workers_that_exit_after_each_request_are_replaced_with_backoff_not_a_storm() {
+    let mut server = start(&["--app", "exit-after-request", "--workers", "1"]);
+    for _ in 0..5 {
+        assert_eq!(get(&server.addr, "/").0, 200);
+    }
+    let exits = server.count("exited unexpectedly");
+    assert!(exits <= 5, "{exits} exits for 5 requests");
+}
+
+#[test]
+fn workers_exit_when_the_master_dies() {
+    let server = start(&["--workers", "2"]);
+    let workers = children(server.pid);
+    assert_eq!(workers.len(), 2);
+    server.signal(libc::SIGKILL);
+    eventually("workers gone after the master's death", || {
+        workers.iter().all(|&p| !running(p))
+    });
+}
+
+#[test]
+fn pid_file_is_written_refused_while_live_and_removed_at_exit() {
+    let dir = std::env::temp_dir().join(format!("forkloop-pidfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("server.pid");
+    let path_arg = path.to_str().unwrap();
+    let mut server = start(&["--pid-file", path_arg]);
+    let written: libc::pid_t = std::fs::read_to_string(&path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(written, server.pid);
+    let mut second = spawn(&["--pid-file", path_arg]);
+    assert!(!second.wait_exit().success());
+    assert!(second.drain_log().join("\n").contains("which is running"));
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit().success());
+    assert!(!path.exists(), "the pid file outlived the server");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn unix_socket_listener_serves_and_its_file_is_removed_at_exit() {
+    let path = std::env::temp_dir().join(format!("forkloop-{}.sock", std::process::id()));
+    let listen = format!("unix:{}", path.display());
+    let mut server = start(&["--listen", &listen]);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert_eq!(parse(&out), (200, "Hello, World!".into()));
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit().success());
+    assert!(!path.exists());
+}
