@@ -5,15 +5,16 @@
 //! connections accepted from the shared listeners on a fresh loop of its own.
 //!
 //! ```no_run
-//! use forkloop::server::{Config, Response, Server};
+//! use forkloop::server::{Config, Request, Responder, Response, Server};
+//! use forkloop::Loop;
+//!
+//! fn app(lp: &mut Loop, request: Request, responder: Responder) {
+//!     responder.send(lp, Response::text(200, format!("you asked for {}", request.target)));
+//! }
 //!
 //! let mut config = Config::default();
 //! config.listen = vec!["127.0.0.1:8080".into()];
-//! Server::new(config, |lp: &mut forkloop::Loop, request, responder: forkloop::server::Responder| {
-//!     responder.send(lp, Response::text(200, format!("you asked for {}", request.target)));
-//! })
-//! .run()
-//! .unwrap();
+//! Server::new(config, app).run().unwrap();
 //! ```
 
 mod http;
