@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
 use common::*;
-use forkloop::{Error, Interest, Kind, Loop, Watch};
+use forkloop::{Error, Interest, Kind, Loop, Readiness, Watch};
 use rstest::rstest;
 use rstest_reuse::apply;
 
@@ -155,26 +155,31 @@ fn io_hangup_watch_reports_peer_close_or_is_refused_by_select(#[case] kind: Kind
         && pipe_hangups.get() > 0));
 }
 
+type Pair = Rc<Cell<Option<(Watch, Watch)>>>;
+
+/// A callback that counts its call and cancels both watches of `pair`.
+fn cancel_both(calls: &Rc<Cell<u32>>, pair: &Pair) -> impl FnMut(&mut Loop, Readiness) {
+    let (calls, pair) = (calls.clone(), pair.clone());
+    move |lp, _| {
+        bump(&calls);
+        let (a, b) = pair.get().unwrap();
+        lp.cancel(a);
+        lp.cancel(b);
+    }
+}
+
 #[apply(backends)]
 fn io_callback_cancelled_by_an_earlier_one_in_the_same_dispatch_is_skipped(#[case] kind: Kind) {
     let (s1, s2) = socketpair();
     let mut lp = new_loop(kind);
-    let watches: Rc<Cell<Option<(Watch, Watch)>>> = Rc::new(Cell::new(None));
+    let watches: Pair = Rc::new(Cell::new(None));
     let (calls, _) = counter();
-    let make = |calls: Rc<Cell<u32>>, watches: Rc<Cell<Option<(Watch, Watch)>>>| {
-        move |lp: &mut Loop, _| {
-            bump(&calls);
-            let (a, b) = watches.get().unwrap();
-            lp.cancel(a);
-            lp.cancel(b);
-        }
-    };
     let fd = s1.as_raw_fd();
     let r = lp
-        .watch_io(fd, Interest::READ, make(calls.clone(), watches.clone()))
+        .watch_io(fd, Interest::READ, cancel_both(&calls, &watches))
         .unwrap();
     let w = lp
-        .watch_io(fd, Interest::WRITE, make(calls.clone(), watches.clone()))
+        .watch_io(fd, Interest::WRITE, cancel_both(&calls, &watches))
         .unwrap();
     watches.set(Some((r, w)));
     drop(s2);
@@ -187,25 +192,17 @@ fn io_cancelling_another_fds_watch_in_one_dispatch_skips_it(#[case] kind: Kind) 
     let (a1, _a2) = socketpair();
     let (b1, _b2) = socketpair();
     let mut lp = new_loop(kind);
-    let watches: Rc<Cell<Option<(Watch, Watch)>>> = Rc::new(Cell::new(None));
+    let watches: Pair = Rc::new(Cell::new(None));
     let (calls, _) = counter();
-    let make = |calls: Rc<Cell<u32>>, watches: Rc<Cell<Option<(Watch, Watch)>>>| {
-        move |lp: &mut Loop, _| {
-            bump(&calls);
-            let (a, b) = watches.get().unwrap();
-            lp.cancel(a);
-            lp.cancel(b);
-        }
-    };
     let a = lp.watch_io(
         a1.as_raw_fd(),
         Interest::WRITE,
-        make(calls.clone(), watches.clone()),
+        cancel_both(&calls, &watches),
     );
     let b = lp.watch_io(
         b1.as_raw_fd(),
         Interest::WRITE,
-        make(calls.clone(), watches.clone()),
+        cancel_both(&calls, &watches),
     );
     watches.set(Some((a.unwrap(), b.unwrap())));
     lp.loop_once(Some(U)).unwrap();

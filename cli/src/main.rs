@@ -88,7 +88,8 @@ enum App {
     CrashAtStart,
     /// Answers one request, then exits the worker.
     ExitAfterRequest,
-    /// The built-in app, plus `GET /panic`, whose handler panics.
+    /// The built-in app, plus `GET /panic`, whose handler panics, and `GET /block`,
+    /// whose handler never returns (a stuck worker).
     Panicky,
 }
 
@@ -171,11 +172,12 @@ fn main() {
         ),
         App::Panicky => Server::new(
             config,
-            |lp: &mut Loop, request: Request, responder: Responder| {
-                if request.path() == "/panic" {
-                    panic!("the handler panics on purpose");
-                }
-                hello(lp, request, responder);
+            |lp: &mut Loop, request: Request, responder: Responder| match request.path() {
+                "/panic" => panic!("the handler panics on purpose"),
+                "/block" => loop {
+                    std::hint::spin_loop();
+                },
+                _ => hello(lp, request, responder),
             },
         ),
     };

@@ -285,3 +285,114 @@ fn unix_socket_listener_serves_and_its_file_is_removed_at_exit() {
     assert!(server.wait_exit().success());
     assert!(!path.exists());
 }
+
+#[test]
+fn usr1_makes_workers_reopen_the_access_log() {
+    let dir = std::env::temp_dir().join(format!("forkloop-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let mut server = start(&["--access-log", log.to_str().unwrap(), "--workers", "1"]);
+    assert_eq!(get(&server.addr, "/").0, 200);
+    eventually("the first request logged", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"GET / HTTP/1.1\" 200 13"))
+    });
+    let rotated = dir.join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    server.signal(libc::SIGUSR1);
+    server.wait_for("USR1");
+    // The worker reopens on its own dispatch: ask until a request lands in the new file.
+    eventually("a request logged in the reopened file", || {
+        get(&server.addr, "/pid");
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("/pid"))
+    });
+    assert!(!std::fs::read_to_string(&rotated).unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_second_int_stops_at_once_without_waiting_for_in_flight_requests() {
+    let mut server = start(&["--graceful-timeout", "60"]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\nGET /sleep?ms=60000 HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).ends_with("Hello, World!"));
+    server.signal(libc::SIGINT);
+    server.wait_for("graceful shutdown");
+    server.signal(libc::SIGINT);
+    let start = std::time::Instant::now();
+    server.wait_exit();
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(10),
+        "the second INT did not stop it"
+    );
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("slept"),
+        "the request was not cut"
+    );
+}
+
+#[test]
+fn the_graceful_timeout_kills_what_is_left() {
+    let mut server = start(&["--graceful-timeout", "0.3"]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\nGET /sleep?ms=60000 HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let _ = s.read(&mut buf).unwrap();
+    server.signal(libc::SIGTERM);
+    server.wait_for("did not finish within the graceful timeout");
+    assert!(server.wait_exit().success());
+}
+
+#[test]
+fn a_stuck_worker_misses_its_heartbeat_and_is_replaced() {
+    let mut server = start(&[
+        "--app",
+        "panicky",
+        "--workers",
+        "1",
+        "--heartbeat-timeout",
+        "0.5",
+    ]);
+    let stuck: libc::pid_t = get(&server.addr, "/pid").1.parse().unwrap();
+    // /block spins in the handler: the worker's loop never runs again.
+    let blocker = TcpStream::connect(&server.addr).unwrap();
+    (&blocker)
+        .write_all(b"GET /block HTTP/1.1\r\n\r\n")
+        .unwrap();
+    server.wait_for("sent no heartbeat");
+    eventually("the stuck worker is gone", || !running(stuck));
+    let (status, body) = get(&server.addr, "/pid");
+    assert_eq!(status, 200);
+    assert_ne!(body.parse::<libc::pid_t>().unwrap(), stuck);
+}
+
+#[test]
+fn max_requests_recycles_a_worker_through_the_overlap_path() {
+    let mut server = start(&["--workers", "1", "--max-requests", "3"]);
+    let first: Vec<String> = (0..3).map(|_| get(&server.addr, "/pid").1).collect();
+    assert!(first.iter().all(|p| *p == first[0]));
+    server.wait_for("reached --max-requests");
+    eventually("a new worker serves", || {
+        get(&server.addr, "/pid").1 != first[0]
+    });
+    for _ in 0..5 {
+        assert_eq!(get(&server.addr, "/").0, 200);
+    }
+}
+
+#[test]
+fn term_during_start_up_is_not_lost() {
+    let mut server = spawn(&["--workers", "2"]);
+    // Forked, not yet ready: the master's signal watches are in place (they come first).
+    server.wait_for("forked: pid");
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit();
+    assert!(status.success(), "{status}");
+    assert!(children(server.pid).is_empty());
+}

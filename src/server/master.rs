@@ -108,20 +108,8 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
         return Err(ServerError::Config("no --listen address".into()));
     }
     let mut lp = config.backend.map_or_else(Loop::new, Loop::with_backend)?;
-    let listeners = config
-        .listen
-        .iter()
-        .map(|address| {
-            Listener::bind(address).map_err(|source| ServerError::Bind {
-                address: address.clone(),
-                source,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let pid_file = config.pid_file.clone();
-    if let Some(path) = &pid_file {
-        write_pid_file(path)?;
-    }
+    let addresses = config.listen.clone();
     let master: Shared = Rc::new(RefCell::new(Master {
         target: config.workers,
         config,
@@ -129,7 +117,7 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
         before_fork: server.before_fork,
         after_fork: server.after_fork,
         on_worker_exit: server.on_worker_exit,
-        listeners,
+        listeners: Vec::new(),
         workers: HashMap::new(),
         next_slot: 0,
         shutting_down: false,
@@ -140,10 +128,30 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
         failure: None,
         backend: lp.backend_name(),
     }));
-    let result = supervise(&master, &mut lp);
-    for listener in &master.borrow().listeners {
-        listener.unlink();
+    // Signals first: one that arrives from here on is dispatched, not lost — and never
+    // kills a master that already wrote its pid file.
+    watch_signals(&master, &mut lp)?;
+    for address in &addresses {
+        let listener = Listener::bind(address).map_err(|source| ServerError::Bind {
+            address: address.clone(),
+            source,
+        });
+        match listener {
+            Ok(listener) => master.borrow_mut().listeners.push(listener),
+            Err(e) => {
+                unlink_sockets(&master);
+                return Err(e);
+            }
+        }
     }
+    if let Some(path) = &pid_file {
+        if let Err(e) = write_pid_file(path) {
+            unlink_sockets(&master);
+            return Err(e);
+        }
+    }
+    let result = supervise(&master, &mut lp);
+    unlink_sockets(&master);
     if let Some(path) = &pid_file {
         let _ = std::fs::remove_file(path);
     }
@@ -152,8 +160,13 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
     failure.map_or(Ok(()), Err)
 }
 
-fn supervise(master: &Shared, lp: &mut Loop) -> Result<(), ServerError> {
-    // Signals first: one that arrives while workers start is dispatched, not lost.
+fn unlink_sockets(master: &Shared) {
+    for listener in &master.borrow().listeners {
+        listener.unlink();
+    }
+}
+
+fn watch_signals(master: &Shared, lp: &mut Loop) -> Result<(), ServerError> {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let m = master.clone();
         lp.watch_signal(signal, move |lp, sig| shutdown(&m, lp, sig))?;
@@ -173,6 +186,10 @@ fn supervise(master: &Shared, lp: &mut Loop) -> Result<(), ServerError> {
         log::info!("USR1: workers reopen the access log");
         signal_workers(&m, libc::SIGUSR1, |_| true);
     })?;
+    Ok(())
+}
+
+fn supervise(master: &Shared, lp: &mut Loop) -> Result<(), ServerError> {
     let m = master.clone();
     let check = (master.borrow().config.heartbeat_timeout / 4).max(Duration::from_millis(50));
     lp.every(check, move |lp| check_heartbeats(&m, lp));

@@ -26,6 +26,8 @@ pub(crate) const RECYCLE: u8 = b'M';
 const MAX_PIPELINED: usize = 32;
 /// Connections accepted per wake-up, so one worker does not take a whole burst.
 const ACCEPT_BATCH: usize = 16;
+/// How long a draining worker keeps an idle keep-alive connection open.
+const DRAIN_GRACE: Duration = Duration::from_millis(100);
 /// After EMFILE/ENFILE, accepting pauses this long instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -41,7 +43,8 @@ pub(crate) struct WorkerSetup<'a> {
 }
 
 /// Answers one request. Send exactly once, now or later from the loop; a responder
-/// dropped unsent answers 500.
+/// dropped unsent answers 500 (at once if dropped during the handler call, else within
+/// a quarter of the heartbeat timeout).
 pub struct Responder {
     worker: Weak<RefCell<Worker>>,
     conn: u64,
@@ -240,7 +243,11 @@ fn serve(lp: &mut Loop, setup: WorkerSetup<'_>, listeners: Vec<Listener>) -> cra
     })?;
     let w = worker.clone();
     let beat = (config.heartbeat_timeout / 4).max(Duration::from_millis(50));
-    lp.every(beat, move |_| tell_master(&w, HEARTBEAT));
+    // Each beat also answers responders dropped unsent outside a handler call.
+    lp.every(beat, move |lp| {
+        tell_master(&w, HEARTBEAT);
+        answer_unanswered(&w, lp);
+    });
     start_accepting(&worker, lp)?;
     tell_master(&worker, READY);
     let code = lp.run()?;
@@ -490,6 +497,20 @@ fn dispatch(worker: &Shared, lp: &mut Loop, id: u64, (request, seq): (Request, u
     }
 }
 
+/// A responder dropped unsent (by a panic, or by a handler that lost it) owes a 500.
+fn answer_unanswered(worker: &Shared, lp: &mut Loop) {
+    let unanswered = std::mem::take(&mut worker.borrow_mut().unanswered);
+    for (conn, seq) in unanswered {
+        complete(
+            worker,
+            lp,
+            conn,
+            seq,
+            Response::text(500, "Internal Server Error\n"),
+        );
+    }
+}
+
 /// Fills a pending slot with its response and writes what can go out.
 fn complete(worker: &Shared, lp: &mut Loop, id: u64, seq: u64, response: Response) {
     {
@@ -722,8 +743,10 @@ fn close(worker: &Shared, lp: &mut Loop, id: u64) {
 }
 
 /// SIGTERM: stop accepting at once (the listeners leave this worker's loop and close),
-/// close idle keep-alive connections, answer what is in flight — including a request
-/// on a just-accepted connection — with `Connection: close`, and exit when none is left.
+/// answer what is in flight — including a request on a just-accepted connection — with
+/// `Connection: close`, and exit when no connection is left. Idle keep-alive
+/// connections close after a short grace: a request a client sent just before it could
+/// see the close is still answered, instead of failing in flight.
 fn drain(worker: &Shared, lp: &mut Loop) {
     if worker.borrow().draining {
         return;
@@ -739,7 +762,14 @@ fn drain(worker: &Shared, lp: &mut Loop) {
         .map(|(&id, _)| id)
         .collect();
     for id in idle {
-        close(worker, lp, id);
+        cancel_timer(worker, lp, id);
+        let w = worker.clone();
+        let watch = lp.after(DRAIN_GRACE, move |lp| {
+            on_timeout(&w, lp, id, TimerKind::Idle)
+        });
+        if let Some(conn) = worker.borrow_mut().conns.get_mut(&id) {
+            conn.timer = Some((TimerKind::Idle, watch));
+        }
     }
     if worker.borrow().conns.is_empty() {
         lp.stop(0);

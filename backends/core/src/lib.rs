@@ -99,6 +99,17 @@ bit_set! {
     }
 }
 
+impl Readiness {
+    /// Readiness from the four flags a kernel or crate reports.
+    pub fn from_flags(readable: bool, writable: bool, hangup: bool, error: bool) -> Readiness {
+        let bit = |on: bool, bit: Readiness| if on { bit } else { Readiness::NONE };
+        bit(readable, Readiness::READABLE)
+            | bit(writable, Readiness::WRITABLE)
+            | bit(hangup, Readiness::HANGUP)
+            | bit(error, Readiness::ERROR)
+    }
+}
+
 /// One readiness report from [`Backend::wait`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
@@ -180,6 +191,20 @@ pub fn closed_while_registered(backend: &str, fd: RawFd) -> io::Error {
     io::Error::other(format!(
         "{backend}: fd {fd} was closed while still watched; cancel its watches before closing it"
     ))
+}
+
+/// Adds every registration to a fresh kernel object with `add` (the common half of a
+/// `post_fork`), and returns the interests, for backends that keep them.
+pub fn re_add(
+    registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
+    mut add: impl FnMut(RawFd, Interest) -> io::Result<()>,
+) -> io::Result<std::collections::HashMap<RawFd, Interest>> {
+    let mut interests = std::collections::HashMap::new();
+    for (fd, interest) in registrations {
+        add(fd, interest)?;
+        interests.insert(fd, interest);
+    }
+    Ok(interests)
 }
 
 /// The error for modifying or deregistering an fd the backend does not know.

@@ -21,7 +21,8 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, cvt, not_registered, same_process, Backend, Event, Interest, Readiness,
+    already_registered, cvt, not_registered, re_add, same_process, Backend, Event, Interest,
+    Readiness,
 };
 
 const EVENTS: usize = 256;
@@ -205,14 +206,10 @@ impl Backend for Kqueue {
         registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
     ) -> io::Result<()> {
         let fresh = create()?;
-        let mut interests = HashMap::new();
-        for (fd, interest) in registrations {
-            if let Err(e) = apply(fresh, &changes(fd, Interest::NONE, interest)) {
-                close(fresh);
-                return Err(e);
-            }
-            interests.insert(fd, interest);
-        }
+        let interests = re_add(registrations, |fd, interest| {
+            apply(fresh, &changes(fd, Interest::NONE, interest))
+        })
+        .inspect_err(|_| close(fresh))?;
         // In a child the old number names nothing of ours, or something it was reused
         // for: forget it. Only the process that created it closes it.
         if same_process(self.pid) {

@@ -15,7 +15,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, not_registered, same_process, Backend, Event, Interest, Readiness,
+    already_registered, not_registered, re_add, same_process, Backend, Event, Interest, Readiness,
 };
 use mio::unix::SourceFd;
 use mio::{Events, Poll, Token};
@@ -110,19 +110,9 @@ impl Backend for Mio {
         }
         let first = events.len();
         for ev in self.events.iter() {
-            let mut readiness = Readiness::NONE;
-            if ev.is_readable() {
-                readiness |= Readiness::READABLE;
-            }
-            if ev.is_writable() {
-                readiness |= Readiness::WRITABLE;
-            }
-            if ev.is_read_closed() || ev.is_write_closed() {
-                readiness |= Readiness::HANGUP;
-            }
-            if ev.is_error() {
-                readiness |= Readiness::ERROR;
-            }
+            let hangup = ev.is_read_closed() || ev.is_write_closed();
+            let readiness =
+                Readiness::from_flags(ev.is_readable(), ev.is_writable(), hangup, ev.is_error());
             events.push(Event {
                 fd: ev.token().0 as RawFd,
                 readiness,
@@ -139,13 +129,12 @@ impl Backend for Mio {
         registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
     ) -> io::Result<()> {
         let fresh = Poll::new()?;
-        let mut interests = HashMap::new();
-        for (fd, interest) in registrations {
+        let interests = re_add(registrations, |fd, interest| {
+            let token = Token(fd as usize);
             fresh
                 .registry()
-                .register(&mut SourceFd(&fd), Token(fd as usize), to_mio(interest))?;
-            interests.insert(fd, interest);
-        }
+                .register(&mut SourceFd(&fd), token, to_mio(interest))
+        })?;
         let inherited = std::mem::replace(&mut self.poll, fresh);
         if cfg!(any(target_os = "linux", target_os = "android")) || same_process(self.pid) {
             drop(inherited);

@@ -16,7 +16,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, not_registered, same_process, Backend, Event, Interest, Readiness,
+    already_registered, not_registered, re_add, same_process, Backend, Event, Interest, Readiness,
 };
 use polling::{Events, PollMode, Poller};
 
@@ -106,19 +106,9 @@ impl Backend for Polling {
             Err(e) => return Err(e),
         }
         for ev in self.events.iter() {
-            let mut readiness = Readiness::NONE;
-            if ev.readable {
-                readiness |= Readiness::READABLE;
-            }
-            if ev.writable {
-                readiness |= Readiness::WRITABLE;
-            }
-            if ev.is_interrupt() {
-                readiness |= Readiness::HANGUP;
-            }
-            if ev.is_err() == Some(true) {
-                readiness |= Readiness::ERROR;
-            }
+            let error = ev.is_err() == Some(true);
+            let readiness =
+                Readiness::from_flags(ev.readable, ev.writable, ev.is_interrupt(), error);
             events.push(Event {
                 fd: ev.key as RawFd,
                 readiness,
@@ -132,11 +122,7 @@ impl Backend for Polling {
         registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
     ) -> io::Result<()> {
         let fresh = Poller::new()?;
-        let mut interests = HashMap::new();
-        for (fd, interest) in registrations {
-            add(&fresh, fd, interest)?;
-            interests.insert(fd, interest);
-        }
+        let interests = re_add(registrations, |fd, interest| add(&fresh, fd, interest))?;
         let mut inherited = std::mem::replace(&mut self.poller, ManuallyDrop::new(fresh));
         if same_process(self.pid) {
             // SAFETY: the poller was created by this process and is never used again.

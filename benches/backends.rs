@@ -1,0 +1,537 @@
+//! Every compiled-in backend side by side with raw baselines (`cargo bench --all-features`
+//! for all six; see BENCHMARKS.md). `FORKLOOP_BENCH_FULL=1` runs the full grid with
+//! longer measurements; the default keeps `cargo bench` well under 15 minutes.
+//! The raw epoll baseline makes this file Linux-only, like the machines it runs on.
+
+use std::cell::Cell;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use forkloop::{ForkOptions, Interest, Kind, Loop, Watch};
+
+fn full() -> bool {
+    std::env::var_os("FORKLOOP_BENCH_FULL").is_some()
+}
+
+fn kinds() -> Vec<Kind> {
+    Kind::ALL
+        .into_iter()
+        .filter(|k| k.check_available().is_ok())
+        .collect()
+}
+
+/// select(2) cannot hold fds at or above FD_SETSIZE; N pairs use about 2N + 10 fds.
+fn fits(kind: Option<Kind>, n: usize) -> bool {
+    kind != Some(Kind::Select) || 2 * n + 64 < libc::FD_SETSIZE
+}
+
+fn raise_fd_limit() {
+    // SAFETY: rlimit is plain old data; getrlimit/setrlimit read and write it.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+/// N connected pairs: (readers, writers), non-blocking.
+fn pairs(n: usize) -> (Vec<UnixStream>, Vec<UnixStream>) {
+    (0..n)
+        .map(|_| {
+            let (r, w) = UnixStream::pair().expect("socketpair (raise RLIMIT_NOFILE)");
+            r.set_nonblocking(true).unwrap();
+            w.set_nonblocking(true).unwrap();
+            (r, w)
+        })
+        .unzip()
+}
+
+fn write_byte(fd: RawFd) {
+    // SAFETY: one byte from a static to a socket the bench owns.
+    unsafe { libc::write(fd, b"e".as_ptr().cast(), 1) };
+}
+
+/// Reads what is there (up to 64 bytes): the bytes read.
+fn read_some(fd: RawFd) -> usize {
+    let mut buf = [0u8; 64];
+    // SAFETY: reads into a live stack buffer of its length.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    n.max(0) as usize
+}
+
+/// The libevent bench's per-event work, shared by every contender: read, count, and
+/// forward one byte to the next pair while the round's write budget lasts.
+struct Round {
+    writers: Vec<RawFd>,
+    read: Cell<usize>,
+    left: Cell<usize>,
+}
+
+impl Round {
+    fn on_readable(&self, fd: RawFd, index: usize) {
+        self.read.set(self.read.get() + read_some(fd));
+        if self.left.get() > 0 {
+            self.left.set(self.left.get() - 1);
+            write_byte(self.writers[(index + 1) % self.writers.len()]);
+        }
+    }
+
+    /// Starts a round: A active pairs get a byte, and A more writes are allowed.
+    fn start(&self, active: usize) {
+        self.read.set(0);
+        self.left.set(active);
+        let spacing = self.writers.len() / active;
+        for k in 0..active {
+            write_byte(self.writers[k * spacing]);
+        }
+    }
+
+    fn done(&self, active: usize) -> bool {
+        self.read.get() >= 2 * active
+    }
+}
+
+/// A loop with a read watch on every reader; with `timeouts`, each watch also keeps an
+/// idle timer that every event re-arms (as a connection's idle timeout would).
+fn forkloop_setup(kind: Kind, readers: &[UnixStream], round: &Rc<Round>, timeouts: bool) -> Loop {
+    let mut lp = Loop::with_backend(kind).unwrap();
+    for (index, r) in readers.iter().enumerate() {
+        let fd = r.as_raw_fd();
+        let round = round.clone();
+        let timer: Rc<Cell<Option<Watch>>> = Rc::new(Cell::new(None));
+        if timeouts {
+            timer.set(Some(lp.after(Duration::from_secs(600), |_| {})));
+        }
+        lp.watch_io(fd, Interest::READ, move |lp, _| {
+            round.on_readable(fd, index);
+            if let Some(old) = timer.take() {
+                lp.cancel(old);
+                timer.set(Some(lp.after(Duration::from_secs(600), |_| {})));
+            }
+        })
+        .unwrap();
+    }
+    lp
+}
+
+/// The raw baselines: the same work over the syscall or crate directly.
+enum Raw {
+    Epoll(RawFd, Vec<libc::epoll_event>),
+    Poll(Vec<libc::pollfd>),
+    Select(Vec<RawFd>),
+    Mio(mio::Poll, mio::Events),
+    Polling(polling::Poller, polling::Events),
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        if let Raw::Epoll(epfd, _) = self {
+            // SAFETY: the epoll fd this baseline created; nothing else closes it.
+            unsafe { libc::close(*epfd) };
+        }
+    }
+}
+
+const RAW: [&str; 5] = [
+    "raw-epoll",
+    "raw-poll",
+    "raw-select",
+    "raw-mio",
+    "raw-polling",
+];
+
+fn raw_setup(name: &str, readers: &[UnixStream]) -> Raw {
+    let fds = readers.iter().map(AsRawFd::as_raw_fd);
+    match name {
+        "raw-epoll" => {
+            // SAFETY: plain syscalls on fds the bench owns.
+            let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+            for (i, fd) in fds.enumerate() {
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: i as u64,
+                };
+                // SAFETY: as above.
+                unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+            }
+            Raw::Epoll(epfd, vec![libc::epoll_event { events: 0, u64: 0 }; 256])
+        }
+        "raw-poll" => Raw::Poll(
+            fds.map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect(),
+        ),
+        "raw-select" => Raw::Select(fds.collect()),
+        "raw-mio" => {
+            let poll = mio::Poll::new().unwrap();
+            for (i, fd) in fds.enumerate() {
+                let source = &mut mio::unix::SourceFd(&fd);
+                poll.registry()
+                    .register(source, mio::Token(i), mio::Interest::READABLE)
+                    .unwrap();
+            }
+            Raw::Mio(poll, mio::Events::with_capacity(256))
+        }
+        _ => {
+            let poller = polling::Poller::new().unwrap();
+            for (i, fd) in fds.enumerate() {
+                // SAFETY: every fd outlives the poller (both dropped at the bench's end).
+                unsafe {
+                    poller.add_with_mode(fd, polling::Event::readable(i), polling::PollMode::Level)
+                }
+                .unwrap();
+            }
+            Raw::Polling(poller, polling::Events::new())
+        }
+    }
+}
+
+/// One wait of a raw loop, dispatching to `round`.
+fn raw_once(raw: &mut Raw, readers: &[RawFd], round: &Round) {
+    match raw {
+        Raw::Epoll(epfd, events) => {
+            // SAFETY: the buffer is a live Vec of its length.
+            let n =
+                unsafe { libc::epoll_wait(*epfd, events.as_mut_ptr(), events.len() as i32, -1) };
+            for ev in &events[..n.max(0) as usize] {
+                let i = ev.u64 as usize;
+                round.on_readable(readers[i], i);
+            }
+        }
+        Raw::Poll(fds) => {
+            // SAFETY: the array is a live Vec of its length.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            for (i, pfd) in fds.iter().enumerate() {
+                if pfd.revents != 0 {
+                    round.on_readable(pfd.fd, i);
+                }
+            }
+        }
+        Raw::Select(fds) => {
+            // SAFETY: fd_set is plain old data; every fd is below FD_SETSIZE (fits()).
+            unsafe {
+                let mut set: libc::fd_set = std::mem::zeroed();
+                let mut max = 0;
+                for &fd in fds.iter() {
+                    libc::FD_SET(fd, &mut set);
+                    max = max.max(fd);
+                }
+                let none = std::ptr::null_mut();
+                libc::select(max + 1, &mut set, none, none, std::ptr::null_mut());
+                for (i, &fd) in fds.iter().enumerate() {
+                    if libc::FD_ISSET(fd, &set) {
+                        round.on_readable(fd, i);
+                    }
+                }
+            }
+        }
+        Raw::Mio(poll, events) => {
+            poll.poll(events, None).unwrap();
+            for ev in events.iter() {
+                let i = ev.token().0;
+                // Edge-triggered: drain before the next wait.
+                round.on_readable(readers[i], i);
+                while read_some(readers[i]) > 0 {}
+            }
+        }
+        Raw::Polling(poller, events) => {
+            events.clear();
+            poller.wait(events, None).unwrap();
+            for ev in events.iter() {
+                round.on_readable(readers[ev.key], ev.key);
+            }
+        }
+    }
+}
+
+fn grid() -> (Vec<usize>, Vec<usize>) {
+    (vec![100, 1000, 10000], vec![1, 100])
+}
+
+fn event_processing(c: &mut Criterion) {
+    raise_fd_limit();
+    let (ns, actives) = grid();
+    for timeouts in [false, true] {
+        let name = if timeouts {
+            "event-processing+timeouts"
+        } else {
+            "event-processing"
+        };
+        let mut group = c.benchmark_group(name);
+        for &n in &ns {
+            for &active in &actives {
+                let (readers, writers) = pairs(n);
+                let reader_fds: Vec<RawFd> = readers.iter().map(AsRawFd::as_raw_fd).collect();
+                let round = Rc::new(Round {
+                    writers: writers.iter().map(AsRawFd::as_raw_fd).collect(),
+                    read: Cell::new(0),
+                    left: Cell::new(0),
+                });
+                let param = format!("N={n}/A={active}");
+                for kind in kinds().into_iter().filter(|&k| fits(Some(k), n)) {
+                    let mut lp = forkloop_setup(kind, &readers, &round, timeouts);
+                    group.bench_function(BenchmarkId::new(kind.name(), &param), |b| {
+                        b.iter(|| {
+                            round.start(active);
+                            while !round.done(active) {
+                                lp.loop_once(None).unwrap();
+                            }
+                        })
+                    });
+                }
+                if !timeouts {
+                    for raw_name in RAW
+                        .into_iter()
+                        .filter(|r| *r != "raw-select" || fits(Some(Kind::Select), n))
+                    {
+                        let mut raw = raw_setup(raw_name, &readers);
+                        group.bench_function(BenchmarkId::new(raw_name, &param), |b| {
+                            b.iter(|| {
+                                round.start(active);
+                                while !round.done(active) {
+                                    raw_once(&mut raw, &reader_fds, &round);
+                                }
+                            })
+                        });
+                    }
+                }
+            }
+        }
+        group.finish();
+    }
+}
+
+fn setup_per_fd(c: &mut Criterion) {
+    raise_fd_limit();
+    let mut group = c.benchmark_group("setup");
+    for n in [1000, 10000] {
+        let (readers, _writers) = pairs(n);
+        group.throughput(Throughput::Elements(n as u64));
+        for kind in kinds().into_iter().filter(|&k| fits(Some(k), n)) {
+            group.bench_function(BenchmarkId::new(kind.name(), n), |b| {
+                b.iter_batched(
+                    || Loop::with_backend(kind).unwrap(),
+                    |mut lp| {
+                        for r in &readers {
+                            lp.watch_io(r.as_raw_fd(), Interest::READ, |_, _| {})
+                                .unwrap();
+                        }
+                        lp
+                    },
+                    BatchSize::PerIteration,
+                )
+            });
+        }
+        for raw_name in ["raw-epoll", "raw-mio", "raw-polling"] {
+            group.bench_function(BenchmarkId::new(raw_name, n), |b| {
+                b.iter_batched(
+                    || (),
+                    |()| raw_setup(raw_name, &readers),
+                    BatchSize::PerIteration,
+                )
+            });
+        }
+    }
+    group.finish();
+}
+
+fn timers(c: &mut Criterion) {
+    let count: usize = if full() { 1_000_000 } else { 200_000 };
+    // A fixed pseudo-random spread of deadlines over 0..10 ms.
+    let delays: Vec<Duration> = (0..count as u64)
+        .map(|i| Duration::from_nanos(i.wrapping_mul(0x9E37_79B9_7F4A_7C15) % 10_000_000))
+        .collect();
+    let mut group = c.benchmark_group("timers");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(count as u64));
+    for kind in kinds() {
+        group.bench_function(
+            BenchmarkId::new(kind.name(), format!("{count} one-shot")),
+            |b| {
+                let mut lp = Loop::with_backend(kind).unwrap();
+                b.iter(|| {
+                    let fired = Rc::new(Cell::new(0usize));
+                    for &d in &delays {
+                        let f = fired.clone();
+                        lp.after(d, move |_| f.set(f.get() + 1));
+                    }
+                    while fired.get() < count {
+                        lp.loop_once(None).unwrap();
+                    }
+                })
+            },
+        );
+    }
+    group.bench_function(
+        BenchmarkId::new("raw-mio-heap", format!("{count} one-shot")),
+        |b| {
+            let mut poll = mio::Poll::new().unwrap();
+            let mut events = mio::Events::with_capacity(16);
+            b.iter(|| {
+                let fired = Rc::new(Cell::new(0usize));
+                let mut heap: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
+                let mut callbacks: Vec<Option<Box<dyn FnOnce()>>> = Vec::with_capacity(count);
+                let now = Instant::now();
+                for (i, &d) in delays.iter().enumerate() {
+                    let f = fired.clone();
+                    callbacks.push(Some(Box::new(move || f.set(f.get() + 1))));
+                    heap.push(Reverse((now + d, i)));
+                }
+                while let Some(&Reverse((deadline, _))) = heap.peek() {
+                    let wait = deadline.saturating_duration_since(Instant::now());
+                    poll.poll(&mut events, Some(wait)).unwrap();
+                    let now = Instant::now();
+                    while let Some(&Reverse((deadline, i))) = heap.peek() {
+                        if deadline > now {
+                            break;
+                        }
+                        heap.pop();
+                        if let Some(cb) = callbacks[i].take() {
+                            cb();
+                        }
+                    }
+                }
+                assert_eq!(fired.get(), count);
+            })
+        },
+    );
+    let churn = 100_000;
+    group.throughput(Throughput::Elements(churn));
+    for kind in kinds() {
+        group.bench_function(BenchmarkId::new(kind.name(), "100000 arm+cancel"), |b| {
+            let mut lp = Loop::with_backend(kind).unwrap();
+            b.iter(|| {
+                for &d in &delays[..churn as usize] {
+                    let w = lp.after(d + Duration::from_secs(60), |_| {});
+                    lp.cancel(w);
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+fn signals(c: &mut Criterion) {
+    let mut group = c.benchmark_group("signal-latency");
+    for kind in kinds() {
+        let mut lp = Loop::with_backend(kind).unwrap();
+        let got = Rc::new(Cell::new(false));
+        let g = got.clone();
+        let watch = lp
+            .watch_signal(libc::SIGUSR1, move |_, _| g.set(true))
+            .unwrap();
+        group.bench_function(kind.name(), |b| {
+            b.iter(|| {
+                got.set(false);
+                // SAFETY: raise has no memory-safety preconditions.
+                unsafe { libc::raise(libc::SIGUSR1) };
+                while !got.get() {
+                    lp.loop_once(None).unwrap();
+                }
+            })
+        });
+        lp.cancel(watch);
+    }
+    group.finish();
+}
+
+fn fork(c: &mut Criterion) {
+    raise_fd_limit();
+    let mut round_trip = c.benchmark_group("fork-round-trip");
+    round_trip.sample_size(20);
+    let counts = [0, 1000, 10000];
+    for &n in &counts {
+        let (readers, _writers) = pairs(n.max(1));
+        for kind in kinds().into_iter().filter(|&k| fits(Some(k), n)) {
+            let mut lp = Loop::with_backend(kind).unwrap();
+            for r in readers.iter().take(n) {
+                lp.watch_io(r.as_raw_fd(), Interest::READ, |_, _| {})
+                    .unwrap();
+            }
+            round_trip.bench_function(BenchmarkId::new(kind.name(), format!("{n} fds")), |b| {
+                b.iter(|| {
+                    let pid = lp
+                        .fork(ForkOptions::new(), || {
+                            Loop::with_global(|child| {
+                                child.loop_once(Some(Duration::ZERO)).is_ok() as i32 - 1
+                            })
+                            .unwrap_or(1)
+                        })
+                        .unwrap();
+                    lp.watch_process(pid, |lp, _, _| lp.stop(0)).unwrap();
+                    lp.run().unwrap();
+                })
+            });
+        }
+    }
+    round_trip.finish();
+    let mut post_fork = c.benchmark_group("post-fork");
+    for &n in &counts {
+        let (readers, _writers) = pairs(n.max(1));
+        for kind in kinds().into_iter().filter(|&k| fits(Some(k), n)) {
+            let mut lp = Loop::with_backend(kind).unwrap();
+            for r in readers.iter().take(n) {
+                lp.watch_io(r.as_raw_fd(), Interest::READ, |_, _| {})
+                    .unwrap();
+            }
+            post_fork.bench_function(BenchmarkId::new(kind.name(), format!("{n} fds")), |b| {
+                b.iter(|| lp.post_fork().unwrap())
+            });
+        }
+    }
+    post_fork.finish();
+}
+
+fn children(c: &mut Criterion) {
+    let mut group = c.benchmark_group("children");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(200));
+    for kind in kinds() {
+        let mut lp = Loop::with_backend(kind).unwrap();
+        group.bench_function(
+            BenchmarkId::new(kind.name(), "200 spawned and reaped"),
+            |b| {
+                b.iter(|| {
+                    let left = Rc::new(Cell::new(200));
+                    for _ in 0..200 {
+                        let pid = lp.fork(ForkOptions::new(), || 0).unwrap();
+                        let left = left.clone();
+                        lp.watch_process(pid, move |lp, _, _| {
+                            left.set(left.get() - 1);
+                            if left.get() == 0 {
+                                lp.stop(0);
+                            }
+                        })
+                        .unwrap();
+                    }
+                    lp.run().unwrap();
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn config() -> Criterion {
+    let quick = !full();
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(if quick { 300 } else { 2000 }))
+        .measurement_time(Duration::from_millis(if quick { 1000 } else { 5000 }))
+        .sample_size(if quick { 20 } else { 100 })
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = event_processing, setup_per_fd, timers, signals, fork, children
+}
+criterion_main!(benches);
