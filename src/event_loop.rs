@@ -346,9 +346,7 @@ impl Loop {
     }
 
     fn add_timer(&mut self, deadline: Instant, callback: TimerCallback) -> Watch {
-        let id = self.next_id();
-        self.timers.insert(id, deadline, callback);
-        Watch::new(WatchKind::Timer, id)
+        Watch::new(WatchKind::Timer, self.timers.insert(deadline, callback))
     }
 
     /// Runs `callback` at the end of the next iteration, which then does not block. An
