@@ -514,6 +514,10 @@ fn shutdown(master: &Shared, lp: &mut Loop, signal: libc::c_int) {
     if let Some(timer) = master.borrow_mut().respawn_timer.take() {
         lp.cancel(timer);
     }
+    // The master's listener copies close now, so that once the workers have taken in
+    // what is queued and closed theirs, new connections are refused, not queued unserved.
+    unlink_sockets(master);
+    master.borrow_mut().listeners.clear();
     if master.borrow().workers.is_empty() {
         lp.stop(0);
     }

@@ -287,7 +287,9 @@ fn start_accepting(worker: &Shared, lp: &mut Loop) -> crate::Result<()> {
     for index in 0..count {
         let fd = worker.borrow().listeners[index].0.as_raw_fd();
         let w = worker.clone();
-        let watch = lp.watch_io(fd, Interest::READ, move |lp, _| accept(&w, lp, index))?;
+        let watch = lp.watch_io(fd, Interest::READ, move |lp, _| {
+            accept(&w, lp, index, ACCEPT_BATCH)
+        })?;
         worker.borrow_mut().listeners[index].1 = Some(watch);
     }
     Ok(())
@@ -305,8 +307,8 @@ fn stop_accepting(worker: &Shared, lp: &mut Loop) {
     }
 }
 
-fn accept(worker: &Shared, lp: &mut Loop, index: usize) {
-    for _ in 0..ACCEPT_BATCH {
+fn accept(worker: &Shared, lp: &mut Loop, index: usize, batch: usize) {
+    for _ in 0..batch {
         let accepted = worker.borrow().listeners[index].0.accept();
         match accepted {
             Ok((stream, peer)) => add_conn(worker, lp, stream, peer),
@@ -753,6 +755,12 @@ fn drain(worker: &Shared, lp: &mut Loop) {
     }
     worker.borrow_mut().draining = true;
     stop_accepting(worker, lp);
+    // Connections the kernel already queued are taken in and answered before this
+    // worker's listener copies close: the last close of a listener resets its queue.
+    let count = worker.borrow().listeners.len();
+    for index in 0..count {
+        accept(worker, lp, index, usize::MAX);
+    }
     worker.borrow_mut().listeners.clear();
     let idle: Vec<u64> = worker
         .borrow()
