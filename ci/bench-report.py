@@ -96,7 +96,7 @@ def chart(rows):
             ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=function)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("N (watched socketpairs)")
+        ax.set_xlabel("N (watched sockets)")
         ax.set_ylabel("µs per iteration")
         ax.set_title(f"event processing, A={active} active")
         ax.grid(True, which="both", alpha=0.3)
