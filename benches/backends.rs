@@ -2,6 +2,7 @@
 //! for all six; see BENCHMARKS.md). `FORKLOOP_BENCH_FULL=1` runs the full grid with
 //! longer measurements; the default keeps `cargo bench` well under 15 minutes.
 //! The raw epoll baseline makes this file Linux-only, like the machines it runs on.
+#![cfg(target_os = "linux")]
 
 use std::cell::Cell;
 use std::cmp::Reverse;
