@@ -471,6 +471,16 @@ fn signals(c: &mut Criterion) {
     group.finish();
 }
 
+/// A loop with an idle read watch on each of `sockets`.
+fn loop_watching(kind: Kind, sockets: &[UnixStream]) -> Loop {
+    let mut lp = Loop::with_backend(kind).unwrap();
+    for s in sockets {
+        lp.watch_io(s.as_raw_fd(), Interest::READ, |_, _| {})
+            .unwrap();
+    }
+    lp
+}
+
 fn fork(c: &mut Criterion) {
     raise_fd_limit();
     let mut round_trip = c.benchmark_group("fork-round-trip");
@@ -479,11 +489,7 @@ fn fork(c: &mut Criterion) {
     for &n in counts.iter().filter(|&&n| sockets_fit(n)) {
         let (readers, _) = sockets(n.max(2));
         for kind in kinds().into_iter().filter(|&k| fits(Some(k), n)) {
-            let mut lp = Loop::with_backend(kind).unwrap();
-            for r in readers.iter().take(n) {
-                lp.watch_io(r.as_raw_fd(), Interest::READ, |_, _| {})
-                    .unwrap();
-            }
+            let mut lp = loop_watching(kind, &readers[..n]);
             round_trip.bench_function(BenchmarkId::new(kind.name(), format!("{n} fds")), |b| {
                 b.iter(|| {
                     let pid = lp
@@ -505,11 +511,7 @@ fn fork(c: &mut Criterion) {
     for &n in counts.iter().filter(|&&n| sockets_fit(n)) {
         let (readers, _) = sockets(n.max(2));
         for kind in kinds().into_iter().filter(|&k| fits(Some(k), n)) {
-            let mut lp = Loop::with_backend(kind).unwrap();
-            for r in readers.iter().take(n) {
-                lp.watch_io(r.as_raw_fd(), Interest::READ, |_, _| {})
-                    .unwrap();
-            }
+            let mut lp = loop_watching(kind, &readers[..n]);
             post_fork.bench_function(BenchmarkId::new(kind.name(), format!("{n} fds")), |b| {
                 b.iter(|| lp.post_fork().unwrap())
             });

@@ -621,17 +621,6 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
             }
         }
     }
-    let drained_idle = {
-        let w = worker.borrow();
-        w.draining
-            && w.conns
-                .get(&id)
-                .is_some_and(|c| c.slots.is_empty() && c.out.is_empty())
-    };
-    if drained_idle {
-        close(worker, lp, id);
-        return;
-    }
     if resume {
         // Pipelined requests were held back while the queue was full.
         let w = worker.clone();
@@ -640,38 +629,25 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
     set_timer(worker, lp, id);
 }
 
-fn on_writable(worker: &Shared, lp: &mut Loop, id: u64) {
-    let watch = worker
-        .borrow_mut()
-        .conns
-        .get_mut(&id)
-        .and_then(|c| c.write.take());
+/// Takes one of a connection's watches out (`which` picks it) and cancels it.
+fn cancel_watch(worker: &Shared, lp: &mut Loop, id: u64, which: fn(&mut Conn) -> Option<Watch>) {
+    let watch = worker.borrow_mut().conns.get_mut(&id).and_then(which);
     if let Some(watch) = watch {
         lp.cancel(watch);
     }
+}
+
+fn on_writable(worker: &Shared, lp: &mut Loop, id: u64) {
+    cancel_watch(worker, lp, id, |c| c.write.take());
     flush(worker, lp, id);
 }
 
 fn pause_reading(worker: &Shared, lp: &mut Loop, id: u64) {
-    let watch = worker
-        .borrow_mut()
-        .conns
-        .get_mut(&id)
-        .and_then(|c| c.read.take());
-    if let Some(watch) = watch {
-        lp.cancel(watch);
-    }
+    cancel_watch(worker, lp, id, |c| c.read.take());
 }
 
 fn cancel_timer(worker: &Shared, lp: &mut Loop, id: u64) {
-    let timer = worker
-        .borrow_mut()
-        .conns
-        .get_mut(&id)
-        .and_then(|c| c.timer.take());
-    if let Some((_, watch)) = timer {
-        lp.cancel(watch);
-    }
+    cancel_watch(worker, lp, id, |c| c.timer.take().map(|(_, watch)| watch));
 }
 
 /// Arms the timer a connection waiting for a request needs: the header timeout while a
