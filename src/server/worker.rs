@@ -481,16 +481,7 @@ fn dispatch(worker: &Shared, lp: &mut Loop, id: u64, (request, seq): (Request, u
     if outcome.is_err() {
         log::error!("a handler panicked; answering 500");
     }
-    let unanswered = std::mem::take(&mut worker.borrow_mut().unanswered);
-    for (conn, seq) in unanswered {
-        complete(
-            worker,
-            lp,
-            conn,
-            seq,
-            Response::text(500, "Internal Server Error\n"),
-        );
-    }
+    answer_unanswered(worker, lp);
     let mut w = worker.borrow_mut();
     w.served += 1;
     if w.max_requests.is_some_and(|max| w.served == max) {

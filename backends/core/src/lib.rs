@@ -11,7 +11,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 /// Turns a libc return value of `-1` into the `errno` error, in one place, so no call
-/// site handles errno by hand: `cvt(unsafe { libc::close(fd) })?`.
+/// site handles errno by hand: wrap the libc call's result in `cvt(…)?`.
 pub fn cvt<T: Copy + PartialEq + From<i8>>(res: T) -> io::Result<T> {
     if res == T::from(-1) {
         Err(io::Error::last_os_error())
