@@ -422,21 +422,25 @@ impl Loop {
     }
 
     fn dispatch_io(&mut self) {
+        // Watches added from here on did not exist when the kernel reported these events:
+        // a callback that closes its fd and watches a new one given the same number must
+        // not see the old fd's readiness (libev guards the same way).
+        let mark = self.next_id;
         let events = mem::take(&mut self.events);
         for event in &events {
-            self.dispatch_fd(event.fd, event.readiness);
+            self.dispatch_fd(event.fd, event.readiness, mark);
         }
         self.events = events;
         if !self.always_ready.is_empty() {
             for fd in self.always_ready.clone() {
-                self.dispatch_fd(fd, Readiness::READABLE | Readiness::WRITABLE);
+                self.dispatch_fd(fd, Readiness::READABLE | Readiness::WRITABLE, mark);
             }
         }
     }
 
-    fn dispatch_fd(&mut self, fd: RawFd, ready: Readiness) {
+    fn dispatch_fd(&mut self, fd: RawFd, ready: Readiness, mark: u64) {
         let ids: SmallVec<[u64; 4]> = match self.fds.get(&fd) {
-            Some(st) => st.watches.iter().copied().collect(),
+            Some(st) => st.watches.iter().copied().filter(|&id| id < mark).collect(),
             None => return,
         };
         for id in ids {

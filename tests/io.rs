@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
@@ -207,6 +207,56 @@ fn io_cancelling_another_fds_watch_in_one_dispatch_skips_it(#[case] kind: Kind) 
     watches.set(Some((a.unwrap(), b.unwrap())));
     lp.loop_once(Some(U)).unwrap();
     assert_eq!(calls.get(), 1);
+}
+
+#[apply(backends)]
+fn io_stale_readiness_never_reaches_a_new_watch_on_a_reused_fd_number(#[case] kind: Kind) {
+    // Isolated: the test relies on the kernel handing out the lowest free fd number.
+    isolated(|| {
+        let (a1, mut a2) = socketpair();
+        let (b1, mut b2) = socketpair();
+        let mut lp = new_loop(kind);
+        let b_fd = b1.as_raw_fd();
+        let b_watch: Rc<Cell<Option<Watch>>> = Rc::default();
+        let bw = b_watch.clone();
+        let (stale, st) = counter();
+        let (replaced, r) = counter();
+        let b1 = RefCell::new(Some(b1));
+        let kept = Rc::new(RefCell::new(Vec::new()));
+        let k = kept.clone();
+        // a is watched (and written) first, so every backend reports it before b: its
+        // callback closes b, whose event is still in this batch, and watches a new
+        // socket that takes b's number.
+        lp.watch_io(a1.as_raw_fd(), Interest::READ, move |lp, _| {
+            let Some(b) = b1.borrow_mut().take() else {
+                return;
+            };
+            lp.cancel(bw.get().unwrap());
+            drop(b);
+            let (fresh, peer) = socketpair();
+            assert_eq!(
+                fresh.as_raw_fd(),
+                b_fd,
+                "precondition: the number is reused"
+            );
+            let st = st.clone();
+            lp.watch_io(b_fd, Interest::READ, move |_, _| bump(&st))
+                .unwrap();
+            bump(&r);
+            k.borrow_mut().push((fresh, peer));
+        })
+        .unwrap();
+        b_watch.set(Some(lp.watch_io(b_fd, Interest::READ, |_, _| {}).unwrap()));
+        a2.write_all(b"a").unwrap();
+        b2.write_all(b"b").unwrap();
+        lp.loop_once(Some(U)).unwrap();
+        assert_eq!(replaced.get(), 1);
+        assert_eq!(
+            stale.get(),
+            0,
+            "the closed fd's readiness reached the new watch"
+        );
+    });
 }
 
 #[apply(backends)]
