@@ -149,6 +149,13 @@ pub fn isolated(body: impl FnOnce()) {
         Ok(status) => status.expect("waiting for the isolated test"),
         Err(_) => panic!("isolated test {name} did not finish within 60 s:\n{stdout}\n{stderr}"),
     };
+    // Figures a test reports ("figure: …") become this test's output (--show-output).
+    for line in stdout
+        .lines()
+        .filter_map(|l| l.find("figure:").map(|at| &l[at..]))
+    {
+        println!("{line}");
+    }
     assert!(
         status.success() && stdout.contains("1 passed"),
         "isolated test {name} failed ({status}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
