@@ -504,4 +504,80 @@ mod tests {
             .unwrap()
             .ends_with("Connection: close\r\n\r\n"));
     }
+
+    /// Everything a parser makes of `input` fed in pieces ending at `cuts`, feeding no
+    /// more than `room()` at a time as a connection does; checks the buffer bound.
+    fn outcomes(input: &[u8], cuts: &[usize]) -> (Vec<Request>, Option<u16>) {
+        let limits = Limits {
+            max_head: 256,
+            max_headers: 8,
+            max_body: 512,
+        };
+        let mut p = Parser::new(limits);
+        let (mut requests, mut pos) = (Vec::new(), 0);
+        let mut ends: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+        ends.push(input.len());
+        ends.sort_unstable();
+        for end in ends {
+            while pos < end {
+                let take = (end - pos).min(p.room());
+                p.feed(&input[pos..pos + take]);
+                pos += take;
+                assert!(
+                    p.buffered() <= limits.max_head + 64 * 1024,
+                    "unbounded buffer"
+                );
+                loop {
+                    match p.next() {
+                        Ok(Some(Parsed::Request(r))) => requests.push(r),
+                        Ok(Some(Parsed::Continue)) => {}
+                        Ok(None) => break,
+                        Err(refusal) => return (requests, Some(refusal.status)),
+                    }
+                }
+            }
+        }
+        (requests, None)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_splits_do_not_matter(
+            input in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            cuts in proptest::collection::vec(0usize..1000, 0..8),
+        ) {
+            let whole = outcomes(&input, &[]);
+            let split = outcomes(&input, &cuts);
+            proptest::prop_assert_eq!(whole, split);
+        }
+
+        #[test]
+        fn request_like_input_parses_the_same_however_split(
+            method in "(GET|POST|HEAD)",
+            path in "/[a-z]{0,12}",
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100),
+            chunked in proptest::prelude::any::<bool>(),
+            cuts in proptest::collection::vec(0usize..400, 0..8),
+        ) {
+            let mut input = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n").into_bytes();
+            if chunked {
+                input.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                if !body.is_empty() {
+                    input.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+                    input.extend_from_slice(&body);
+                    input.extend_from_slice(b"\r\n");
+                }
+                input.extend_from_slice(b"0\r\n\r\n");
+            } else {
+                input.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+                input.extend_from_slice(&body);
+            }
+            let (requests, refused) = outcomes(&input, &cuts);
+            proptest::prop_assert_eq!(refused, None);
+            proptest::prop_assert_eq!(requests.len(), 1);
+            proptest::prop_assert_eq!(&requests[0].body, &body);
+        }
+    }
 }
