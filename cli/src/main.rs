@@ -91,6 +91,8 @@ enum App {
     /// The built-in app, plus `GET /panic`, whose handler panics, and `GET /block`,
     /// whose handler never returns (a stuck worker).
     Panicky,
+    /// The built-in app, logging every hook call.
+    Hooks,
 }
 
 fn parse_kind(s: &str) -> Result<Kind, String> {
@@ -160,6 +162,12 @@ fn main() {
     config.access_log = args.access_log;
     let server = match args.app {
         App::Hello => Server::new(config, hello),
+        App::Hooks => Server::new(config, hello)
+            .before_fork(|slot| log::info!("hook before_fork slot {slot}"))
+            .after_fork(|slot| log::info!("hook after_fork slot {slot} pid {}", std::process::id()))
+            .on_worker_exit(|slot, pid, status| {
+                log::info!("hook worker_exit slot {slot} pid {pid} {status}")
+            }),
         App::CrashAtStart => {
             Server::new(config, hello).after_fork(|_| panic!("the app failed to start"))
         }

@@ -423,3 +423,26 @@ fn a_request_arriving_in_pieces_during_a_drain_is_still_answered() {
     );
     assert!(server.wait_exit().success());
 }
+
+#[test]
+fn hooks_run_before_fork_in_the_worker_and_at_worker_exit() {
+    let mut server = start(&["--app", "hooks", "--workers", "1"]);
+    server.wait_for("hook before_fork slot 1");
+    let after = server.wait_for("hook after_fork slot 1");
+    let worker: libc::pid_t = get(&server.addr, "/pid").1.parse().unwrap();
+    assert!(
+        after.contains(&format!("forkloop[{worker}]")),
+        "after_fork runs in the worker: {after}"
+    );
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    let exit = server.wait_for("hook worker_exit slot 1");
+    assert!(
+        exit.contains(&format!("pid {worker}")) && exit.contains("SIGKILL"),
+        "{exit}"
+    );
+    assert!(
+        exit.starts_with(&format!("forkloop[{}]", server.pid)),
+        "runs in the master: {exit}"
+    );
+}
