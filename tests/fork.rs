@@ -281,19 +281,15 @@ fn fork_post_fork_works_again_in_a_grandchild(#[case] kind: Kind) {
     isolated(|| {
         let (s1, s2) = socketpair();
         let mut lp = new_loop(kind);
-        let (reads, r) = counter();
-        lp.watch_io(s1.as_raw_fd(), Interest::READ, move |_, _| bump(&r))
-            .unwrap();
+        let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::READ);
         let (ticks, t) = counter();
         lp.every(U / 10, move |_| bump(&t));
         lp.loop_once(Some(Duration::ZERO)).unwrap();
         let mut use_inherited = |depth: u32| {
             let before = (reads.get(), ticks.get());
-            (&s2).write_all(b"x").unwrap();
-            let ok = loop_until(&mut lp, 50 * U, || {
+            let ok = poke_until(&mut lp, &s1, &s2, || {
                 reads.get() > before.0 && ticks.get() > before.1
             });
-            drain(&mut s1.try_clone().unwrap());
             if ok {
                 0
             } else {

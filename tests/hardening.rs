@@ -5,7 +5,6 @@
 mod common;
 
 use std::cell::Cell;
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
@@ -173,11 +172,7 @@ fn hardening_post_fork_holds_in_a_grandchild_of_a_grandchild(#[case] kind: Kind)
     isolated(|| {
         let (s1, s2) = socketpair();
         let mut lp = new_loop(kind);
-        let (reads, r) = counter();
-        lp.watch_io(s1.as_raw_fd(), forkloop::Interest::READ, move |_, _| {
-            bump(&r)
-        })
-        .unwrap();
+        let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), forkloop::Interest::READ);
         lp.loop_once(Some(Duration::ZERO)).unwrap();
         // Each generation forks the next, then checks the inherited loop still works.
         fn generation(
@@ -195,10 +190,7 @@ fn hardening_post_fork_holds_in_a_grandchild_of_a_grandchild(#[case] kind: Kind)
                 }
             }
             let before = reads.get();
-            (&*s2).write_all(b"x").unwrap();
-            let ok = loop_until(lp, 50 * U, || reads.get() > before);
-            drain(&mut s1.try_clone().unwrap());
-            if ok {
+            if poke_until(lp, s1, s2, || reads.get() > before) {
                 0
             } else {
                 10 + depth as i32

@@ -13,12 +13,6 @@ use forkloop::{Error, Interest, Kind, Loop, Readiness, Watch};
 use rstest::rstest;
 use rstest_reuse::apply;
 
-fn watch_counting(lp: &mut Loop, fd: i32, interest: Interest) -> (Rc<Cell<u32>>, Watch) {
-    let (count, c) = counter();
-    let watch = lp.watch_io(fd, interest, move |_, _| bump(&c)).unwrap();
-    (count, watch)
-}
-
 #[apply(backends)]
 fn io_watch_does_not_keep_its_callback_alive_after_cancel_or_drop(#[case] kind: Kind) {
     let (s1, _s2) = socketpair();

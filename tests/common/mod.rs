@@ -3,7 +3,7 @@
 #![allow(dead_code, unused_macros)] // each test crate uses a different part
 
 use std::cell::Cell;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use forkloop::{Kind, Loop};
+use forkloop::{Interest, Kind, Loop, Watch};
 use rstest_reuse::template;
 
 /// The timing unit of looptests.md, in its quick mode.
@@ -82,6 +82,27 @@ pub fn drain(s: &mut UnixStream) -> usize {
         total += n;
     }
     total
+}
+
+/// A read watch that counts its calls: `(count, watch)`.
+pub fn watch_counting(lp: &mut Loop, fd: i32, interest: Interest) -> (Rc<Cell<u32>>, Watch) {
+    let (count, c) = counter();
+    let watch = lp.watch_io(fd, interest, move |_, _| bump(&c)).unwrap();
+    (count, watch)
+}
+
+/// Writes a byte into `peer`, iterates until `done()` (bounded), then drains `ours`:
+/// the check that an inherited loop still works, repeated at every fork generation.
+pub fn poke_until(
+    lp: &mut Loop,
+    ours: &UnixStream,
+    peer: &UnixStream,
+    done: impl Fn() -> bool,
+) -> bool {
+    (&*peer).write_all(b"x").unwrap();
+    let ok = loop_until(lp, 50 * U, done);
+    drain(&mut ours.try_clone().unwrap());
+    ok
 }
 
 /// Iterates `lp` until `done()` or `limit` passes; returns whether `done()` held.
