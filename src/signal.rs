@@ -272,12 +272,12 @@ fn claim(signal: libc::c_int, wake_fd: libc::c_int) -> Result<libc::sigaction> {
             return Err(Error::Signal { signal, reason });
         }
     }
-    PENDING[index].store(false, Ordering::SeqCst);
-    match sigaction(
-        signal,
-        on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-    ) {
-        Ok(previous) => {
+    let ours = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    match sigaction(signal, ours) {
+        Ok(mut previous) => {
+            if previous.sa_sigaction == ours {
+                previous = kept_from_parent(index, wake_fd);
+            }
             let state = if previous.sa_sigaction == libc::SIG_IGN {
                 OURS_OVER_IGNORE
             } else {
@@ -292,6 +292,23 @@ fn claim(signal: libc::c_int, wake_fd: libc::c_int) -> Result<libc::sigaction> {
             Err(Error::Signal { signal, reason })
         }
     }
+}
+
+/// Our handler was already installed: kept across `Loop::fork` by `keep_signals`. The
+/// disposition to restore later is the one the parent's loop replaced, and what the
+/// handler recorded before this claim is delivered at the next iteration.
+fn kept_from_parent(index: usize, wake_fd: libc::c_int) -> libc::sigaction {
+    // SAFETY: sigaction is plain old data; all-zero is valid (empty mask, no flags).
+    let mut original: libc::sigaction = unsafe { std::mem::zeroed() };
+    original.sa_sigaction = match INSTALLED[index].load(Ordering::SeqCst) {
+        OURS_OVER_IGNORE => libc::SIG_IGN,
+        _ => libc::SIG_DFL,
+    };
+    if PENDING[index].load(Ordering::SeqCst) {
+        // SAFETY: one byte from a static to the loop's own non-blocking pipe.
+        unsafe { libc::write(wake_fd, b"!".as_ptr().cast(), 1) };
+    }
+    original
 }
 
 fn release(signal: libc::c_int, previous: &libc::sigaction) {

@@ -1,17 +1,21 @@
-//! Hardening (issue 5), the loop's part so far: fd hygiene across many forks, and many
-//! short-lived children reaped with none missed. Each test runs in its own process and
-//! prints the figure it tried.
+//! Hardening (issue 5), the loop's part: fd hygiene across many forks, many short-lived
+//! children reaped with none missed, a signal storm across forks, fd exhaustion, and
+//! post_fork generations deep. Each test runs in its own process and prints the figure
+//! it tried.
 
 mod common;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
 use std::rc::Rc;
 use std::time::Duration;
 
 use common::*;
-use forkloop::{ForkOptions, Kind};
+use forkloop::{ForkOptions, Kind, Loop};
 use rstest::rstest;
 use rstest_reuse::apply;
 
@@ -199,5 +203,231 @@ fn hardening_post_fork_holds_in_a_grandchild_of_a_grandchild(#[case] kind: Kind)
         let depth = 4;
         assert_eq!(generation(&mut lp, &s1, &s2, &reads, depth), 0);
         println!("figure: {kind}: post_fork held through {depth} generations of forks");
+    });
+}
+
+/// The storm's shared state: how many children were forked, each pid's exit reports,
+/// and statuses that were not the expected ones.
+struct Storm {
+    kind: Kind,
+    total: usize,
+    forked: Cell<usize>,
+    reports: RefCell<HashMap<libc::pid_t, u32>>,
+    wrong: RefCell<Vec<String>>,
+    to_flooder: UnixStream,
+}
+
+/// Forks child `forked` of the storm and watches it; its exit forks the next one, so a
+/// few children are alive at any time while the flooder signals them.
+fn fork_storm_child(lp: &mut Loop, storm: &Rc<Storm>) {
+    let i = storm.forked.get();
+    storm.forked.set(i + 1);
+    // Odd children keep the loop's handler and watch SIGUSR1 in a loop of their own;
+    // even ones get the default disposition back and die of the flood.
+    let keep = i % 2 == 1;
+    let kind = storm.kind;
+    let pid = lp
+        .fork(ForkOptions::new().keep_signals(keep), move || {
+            if keep {
+                // The global loop is never dropped, so SIGUSR1 stays caught until _exit.
+                std::env::set_var(forkloop::BACKEND_ENV, kind.name());
+                let waited = Loop::with_global(|own| {
+                    let (got, g) = counter();
+                    own.watch_signal(libc::SIGUSR1, move |_, _| bump(&g))
+                        .unwrap();
+                    loop_until(own, Duration::from_secs(10), || got.get() > 0)
+                });
+                (waited.ok() != Some(true)) as i32
+            } else {
+                std::thread::sleep(Duration::from_secs(10));
+                3
+            }
+        })
+        .unwrap();
+    (&storm.to_flooder).write_all(&pid.to_ne_bytes()).unwrap();
+    let storm = storm.clone();
+    lp.watch_process(pid, move |lp, pid, status| {
+        *storm.reports.borrow_mut().entry(pid).or_default() += 1;
+        let expected = if keep {
+            status.code() == Some(0)
+        } else {
+            status.signal() == Some(libc::SIGUSR1)
+        };
+        if !expected {
+            let how = if keep { "keep" } else { "default" };
+            storm
+                .wrong
+                .borrow_mut()
+                .push(format!("{how} child {pid}: {status}"));
+        }
+        if storm.forked.get() < storm.total {
+            fork_storm_child(lp, &storm);
+        }
+    })
+    .unwrap();
+}
+
+/// The flooder: sends SIGUSR1 round-robin to every pid it is given (up to `per_child`
+/// times each, and only while the pid is still in our process group), until its pipe
+/// closes and every budget is spent. Prints how many signals it sent.
+fn flood(pids: UnixStream, per_child: u32) -> i32 {
+    pids.set_nonblocking(true).unwrap();
+    // SAFETY: getpgrp has no preconditions.
+    let group = unsafe { libc::getpgrp() };
+    let (mut active, mut bytes, mut sent, mut closed) = (Vec::new(), Vec::new(), 0u64, false);
+    loop {
+        let mut buf = [0u8; 256];
+        match (&pids).read(&mut buf) {
+            Ok(0) => closed = true,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+        }
+        let whole = bytes.len() / 4 * 4;
+        for chunk in bytes.drain(..whole).collect::<Vec<u8>>().chunks(4) {
+            active.push((
+                libc::pid_t::from_ne_bytes(chunk.try_into().unwrap()),
+                per_child,
+            ));
+        }
+        if active.is_empty() {
+            if closed {
+                println!("figure: flooder sent {sent} SIGUSR1s to freshly forked children");
+                return 0;
+            }
+            std::thread::yield_now();
+            continue;
+        }
+        for (pid, left) in &mut active {
+            // SAFETY: getpgid and kill have no memory-safety preconditions; the group
+            // check keeps a reaped pid reused by some other process out of the flood.
+            if unsafe { libc::getpgid(*pid) } == group
+                && unsafe { libc::kill(*pid, libc::SIGUSR1) } == 0
+            {
+                sent += 1;
+                *left -= 1;
+            } else {
+                *left = 0;
+            }
+        }
+        active.retain(|&(_, left)| left > 0);
+    }
+}
+
+#[apply(backends)]
+fn hardening_signal_storm_across_forks_never_reaches_the_parent(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (parent_hits, p) = counter();
+        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&p))
+            .unwrap();
+        let (to_flooder, from_parent) = UnixStream::pair().unwrap();
+        let flooder = lp
+            .fork(ForkOptions::new(), move || flood(from_parent, 200))
+            .unwrap();
+        let (flooder_done, f) = counter();
+        lp.watch_process(flooder, move |_, _, status| {
+            assert!(status.success(), "flooder: {status}");
+            bump(&f);
+        })
+        .unwrap();
+        let total = size(100, 500);
+        let storm = Rc::new(Storm {
+            kind,
+            total,
+            forked: Cell::new(0),
+            reports: RefCell::default(),
+            wrong: RefCell::default(),
+            to_flooder,
+        });
+        for _ in 0..4 {
+            fork_storm_child(&mut lp, &storm);
+        }
+        let all_reported = || storm.reports.borrow().len() == total;
+        assert!(loop_until(&mut lp, Duration::from_secs(50), all_reported));
+        storm
+            .to_flooder
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+        assert!(loop_until(&mut lp, Duration::from_secs(5), || flooder_done
+            .get()
+            == 1));
+        lp.loop_once(Some(U)).unwrap();
+        assert_eq!(storm.wrong.borrow().as_slice(), &[] as &[String]);
+        let twice = storm.reports.borrow().values().filter(|&&n| n != 1).count();
+        assert_eq!(twice, 0, "exits reported more than once");
+        assert_eq!(
+            parent_hits.get(),
+            0,
+            "a child's SIGUSR1 reached the parent's watcher"
+        );
+        println!("figure: {kind}: {total} children forked under a SIGUSR1 flood; parent's watcher fired 0 times; every exit reported exactly once");
+    });
+}
+
+/// Lowers the soft fd limit to 16 above what is open, then opens fds until it is
+/// reached; returns them (drop them to free the slots).
+fn exhaust_fds() -> Vec<std::fs::File> {
+    // SAFETY: rlimit is plain old data filled by getrlimit.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: lim is a live rlimit.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let highest = open_fds().into_iter().max().unwrap_or(2);
+    lim.rlim_cur = (highest + 16) as libc::rlim_t;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    let mut held = Vec::new();
+    loop {
+        match std::fs::File::open("/dev/null") {
+            Ok(file) => held.push(file),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => return held,
+            Err(e) => panic!("opening /dev/null: {e}"),
+        }
+    }
+}
+
+#[apply(backends)]
+fn hardening_fd_exhaustion_is_an_error_naming_the_cause_and_recovers(#[case] kind: Kind) {
+    isolated(|| {
+        let (s1, s2) = socketpair();
+        let mut lp = new_loop(kind);
+        let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), forkloop::Interest::READ);
+        let held = exhaust_fds();
+        let emfile = |e: forkloop::Error| {
+            let text = e.to_string();
+            assert!(text.contains("Too many open files"), "{kind}: {text}");
+            text
+        };
+        let created = Loop::with_backend(kind);
+        let needs_fd = lp.backend_fd().is_some();
+        match created {
+            Ok(_) => assert!(!needs_fd, "{kind} built a loop with no fd left"),
+            Err(e) => println!(
+                "figure: {kind}: Loop::with_backend at the fd limit: {}",
+                emfile(e)
+            ),
+        }
+        let signal = lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap_err();
+        println!(
+            "figure: {kind}: watch_signal at the fd limit: {}",
+            emfile(signal)
+        );
+        // A child whose backend needs a new kernel object cannot rebuild it.
+        let child = raw_fork(|| match lp.loop_once(Some(Duration::ZERO)) {
+            Ok(()) => needs_fd as i32,
+            Err(e) => {
+                println!("figure: {kind}: post_fork at the fd limit: {}", emfile(e));
+                (!needs_fd) as i32
+            }
+        });
+        assert_eq!(exit_code(wait_child(child, Duration::from_secs(20))), 0);
+        // With fds free again, the same loop works and can watch signals.
+        drop(held);
+        let (got, g) = counter();
+        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&g))
+            .unwrap();
+        // SAFETY: raise has no memory-safety preconditions.
+        unsafe { libc::raise(libc::SIGUSR1) };
+        assert!(loop_until(&mut lp, 50 * U, || got.get() == 1));
+        assert!(poke_until(&mut lp, &s1, &s2, || reads.get() > 0));
     });
 }
