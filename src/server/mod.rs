@@ -17,6 +17,8 @@
 //! Server::new(config, app).run().unwrap();
 //! ```
 
+#[doc(hidden)]
+pub mod fuzz;
 mod http;
 mod listener;
 mod master;

@@ -23,7 +23,7 @@ pub(crate) const HEARTBEAT: u8 = b'H';
 pub(crate) const RECYCLE: u8 = b'M';
 
 /// Requests answered per connection before the next is parsed (pipelining depth).
-const MAX_PIPELINED: usize = 32;
+pub(crate) const MAX_PIPELINED: usize = 32;
 /// Connections accepted per wake-up, so one worker does not take a whole burst.
 const ACCEPT_BATCH: usize = 16;
 /// How long a draining worker keeps an idle keep-alive connection open.
@@ -83,6 +83,16 @@ enum Slot {
     },
     /// Ready to go out once every earlier slot has.
     Ready { bytes: Vec<u8>, close: bool },
+}
+
+impl Slot {
+    /// The bytes it holds.
+    fn len(&self) -> usize {
+        match self {
+            Slot::Pending { line, .. } => line.len(),
+            Slot::Ready { bytes, .. } => bytes.len(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -188,33 +198,51 @@ fn die_with_master(master_pid: libc::pid_t) -> io::Result<()> {
     Ok(())
 }
 
+impl Worker {
+    fn new(
+        config: &Config,
+        handler: Rc<dyn Handler>,
+        master: UnixStream,
+        listeners: Vec<Listener>,
+        max_requests: Option<u64>,
+    ) -> Shared {
+        let access_log = config.access_log.as_deref().map(open_log).transpose();
+        Rc::new(RefCell::new(Worker {
+            conns: HashMap::new(),
+            next_conn: 0,
+            listeners: listeners.into_iter().map(|l| (l, None)).collect(),
+            draining: false,
+            served: 0,
+            max_requests,
+            limits: Limits {
+                max_head: config.max_header_size,
+                max_headers: 100,
+                max_body: config.max_body_size,
+            },
+            header_timeout: config.header_timeout,
+            keepalive_timeout: config.keepalive_timeout,
+            date: (0, String::new()),
+            access_log: access_log.unwrap_or_else(|e| {
+                log::error!("access log: {e}");
+                None
+            }),
+            access_log_path: config.access_log.clone(),
+            master,
+            handler,
+            unanswered: Vec::new(),
+        }))
+    }
+}
+
 fn serve(lp: &mut Loop, setup: WorkerSetup<'_>, listeners: Vec<Listener>) -> crate::Result<i32> {
     let config = setup.config;
-    let access_log = config.access_log.as_deref().map(open_log).transpose();
-    let worker: Shared = Rc::new(RefCell::new(Worker {
-        conns: HashMap::new(),
-        next_conn: 0,
-        listeners: listeners.into_iter().map(|l| (l, None)).collect(),
-        draining: false,
-        served: 0,
-        max_requests: setup.max_requests,
-        limits: Limits {
-            max_head: config.max_header_size,
-            max_headers: 100,
-            max_body: config.max_body_size,
-        },
-        header_timeout: config.header_timeout,
-        keepalive_timeout: config.keepalive_timeout,
-        date: (0, String::new()),
-        access_log: access_log.unwrap_or_else(|e| {
-            log::error!("access log: {e}");
-            None
-        }),
-        access_log_path: config.access_log.clone(),
-        master: setup.master,
-        handler: setup.handler,
-        unanswered: Vec::new(),
-    }));
+    let worker = Worker::new(
+        config,
+        setup.handler,
+        setup.master,
+        listeners,
+        setup.max_requests,
+    );
 
     let w = worker.clone();
     lp.watch_signal(libc::SIGTERM, move |lp, _| drain(&w, lp))?;
@@ -761,4 +789,71 @@ fn http_date(cache: &mut (u64, String)) -> &str {
         *cache = (secs, httpdate::fmt_http_date(now));
     }
     &cache.1
+}
+
+/// The connection state machine without a network, for the fuzz target: one worker
+/// (no listeners, no master) serving `handler` on one end of a socketpair, while the
+/// other end sends `chunks` one write each (as a client's segments arrive), reads
+/// everything the worker writes, and finally closes its write side. Returns the bytes
+/// the worker wrote and the most it ever held buffered for the connection; an error if
+/// the worker stops reading an open connection or keeps it open 1000 iterations after
+/// the client's EOF (a hang).
+pub(crate) fn drive_connection(
+    config: &Config,
+    handler: Rc<dyn Handler>,
+    chunks: &[&[u8]],
+) -> io::Result<(Vec<u8>, usize)> {
+    let mut lp = Loop::new().map_err(io::Error::other)?;
+    let (master, _master_end) = UnixStream::pair()?;
+    let worker = Worker::new(config, handler, master, Vec::new(), None);
+    let (mut client, server) = UnixStream::pair()?;
+    client.set_nonblocking(true)?;
+    server.set_nonblocking(true)?;
+    add_conn(&worker, &mut lp, Stream::Unix(server), "fuzz".into());
+    let (mut output, mut peak) = (Vec::new(), 0);
+    let mut step = |lp: &mut Loop, client: &mut UnixStream| -> io::Result<bool> {
+        lp.loop_once(Some(Duration::ZERO))
+            .map_err(io::Error::other)?;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match io::Read::read(client, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => output.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let w = worker.borrow();
+        let open = w.conns.values().next();
+        if let Some(conn) = open {
+            let slots: usize = conn.slots.iter().map(Slot::len).sum();
+            peak = peak.max(conn.parser.buffered() + conn.out.len() + slots);
+        }
+        Ok(open.is_some())
+    };
+    for chunk in chunks {
+        let (mut rest, mut blocked) = (*chunk, 0);
+        // Only while the connection is open: a write to a closed one raises SIGPIPE.
+        while !rest.is_empty() && step(&mut lp, &mut client)? {
+            match client.write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && blocked < 1000 => blocked += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::other(
+                        "the worker stopped reading an open connection",
+                    ))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let _ = client.shutdown(std::net::Shutdown::Write);
+    for _ in 0..1000 {
+        if !step(&mut lp, &mut client)? {
+            return Ok((output, peak));
+        }
+    }
+    Err(io::Error::other(
+        "the connection is still open 1000 iterations after the client's EOF",
+    ))
 }

@@ -211,3 +211,125 @@ pub fn eventually(what: &str, cond: impl Fn() -> bool) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// `FORKLOOP_HARDENING_FULL=1` runs the full sizes; CI runs reduced, still meaningful ones.
+pub fn size<T>(reduced: T, full: T) -> T {
+    if std::env::var_os("FORKLOOP_HARDENING_FULL").is_some() {
+        full
+    } else {
+        reduced
+    }
+}
+
+/// The fds process `pid` has open.
+pub fn open_fds(pid: libc::pid_t) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(Vec::new(), |dir| {
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    })
+}
+
+/// How many fds process `pid` has open.
+pub fn fd_count(pid: libc::pid_t) -> usize {
+    open_fds(pid).len()
+}
+
+/// Process `pid`'s resident set size, in KiB.
+pub fn rss_kib(pid: libc::pid_t) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The CPU time (user + system) process `pid` has used.
+pub fn cpu_time(pid: libc::pid_t) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command: state is the 3rd field of stat, utime the 14th.
+    let fields: Vec<u64> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| {
+            rest.split(' ')
+                .skip(11)
+                .take(2)
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(fields.iter().sum::<u64>() * 1000 / ticks)
+}
+
+/// Every live process (zombies included) in process group `pgid`.
+pub fn group_members(pgid: libc::pid_t) -> Vec<libc::pid_t> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|&pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // After the command: state, ppid, pgrp.
+            stat.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').nth(2)?.parse::<libc::pid_t>().ok())
+                == Some(pgid)
+        })
+        .collect()
+}
+
+/// A keep-alive connection that sends `GET path` and reads one response at a time.
+pub struct KeepAlive {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: &str) -> KeepAlive {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(LIMIT)).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        KeepAlive { stream, reader }
+    }
+
+    /// Sends `count` pipelined `GET path` requests in one write.
+    pub fn send(&mut self, path: &str, count: usize) {
+        let one = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        self.stream.write_all(one.repeat(count).as_bytes()).unwrap();
+    }
+
+    /// Reads until the server closes the connection (or it fails); returns what came.
+    pub fn read_to_close(&mut self) -> Vec<u8> {
+        let mut rest = Vec::new();
+        let _ = self.reader.read_to_end(&mut rest);
+        rest
+    }
+
+    /// Reads one response: (status, body).
+    pub fn response(&mut self) -> (u16, String) {
+        let mut head = String::new();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .expect("reading a response");
+            assert!(
+                n > 0,
+                "the server closed the connection; head so far: {head:?}"
+            );
+            if let Some(v) = line.strip_prefix("Content-Length: ") {
+                length = v.trim().parse().unwrap();
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).unwrap();
+        (parse(&head).0, String::from_utf8_lossy(&body).into_owned())
+    }
+}

@@ -1,0 +1,315 @@
+//! Hardening (issue 5), the server's part: slowloris, the fd limit at accept, churn
+//! with worker kills, kill -9 at each point of the lifecycle, and memory over many
+//! keep-alive requests — each against a real `forkloop serve`, each printing the
+//! figure it measured (`--show-output`). `FORKLOOP_HARDENING_FULL=1` runs full sizes.
+#![cfg(target_os = "linux")]
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A GET that tolerates the connection failing (a worker killed under it): the status.
+fn try_get(addr: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(LIMIT)).ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).ok()?;
+    String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Whether `stream` is still open with nothing to read (it peeks, consuming nothing).
+fn still_waiting(stream: &TcpStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let waiting =
+        matches!(stream.peek(&mut [0u8; 64]), Err(e) if e.kind() == ErrorKind::WouldBlock);
+    stream.set_nonblocking(false).unwrap();
+    waiting
+}
+
+#[test]
+fn slowloris_connections_starve_no_one_and_close_at_the_header_timeout() {
+    let count = 500;
+    let header_timeout = Duration::from_secs(2);
+    let server = start(&["--workers", "2", "--header-timeout", "2"]);
+    let slow: Vec<TcpStream> = (0..count)
+        .map(|_| TcpStream::connect(&server.addr).expect("connect"))
+        .collect();
+    let opened = Instant::now();
+    let request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let (mut served, mut worst) = (0, Duration::ZERO);
+    // One byte per second on every slow connection; ordinary requests in between.
+    for second in 0..4 {
+        for stream in &slow {
+            let _ = (&*stream).write(&request[second..=second]);
+        }
+        if second == 1 {
+            let open = slow.iter().filter(|s| still_waiting(s)).count();
+            assert_eq!(
+                open, count,
+                "slow connections closed before the header timeout"
+            );
+        }
+        let until = opened + Duration::from_secs(second as u64 + 1);
+        while Instant::now() < until {
+            let asked = Instant::now();
+            assert_eq!(get(&server.addr, "/").0, 200);
+            worst = worst.max(asked.elapsed());
+            served += 1;
+        }
+    }
+    // By now (4 s) every slow connection has had its 408 and been closed.
+    let mut answered = 0;
+    for mut stream in slow {
+        stream.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut out = String::new();
+        let _ = stream.read_to_string(&mut out);
+        answered += usize::from(out.starts_with("HTTP/1.1 408 "));
+    }
+    assert_eq!(
+        answered, count,
+        "slow connections not answered 408 and closed"
+    );
+    println!(
+        "figure: {count} slowloris connections: {served} ordinary requests served meanwhile \
+         (slowest {worst:?}); all {count} got 408 and were closed at the {header_timeout:?} header timeout"
+    );
+}
+
+/// Sets process `pid`'s soft fd limit.
+fn set_fd_limit(pid: libc::pid_t, soft: u64) {
+    // SAFETY: rlimit is plain old data; prlimit reads `new` and fills `old`.
+    unsafe {
+        let mut old: libc::rlimit = std::mem::zeroed();
+        assert_eq!(
+            libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old),
+            0
+        );
+        let new = libc::rlimit {
+            rlim_cur: soft as libc::rlim_t,
+            rlim_max: old.rlim_max,
+        };
+        assert_eq!(
+            libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()),
+            0
+        );
+    }
+}
+
+#[test]
+fn at_the_fd_limit_a_worker_waits_without_spinning_and_recovers() {
+    let mut server = start(&["--workers", "1", "--keepalive-timeout", "60"]);
+    let worker = children(server.pid)[0];
+    let mut idle: Vec<KeepAlive> = (0..3).map(|_| KeepAlive::connect(&server.addr)).collect();
+    for conn in &mut idle {
+        conn.send("/", 1);
+        assert_eq!(conn.response().0, 200);
+    }
+    // No fd left for the worker: its limit is set at its lowest free fd number, so
+    // new connections wait in the listen queue.
+    let fds = open_fds(worker);
+    let lowest_free = (0..).find(|fd| !fds.contains(fd)).unwrap();
+    set_fd_limit(worker, lowest_free as u64);
+    let waiting: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let mut s = TcpStream::connect(&server.addr).expect("connect");
+            s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    server.wait_for("pausing accepts");
+    let before = cpu_time(worker);
+    std::thread::sleep(Duration::from_secs(1)); // the window the CPU use is measured over
+    let spent = cpu_time(worker) - before;
+    let queued = waiting.iter().filter(|s| still_waiting(s)).count();
+    assert_eq!(queued, waiting.len(), "connections answered without an fd?");
+    assert!(
+        spent < Duration::from_millis(200),
+        "the worker spun: {spent:?} of CPU in 1 s"
+    );
+    // Closing the idle connections frees fds; the queued requests are then served.
+    drop(idle);
+    for mut stream in waiting {
+        stream.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).unwrap();
+        assert_eq!(parse(&out).0, 200);
+    }
+    println!(
+        "figure: at the fd limit with {queued} connections queued, the worker used {spent:?} \
+         of CPU in 1 s, then served them all once fds were free"
+    );
+}
+
+/// The running children of the master (its workers), oldest first.
+fn workers(master: libc::pid_t) -> Vec<libc::pid_t> {
+    let mut pids: Vec<_> = children(master)
+        .into_iter()
+        .filter(|&p| running(p))
+        .collect();
+    pids.sort_by_key(|&p| {
+        std::fs::metadata(format!("/proc/{p}"))
+            .and_then(|m| m.modified())
+            .ok()
+    });
+    pids
+}
+
+#[test]
+fn churn_of_connections_and_worker_kills_leaves_the_master_as_it_started() {
+    let (connections, kills) = size((5_000, 20), (50_000, 100));
+    let server = start(&["--workers", "4"]);
+    let master = server.pid;
+    // Let the master settle (allocations of its first iterations) before the baseline.
+    assert_eq!(get(&server.addr, "/").0, 200);
+    let (fds_before, rss_before) = (fd_count(master), rss_kib(master));
+    let mut failed = 0;
+    let mut killed = 0;
+    let mut last_kill = Instant::now();
+    for i in 0..connections {
+        failed += usize::from(try_get(&server.addr) != Some(200));
+        // Kill the oldest worker at even steps; it has lived past the crash window by
+        // then, so each kill is replaced at once (a crash streak would back off).
+        let due = (i + 1) * kills / connections > killed;
+        if due {
+            let wait = Duration::from_millis(1050 / 4).saturating_sub(last_kill.elapsed());
+            std::thread::sleep(wait); // pacing the kills, not synchronization
+            let oldest = workers(master)[0];
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(oldest, libc::SIGKILL) };
+            killed += 1;
+            last_kill = Instant::now();
+        }
+    }
+    eventually("four workers again, and no zombie", || {
+        let all = children(master);
+        all.len() == 4 && all.iter().all(|&p| running(p))
+    });
+    eventually("the master's fds back to their start", || {
+        fd_count(master) == fds_before
+    });
+    let rss_after = rss_kib(master);
+    println!(
+        "figure: {connections} connections and {killed} worker kills ({failed} requests failed \
+         with a killed worker): master fds {fds_before} -> {}, RSS {rss_before} KiB -> \
+         {rss_after} KiB, no zombie",
+        fd_count(master)
+    );
+    assert!(
+        rss_after <= rss_before + 512,
+        "the master grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    assert!(
+        failed <= killed * 2,
+        "{failed} failed requests for {killed} kills"
+    );
+}
+
+/// After the master was SIGKILLed: every process of the server's group is gone (workers
+/// die with their master), and a new server binds the same address at once.
+fn nothing_left_and_the_port_rebinds(mut server: Server, pid_file: &std::path::Path) {
+    let group = server.pid;
+    let addr = server.addr.clone();
+    server.wait_exit();
+    eventually("no process of the server left", || {
+        group_members(group).is_empty()
+    });
+    let pid_file = pid_file.to_str().unwrap();
+    let mut again = start(&["--listen", &addr, "--pid-file", pid_file]);
+    assert_eq!(get(&again.addr, "/").0, 200);
+    again.signal(libc::SIGTERM);
+    assert!(again.wait_exit().success());
+}
+
+fn pid_file(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("forkloop-{name}-{}.pid", std::process::id()))
+}
+
+#[test]
+fn kill_9_of_a_worker_mid_request_loses_that_request_only() {
+    let mut server = start(&["--workers", "1"]);
+    let mut conn = KeepAlive::connect(&server.addr);
+    conn.send("/pid", 1);
+    let worker: libc::pid_t = conn.response().1.parse().unwrap();
+    conn.send("/sleep?ms=5000", 1);
+    std::thread::sleep(Duration::from_millis(100)); // let the request reach the worker
+                                                    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    conn.read_to_close();
+    server.wait_for("exited unexpectedly");
+    eventually("the killed worker reaped, a new one running", || {
+        let all = children(server.pid);
+        !all.contains(&worker) && all.len() == 1 && all.iter().all(|&p| running(p))
+    });
+    assert_eq!(get(&server.addr, "/").0, 200);
+    println!("figure: kill -9 of a worker mid-request: the request's connection closed, the worker reaped and replaced, the server serves");
+}
+
+#[test]
+fn kill_9_of_the_master_mid_hup_orphans_nothing() {
+    let path = pid_file("mid-hup");
+    let mut server = start(&["--workers", "2", "--pid-file", path.to_str().unwrap()]);
+    server.signal(libc::SIGHUP);
+    server.wait_for("HUP: replacing");
+    server.signal(libc::SIGKILL);
+    nothing_left_and_the_port_rebinds(server, &path);
+    println!("figure: kill -9 of the master mid-HUP: old and new workers gone, no zombie; the port and pid file were taken again at once");
+}
+
+#[test]
+fn kill_9_of_the_master_mid_drain_orphans_nothing() {
+    let path = pid_file("mid-drain");
+    let mut server = start(&["--workers", "2", "--pid-file", path.to_str().unwrap()]);
+    let mut conn = KeepAlive::connect(&server.addr);
+    conn.send("/sleep?ms=5000", 1);
+    std::thread::sleep(Duration::from_millis(100)); // let the request reach a worker
+    server.signal(libc::SIGTERM);
+    server.wait_for("graceful shutdown");
+    server.signal(libc::SIGKILL);
+    nothing_left_and_the_port_rebinds(server, &path);
+    println!("figure: kill -9 of the master mid-drain: draining workers gone, no zombie; the port and pid file were taken again at once");
+}
+
+#[test]
+fn a_million_keep_alive_requests_do_not_grow_a_worker() {
+    let total: usize = size(200_000, 1_000_000);
+    let server = start(&["--workers", "1"]);
+    let worker = children(server.pid)[0];
+    let (depth, connections) = (32, 10);
+    let per_connection = total / connections;
+    let mut rss_warm = 0;
+    for c in 0..connections {
+        let mut conn = KeepAlive::connect(&server.addr);
+        for _ in 0..per_connection / depth {
+            conn.send("/", depth);
+            for _ in 0..depth {
+                assert_eq!(conn.response().0, 200);
+            }
+        }
+        if c == 0 {
+            rss_warm = rss_kib(worker); // after the first connection's requests
+        }
+    }
+    let rss_end = rss_kib(worker);
+    println!(
+        "figure: {total} keep-alive requests on one worker ({connections} connections, \
+         pipelined {depth} deep): RSS {rss_warm} KiB after the first {per_connection}, \
+         {rss_end} KiB at the end"
+    );
+    assert!(
+        rss_end < rss_warm + 1024,
+        "the worker grew by {} KiB",
+        rss_end - rss_warm
+    );
+}
