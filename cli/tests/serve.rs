@@ -224,6 +224,7 @@ fn an_app_that_cannot_start_makes_the_master_give_up_with_a_clear_message() {
         (5..=6).contains(&forks),
         "forked {forks} times for a budget of 5:\n{log}"
     );
+    println!("figure: an app that panics at start-up: {forks} forks, then the master exited with {status}");
 }
 
 #[test]
@@ -232,8 +233,12 @@ fn workers_that_exit_after_each_request_are_replaced_with_backoff_not_a_storm() 
     for _ in 0..5 {
         assert_eq!(get(&server.addr, "/").0, 200);
     }
+    // Five quick exits in a row: the first is replaced at once, the next four back off.
+    server.wait_for_count("workers keep crashing; next fork in", 4);
     let exits = server.count("exited unexpectedly");
+    let backoffs = server.count("workers keep crashing; next fork in");
     assert!(exits <= 5, "{exits} exits for 5 requests");
+    println!("figure: a worker that exits after each request: 5 requests served, {exits} exits, {backoffs} forks delayed by the backoff");
 }
 
 #[test]

@@ -96,6 +96,21 @@ impl Server {
         }
     }
 
+    /// Waits (bounded) until `count` log lines contain `needle`.
+    pub fn wait_for_count(&mut self, needle: &str, count: usize) {
+        let deadline = Instant::now() + LIMIT;
+        while self.count(needle) < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(_) => panic!(
+                    "fewer than {count} log lines with {needle:?} within {LIMIT:?}; log:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
     /// Every log line so far.
     pub fn drain_log(&mut self) -> &[String] {
         while let Ok(line) = self.lines.try_recv() {
