@@ -111,8 +111,12 @@ struct Conn {
     read: Option<Watch>,
     write: Option<Watch>,
     timer: Option<(TimerKind, Watch)>,
-    /// No more requests are read: refused input, peer EOF, or draining.
+    /// No more requests are parsed: refused input, or the peer's EOF with no complete
+    /// request left in the buffer.
     no_more_requests: bool,
+    /// The peer sent EOF: what is buffered is still parsed and answered, nothing more
+    /// is read.
+    peer_closed: bool,
 }
 
 impl Conn {
@@ -390,6 +394,7 @@ fn add_conn(worker: &Shared, lp: &mut Loop, stream: Stream, peer: String) {
         write: None,
         timer: None,
         no_more_requests: false,
+        peer_closed: false,
     };
     worker.borrow_mut().conns.insert(id, conn);
     set_timer(worker, lp, id);
@@ -397,7 +402,6 @@ fn add_conn(worker: &Shared, lp: &mut Loop, stream: Stream, peer: String) {
 
 fn on_readable(worker: &Shared, lp: &mut Loop, id: u64) {
     let mut buf = [0u8; 16 * 1024];
-    let mut eof = false;
     {
         let mut w = worker.borrow_mut();
         let Some(conn) = w.conns.get_mut(&id) else {
@@ -407,7 +411,7 @@ fn on_readable(worker: &Shared, lp: &mut Loop, id: u64) {
             let room = conn.parser.room().min(buf.len());
             match conn.stream.read(&mut buf[..room]) {
                 Ok(0) => {
-                    eof = true;
+                    conn.peer_closed = true;
                     break;
                 }
                 Ok(n) => {
@@ -419,28 +423,18 @@ fn on_readable(worker: &Shared, lp: &mut Loop, id: u64) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    eof = true;
+                    conn.peer_closed = true;
                     break;
                 }
             }
         }
     }
-    process(worker, lp, id);
-    if eof {
-        let finished = {
-            let mut w = worker.borrow_mut();
-            let Some(conn) = w.conns.get_mut(&id) else {
-                return;
-            };
-            conn.no_more_requests = true;
-            conn.slots.is_empty() && conn.out.is_empty()
-        };
-        if finished {
-            close(worker, lp, id);
-        } else {
-            pause_reading(worker, lp, id);
-        }
+    if worker.borrow().conns.get(&id).is_some_and(|c| c.peer_closed) {
+        // A half-closed client still gets answers to what it sent; `process` marks the
+        // connection done once no complete request is left, and `flush` closes it.
+        pause_reading(worker, lp, id);
     }
+    process(worker, lp, id);
 }
 
 /// Parses and dispatches every complete request the connection has buffered.
@@ -456,7 +450,10 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
                 break;
             }
             match conn.parser.next() {
-                Ok(None) => break,
+                Ok(None) => {
+                    conn.no_more_requests = conn.peer_closed;
+                    break;
+                }
                 Ok(Some(Parsed::Continue)) => {
                     conn.slots.push_back(Slot::Ready {
                         bytes: CONTINUE.to_vec(),
@@ -621,7 +618,8 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
         (
             close_now,
             !done && conn.write.is_none(),
-            resume && conn.parser.buffered() > 0,
+            // Held-back requests to parse, or a peer EOF to conclude the connection on.
+            resume && (conn.parser.buffered() > 0 || conn.peer_closed),
         )
     };
     if close_now {
