@@ -12,9 +12,9 @@ use forkloop_backend::{Backend, Event, Interest, Readiness};
 use smallvec::SmallVec;
 
 use crate::fork;
-use crate::id_map::IdMap;
 use crate::process::Children;
 use crate::signal::Signals;
+use crate::slab::Slab;
 use crate::timer::{TimerCallback, Timers};
 use crate::{Error, Kind, Result};
 
@@ -69,6 +69,9 @@ struct FdState {
 }
 
 struct IoWatch {
+    /// When it was added, on the loop's id counter: a dispatch skips watches added
+    /// after it began.
+    serial: u64,
     fd: RawFd,
     interest: Interest,
     /// `None` while the callback runs, so a nested `run` cannot re-enter it.
@@ -90,8 +93,9 @@ pub struct Loop {
     /// The fork generation the backend was built (or rebuilt) in.
     pub(crate) generation: u64,
     next_id: u64,
-    fds: IdMap<RawFd, FdState>,
-    io: IdMap<u64, IoWatch>,
+    /// Indexed by fd (fds are small dense integers, as libev's `anfds` assumes).
+    fds: Vec<Option<FdState>>,
+    io: Slab<IoWatch>,
     always_ready: Vec<RawFd>,
     events: Vec<Event>,
     timers: Timers,
@@ -103,6 +107,11 @@ pub struct Loop {
     run_depth: usize,
     dispatching: bool,
     stop: Option<i32>,
+}
+
+/// The state of a watched fd in the loop's fd table.
+fn fd_state(fds: &mut [Option<FdState>], fd: RawFd) -> Option<&mut FdState> {
+    fds.get_mut(usize::try_from(fd).ok()?)?.as_mut()
 }
 
 fn fires(interest: Interest, ready: Readiness) -> bool {
@@ -139,8 +148,8 @@ impl Loop {
             },
             generation: fork::generation(),
             next_id: 1,
-            fds: IdMap::default(),
-            io: IdMap::default(),
+            fds: Vec::new(),
+            io: Slab::default(),
             always_ready: Vec::new(),
             events: Vec::new(),
             timers: Timers::default(),
@@ -190,8 +199,10 @@ impl Loop {
         let mut registrations = self
             .fds
             .iter()
+            .enumerate()
+            .filter_map(|(fd, st)| Some((fd as RawFd, st.as_ref()?)))
             .filter(|(_, st)| !st.always_ready)
-            .map(|(&fd, st)| (fd, st.interest));
+            .map(|(fd, st)| (fd, st.interest));
         self.backend.post_fork(&mut registrations)
     }
 
@@ -215,7 +226,7 @@ impl Loop {
             });
         }
         self.ensure_current()?;
-        match self.fds.get_mut(&fd) {
+        match fd_state(&mut self.fds, fd) {
             Some(st) => {
                 let wanted = st.interest | interest;
                 if wanted != st.interest && !st.always_ready {
@@ -244,53 +255,50 @@ impl Loop {
                 if always_ready {
                     self.always_ready.push(fd);
                 }
-                let watches = SmallVec::new();
-                self.fds.insert(
-                    fd,
-                    FdState {
-                        interest,
-                        watches,
-                        always_ready,
-                    },
-                );
+                // Registered, so fd is a valid (non-negative) fd number.
+                let index = fd as usize;
+                if index >= self.fds.len() {
+                    self.fds.resize_with(index + 1, || None);
+                }
+                self.fds[index] = Some(FdState {
+                    interest,
+                    watches: SmallVec::new(),
+                    always_ready,
+                });
             }
         }
-        let id = self.next_id();
-        self.fds
-            .get_mut(&fd)
+        let serial = self.next_id();
+        let callback = Some(Box::new(callback) as IoCallback);
+        let id = self.io.insert(IoWatch {
+            serial,
+            fd,
+            interest,
+            callback,
+        });
+        fd_state(&mut self.fds, fd)
             .expect("inserted above")
             .watches
             .push(id);
-        let callback = Some(Box::new(callback) as IoCallback);
-        self.io.insert(
-            id,
-            IoWatch {
-                fd,
-                interest,
-                callback,
-            },
-        );
         Ok(Watch::new(WatchKind::Io, id))
     }
 
     fn cancel_io(&mut self, id: u64) -> bool {
-        let Some(watch) = self.io.remove(&id) else {
+        let Some(watch) = self.io.remove(id) else {
             return false;
         };
         let fd = watch.fd;
-        let st = self
-            .fds
-            .get_mut(&fd)
+        let st = self.fds[fd as usize]
+            .as_mut()
             .expect("every io watch has its fd's state");
         st.watches.retain(|w| *w != id);
-        let remaining = st
-            .watches
-            .iter()
-            .fold(Interest::NONE, |acc, w| acc | self.io[w].interest);
+        let io = &self.io;
+        let remaining = st.watches.iter().fold(Interest::NONE, |acc, &w| {
+            acc | io.get(w).expect("watches of an fd are live").interest
+        });
         let (changed, always_ready) = (remaining != st.interest, st.always_ready);
         st.interest = remaining;
         if remaining.is_empty() {
-            self.fds.remove(&fd);
+            self.fds[fd as usize] = None;
             self.always_ready.retain(|&f| f != fd);
         }
         if !changed || always_ready || !self.backend_is_current() {
@@ -439,12 +447,12 @@ impl Loop {
     }
 
     fn dispatch_fd(&mut self, fd: RawFd, ready: Readiness, mark: u64) {
-        let ids: SmallVec<[u64; 4]> = match self.fds.get(&fd) {
-            Some(st) => st.watches.iter().copied().filter(|&id| id < mark).collect(),
-            None => return,
+        let Some(st) = fd_state(&mut self.fds, fd) else {
+            return;
         };
+        let ids: SmallVec<[u64; 4]> = st.watches.iter().copied().collect();
         for id in ids {
-            let Some(watch) = self.io.get_mut(&id) else {
+            let Some(watch) = self.io.get_mut(id).filter(|w| w.serial < mark) else {
                 continue; // cancelled by an earlier callback of this dispatch
             };
             if !fires(watch.interest, ready) {
@@ -454,7 +462,7 @@ impl Loop {
                 continue; // running further up the stack (nested run)
             };
             callback(self, ready);
-            if let Some(watch) = self.io.get_mut(&id) {
+            if let Some(watch) = self.io.get_mut(id) {
                 watch.callback = Some(callback);
             }
         }

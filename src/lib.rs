@@ -43,6 +43,7 @@ mod process;
 #[cfg(feature = "server")]
 pub mod server;
 mod signal;
+mod slab;
 mod sys;
 mod timer;
 

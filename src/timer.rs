@@ -10,6 +10,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
+use crate::slab::Slab;
 use crate::Loop;
 
 pub(crate) enum TimerCallback {
@@ -17,88 +18,61 @@ pub(crate) enum TimerCallback {
     Every(Box<dyn FnMut(&mut Loop)>, Duration),
 }
 
-/// A timer's place: `seq` names the arming the heap entry belongs to (0 when free);
-/// `generation` makes stale keys (a fired or cancelled timer's) miss.
-#[derive(Default)]
-struct Slot {
-    generation: u32,
+/// A live timer: `seq` names the arming its heap entry belongs to.
+struct Timer {
     seq: u64,
     /// A repeating timer's callback is `None` while it runs.
     callback: Option<TimerCallback>,
 }
 
 /// Timers in a slab (no hashing on arm, fire or cancel), ordered by a heap of
-/// `(deadline, seq, slot)`; `seq` grows with every arming, so equal deadlines fire FIFO.
+/// `(deadline, seq, key)`; `seq` grows with every arming, so equal deadlines fire FIFO.
 #[derive(Default)]
 pub(crate) struct Timers {
-    heap: BinaryHeap<Reverse<(Instant, u64, u32)>>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
-    live: usize,
+    heap: BinaryHeap<Reverse<(Instant, u64, u64)>>,
+    slab: Slab<Timer>,
     next_seq: u64,
-}
-
-fn key(index: u32, generation: u32) -> u64 {
-    (u64::from(generation) << 32) | u64::from(index)
 }
 
 impl Timers {
     /// Arms a timer; returns its key (what a `Watch` carries).
     pub(crate) fn insert(&mut self, deadline: Instant, callback: TimerCallback) -> u64 {
-        let index = self.free.pop().unwrap_or_else(|| {
-            self.slots.push(Slot::default());
-            (self.slots.len() - 1) as u32
-        });
         self.next_seq += 1;
-        let slot = &mut self.slots[index as usize];
-        slot.seq = self.next_seq;
-        slot.callback = Some(callback);
-        self.live += 1;
-        self.heap.push(Reverse((deadline, self.next_seq, index)));
-        key(index, slot.generation)
+        let seq = self.next_seq;
+        let key = self.slab.insert(Timer {
+            seq,
+            callback: Some(callback),
+        });
+        self.heap.push(Reverse((deadline, seq, key)));
+        key
     }
 
-    /// The slot a key names, if that timer is still live.
-    fn slot_of(&self, key: u64) -> Option<u32> {
-        let index = key as u32;
-        let slot = self.slots.get(index as usize)?;
-        (slot.generation == (key >> 32) as u32 && slot.seq != 0).then_some(index)
-    }
-
-    fn release(&mut self, index: u32) -> Option<TimerCallback> {
-        let slot = &mut self.slots[index as usize];
-        slot.seq = 0;
-        slot.generation = slot.generation.wrapping_add(1);
-        self.free.push(index);
-        self.live -= 1;
-        slot.callback.take()
-    }
-
-    fn is_current(&self, seq: u64, index: u32) -> bool {
-        self.slots[index as usize].seq == seq
+    /// Whether a heap entry is the live arming of its timer (not cancelled, fired or
+    /// re-armed since).
+    fn is_current(&self, seq: u64, key: u64) -> bool {
+        self.slab.get(key).is_some_and(|t| t.seq == seq)
     }
 
     pub(crate) fn cancel(&mut self, key: u64) -> bool {
-        let Some(index) = self.slot_of(key) else {
+        if self.slab.remove(key).is_none() {
             return false;
-        };
-        self.release(index);
-        if self.heap.len() > 2 * self.live + 1024 {
-            let slots = &self.slots;
+        }
+        if self.heap.len() > 2 * self.slab.len() + 1024 {
+            let slab = &self.slab;
             self.heap
-                .retain(|Reverse((_, seq, i))| slots[*i as usize].seq == *seq);
+                .retain(|Reverse((_, seq, key))| slab.get(*key).is_some_and(|t| t.seq == *seq));
         }
         true
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.live == 0
+        self.slab.len() == 0
     }
 
     /// The nearest live deadline; drops cancelled entries found on top of the heap.
     pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
-        while let Some(&Reverse((deadline, seq, index))) = self.heap.peek() {
-            if self.is_current(seq, index) {
+        while let Some(&Reverse((deadline, seq, key))) = self.heap.peek() {
+            if self.is_current(seq, key) {
                 return Some(deadline);
             }
             self.heap.pop();
@@ -110,13 +84,13 @@ impl Timers {
     /// first. Timers armed by their callbacks are not in this batch, so a timer
     /// re-arming itself with a zero delay cannot keep one iteration busy forever.
     pub(crate) fn pop_due(&mut self, now: Instant, due: &mut Vec<(Instant, u64)>) {
-        while let Some(&Reverse((deadline, seq, index))) = self.heap.peek() {
+        while let Some(&Reverse((deadline, seq, key))) = self.heap.peek() {
             if deadline > now {
                 break;
             }
             self.heap.pop();
-            if self.is_current(seq, index) {
-                due.push((deadline, key(index, self.slots[index as usize].generation)));
+            if self.is_current(seq, key) {
+                due.push((deadline, key));
             }
         }
     }
@@ -124,10 +98,10 @@ impl Timers {
     /// Takes a due timer's callback: a one-shot timer is gone from then on, a repeating
     /// one stays live (and cancellable from its own callback) until [`Timers::rearm`].
     pub(crate) fn take(&mut self, key: u64) -> Option<TimerCallback> {
-        let index = self.slot_of(key)?;
-        match self.slots[index as usize].callback {
-            Some(TimerCallback::Every(..)) => self.slots[index as usize].callback.take(),
-            _ => self.release(index),
+        let timer = self.slab.get_mut(key)?;
+        match timer.callback {
+            Some(TimerCallback::Every(..)) => timer.callback.take(),
+            _ => self.slab.remove(key)?.callback,
         }
     }
 
@@ -144,18 +118,18 @@ impl Timers {
         let TimerCallback::Every(_, interval) = &callback else {
             return;
         };
-        let Some(index) = self.slot_of(key) else {
-            return;
-        };
         let mut next = fired + *interval;
         if next <= now {
             next = now + *interval;
         }
         self.next_seq += 1;
-        let slot = &mut self.slots[index as usize];
-        slot.seq = self.next_seq;
-        slot.callback = Some(callback);
-        self.heap.push(Reverse((next, self.next_seq, index)));
+        let seq = self.next_seq;
+        let Some(timer) = self.slab.get_mut(key) else {
+            return;
+        };
+        timer.seq = seq;
+        timer.callback = Some(callback);
+        self.heap.push(Reverse((next, seq, key)));
     }
 }
 
@@ -168,21 +142,15 @@ mod tests {
     }
 
     #[test]
-    fn stale_keys_miss_after_fire_cancel_and_slot_reuse() {
+    fn fired_and_cancelled_keys_miss() {
         let mut timers = Timers::default();
         let now = Instant::now();
         let a = timers.insert(now, once());
-        assert!(timers.cancel(a));
-        assert!(!timers.cancel(a), "cancelled twice");
+        assert!(timers.cancel(a) && !timers.cancel(a), "cancelled twice");
         let b = timers.insert(now, once());
-        assert_ne!(a, b, "the slot is reused under a new generation");
-        assert!(
-            !timers.cancel(a),
-            "the old key does not cancel the new timer"
-        );
         let mut due = Vec::new();
         timers.pop_due(now, &mut due);
-        assert_eq!(due, vec![(now, b)]);
+        assert_eq!(due, vec![(now, b)], "the cancelled timer is not due");
         assert!(timers.take(b).is_some());
         assert!(timers.take(b).is_none() && !timers.cancel(b) && timers.is_empty());
     }
@@ -200,6 +168,6 @@ mod tests {
             "{} dead entries kept",
             timers.heap.len()
         );
-        assert_eq!(timers.slots.len(), 1, "one slot, reused");
+        assert_eq!(timers.slab.capacity(), 1, "one place, reused");
     }
 }

@@ -429,7 +429,12 @@ fn on_readable(worker: &Shared, lp: &mut Loop, id: u64) {
             }
         }
     }
-    if worker.borrow().conns.get(&id).is_some_and(|c| c.peer_closed) {
+    if worker
+        .borrow()
+        .conns
+        .get(&id)
+        .is_some_and(|c| c.peer_closed)
+    {
         // A half-closed client still gets answers to what it sent; `process` marks the
         // connection done once no complete request is left, and `flush` closes it.
         pause_reading(worker, lp, id);

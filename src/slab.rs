@@ -1,0 +1,113 @@
+//! A slab with generational keys: the store for timers and IO watches.
+//!
+//! Inserting, finding and removing are an index into a `Vec` — no hashing — and freed
+//! places are reused. A key carries its place's generation, which every removal bumps,
+//! so a stale key (a cancelled watch's, a fired timer's) misses instead of reaching
+//! whatever took the place since.
+
+pub(crate) struct Slab<T> {
+    entries: Vec<Entry<T>>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+struct Entry<T> {
+    generation: u32,
+    value: Option<T>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Slab<T> {
+        Slab {
+            entries: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+/// Splits a key into its place and generation.
+fn split(key: u64) -> (usize, u32) {
+    (key as u32 as usize, (key >> 32) as u32)
+}
+
+impl<T> Slab<T> {
+    /// Stores `value`; returns its key.
+    pub(crate) fn insert(&mut self, value: T) -> u64 {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.entries.push(Entry {
+                generation: 0,
+                value: None,
+            });
+            (self.entries.len() - 1) as u32
+        });
+        let entry = &mut self.entries[index as usize];
+        entry.value = Some(value);
+        self.len += 1;
+        (u64::from(entry.generation) << 32) | u64::from(index)
+    }
+
+    pub(crate) fn get(&self, key: u64) -> Option<&T> {
+        let (index, generation) = split(key);
+        let entry = self.entries.get(index)?;
+        (entry.generation == generation)
+            .then_some(entry.value.as_ref())
+            .flatten()
+    }
+
+    pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut T> {
+        let (index, generation) = split(key);
+        let entry = self.entries.get_mut(index)?;
+        (entry.generation == generation)
+            .then_some(entry.value.as_mut())
+            .flatten()
+    }
+
+    /// Takes the value out; its key (and every copy of it) misses from then on.
+    pub(crate) fn remove(&mut self, key: u64) -> Option<T> {
+        let (index, generation) = split(key);
+        let entry = self.entries.get_mut(index)?;
+        if entry.generation != generation {
+            return None;
+        }
+        let value = entry.value.take()?;
+        entry.generation = entry.generation.wrapping_add(1);
+        self.free.push(index as u32);
+        self.len -= 1;
+        Some(value)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// How many places exist, used or free.
+    #[cfg(test)]
+    pub(crate) fn capacity(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_keys_miss_after_remove_and_reuse() {
+        let mut slab = Slab::default();
+        let a = slab.insert("a");
+        assert_eq!(slab.remove(a), Some("a"));
+        assert_eq!(slab.remove(a), None, "removed twice");
+        let b = slab.insert("b");
+        assert_ne!(a, b, "the place is reused under a new generation");
+        assert_eq!(slab.get(a), None);
+        assert_eq!(
+            slab.remove(a),
+            None,
+            "the old key does not remove the new value"
+        );
+        assert_eq!(slab.get(b), Some(&"b"));
+        assert_eq!((slab.len(), slab.capacity()), (1, 1));
+        assert_eq!(slab.get(u64::MAX), None);
+    }
+}
