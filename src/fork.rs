@@ -83,8 +83,10 @@ impl Loop {
     /// All signals are blocked across the fork, so none reaches the child while it still
     /// runs the parent's handlers. In the child the handlers the loop installed are reset
     /// (unless [`ForkOptions::keep_signals`]; an ignored signal stays ignored), the
-    /// process-global loop is cleared, signal and child state start empty, and Rust's
-    /// stdout and stderr are flushed before `_exit`. Parent timers never fire in the child.
+    /// process-global loop is cleared, signal and child state start empty, this loop's
+    /// own fds (its backend's and its signal self-pipe) are closed, as the child cannot
+    /// reach it, and Rust's stdout and stderr are flushed before `_exit`. Parent timers
+    /// never fire in the child.
     ///
     /// As with any fork, in a multi-threaded process the child runs only this thread:
     /// `child` must not need locks other threads may have held.
@@ -108,6 +110,7 @@ impl Loop {
                 signal::reset_handlers_in_child();
             }
             set_signal_mask(&old_mask);
+            self.close_in_child();
             let code = panic::catch_unwind(AssertUnwindSafe(child)).unwrap_or(255);
             flush_std();
             // SAFETY: ends the child without running the parent's atexit handlers or
@@ -141,6 +144,19 @@ impl Loop {
             self.forget_children();
         }
         Ok(())
+    }
+
+    /// In a `Loop::fork` child, this loop is out of reach (`fork` borrows it) and never
+    /// dropped: its kernel fds are closed at once instead of staying open all the
+    /// child's life. The kernel objects live on in the parent. Async-signal-safe: only
+    /// close(2).
+    fn close_in_child(&mut self) {
+        if let Some(fd) = self.backend_fd() {
+            // SAFETY: the parent's epoll/kqueue fd, which nothing in this process uses
+            // again; closing it does not touch the instance the parent keeps.
+            unsafe { libc::close(fd) };
+        }
+        self.signals.close_pipe();
     }
 
     /// Whether the backend was built in this process (no fork since).

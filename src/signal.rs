@@ -129,6 +129,14 @@ pub(crate) struct Signals {
     claimed: BTreeMap<libc::c_int, Claimed>,
 }
 
+impl Signals {
+    /// Closes the self-pipe's fds and forgets its watch, which is left in the loop's
+    /// tables: only for a loop that is never used again (see `Loop::fork`).
+    pub(crate) fn close_pipe(&mut self) {
+        self.pipe = None;
+    }
+}
+
 impl Loop {
     /// Runs `callback` in dispatch each time `signal` (`libc::SIGTERM`, …) arrives;
     /// deliveries between two iterations coalesce into one call, as the kernel's do.

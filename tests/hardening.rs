@@ -50,7 +50,7 @@ fn cloexec(fd: i32) -> bool {
 }
 
 #[apply(backends)]
-fn hardening_loop_fds_are_cloexec_and_forks_leak_none(#[case] kind: Kind) {
+fn hardening_loop_fds_are_cloexec_not_kept_by_children_and_forks_leak_none(#[case] kind: Kind) {
     if !std::path::Path::new("/proc/self/fd").exists() {
         return; // needs procfs to count fds
     }
@@ -71,6 +71,24 @@ fn hardening_loop_fds_are_cloexec_and_forks_leak_none(#[case] kind: Kind) {
                 "fd {fd} ({what}) made by the loop is not close-on-exec"
             );
         }
+        // A Loop::fork child does not keep the forking loop's fds: its backend fd and
+        // signal self-pipe (the polling crate keeps its other fds private).
+        let is_pipe = |fd: &i32| {
+            let what = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+            what.to_string_lossy().starts_with("pipe:")
+        };
+        let ours: Vec<i32> = created
+            .iter()
+            .copied()
+            .filter(|fd| Some(*fd) == lp.backend_fd() || is_pipe(fd))
+            .collect();
+        assert!(ours.len() == created.len() || kind == Kind::Polling);
+        let child = lp
+            .fork(ForkOptions::new(), move || {
+                ours.iter().any(|&fd| cloexec(fd)) as i32
+            })
+            .unwrap();
+        assert_eq!(exit_code(wait_child(child, Duration::from_secs(20))), 0);
         let cycles = size(200, 1000);
         let start = open_fds().len();
         let exited = Rc::new(Cell::new(0));
