@@ -202,9 +202,11 @@ impl Parser {
     }
 
     /// How many more bytes this parser will accept now (the connection reads no more).
+    /// Zero when a head's worth is buffered: [`Parser::next`] then either parses a head
+    /// out of it or refuses it.
     pub(crate) fn room(&self) -> usize {
         match &self.pending {
-            None => self.limits.max_head.saturating_sub(self.buf.len()).max(1),
+            None => self.limits.max_head.saturating_sub(self.buf.len()),
             Some(_) => 64 * 1024,
         }
     }

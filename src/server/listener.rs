@@ -128,6 +128,14 @@ impl Stream {
             Stream::Unix(s) => s.write(buf),
         }
     }
+
+    /// Sends EOF to the peer; reading stays possible.
+    pub(crate) fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
 }
 
 impl AsRawFd for Stream {

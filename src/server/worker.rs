@@ -28,6 +28,8 @@ pub(crate) const MAX_PIPELINED: usize = 32;
 const ACCEPT_BATCH: usize = 16;
 /// How long a draining worker keeps an idle keep-alive connection open.
 const DRAIN_GRACE: Duration = Duration::from_millis(100);
+/// How long a finished connection keeps discarding the peer's input (see `linger`).
+const LINGER: Duration = Duration::from_secs(2);
 /// After EMFILE/ENFILE, accepting pauses this long instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -99,6 +101,7 @@ impl Slot {
 enum TimerKind {
     Header,
     Idle,
+    Linger,
 }
 
 struct Conn {
@@ -117,6 +120,9 @@ struct Conn {
     /// The peer sent EOF: what is buffered is still parsed and answered, nothing more
     /// is read.
     peer_closed: bool,
+    /// Everything is answered and our side shut down; the peer's input is discarded
+    /// until its EOF (see `linger`).
+    lingering: bool,
 }
 
 impl Conn {
@@ -367,20 +373,10 @@ fn accept(worker: &Shared, lp: &mut Loop, index: usize, batch: usize) {
 }
 
 fn add_conn(worker: &Shared, lp: &mut Loop, stream: Stream, peer: String) {
-    let fd = stream.as_raw_fd();
     let id = {
         let mut w = worker.borrow_mut();
         w.next_conn += 1;
         w.next_conn
-    };
-    let w = worker.clone();
-    let read = lp.watch_io(fd, Interest::READ, move |lp, _| on_readable(&w, lp, id));
-    let read = match read {
-        Ok(watch) => watch,
-        Err(e) => {
-            log::error!("watching a new connection: {e}");
-            return;
-        }
     };
     let limits = worker.borrow().limits;
     let conn = Conn {
@@ -390,33 +386,45 @@ fn add_conn(worker: &Shared, lp: &mut Loop, stream: Stream, peer: String) {
         slots: VecDeque::new(),
         first_seq: 0,
         out: Vec::new(),
-        read: Some(read),
+        read: None,
         write: None,
         timer: None,
         no_more_requests: false,
         peer_closed: false,
+        lingering: false,
     };
     worker.borrow_mut().conns.insert(id, conn);
+    update_reading(worker, lp, id);
     set_timer(worker, lp, id);
 }
 
 fn on_readable(worker: &Shared, lp: &mut Loop, id: u64) {
     let mut buf = [0u8; 16 * 1024];
-    {
+    let (lingering, ended) = {
         let mut w = worker.borrow_mut();
         let Some(conn) = w.conns.get_mut(&id) else {
             return;
         };
+        let lingering = conn.lingering;
         loop {
-            let room = conn.parser.room().min(buf.len());
+            let room = if lingering {
+                buf.len()
+            } else {
+                conn.parser.room().min(buf.len())
+            };
+            if room == 0 {
+                break;
+            }
             match conn.stream.read(&mut buf[..room]) {
                 Ok(0) => {
                     conn.peer_closed = true;
                     break;
                 }
                 Ok(n) => {
-                    conn.parser.feed(&buf[..n]);
-                    if n < room || conn.parser.room() == 0 {
+                    if !lingering {
+                        conn.parser.feed(&buf[..n]);
+                    }
+                    if n < room {
                         break;
                     }
                 }
@@ -428,17 +436,16 @@ fn on_readable(worker: &Shared, lp: &mut Loop, id: u64) {
                 }
             }
         }
+        (lingering, conn.peer_closed)
+    };
+    if lingering {
+        if ended {
+            close(worker, lp, id);
+        }
+        return;
     }
-    if worker
-        .borrow()
-        .conns
-        .get(&id)
-        .is_some_and(|c| c.peer_closed)
-    {
-        // A half-closed client still gets answers to what it sent; `process` marks the
-        // connection done once no complete request is left, and `flush` closes it.
-        pause_reading(worker, lp, id);
-    }
+    // A half-closed client still gets answers to what it sent: `process` marks the
+    // connection done once no complete request is left, and `flush` closes it.
     process(worker, lp, id);
 }
 
@@ -496,6 +503,7 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
         cancel_timer(worker, lp, id);
         dispatch(worker, lp, id, request);
     }
+    update_reading(worker, lp, id);
     flush(worker, lp, id);
 }
 
@@ -586,7 +594,7 @@ fn complete(worker: &Shared, lp: &mut Loop, id: u64, seq: u64, response: Respons
 /// Writes every ready response at the front of the queue, in order; closes the
 /// connection after one that says `Connection: close`.
 fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
-    let (close_now, want_write, resume) = {
+    let ((failed, finished), want_write, resume) = {
         let mut w = worker.borrow_mut();
         let Some(conn) = w.conns.get_mut(&id) else {
             return;
@@ -618,17 +626,21 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
             }
         }
         let done = conn.out.is_empty();
-        let close_now = failed || (done && conn.no_more_requests && conn.slots.is_empty());
+        let finished = done && conn.no_more_requests && conn.slots.is_empty();
         let resume = done && !conn.no_more_requests && conn.slots.len() < MAX_PIPELINED;
         (
-            close_now,
+            (failed, finished),
             !done && conn.write.is_none(),
             // Held-back requests to parse, or a peer EOF to conclude the connection on.
             resume && (conn.parser.buffered() > 0 || conn.peer_closed),
         )
     };
-    if close_now {
+    if failed {
         close(worker, lp, id);
+        return;
+    }
+    if finished {
+        linger(worker, lp, id);
         return;
     }
     if want_write {
@@ -664,8 +676,60 @@ fn on_writable(worker: &Shared, lp: &mut Loop, id: u64) {
     flush(worker, lp, id);
 }
 
-fn pause_reading(worker: &Shared, lp: &mut Loop, id: u64) {
-    cancel_watch(worker, lp, id, |c| c.read.take());
+/// Everything is written and no more requests will be read. Closing with the peer's
+/// input unread (a refused request's rest, requests pipelined after a close) would make
+/// the kernel send a reset, which can destroy the response before the client reads it;
+/// so then, unless the peer has closed its side, ours is shut down and its input
+/// discarded until its EOF or for `LINGER` at most (nginx's lingering close).
+fn linger(worker: &Shared, lp: &mut Loop, id: u64) {
+    let lingering = {
+        let mut w = worker.borrow_mut();
+        let Some(conn) = w.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.lingering {
+            return;
+        }
+        let unread = conn.parser.buffered() > 0 && !conn.peer_closed;
+        conn.lingering = unread && conn.stream.shutdown_write().is_ok();
+        conn.lingering
+    };
+    if lingering {
+        update_reading(worker, lp, id);
+        set_timer(worker, lp, id);
+    } else {
+        close(worker, lp, id);
+    }
+}
+
+/// Watches a connection for input only while it can take more: not after the peer's
+/// EOF or a refusal, and not while its parser is full (pipelined requests held back),
+/// where a level-triggered watch on unread input would spin.
+fn update_reading(worker: &Shared, lp: &mut Loop, id: u64) {
+    let (wanted, watching, fd) = {
+        let w = worker.borrow();
+        let Some(conn) = w.conns.get(&id) else {
+            return;
+        };
+        let wanted = conn.lingering
+            || (!conn.peer_closed && !conn.no_more_requests && conn.parser.room() > 0);
+        (wanted, conn.read.is_some(), conn.stream.as_raw_fd())
+    };
+    if wanted == watching {
+        return;
+    }
+    if !wanted {
+        cancel_watch(worker, lp, id, |c| c.read.take());
+        return;
+    }
+    let w = worker.clone();
+    match lp.watch_io(fd, Interest::READ, move |lp, _| on_readable(&w, lp, id)) {
+        Ok(watch) => worker.borrow_mut().conns.get_mut(&id).expect("live").read = Some(watch),
+        Err(e) => {
+            log::error!("watching a connection for input: {e}");
+            close(worker, lp, id);
+        }
+    }
 }
 
 fn cancel_timer(worker: &Shared, lp: &mut Loop, id: u64) {
@@ -680,6 +744,7 @@ fn set_timer(worker: &Shared, lp: &mut Loop, id: u64) {
         let Some(conn) = w.conns.get(&id) else { return };
         let waiting = conn.slots.is_empty() && conn.out.is_empty() && !conn.no_more_requests;
         let wanted = match (waiting, conn.parser.mid_request() || conn.first_seq == 0) {
+            _ if conn.lingering => Some((TimerKind::Linger, LINGER)),
             (false, _) => None,
             (true, true) => Some((TimerKind::Header, w.header_timeout)),
             (true, false) => Some((TimerKind::Idle, w.keepalive_timeout)),
