@@ -216,24 +216,25 @@ fn churn_of_connections_and_worker_kills_leaves_the_master_as_it_started() {
     );
 }
 
-/// After the master was SIGKILLed: every process of the server's group is gone (workers
-/// die with their master), and a new server binds the same address at once.
-fn nothing_left_and_the_port_rebinds(mut server: Server, pid_file: &std::path::Path) {
-    let group = server.pid;
-    let addr = server.addr.clone();
+/// Brings a server (with a pid file) to a point of its lifecycle with `stage`, SIGKILLs
+/// the master there, then checks that every process of the server's group is gone
+/// (workers die with their master) and that a new server takes the same address and
+/// pid file at once.
+fn kill_9_of_the_master_leaves_nothing(name: &str, stage: impl FnOnce(&mut Server)) {
+    let path = std::env::temp_dir().join(format!("forkloop-{name}-{}.pid", std::process::id()));
+    let pid_file = path.to_str().unwrap();
+    let mut server = start(&["--workers", "2", "--pid-file", pid_file]);
+    stage(&mut server);
+    server.signal(libc::SIGKILL);
+    let (group, addr) = (server.pid, server.addr.clone());
     server.wait_exit();
     eventually("no process of the server left", || {
         group_members(group).is_empty()
     });
-    let pid_file = pid_file.to_str().unwrap();
     let mut again = start(&["--listen", &addr, "--pid-file", pid_file]);
     assert_eq!(get(&again.addr, "/").0, 200);
     again.signal(libc::SIGTERM);
     assert!(again.wait_exit().success());
-}
-
-fn pid_file(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("forkloop-{name}-{}.pid", std::process::id()))
 }
 
 #[test]
@@ -258,26 +259,22 @@ fn kill_9_of_a_worker_mid_request_loses_that_request_only() {
 
 #[test]
 fn kill_9_of_the_master_mid_hup_orphans_nothing() {
-    let path = pid_file("mid-hup");
-    let mut server = start(&["--workers", "2", "--pid-file", path.to_str().unwrap()]);
-    server.signal(libc::SIGHUP);
-    server.wait_for("HUP: replacing");
-    server.signal(libc::SIGKILL);
-    nothing_left_and_the_port_rebinds(server, &path);
+    kill_9_of_the_master_leaves_nothing("mid-hup", |server| {
+        server.signal(libc::SIGHUP);
+        server.wait_for("HUP: replacing");
+    });
     println!("figure: kill -9 of the master mid-HUP: old and new workers gone, no zombie; the port and pid file were taken again at once");
 }
 
 #[test]
 fn kill_9_of_the_master_mid_drain_orphans_nothing() {
-    let path = pid_file("mid-drain");
-    let mut server = start(&["--workers", "2", "--pid-file", path.to_str().unwrap()]);
-    let mut conn = KeepAlive::connect(&server.addr);
-    conn.send("/sleep?ms=5000", 1);
-    std::thread::sleep(Duration::from_millis(100)); // let the request reach a worker
-    server.signal(libc::SIGTERM);
-    server.wait_for("graceful shutdown");
-    server.signal(libc::SIGKILL);
-    nothing_left_and_the_port_rebinds(server, &path);
+    kill_9_of_the_master_leaves_nothing("mid-drain", |server| {
+        let mut conn = KeepAlive::connect(&server.addr);
+        conn.send("/sleep?ms=5000", 1);
+        std::thread::sleep(Duration::from_millis(100)); // let the request reach a worker
+        server.signal(libc::SIGTERM);
+        server.wait_for("graceful shutdown");
+    });
     println!("figure: kill -9 of the master mid-drain: draining workers gone, no zombie; the port and pid file were taken again at once");
 }
 
