@@ -8,7 +8,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use forkloop_backend::{Backend, Event, Interest, Readiness};
+use forkloop_backend::{Backend, Event, FdMap, Interest, Readiness};
 use smallvec::SmallVec;
 
 use crate::fork;
@@ -93,8 +93,7 @@ pub struct Loop {
     /// The fork generation the backend was built (or rebuilt) in.
     pub(crate) generation: u64,
     next_id: u64,
-    /// Indexed by fd (fds are small dense integers, as libev's `anfds` assumes).
-    fds: Vec<Option<FdState>>,
+    fds: FdMap<FdState>,
     io: Slab<IoWatch>,
     always_ready: Vec<RawFd>,
     events: Vec<Event>,
@@ -107,11 +106,6 @@ pub struct Loop {
     run_depth: usize,
     dispatching: bool,
     stop: Option<i32>,
-}
-
-/// The state of a watched fd in the loop's fd table.
-fn fd_state(fds: &mut [Option<FdState>], fd: RawFd) -> Option<&mut FdState> {
-    fds.get_mut(usize::try_from(fd).ok()?)?.as_mut()
 }
 
 fn fires(interest: Interest, ready: Readiness) -> bool {
@@ -148,7 +142,7 @@ impl Loop {
             },
             generation: fork::generation(),
             next_id: 1,
-            fds: Vec::new(),
+            fds: FdMap::new(),
             io: Slab::default(),
             always_ready: Vec::new(),
             events: Vec::new(),
@@ -199,8 +193,6 @@ impl Loop {
         let mut registrations = self
             .fds
             .iter()
-            .enumerate()
-            .filter_map(|(fd, st)| Some((fd as RawFd, st.as_ref()?)))
             .filter(|(_, st)| !st.always_ready)
             .map(|(fd, st)| (fd, st.interest));
         self.backend.post_fork(&mut registrations)
@@ -226,7 +218,7 @@ impl Loop {
             });
         }
         self.ensure_current()?;
-        match fd_state(&mut self.fds, fd) {
+        match self.fds.get_mut(fd) {
             Some(st) => {
                 let wanted = st.interest | interest;
                 if wanted != st.interest && !st.always_ready {
@@ -255,16 +247,13 @@ impl Loop {
                 if always_ready {
                     self.always_ready.push(fd);
                 }
-                // Registered, so fd is a valid (non-negative) fd number.
-                let index = fd as usize;
-                if index >= self.fds.len() {
-                    self.fds.resize_with(index + 1, || None);
-                }
-                self.fds[index] = Some(FdState {
+                let watches = SmallVec::new();
+                let state = FdState {
                     interest,
-                    watches: SmallVec::new(),
+                    watches,
                     always_ready,
-                });
+                };
+                self.fds.insert(fd, state);
             }
         }
         let serial = self.next_id();
@@ -275,7 +264,8 @@ impl Loop {
             interest,
             callback,
         });
-        fd_state(&mut self.fds, fd)
+        self.fds
+            .get_mut(fd)
             .expect("inserted above")
             .watches
             .push(id);
@@ -287,8 +277,9 @@ impl Loop {
             return false;
         };
         let fd = watch.fd;
-        let st = self.fds[fd as usize]
-            .as_mut()
+        let st = self
+            .fds
+            .get_mut(fd)
             .expect("every io watch has its fd's state");
         st.watches.retain(|w| *w != id);
         let io = &self.io;
@@ -298,7 +289,7 @@ impl Loop {
         let (changed, always_ready) = (remaining != st.interest, st.always_ready);
         st.interest = remaining;
         if remaining.is_empty() {
-            self.fds[fd as usize] = None;
+            self.fds.remove(fd);
             self.always_ready.retain(|&f| f != fd);
         }
         if !changed || always_ready || !self.backend_is_current() {
@@ -447,7 +438,7 @@ impl Loop {
     }
 
     fn dispatch_fd(&mut self, fd: RawFd, ready: Readiness, mark: u64) {
-        let Some(st) = fd_state(&mut self.fds, fd) else {
+        let Some(st) = self.fds.get(fd) else {
             return;
         };
         let ids: SmallVec<[u64; 4]> = st.watches.iter().copied().collect();

@@ -193,13 +193,72 @@ pub fn closed_while_registered(backend: &str, fd: RawFd) -> io::Error {
     ))
 }
 
+/// A map keyed by fd, stored as a `Vec` indexed by the fd number: fds are small dense
+/// integers (the kernel hands out the lowest free one), so this is libev's `anfds` —
+/// no hashing, no rehashing, one bounds check. Negative fds are never present.
+#[derive(Debug, Clone)]
+pub struct FdMap<T> {
+    slots: Vec<Option<T>>,
+}
+
+impl<T> Default for FdMap<T> {
+    fn default() -> FdMap<T> {
+        FdMap { slots: Vec::new() }
+    }
+}
+
+impl<T> FdMap<T> {
+    /// An empty map.
+    pub fn new() -> FdMap<T> {
+        FdMap::default()
+    }
+
+    /// The value for `fd`, if any.
+    pub fn get(&self, fd: RawFd) -> Option<&T> {
+        self.slots.get(usize::try_from(fd).ok()?)?.as_ref()
+    }
+
+    /// The value for `fd`, if any, mutably.
+    pub fn get_mut(&mut self, fd: RawFd) -> Option<&mut T> {
+        self.slots.get_mut(usize::try_from(fd).ok()?)?.as_mut()
+    }
+
+    /// Whether `fd` has a value.
+    pub fn contains(&self, fd: RawFd) -> bool {
+        self.get(fd).is_some()
+    }
+
+    /// Sets the value for `fd` (which must not be negative: it names an fd the kernel
+    /// accepted); returns the previous one.
+    pub fn insert(&mut self, fd: RawFd, value: T) -> Option<T> {
+        let index = usize::try_from(fd).expect("a registered fd is not negative");
+        if index >= self.slots.len() {
+            self.slots.resize_with(index + 1, || None);
+        }
+        self.slots[index].replace(value)
+    }
+
+    /// Takes the value for `fd` out.
+    pub fn remove(&mut self, fd: RawFd) -> Option<T> {
+        self.slots.get_mut(usize::try_from(fd).ok()?)?.take()
+    }
+
+    /// Every fd with a value, in fd order.
+    pub fn iter(&self) -> impl Iterator<Item = (RawFd, &T)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(fd, v)| Some((fd as RawFd, v.as_ref()?)))
+    }
+}
+
 /// Adds every registration to a fresh kernel object with `add` (the common half of a
 /// `post_fork`), and returns the interests, for backends that keep them.
 pub fn re_add(
     registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
     mut add: impl FnMut(RawFd, Interest) -> io::Result<()>,
-) -> io::Result<std::collections::HashMap<RawFd, Interest>> {
-    let mut interests = std::collections::HashMap::new();
+) -> io::Result<FdMap<Interest>> {
+    let mut interests = FdMap::new();
     for (fd, interest) in registrations {
         add(fd, interest)?;
         interests.insert(fd, interest);

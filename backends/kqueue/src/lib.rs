@@ -15,13 +15,12 @@
     target_os = "dragonfly"
 ))]
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, cvt, not_registered, re_add, same_process, Backend, Event, Interest,
+    already_registered, cvt, not_registered, re_add, same_process, Backend, Event, FdMap, Interest,
     Readiness,
 };
 
@@ -32,7 +31,7 @@ pub struct Kqueue {
     /// Raw, not `OwnedFd`: it is closed only in the process that created it.
     kq: RawFd,
     pid: u32,
-    interests: HashMap<RawFd, Interest>,
+    interests: FdMap<Interest>,
     buffer: Vec<libc::kevent>,
 }
 
@@ -114,7 +113,7 @@ impl Kqueue {
         Ok(Kqueue {
             kq: create()?,
             pid: std::process::id(),
-            interests: HashMap::new(),
+            interests: FdMap::new(),
             buffer: Vec::with_capacity(EVENTS),
         })
     }
@@ -126,7 +125,7 @@ impl Backend for Kqueue {
     }
 
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        if self.interests.contains_key(&fd) {
+        if self.interests.contains(fd) {
             return Err(already_registered("kqueue", fd));
         }
         apply(self.kq, &changes(fd, Interest::NONE, interest))?;
@@ -147,7 +146,7 @@ impl Backend for Kqueue {
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
         let old = self
             .interests
-            .remove(&fd)
+            .remove(fd)
             .ok_or_else(|| not_registered("kqueue", fd))?;
         // Closing an fd removes its filters already; ENOENT/EBADF then mean "gone".
         match apply(self.kq, &changes(fd, old, Interest::NONE)) {

@@ -9,13 +9,13 @@
 //! releases this process's reference to the shared epoll — and forgotten where the
 //! kqueue number it holds may already name something else in the child.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, not_registered, re_add, same_process, Backend, Event, Interest, Readiness,
+    already_registered, not_registered, re_add, same_process, Backend, Event, FdMap, Interest,
+    Readiness,
 };
 use mio::unix::SourceFd;
 use mio::{Events, Poll, Token};
@@ -27,7 +27,7 @@ pub struct Mio {
     poll: Poll,
     pid: u32,
     events: Events,
-    interests: HashMap<RawFd, Interest>,
+    interests: FdMap<Interest>,
 }
 
 fn to_mio(interest: Interest) -> mio::Interest {
@@ -47,7 +47,7 @@ impl Mio {
             poll: Poll::new()?,
             pid: std::process::id(),
             events: Events::with_capacity(EVENTS),
-            interests: HashMap::new(),
+            interests: FdMap::new(),
         })
     }
 
@@ -55,7 +55,7 @@ impl Mio {
     /// edge-triggered: re-arming it would report unread data it does not care about
     /// forever, and make the loop spin.
     fn rearm(&self, fd: RawFd) -> io::Result<()> {
-        match self.interests.get(&fd) {
+        match self.interests.get(fd) {
             Some(&interest) if interest.intersects(Interest::READ | Interest::WRITE) => self
                 .poll
                 .registry()
@@ -71,7 +71,7 @@ impl Backend for Mio {
     }
 
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        if self.interests.contains_key(&fd) {
+        if self.interests.contains(fd) {
             return Err(already_registered("mio", fd));
         }
         self.poll
@@ -84,7 +84,7 @@ impl Backend for Mio {
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
         let slot = self
             .interests
-            .get_mut(&fd)
+            .get_mut(fd)
             .ok_or_else(|| not_registered("mio", fd))?;
         self.poll.registry().reregister(
             &mut SourceFd(&fd),
@@ -97,7 +97,7 @@ impl Backend for Mio {
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
         self.interests
-            .remove(&fd)
+            .remove(fd)
             .ok_or_else(|| not_registered("mio", fd))?;
         self.poll.registry().deregister(&mut SourceFd(&fd))
     }

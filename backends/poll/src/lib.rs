@@ -1,20 +1,19 @@
 //! The poll(2) backend: no kernel state, so nothing to rebuild after fork.
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkloop_backend::{
     already_registered, check_fd_open, closed_while_registered, cvt, not_registered, timeout_ms,
-    Backend, Event, Interest, Readiness,
+    Backend, Event, FdMap, Interest, Readiness,
 };
 
 /// poll(2) over an array the backend keeps in step with the registrations.
 #[derive(Default)]
 pub struct Poll {
     fds: Vec<libc::pollfd>,
-    index: HashMap<RawFd, usize>,
+    index: FdMap<usize>,
 }
 
 impl Poll {
@@ -67,7 +66,7 @@ impl Backend for Poll {
 
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
         check_fd_open(fd)?;
-        if self.index.contains_key(&fd) {
+        if self.index.contains(fd) {
             return Err(already_registered("poll", fd));
         }
         self.index.insert(fd, self.fds.len());
@@ -82,7 +81,7 @@ impl Backend for Poll {
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
         let i = *self
             .index
-            .get(&fd)
+            .get(fd)
             .ok_or_else(|| not_registered("poll", fd))?;
         self.fds[i].events = interest_to_events(interest);
         Ok(())
@@ -91,7 +90,7 @@ impl Backend for Poll {
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
         let i = self
             .index
-            .remove(&fd)
+            .remove(fd)
             .ok_or_else(|| not_registered("poll", fd))?;
         self.fds.swap_remove(i);
         if let Some(moved) = self.fds.get(i) {

@@ -8,7 +8,6 @@
 //! which only releases this process's reference. Its notifier fd stays open in the child
 //! (one fd per post_fork in a new process).
 
-use std::collections::HashMap;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::num::NonZeroUsize;
@@ -16,7 +15,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, not_registered, re_add, same_process, Backend, Event, Interest, Readiness,
+    already_registered, not_registered, re_add, same_process, Backend, Event, FdMap, Interest,
+    Readiness,
 };
 use polling::{Events, PollMode, Poller};
 
@@ -28,7 +28,7 @@ pub struct Polling {
     poller: ManuallyDrop<Poller>,
     pid: u32,
     events: Events,
-    interests: HashMap<RawFd, Interest>,
+    interests: FdMap<Interest>,
 }
 
 fn to_event(fd: RawFd, interest: Interest) -> polling::Event {
@@ -54,7 +54,7 @@ impl Polling {
             poller: ManuallyDrop::new(Poller::new()?),
             pid: std::process::id(),
             events: Events::with_capacity(NonZeroUsize::new(EVENTS).expect("EVENTS > 0")),
-            interests: HashMap::new(),
+            interests: FdMap::new(),
         })
     }
 }
@@ -72,7 +72,7 @@ impl Backend for Polling {
     }
 
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        if self.interests.contains_key(&fd) {
+        if self.interests.contains(fd) {
             return Err(already_registered("polling", fd));
         }
         add(&self.poller, fd, interest)?;
@@ -83,7 +83,7 @@ impl Backend for Polling {
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
         let slot = self
             .interests
-            .get_mut(&fd)
+            .get_mut(fd)
             .ok_or_else(|| not_registered("polling", fd))?;
         self.poller
             .modify_with_mode(borrowed(fd), to_event(fd, interest), PollMode::Level)?;
@@ -93,7 +93,7 @@ impl Backend for Polling {
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
         self.interests
-            .remove(&fd)
+            .remove(fd)
             .ok_or_else(|| not_registered("polling", fd))?;
         self.poller.delete(borrowed(fd))
     }

@@ -4,7 +4,6 @@
 //! buffer overflow. Here registering such an fd is an error that says what to use instead.
 //! select cannot tell a hangup from readability, so hangup-only interest is refused.
 
-use std::collections::HashMap;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::RawFd;
@@ -12,14 +11,14 @@ use std::time::Duration;
 
 use forkloop_backend::{
     already_registered, check_fd_open, closed_while_registered, cvt, not_registered, Backend,
-    Event, Interest, Readiness,
+    Event, FdMap, Interest, Readiness,
 };
 
 /// select(2) over the backend's own list of registrations.
 #[derive(Default)]
 pub struct Select {
     registrations: Vec<(RawFd, Interest)>,
-    index: HashMap<RawFd, usize>,
+    index: FdMap<usize>,
 }
 
 impl Select {
@@ -75,7 +74,7 @@ impl Backend for Select {
             ));
         }
         check_interest(fd, interest)?;
-        if self.index.contains_key(&fd) {
+        if self.index.contains(fd) {
             return Err(already_registered("select", fd));
         }
         self.index.insert(fd, self.registrations.len());
@@ -87,7 +86,7 @@ impl Backend for Select {
         check_interest(fd, interest)?;
         let i = *self
             .index
-            .get(&fd)
+            .get(fd)
             .ok_or_else(|| not_registered("select", fd))?;
         self.registrations[i].1 = interest;
         Ok(())
@@ -96,7 +95,7 @@ impl Backend for Select {
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
         let i = self
             .index
-            .remove(&fd)
+            .remove(fd)
             .ok_or_else(|| not_registered("select", fd))?;
         self.registrations.swap_remove(i);
         if let Some(&(moved, _)) = self.registrations.get(i) {
