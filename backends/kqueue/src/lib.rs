@@ -136,7 +136,7 @@ impl Backend for Kqueue {
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
         let old = *self
             .interests
-            .get(&fd)
+            .get(fd)
             .ok_or_else(|| not_registered("kqueue", fd))?;
         apply(self.kq, &changes(fd, old, interest))?;
         self.interests.insert(fd, interest);
