@@ -50,6 +50,16 @@ for target in x86_64-unknown-freebsd x86_64-apple-darwin; do
   fi
 done
 
+# The fuzzing itself needs nightly (cd fuzz && cargo +nightly fuzz run connection); its
+# corpus runs on stable in tests/fuzz_corpus.rs. Here the target is only type-checked.
+step "fuzz target: cargo check"
+if command -v c++ >/dev/null 2>&1; then
+  cargo fmt --manifest-path fuzz/Cargo.toml --check
+  CARGO_TARGET_DIR=target cargo check --manifest-path fuzz/Cargo.toml
+else
+  skipped "no C++ compiler for libfuzzer-sys; the fuzz target is not type-checked"
+fi
+
 step "cargo doc, warnings denied"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps
 
