@@ -134,10 +134,14 @@ impl Kind {
             #[allow(unreachable_patterns)]
             _ => unreachable!("check_available refused {self}"),
         };
-        created.map_err(|source| Error::Create {
-            what: self.name(),
-            source,
-        })
+        let what = match self {
+            Kind::Epoll => "an epoll instance",
+            Kind::Kqueue => "a kqueue",
+            Kind::Mio => "a mio::Poll",
+            Kind::Polling => "a polling::Poller",
+            Kind::Poll | Kind::Select => "the backend",
+        };
+        created.map_err(|source| Error::Create { what, source })
     }
 }
 
