@@ -5,6 +5,7 @@
 //! by the limits it is given.
 
 use std::fmt::Write as _;
+use std::mem::MaybeUninit;
 
 /// A parsed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +130,9 @@ pub(crate) fn reason(status: u16) -> &'static str {
 /// The interim response sent before reading a body the client waits to send.
 pub(crate) const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
+/// The most headers a request may have (`Limits::max_headers` is capped at it).
+pub(crate) const MAX_HEADERS: usize = 100;
+
 /// Bounds on what one connection may make the server hold.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -238,9 +242,11 @@ impl Parser {
 
     /// Parses a head from the buffer; `Ok(false)` if it is not complete yet.
     fn parse_head(&mut self) -> Result<bool, Refusal> {
-        let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
-        let mut parsed = httparse::Request::new(&mut headers);
-        let len = match parsed.parse(&self.buf) {
+        // On the stack and left uninitialized: this runs for every request.
+        let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut []);
+        let headers = &mut headers[..self.limits.max_headers.min(MAX_HEADERS)];
+        let len = match parsed.parse_with_uninit_headers(&self.buf, headers) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if self.buf.len() >= self.limits.max_head => {
                 return Err(refuse(431, "request head too large"));

@@ -3,7 +3,7 @@
 //! drains on SIGTERM.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
@@ -12,9 +12,10 @@ use std::panic::{self, AssertUnwindSafe};
 use std::rc::{Rc, Weak};
 use std::time::{Duration, SystemTime};
 
-use super::http::{Limits, Parsed, Parser, Request, Response, CONTINUE};
+use super::http::{Limits, Parsed, Parser, Request, Response, CONTINUE, MAX_HEADERS};
 use super::listener::{Listener, Stream};
 use super::{Config, Handler};
+use crate::id_map::IdMap;
 use crate::{Interest, Loop, Watch};
 
 /// Messages a worker sends its master, one byte each.
@@ -81,7 +82,8 @@ enum Slot {
     Pending {
         head: bool,
         keep_alive: bool,
-        line: String,
+        /// The request line, kept only when there is an access log to write it to.
+        line: Option<String>,
     },
     /// Ready to go out once every earlier slot has.
     Ready { bytes: Vec<u8>, close: bool },
@@ -91,7 +93,7 @@ impl Slot {
     /// The bytes it holds.
     fn len(&self) -> usize {
         match self {
-            Slot::Pending { line, .. } => line.len(),
+            Slot::Pending { line, .. } => line.as_ref().map_or(0, String::len),
             Slot::Ready { bytes, .. } => bytes.len(),
         }
     }
@@ -137,7 +139,7 @@ impl Conn {
 }
 
 pub(crate) struct Worker {
-    conns: HashMap<u64, Conn>,
+    conns: IdMap<u64, Conn>,
     next_conn: u64,
     listeners: Vec<(Listener, Option<Watch>)>,
     draining: bool,
@@ -218,7 +220,7 @@ impl Worker {
     ) -> Shared {
         let access_log = config.access_log.as_deref().map(open_log).transpose();
         Rc::new(RefCell::new(Worker {
-            conns: HashMap::new(),
+            conns: IdMap::default(),
             next_conn: 0,
             listeners: listeners.into_iter().map(|l| (l, None)).collect(),
             draining: false,
@@ -226,7 +228,7 @@ impl Worker {
             max_requests,
             limits: Limits {
                 max_head: config.max_header_size,
-                max_headers: 100,
+                max_headers: MAX_HEADERS,
                 max_body: config.max_body_size,
             },
             header_timeout: config.header_timeout,
@@ -474,10 +476,12 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
                     continue;
                 }
                 Ok(Some(Parsed::Request(request))) => {
-                    let line = format!(
-                        "{} {} HTTP/1.{}",
-                        request.method, request.target, request.minor_version
-                    );
+                    let line = w.access_log_path.is_some().then(|| {
+                        format!(
+                            "{} {} HTTP/1.{}",
+                            request.method, request.target, request.minor_version
+                        )
+                    });
                     let keep_alive = request.keep_alive && !w.draining;
                     let head = request.method == "HEAD";
                     conn.slots.push_back(Slot::Pending {
@@ -490,10 +494,10 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
                 }
                 Err(refusal) => {
                     log::debug!("{}: refused: {}", conn.peer, refusal.why);
-                    let date = http_date(&mut w.date).to_owned();
+                    let date = http_date(&mut w.date);
                     let mut bytes = Vec::new();
                     let response = Response::text(refusal.status, format!("{}\n", refusal.why));
-                    response.encode(&mut bytes, false, false, &date);
+                    response.encode(&mut bytes, false, false, date);
                     conn.slots.push_back(Slot::Ready { bytes, close: true });
                     conn.no_more_requests = true;
                     break;
@@ -571,10 +575,10 @@ fn complete(worker: &Shared, lp: &mut Loop, id: u64, seq: u64, response: Respons
             unreachable!()
         };
         let keep_alive = keep_alive && !w.draining;
-        let date = http_date(&mut w.date).to_owned();
+        let date = http_date(&mut w.date);
         let mut bytes = Vec::with_capacity(response.body.len() + 160);
-        response.encode(&mut bytes, head, keep_alive, &date);
-        if let Some(log) = &mut w.access_log {
+        response.encode(&mut bytes, head, keep_alive, date);
+        if let (Some(log), Some(line)) = (&mut w.access_log, line) {
             let _ = writeln!(
                 log,
                 "{} - - [{date}] \"{line}\" {} {}",
@@ -773,9 +777,9 @@ fn on_timeout(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind) {
         };
         conn.timer = None;
         if kind == TimerKind::Header && conn.parser.buffered() > 0 {
-            let date = http_date(&mut w.date).to_owned();
+            let date = http_date(&mut w.date);
             let mut bytes = Vec::new();
-            Response::text(408, "request head timed out\n").encode(&mut bytes, false, false, &date);
+            Response::text(408, "request head timed out\n").encode(&mut bytes, false, false, date);
             conn.slots.push_back(Slot::Ready { bytes, close: true });
             conn.no_more_requests = true;
             true
