@@ -647,17 +647,12 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
         linger(worker, lp, id);
         return;
     }
-    if want_write {
-        let fd = worker.borrow().conns[&id].stream.as_raw_fd();
-        let w = worker.clone();
-        match lp.watch_io(fd, Interest::WRITE, move |lp, _| on_writable(&w, lp, id)) {
-            Ok(watch) => worker.borrow_mut().conns.get_mut(&id).expect("live").write = Some(watch),
-            Err(e) => {
-                log::error!("watching a connection for write: {e}");
-                close(worker, lp, id);
-                return;
-            }
-        }
+    if want_write
+        && !watch_conn(worker, lp, id, Interest::WRITE, on_writable, |c| {
+            &mut c.write
+        })
+    {
+        return;
     }
     if resume {
         // Pipelined requests were held back while the queue was full.
@@ -710,28 +705,47 @@ fn linger(worker: &Shared, lp: &mut Loop, id: u64) {
 /// EOF or a refusal, and not while its parser is full (pipelined requests held back),
 /// where a level-triggered watch on unread input would spin.
 fn update_reading(worker: &Shared, lp: &mut Loop, id: u64) {
-    let (wanted, watching, fd) = {
+    let (wanted, watching) = {
         let w = worker.borrow();
         let Some(conn) = w.conns.get(&id) else {
             return;
         };
         let wanted = conn.lingering
             || (!conn.peer_closed && !conn.no_more_requests && conn.parser.room() > 0);
-        (wanted, conn.read.is_some(), conn.stream.as_raw_fd())
+        (wanted, conn.read.is_some())
     };
-    if wanted == watching {
-        return;
+    match (wanted, watching) {
+        (true, false) => {
+            watch_conn(worker, lp, id, Interest::READ, on_readable, |c| &mut c.read);
+        }
+        (false, true) => cancel_watch(worker, lp, id, |c| c.read.take()),
+        _ => {}
     }
-    if !wanted {
-        cancel_watch(worker, lp, id, |c| c.read.take());
-        return;
-    }
+}
+
+/// Adds one of a connection's watches (`slot` picks which) calling `on_ready`; a
+/// connection that cannot be watched is closed. Returns whether it was watched.
+fn watch_conn(
+    worker: &Shared,
+    lp: &mut Loop,
+    id: u64,
+    interest: Interest,
+    on_ready: fn(&Shared, &mut Loop, u64),
+    slot: fn(&mut Conn) -> &mut Option<Watch>,
+) -> bool {
+    let Some(fd) = worker.borrow().conns.get(&id).map(|c| c.stream.as_raw_fd()) else {
+        return false;
+    };
     let w = worker.clone();
-    match lp.watch_io(fd, Interest::READ, move |lp, _| on_readable(&w, lp, id)) {
-        Ok(watch) => worker.borrow_mut().conns.get_mut(&id).expect("live").read = Some(watch),
+    match lp.watch_io(fd, interest, move |lp, _| on_ready(&w, lp, id)) {
+        Ok(watch) => {
+            *slot(worker.borrow_mut().conns.get_mut(&id).expect("live")) = Some(watch);
+            true
+        }
         Err(e) => {
-            log::error!("watching a connection for input: {e}");
+            log::error!("watching connection {id}: {e}");
             close(worker, lp, id);
+            false
         }
     }
 }
