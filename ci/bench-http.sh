@@ -135,7 +135,7 @@ port = int(sys.argv[1])
 def pid(timeout):
     s = socket.create_connection(("127.0.0.1", port), timeout)
     s.settimeout(timeout)
-    s.sendall(b"GET /pid HTTP/1.1\r\nConnection: close\r\n\r\n")
+    s.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     data = b""
     while chunk := s.recv(4096):
         data += chunk

@@ -54,15 +54,21 @@ struct Serve {
     /// Seconds without a heartbeat after which a worker is killed and replaced.
     #[arg(long, value_name = "S", default_value = "30", value_parser = parse_seconds)]
     heartbeat_timeout: Duration,
-    /// Seconds for a request head to arrive (else 408 and close).
+    /// Seconds for a request head to arrive, from its first byte (else 408 and close).
     #[arg(long, value_name = "S", default_value = "10", value_parser = parse_seconds)]
     header_timeout: Duration,
+    /// Seconds without progress while a request body is read (else 408 and close).
+    #[arg(long, value_name = "S", default_value = "10", value_parser = parse_seconds)]
+    body_timeout: Duration,
     /// Seconds an idle keep-alive connection stays open.
     #[arg(long, value_name = "S", default_value = "5", value_parser = parse_seconds)]
     keepalive_timeout: Duration,
     /// Largest request body accepted (else 413).
     #[arg(long, value_name = "BYTES", default_value = "1048576")]
     max_body_size: u64,
+    /// Largest request head accepted (else 431; a longer request line alone, 414).
+    #[arg(long, value_name = "BYTES", default_value = "16384", value_parser = clap::value_parser!(u64).range(64..=1 << 24))]
+    max_header_size: u64,
     /// Recycle a worker after N requests (through the same overlap as HUP).
     #[arg(long, value_name = "N")]
     max_requests: Option<u64>,
@@ -93,6 +99,9 @@ enum App {
     Panicky,
     /// The built-in app, logging every hook call.
     Hooks,
+    /// Responses a handler must not be able to put on the wire, for the conformance
+    /// tests: each path answers with one kind of invalid (or framing) header or status.
+    HostileResponses,
 }
 
 fn parse_kind(s: &str) -> Result<Kind, String> {
@@ -132,6 +141,33 @@ fn hello(lp: &mut Loop, request: Request, responder: Responder) {
     responder.send(lp, response);
 }
 
+/// `--app hostile-responses`: what a buggy handler may write, by path.
+fn hostile(lp: &mut Loop, request: Request, responder: Responder) {
+    let ok = |name: &str, value: &str| Response::text(200, "hi").header(name, value);
+    let response = match request.path() {
+        "/header-crlf" => ok("X-Bad", "a\r\nInjected: 1"),
+        "/header-nul" => ok("X-Bad", "a\0b"),
+        "/header-name-space" => ok("Bad Name", "v"),
+        "/status-99" => Response::text(99, "hi"),
+        "/status-101" => Response::text(101, "hi"),
+        "/status-1000" => Response::text(1000, "hi"),
+        "/cl-wrong" => ok("Content-Length", "999"),
+        "/cl-right" => ok("Content-Length", "2"),
+        "/te" => ok("Transfer-Encoding", "chunked"),
+        "/connection-close" => ok("Connection", "close"),
+        "/connection-keep-alive" => ok("Connection", "keep-alive"),
+        "/no-content-body" => Response::new(204, "x"),
+        "/no-content" => Response::new(204, ""),
+        "/drop" => {
+            // Dropped outside the handler call, from the loop's next iteration.
+            lp.later(move |_| drop(responder));
+            return;
+        }
+        _ => return hello(lp, request, responder),
+    };
+    responder.send(lp, response);
+}
+
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format(|buf, record| {
@@ -154,8 +190,10 @@ fn main() {
     config.graceful_timeout = args.graceful_timeout;
     config.heartbeat_timeout = args.heartbeat_timeout;
     config.header_timeout = args.header_timeout;
+    config.body_timeout = args.body_timeout;
     config.keepalive_timeout = args.keepalive_timeout;
     config.max_body_size = args.max_body_size;
+    config.max_header_size = args.max_header_size as usize;
     config.max_requests = args.max_requests;
     config.max_requests_jitter = args.max_requests_jitter;
     config.pid_file = args.pid_file;
@@ -168,6 +206,7 @@ fn main() {
             .on_worker_exit(|slot, pid, status| {
                 log::info!("hook worker_exit slot {slot} pid {pid} {status}")
             }),
+        App::HostileResponses => Server::new(config, hostile),
         App::CrashAtStart => {
             Server::new(config, hello).after_fork(|_| panic!("the app failed to start"))
         }

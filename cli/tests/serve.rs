@@ -20,14 +20,14 @@ fn built_in_app_answers_its_four_routes_and_head() {
     assert_ne!(worker, server.pid, "workers answer, not the master");
     let reply = exchange(
         &server.addr,
-        b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
     );
     assert_eq!(parse(&reply), (200, "hello".into()));
     let (status, body) = get(&server.addr, "/sleep?ms=50");
     assert_eq!((status, body.as_str()), (200, "slept 50 ms"));
     let head = exchange(
         &server.addr,
-        b"HEAD / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"HEAD / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
     );
     assert!(
         head.contains("Content-Length: 13\r\n") && head.ends_with("\r\n\r\n"),
@@ -45,7 +45,7 @@ fn keep_alive_and_pipelining_answer_in_order_on_one_connection() {
     let server = start(&[]);
     let mut s = TcpStream::connect(&server.addr).unwrap();
     s.set_read_timeout(Some(LIMIT)).unwrap();
-    s.write_all(b"GET /sleep?ms=100 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\nGET /pid HTTP/1.1\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /sleep?ms=100 HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\nGET /pid HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -70,7 +70,7 @@ fn http_1_0_closes_unless_asked_and_expect_continue_gets_100() {
     );
     let mut s = TcpStream::connect(&server.addr).unwrap();
     s.set_read_timeout(Some(LIMIT)).unwrap();
-    s.write_all(b"POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n")
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut interim = [0u8; 25];
     s.read_exact(&mut interim).unwrap();
@@ -85,15 +85,18 @@ fn http_1_0_closes_unless_asked_and_expect_continue_gets_100() {
 fn bad_requests_get_a_status_and_a_closed_connection() {
     let server = start(&["--max-body-size", "100", "--header-timeout", "0.3"]);
     let status = |req: &[u8]| parse(&exchange(&server.addr, req)).0;
-    assert_eq!(status(b"BLAH\x01 / HTTP/1.1\r\n\r\n"), 400);
-    let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+    assert_eq!(status(b"BLAH\x01 / HTTP/1.1\r\nHost: t\r\n\r\n"), 400);
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
     assert_eq!(status(huge.as_bytes()), 431);
     assert_eq!(
-        status(b"POST /echo HTTP/1.1\r\nContent-Length: 101\r\n\r\n"),
+        status(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 101\r\n\r\n"),
         413
     );
     assert_eq!(
-        status(b"POST /echo HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        status(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"),
         400
     );
     // A head that never completes: 408, then the connection closes.
@@ -124,7 +127,7 @@ fn idle_keep_alive_connections_close_after_the_timeout() {
     let server = start(&["--keepalive-timeout", "0.3"]);
     let mut s = TcpStream::connect(&server.addr).unwrap();
     s.set_read_timeout(Some(LIMIT)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
     let mut out = String::new();
     // read_to_string returns once the server closes the idle connection.
     s.read_to_string(&mut out).unwrap();
@@ -163,7 +166,7 @@ fn term_lets_in_flight_requests_finish_with_connection_close_then_exits() {
     s.set_read_timeout(Some(LIMIT)).unwrap();
     // Two pipelined requests in one segment: once the first is answered, the worker
     // holds the second (sleeping) one too, in flight when TERM arrives.
-    s.write_all(b"GET / HTTP/1.1\r\n\r\nGET /sleep?ms=300 HTTP/1.1\r\n\r\n")
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /sleep?ms=300 HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
     let mut first = Vec::new();
     while !String::from_utf8_lossy(&first).ends_with("Hello, World!") {
@@ -298,7 +301,7 @@ fn unix_socket_listener_serves_and_its_file_is_removed_at_exit() {
     let mut server = start(&["--listen", &listen]);
     let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
     s.set_read_timeout(Some(LIMIT)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -336,8 +339,10 @@ fn a_second_int_stops_at_once_without_waiting_for_in_flight_requests() {
     let mut server = start(&["--graceful-timeout", "60"]);
     let mut s = TcpStream::connect(&server.addr).unwrap();
     s.set_read_timeout(Some(LIMIT)).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\n\r\nGET /sleep?ms=60000 HTTP/1.1\r\n\r\n")
-        .unwrap();
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /sleep?ms=60000 HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .unwrap();
     let mut buf = [0u8; 1024];
     let n = s.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).ends_with("Hello, World!"));
@@ -362,8 +367,10 @@ fn a_second_int_stops_at_once_without_waiting_for_in_flight_requests() {
 fn the_graceful_timeout_kills_what_is_left() {
     let mut server = start(&["--graceful-timeout", "0.3"]);
     let mut s = TcpStream::connect(&server.addr).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\n\r\nGET /sleep?ms=60000 HTTP/1.1\r\n\r\n")
-        .unwrap();
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /sleep?ms=60000 HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .unwrap();
     let mut buf = [0u8; 1024];
     let _ = s.read(&mut buf).unwrap();
     server.signal(libc::SIGTERM);
@@ -385,7 +392,7 @@ fn a_stuck_worker_misses_its_heartbeat_and_is_replaced() {
     // /block spins in the handler: the worker's loop never runs again.
     let blocker = TcpStream::connect(&server.addr).unwrap();
     (&blocker)
-        .write_all(b"GET /block HTTP/1.1\r\n\r\n")
+        .write_all(b"GET /block HTTP/1.1\r\nHost: t\r\n\r\n")
         .unwrap();
     server.wait_for("sent no heartbeat");
     eventually("the stuck worker is gone", || !running(stuck));
@@ -436,7 +443,7 @@ fn a_request_arriving_in_pieces_during_a_drain_is_still_answered() {
     // its own, the case a drain once mistook for an idle connection. Right code passes
     // however the pieces arrive.
     std::thread::sleep(std::time::Duration::from_millis(50));
-    a.write_all(b"TP/1.1\r\n\r\n").unwrap();
+    a.write_all(b"TP/1.1\r\nHost: t\r\n\r\n").unwrap();
     let mut reply = String::new();
     a.read_to_string(&mut reply).unwrap();
     assert!(

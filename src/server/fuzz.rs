@@ -17,9 +17,11 @@ use crate::Loop;
 /// Header limits small enough that a fuzzer reaches them.
 const MAX_HEAD: usize = 1024;
 const MAX_BODY: u64 = 2048;
-/// A connection's parser holds at most a head or a 64 KiB read of body; its queue at
-/// most `MAX_PIPELINED` responses of at most `MAX_BODY` bytes plus their heads.
-const BUFFER_BOUND: usize = MAX_HEAD + 64 * 1024 + MAX_PIPELINED * (MAX_BODY as usize + 512);
+/// What one connection may hold: its parser, at most a head or a 64 KiB window of body
+/// input plus the body read so far (at most `MAX_BODY`); its queue, at most
+/// `MAX_PIPELINED` responses of at most `MAX_BODY` bytes plus their heads.
+const BUFFER_BOUND: usize =
+    MAX_HEAD + 64 * 1024 + MAX_BODY as usize + MAX_PIPELINED * (MAX_BODY as usize + 512);
 /// Between the input and the cut positions in an encoded fuzz case.
 const CUTS_MARKER: &[u8] = b"\0#cuts\0";
 

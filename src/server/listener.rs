@@ -3,6 +3,7 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
@@ -20,7 +21,7 @@ pub enum Listener {
 
 impl Listener {
     /// Binds `host:port` or `unix:/path`. A Unix socket file left by a dead server is
-    /// replaced; one a live server answers on is an error.
+    /// replaced; a live one, or a file at that path that is not a socket, is an error.
     pub fn bind(address: &str) -> io::Result<Listener> {
         let listener = match address.strip_prefix("unix:") {
             Some(path) => bind_unix(PathBuf::from(path))?,
@@ -94,15 +95,31 @@ fn bind_tcp(address: &str) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
+/// Binds a Unix socket at `path`. A socket file no server answers on (left by a dead
+/// one) is replaced; anything else at `path` — a live socket, a regular file, a
+/// directory, a symlink — is an error naming it, and is never removed.
 fn bind_unix(path: PathBuf) -> io::Result<Listener> {
-    if path.exists() {
-        if UnixStream::connect(&path).is_ok() {
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
             return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{} is in use by a live server", path.display()),
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                ),
             ));
         }
-        std::fs::remove_file(&path)?;
+        Ok(_) => {
+            if UnixStream::connect(&path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a live server", path.display()),
+                ));
+            }
+            std::fs::remove_file(&path)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
     }
     let listener = UnixListener::bind(&path)?;
     Ok(Listener::Unix(listener, path))
@@ -144,5 +161,42 @@ impl AsRawFd for Stream {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("forkloop-listener-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_socket_is_never_replaced() {
+        let path = scratch("regular");
+        std::fs::write(&path, "precious").unwrap();
+        let err = Listener::bind(&format!("unix:{}", path.display())).unwrap_err();
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+        let path = scratch("sock");
+        let address = format!("unix:{}", path.display());
+        drop(UnixListener::bind(&path).unwrap());
+        let live = Listener::bind(&address).expect("a socket nobody answers on is replaced");
+        let err = Listener::bind(&address).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        drop(live);
+        std::fs::remove_file(&path).unwrap();
     }
 }

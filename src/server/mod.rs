@@ -63,13 +63,19 @@ pub struct Config {
     pub graceful_timeout: Duration,
     /// A worker silent for this long is killed and replaced.
     pub heartbeat_timeout: Duration,
-    /// A request head must arrive within this (else 408 and close).
+    /// A request head must arrive within this, counted from its first byte (or the end
+    /// of the previous request); else 408 and close.
     pub header_timeout: Duration,
+    /// While a body is read, the longest wait for more of it; else 408 and close. A
+    /// body that keeps coming, however slowly, is read to its end (within
+    /// `max_body_size`).
+    pub body_timeout: Duration,
     /// An idle keep-alive connection is closed after this.
     pub keepalive_timeout: Duration,
     /// Largest request body accepted (else 413).
     pub max_body_size: u64,
-    /// Largest request head accepted (else 431).
+    /// Largest request head accepted (else 431; a request line alone longer than this
+    /// gets 414). Also bounds a chunked body's trailer section.
     pub max_header_size: usize,
     /// Recycle a worker after this many requests (plus up to `max_requests_jitter`).
     pub max_requests: Option<u64>,
@@ -92,6 +98,7 @@ impl Default for Config {
             graceful_timeout: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             max_body_size: 1024 * 1024,
             max_header_size: 16 * 1024,

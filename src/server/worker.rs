@@ -5,12 +5,12 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::{Rc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::http::{Limits, Parsed, Parser, Request, Response, CONTINUE, MAX_HEADERS};
 use super::listener::{Listener, Stream};
@@ -46,13 +46,36 @@ pub(crate) struct WorkerSetup<'a> {
 }
 
 /// Answers one request. Send exactly once, now or later from the loop; a responder
-/// dropped unsent answers 500 (at once if dropped during the handler call, else within
-/// a quarter of the heartbeat timeout).
+/// dropped unsent answers 500 (at once if dropped during the handler call, else in the
+/// loop's next iteration).
 pub struct Responder {
     worker: Weak<RefCell<Worker>>,
+    unanswered: Rc<Unanswered>,
     conn: u64,
     seq: u64,
     sent: bool,
+}
+
+/// Requests whose responders were dropped unsent. Kept apart from the worker, so that
+/// a drop can always record itself, even while the worker is borrowed; and with a
+/// socketpair whose readable end wakes the worker's loop to answer them.
+struct Unanswered {
+    queue: RefCell<Vec<(u64, u64)>>,
+    wake: UnixStream,
+    woken: UnixStream,
+}
+
+impl Unanswered {
+    fn new() -> io::Result<Unanswered> {
+        let (wake, woken) = UnixStream::pair()?;
+        wake.set_nonblocking(true)?;
+        woken.set_nonblocking(true)?;
+        Ok(Unanswered {
+            queue: RefCell::new(Vec::new()),
+            wake,
+            woken,
+        })
+    }
 }
 
 impl Responder {
@@ -67,12 +90,13 @@ impl Responder {
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        if !self.sent {
-            if let Some(worker) = self.worker.upgrade() {
-                if let Ok(mut w) = worker.try_borrow_mut() {
-                    w.unanswered.push((self.conn, self.seq));
-                }
-            }
+        if !self.sent && self.worker.strong_count() > 0 {
+            self.unanswered
+                .queue
+                .borrow_mut()
+                .push((self.conn, self.seq));
+            // A full socket already holds a wake-up: nothing is lost by ignoring that.
+            let _ = (&self.unanswered.wake).write(&[1]);
         }
     }
 }
@@ -102,6 +126,7 @@ impl Slot {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum TimerKind {
     Header,
+    Body,
     Idle,
     Linger,
 }
@@ -116,6 +141,8 @@ struct Conn {
     read: Option<Watch>,
     write: Option<Watch>,
     timer: Option<(TimerKind, Watch)>,
+    /// When input last came: the body timeout counts from it.
+    last_read: Instant,
     /// No more requests are parsed: refused input, or the peer's EOF with no complete
     /// request left in the buffer.
     no_more_requests: bool,
@@ -147,13 +174,14 @@ pub(crate) struct Worker {
     max_requests: Option<u64>,
     limits: Limits,
     header_timeout: Duration,
+    body_timeout: Duration,
     keepalive_timeout: Duration,
     date: (u64, String),
     access_log: Option<File>,
     access_log_path: Option<std::path::PathBuf>,
     master: UnixStream,
     handler: Rc<dyn Handler>,
-    unanswered: Vec<(u64, u64)>,
+    unanswered: Rc<Unanswered>,
 }
 
 type Shared = Rc<RefCell<Worker>>;
@@ -217,9 +245,9 @@ impl Worker {
         master: UnixStream,
         listeners: Vec<Listener>,
         max_requests: Option<u64>,
-    ) -> Shared {
+    ) -> io::Result<Shared> {
         let access_log = config.access_log.as_deref().map(open_log).transpose();
-        Rc::new(RefCell::new(Worker {
+        Ok(Rc::new(RefCell::new(Worker {
             conns: IdMap::default(),
             next_conn: 0,
             listeners: listeners.into_iter().map(|l| (l, None)).collect(),
@@ -232,6 +260,7 @@ impl Worker {
                 max_body: config.max_body_size,
             },
             header_timeout: config.header_timeout,
+            body_timeout: config.body_timeout,
             keepalive_timeout: config.keepalive_timeout,
             date: (0, String::new()),
             access_log: access_log.unwrap_or_else(|e| {
@@ -241,8 +270,8 @@ impl Worker {
             access_log_path: config.access_log.clone(),
             master,
             handler,
-            unanswered: Vec::new(),
-        }))
+            unanswered: Rc::new(Unanswered::new()?),
+        })))
     }
 }
 
@@ -254,7 +283,11 @@ fn serve(lp: &mut Loop, setup: WorkerSetup<'_>, listeners: Vec<Listener>) -> cra
         setup.master,
         listeners,
         setup.max_requests,
-    );
+    )
+    .map_err(|source| crate::Error::Create {
+        what: "the worker's wake-up socketpair",
+        source,
+    })?;
 
     let w = worker.clone();
     lp.watch_signal(libc::SIGTERM, move |lp, _| drain(&w, lp))?;
@@ -283,11 +316,8 @@ fn serve(lp: &mut Loop, setup: WorkerSetup<'_>, listeners: Vec<Listener>) -> cra
     })?;
     let w = worker.clone();
     let beat = (config.heartbeat_timeout / 4).max(Duration::from_millis(50));
-    // Each beat also answers responders dropped unsent outside a handler call.
-    lp.every(beat, move |lp| {
-        tell_master(&w, HEARTBEAT);
-        answer_unanswered(&w, lp);
-    });
+    lp.every(beat, move |_| tell_master(&w, HEARTBEAT));
+    watch_unanswered(&worker, lp)?;
     start_accepting(&worker, lp)?;
     tell_master(&worker, READY);
     let code = lp.run()?;
@@ -314,6 +344,19 @@ fn reopen_log(worker: &Shared) {
             Err(e) => log::error!("reopening the access log {}: {e}", path.display()),
         }
     }
+}
+
+/// Responders dropped unsent outside a handler call wake the loop to answer 500.
+fn watch_unanswered(worker: &Shared, lp: &mut Loop) -> crate::Result<()> {
+    let fd = worker.borrow().unanswered.woken.as_raw_fd();
+    let w = worker.clone();
+    lp.watch_io(fd, Interest::READ, move |lp, _| {
+        let unanswered = w.borrow().unanswered.clone();
+        let mut buf = [0u8; 64];
+        while matches!((&unanswered.woken).read(&mut buf), Ok(1..)) {}
+        answer_unanswered(&w, lp);
+    })?;
+    Ok(())
 }
 
 fn tell_master(worker: &Shared, message: u8) {
@@ -391,6 +434,7 @@ fn add_conn(worker: &Shared, lp: &mut Loop, stream: Stream, peer: String) {
         read: None,
         write: None,
         timer: None,
+        last_read: Instant::now(),
         no_more_requests: false,
         peer_closed: false,
         lingering: false,
@@ -425,6 +469,7 @@ fn on_readable(worker: &Shared, lp: &mut Loop, id: u64) {
                 Ok(n) => {
                     if !lingering {
                         conn.parser.feed(&buf[..n]);
+                        conn.last_read = Instant::now();
                     }
                     if n < room {
                         break;
@@ -494,12 +539,7 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
                 }
                 Err(refusal) => {
                     log::debug!("{}: refused: {}", conn.peer, refusal.why);
-                    let date = http_date(&mut w.date);
-                    let mut bytes = Vec::new();
-                    let response = Response::text(refusal.status, format!("{}\n", refusal.why));
-                    response.encode(&mut bytes, false, false, date);
-                    conn.slots.push_back(Slot::Ready { bytes, close: true });
-                    conn.no_more_requests = true;
+                    refuse(conn, http_date(&mut w.date), refusal.status, refusal.why);
                     break;
                 }
             }
@@ -515,6 +555,7 @@ fn dispatch(worker: &Shared, lp: &mut Loop, id: u64, (request, seq): (Request, u
     let handler = worker.borrow().handler.clone();
     let responder = Responder {
         worker: Rc::downgrade(worker),
+        unanswered: worker.borrow().unanswered.clone(),
         conn: id,
         seq,
         sent: false,
@@ -534,8 +575,9 @@ fn dispatch(worker: &Shared, lp: &mut Loop, id: u64, (request, seq): (Request, u
 
 /// A responder dropped unsent (by a panic, or by a handler that lost it) owes a 500.
 fn answer_unanswered(worker: &Shared, lp: &mut Loop) {
-    let unanswered = std::mem::take(&mut worker.borrow_mut().unanswered);
-    for (conn, seq) in unanswered {
+    let unanswered = worker.borrow().unanswered.clone();
+    let queue = std::mem::take(&mut *unanswered.queue.borrow_mut());
+    for (conn, seq) in queue {
         complete(
             worker,
             lp,
@@ -577,14 +619,28 @@ fn complete(worker: &Shared, lp: &mut Loop, id: u64, seq: u64, response: Respons
         let keep_alive = keep_alive && !w.draining;
         let date = http_date(&mut w.date);
         let mut bytes = Vec::with_capacity(response.body.len() + 160);
-        response.encode(&mut bytes, head, keep_alive, date);
+        let fallback;
+        let sent = match response.encode(&mut bytes, head, keep_alive, date) {
+            Ok(keep_alive) => (&response, keep_alive),
+            Err(why) => {
+                log::error!(
+                    "{}: the handler's response is invalid ({why}); answering 500",
+                    conn.peer
+                );
+                fallback = Response::text(500, "Internal Server Error\n");
+                // The server's own response always encodes.
+                let keep_alive = fallback.encode(&mut bytes, head, keep_alive, date);
+                (&fallback, keep_alive.unwrap_or(false))
+            }
+        };
+        let (sent, keep_alive) = sent;
         if let (Some(log), Some(line)) = (&mut w.access_log, line) {
             let _ = writeln!(
                 log,
                 "{} - - [{date}] \"{line}\" {} {}",
                 conn.peer,
-                response.status,
-                response.body.len()
+                sent.status,
+                sent.body.len()
             );
         }
         conn.slots[index] = Slot::Ready {
@@ -755,17 +811,23 @@ fn cancel_timer(worker: &Shared, lp: &mut Loop, id: u64) {
 }
 
 /// Arms the timer a connection waiting for a request needs: the header timeout while a
-/// head is incomplete (or none has come on a new connection), else the keep-alive one.
+/// head is incomplete (or none has come on a new connection), the body timeout while a
+/// body is read, else the keep-alive one.
 fn set_timer(worker: &Shared, lp: &mut Loop, id: u64) {
     let (wanted, current) = {
         let w = worker.borrow();
         let Some(conn) = w.conns.get(&id) else { return };
         let waiting = conn.slots.is_empty() && conn.out.is_empty() && !conn.no_more_requests;
-        let wanted = match (waiting, conn.parser.mid_request() || conn.first_seq == 0) {
-            _ if conn.lingering => Some((TimerKind::Linger, LINGER)),
-            (false, _) => None,
-            (true, true) => Some((TimerKind::Header, w.header_timeout)),
-            (true, false) => Some((TimerKind::Idle, w.keepalive_timeout)),
+        let wanted = if conn.lingering {
+            Some((TimerKind::Linger, LINGER))
+        } else if !waiting {
+            None
+        } else if conn.parser.reading_body() {
+            Some((TimerKind::Body, w.body_timeout))
+        } else if conn.parser.mid_request() || conn.first_seq == 0 {
+            Some((TimerKind::Header, w.header_timeout))
+        } else {
+            Some((TimerKind::Idle, w.keepalive_timeout))
         };
         (wanted, conn.timer.map(|(kind, _)| kind))
     };
@@ -774,38 +836,65 @@ fn set_timer(worker: &Shared, lp: &mut Loop, id: u64) {
     }
     cancel_timer(worker, lp, id);
     if let Some((kind, after)) = wanted {
-        let w = worker.clone();
-        let watch = lp.after(after, move |lp| on_timeout(&w, lp, id, kind));
-        if let Some(conn) = worker.borrow_mut().conns.get_mut(&id) {
-            conn.timer = Some((kind, watch));
-        }
+        arm_timer(worker, lp, id, kind, after);
     }
 }
 
+fn arm_timer(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind, after: Duration) {
+    let w = worker.clone();
+    let watch = lp.after(after, move |lp| on_timeout(&w, lp, id, kind));
+    if let Some(conn) = worker.borrow_mut().conns.get_mut(&id) {
+        conn.timer = Some((kind, watch));
+    }
+}
+
+/// A header or body timeout answers 408 if the client has started its request; the
+/// body timeout counts from the last input, so a body that keeps coming, however
+/// slowly, is read to its end. Other timeouts close the connection.
 fn on_timeout(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind) {
-    let answer = {
+    enum Then {
+        Answer,
+        Rearm(Duration),
+        Close,
+    }
+    let then = {
         let mut guard = worker.borrow_mut();
         let w = &mut *guard;
         let Some(conn) = w.conns.get_mut(&id) else {
             return;
         };
         conn.timer = None;
-        if kind == TimerKind::Header && conn.parser.buffered() > 0 {
-            let date = http_date(&mut w.date);
-            let mut bytes = Vec::new();
-            Response::text(408, "request head timed out\n").encode(&mut bytes, false, false, date);
-            conn.slots.push_back(Slot::Ready { bytes, close: true });
-            conn.no_more_requests = true;
-            true
-        } else {
-            false
+        let quiet = conn.last_read.elapsed();
+        let then = match kind {
+            TimerKind::Header if conn.parser.buffered() > 0 => Then::Answer,
+            TimerKind::Body if quiet < w.body_timeout => Then::Rearm(w.body_timeout - quiet),
+            TimerKind::Body => Then::Answer,
+            _ => Then::Close,
+        };
+        if let Then::Answer = then {
+            let why = match kind {
+                TimerKind::Body => "request body timed out",
+                _ => "request head timed out",
+            };
+            refuse(conn, http_date(&mut w.date), 408, why);
         }
+        then
     };
-    if answer {
-        flush(worker, lp, id);
-    } else {
-        close(worker, lp, id);
+    match then {
+        Then::Answer => flush(worker, lp, id),
+        Then::Rearm(after) => arm_timer(worker, lp, id, kind, after),
+        Then::Close => close(worker, lp, id),
     }
+}
+
+/// Queues `status` as the connection's last response: no request after it is read.
+fn refuse(conn: &mut Conn, date: &str, status: u16, why: &str) {
+    let mut bytes = Vec::new();
+    let response = Response::text(status, format!("{why}\n"));
+    // A status and text of the server's own always encode.
+    let _ = response.encode(&mut bytes, false, false, date);
+    conn.slots.push_back(Slot::Ready { bytes, close: true });
+    conn.no_more_requests = true;
 }
 
 fn close(worker: &Shared, lp: &mut Loop, id: u64) {
@@ -852,13 +941,7 @@ fn drain(worker: &Shared, lp: &mut Loop) {
         .collect();
     for id in idle {
         cancel_timer(worker, lp, id);
-        let w = worker.clone();
-        let watch = lp.after(DRAIN_GRACE, move |lp| {
-            on_timeout(&w, lp, id, TimerKind::Idle)
-        });
-        if let Some(conn) = worker.borrow_mut().conns.get_mut(&id) {
-            conn.timer = Some((TimerKind::Idle, watch));
-        }
+        arm_timer(worker, lp, id, TimerKind::Idle, DRAIN_GRACE);
     }
     if worker.borrow().conns.is_empty() {
         lp.stop(0);
@@ -877,6 +960,23 @@ fn http_date(cache: &mut (u64, String)) -> &str {
     &cache.1
 }
 
+/// A worker with no listeners and no master, serving one connection on a socketpair:
+/// its loop, the worker, and the client's end (non-blocking).
+fn one_connection(
+    config: &Config,
+    handler: Rc<dyn Handler>,
+) -> io::Result<(Loop, Shared, UnixStream)> {
+    let mut lp = Loop::new().map_err(io::Error::other)?;
+    let (master, _master_end) = UnixStream::pair()?;
+    let worker = Worker::new(config, handler, master, Vec::new(), None)?;
+    watch_unanswered(&worker, &mut lp).map_err(io::Error::other)?;
+    let (client, server) = UnixStream::pair()?;
+    client.set_nonblocking(true)?;
+    server.set_nonblocking(true)?;
+    add_conn(&worker, &mut lp, Stream::Unix(server), "test".into());
+    Ok((lp, worker, client))
+}
+
 /// The connection state machine without a network, for the fuzz target: one worker
 /// (no listeners, no master) serving `handler` on one end of a socketpair, while the
 /// other end sends `chunks` one write each (as a client's segments arrive), reads
@@ -889,13 +989,7 @@ pub(crate) fn drive_connection(
     handler: Rc<dyn Handler>,
     chunks: &[&[u8]],
 ) -> io::Result<(Vec<u8>, usize)> {
-    let mut lp = Loop::new().map_err(io::Error::other)?;
-    let (master, _master_end) = UnixStream::pair()?;
-    let worker = Worker::new(config, handler, master, Vec::new(), None);
-    let (mut client, server) = UnixStream::pair()?;
-    client.set_nonblocking(true)?;
-    server.set_nonblocking(true)?;
-    add_conn(&worker, &mut lp, Stream::Unix(server), "fuzz".into());
+    let (mut lp, worker, mut client) = one_connection(config, handler)?;
     let (mut output, mut peak) = (Vec::new(), 0);
     let mut step = |lp: &mut Loop, client: &mut UnixStream| -> io::Result<bool> {
         lp.loop_once(Some(Duration::ZERO))
@@ -913,7 +1007,7 @@ pub(crate) fn drive_connection(
         let open = w.conns.values().next();
         if let Some(conn) = open {
             let slots: usize = conn.slots.iter().map(Slot::len).sum();
-            peak = peak.max(conn.parser.buffered() + conn.out.len() + slots);
+            peak = peak.max(conn.parser.held() + conn.out.len() + slots);
         }
         Ok(open.is_some())
     };
@@ -942,4 +1036,47 @@ pub(crate) fn drive_connection(
     Err(io::Error::other(
         "the connection is still open 1000 iterations after the client's EOF",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_responder_dropped_while_the_worker_is_borrowed_still_answers_500() {
+        let kept: Rc<RefCell<Option<Responder>>> = Rc::default();
+        let stash = kept.clone();
+        let handler = move |_: &mut Loop, _: Request, responder: Responder| {
+            *stash.borrow_mut() = Some(responder);
+        };
+        let (mut lp, worker, mut client) =
+            one_connection(&Config::default(), Rc::new(handler)).unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        for _ in 0..100 {
+            if kept.borrow().is_some() {
+                break;
+            }
+            lp.loop_once(Some(Duration::from_millis(10))).unwrap();
+        }
+        let responder = kept.borrow_mut().take().expect("the handler ran");
+        {
+            let _busy = worker.borrow_mut();
+            drop(responder);
+        }
+        let mut reply = Vec::new();
+        for _ in 0..100 {
+            lp.loop_once(Some(Duration::from_millis(10))).unwrap();
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = client.read(&mut buf) {
+                reply.extend_from_slice(&buf[..n]);
+            }
+            if reply.ends_with(b"Internal Server Error\n") {
+                break;
+            }
+        }
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 500 "), "{reply:?}");
+    }
 }

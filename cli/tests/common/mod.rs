@@ -34,9 +34,15 @@ pub fn start(args: &[&str]) -> Server {
     server
 }
 
+/// The binary under test: this build's, or `FORKLOOP_TEST_BIN` (to run a suite against
+/// another build, such as the one before a change).
+pub fn binary() -> std::ffi::OsString {
+    std::env::var_os("FORKLOOP_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_forkloop").into())
+}
+
 /// Starts `forkloop serve` without waiting for it to become ready.
 pub fn spawn(args: &[&str]) -> Server {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_forkloop"));
+    let mut cmd = Command::new(binary());
     cmd.arg("serve");
     if !args.contains(&"--listen") {
         cmd.args(["--listen", "127.0.0.1:0"]);
