@@ -310,3 +310,52 @@ fn a_million_keep_alive_requests_do_not_grow_a_worker() {
         rss_end - rss_warm
     );
 }
+
+#[test]
+fn a_chunk_size_past_the_body_limit_is_refused_before_the_worker_grows() {
+    let flood: usize = size(20 << 20, 200 << 20);
+    let server = start(&["--workers", "1", "--max-body-size", "1024"]);
+    let worker = children(server.pid)[0];
+    assert_eq!(try_get(&server.addr), Some(200));
+    let rss_before = rss_kib(worker);
+    let mut stream = TcpStream::connect(&server.addr).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut reader = stream.try_clone().unwrap();
+    let replies = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = reader.read_to_end(&mut out);
+        out
+    });
+    // Once the wrapping bug: 1 + 0xffffffffffffffff passed a 1024-byte limit.
+    let attack = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n\
+                   1\r\na\r\nffffffffffffffff\r\n";
+    let flooder = std::thread::spawn(move || {
+        let _ = stream.write_all(attack);
+        let block = vec![b'x'; 64 * 1024];
+        let mut sent = 0;
+        while sent < flood && stream.write_all(&block).is_ok() {
+            sent += block.len();
+        }
+        sent
+    });
+    let deadline = Instant::now() + LIMIT;
+    let mut rss_peak = rss_before;
+    while !flooder.is_finished() {
+        assert!(Instant::now() < deadline, "the flood did not end");
+        rss_peak = rss_peak.max(rss_kib(worker));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let sent = flooder.join().unwrap();
+    let reply = String::from_utf8_lossy(&replies.join().unwrap()).into_owned();
+    println!(
+        "figure: chunk size 0xffffffffffffffff after a 1-byte chunk, then {} MiB sent: \
+         worker RSS {rss_before} KiB before, {rss_peak} KiB at most",
+        sent >> 20
+    );
+    assert!(reply.starts_with("HTTP/1.1 413 "), "{reply:?}");
+    assert!(
+        rss_peak < rss_before + 2048,
+        "the worker grew by {} KiB",
+        rss_peak - rss_before
+    );
+}
