@@ -41,6 +41,12 @@ else
   skipped "cargo-nextest is not installed"
 fi
 
+# The RFC 9112/9110 conformance suite of our own (cli/tests/conformance.rs) ran with
+# the tests above; this is a third-party tool's verdict on the same binary.
+step "HTTP/1.1 conformance: httplint against forkloop serve"
+cargo build -p forkloop-cli
+ci/http-conformance.sh target/debug/forkloop
+
 for target in x86_64-unknown-freebsd x86_64-apple-darwin; do
   step "kqueue cross-check: clippy for $target"
   if rustup target list --installed | grep -qx "$target" || rustup target add "$target"; then

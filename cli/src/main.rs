@@ -117,6 +117,11 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s}: {e}"))
 }
 
+/// A 405, with the `Allow` header RFC 9110 §15.5.6 requires.
+fn not_allowed(allow: &str) -> Response {
+    Response::text(405, "method not allowed\n").header("Allow", allow)
+}
+
 /// The built-in app: `GET /`, `GET /pid`, `POST /echo`, `GET /sleep?ms=N`.
 fn hello(lp: &mut Loop, request: Request, responder: Responder) {
     let response = match (request.method.as_str(), request.path()) {
@@ -135,7 +140,11 @@ fn hello(lp: &mut Loop, request: Request, responder: Responder) {
             }
             None => Response::text(400, "usage: /sleep?ms=N\n"),
         },
-        (_, "/" | "/pid" | "/echo" | "/sleep") => Response::text(405, "method not allowed\n"),
+        // RFC 9110 §9.3.7: OPTIONS * asks about the server itself.
+        ("OPTIONS", "*") => Response::new(204, "").header("Allow", "GET, HEAD, POST, OPTIONS"),
+        (_, "/" | "/pid") => not_allowed("GET, HEAD"),
+        (_, "/echo") => not_allowed("POST"),
+        (_, "/sleep") => not_allowed("GET"),
         _ => Response::text(404, "not found\n"),
     };
     responder.send(lp, response);

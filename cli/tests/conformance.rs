@@ -525,7 +525,7 @@ fn cases() -> Vec<Case> {
             Accepted(&[404]),
         ),
         case("target: absolute-form, not http", "RFC 9112 §3.2.2", line(b"GET ftp://x/ HTTP/1.1"), Rejected(400)),
-        case("target: OPTIONS *", "RFC 9112 §3.2.4", line(b"OPTIONS * HTTP/1.1"), Accepted(&[404])),
+        case("target: OPTIONS *", "RFC 9112 §3.2.4", line(b"OPTIONS * HTTP/1.1"), Accepted(&[204])),
         case("target: GET *", "RFC 9112 §3.2.4", line(b"GET * HTTP/1.1"), Rejected(400)),
         case(
             "target: authority-form for GET",
