@@ -54,13 +54,14 @@ struct Serve {
     /// Seconds without a heartbeat after which a worker is killed and replaced.
     #[arg(long, value_name = "S", default_value = "30", value_parser = parse_seconds)]
     heartbeat_timeout: Duration,
-    /// Seconds for a request head to arrive, from its first byte (else 408 and close).
+    /// Seconds for a request head to arrive: from the accept, then from each later
+    /// request's first byte (else 408 and close).
     #[arg(long, value_name = "S", default_value = "10", value_parser = parse_seconds)]
     header_timeout: Duration,
     /// Seconds without progress while a request body is read (else 408 and close).
     #[arg(long, value_name = "S", default_value = "10", value_parser = parse_seconds)]
     body_timeout: Duration,
-    /// Seconds an idle keep-alive connection stays open.
+    /// Seconds an idle keep-alive connection stays open (0: no keep-alive).
     #[arg(long, value_name = "S", default_value = "5", value_parser = parse_seconds)]
     keepalive_timeout: Duration,
     /// Largest request body accepted (else 413).

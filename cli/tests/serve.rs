@@ -222,10 +222,10 @@ fn ttin_and_ttou_change_the_worker_count_never_below_one() {
     let pid = server.pid;
     let workers = || children(pid).into_iter().filter(|p| running(*p)).count();
     server.signal(libc::SIGTTIN);
-    server.wait_for("TTIN: 2 workers");
+    server.wait_for("TTIN: workers: 2");
     eventually("two workers", || workers() == 2);
     server.signal(libc::SIGTTOU);
-    server.wait_for("TTOU: 1 workers");
+    server.wait_for("TTOU: workers: 1");
     eventually("one worker", || workers() == 1);
     server.signal(libc::SIGTTOU);
     server.wait_for("already at one worker");
@@ -332,6 +332,48 @@ fn usr1_makes_workers_reopen_the_access_log() {
     });
     assert!(!std::fs::read_to_string(&rotated).unwrap().is_empty());
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn refused_requests_are_in_the_access_log_too() {
+    let dir = std::env::temp_dir().join(format!("forkloop-refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let server = start(&["--access-log", log.to_str().unwrap(), "--workers", "1"]);
+    assert!(exchange(&server.addr, b"GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 400 "));
+    eventually("the refusal logged", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"-\" 400 "))
+    });
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_keepalive_timeout_of_zero_turns_keep_alive_off() {
+    let server = start(&["--keepalive-timeout", "0"]);
+    let reply = exchange(
+        &server.addr,
+        b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n",
+    );
+    assert!(reply.contains("Connection: close\r\n"), "{reply:?}");
+    assert_eq!(reply.matches("HTTP/1.1 200").count(), 1, "{reply:?}");
+}
+
+#[test]
+fn zero_request_timeouts_and_an_empty_unix_path_are_refused_at_start() {
+    for args in [
+        &["--header-timeout", "0"][..],
+        &["--body-timeout", "0"],
+        &["--listen", "unix:"],
+    ] {
+        let mut server = spawn(args);
+        let status = server.wait_exit();
+        assert_eq!(status.code(), Some(1), "{args:?}");
+        let log = server.drain_log().join("\n");
+        assert!(
+            log.contains(args[0]) || log.contains("unix: needs a path"),
+            "{args:?}: {log}"
+        );
+    }
 }
 
 #[test]

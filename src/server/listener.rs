@@ -24,6 +24,12 @@ impl Listener {
     /// replaced; a live one, or a file at that path that is not a socket, is an error.
     pub fn bind(address: &str) -> io::Result<Listener> {
         let listener = match address.strip_prefix("unix:") {
+            Some("") => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "unix: needs a path, as in unix:/run/app.sock",
+                ))
+            }
             Some(path) => bind_unix(PathBuf::from(path))?,
             None => Listener::Tcp(bind_tcp(address)?),
         };
@@ -121,8 +127,13 @@ fn bind_unix(path: PathBuf) -> io::Result<Listener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
     }
-    let listener = UnixListener::bind(&path)?;
-    Ok(Listener::Unix(listener, path))
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.bind(&socket2::SockAddr::unix(&path)?)?;
+    socket.listen(BACKLOG)?;
+    Ok(Listener::Unix(
+        UnixListener::from(std::os::fd::OwnedFd::from(socket)),
+        path,
+    ))
 }
 
 /// An accepted connection.

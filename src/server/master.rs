@@ -107,6 +107,14 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
     if config.listen.is_empty() {
         return Err(ServerError::Config("no --listen address".into()));
     }
+    let timeouts = [
+        ("--header-timeout", config.header_timeout),
+        ("--body-timeout", config.body_timeout),
+        ("--heartbeat-timeout", config.heartbeat_timeout),
+    ];
+    if let Some((flag, _)) = timeouts.iter().find(|(_, t)| t.is_zero()) {
+        return Err(ServerError::Config(format!("{flag} must be more than 0 s")));
+    }
     let mut lp = config.backend.map_or_else(Loop::new, Loop::with_backend)?;
     let pid_file = config.pid_file.clone();
     let addresses = config.listen.clone();
@@ -176,7 +184,7 @@ fn watch_signals(master: &Shared, lp: &mut Loop) -> Result<(), ServerError> {
     let m = master.clone();
     lp.watch_signal(libc::SIGTTIN, move |lp, _| {
         m.borrow_mut().target += 1;
-        log::info!("TTIN: {} workers", m.borrow().target);
+        log::info!("TTIN: workers: {}", m.borrow().target);
         reconcile(&m, lp);
     })?;
     let m = master.clone();
@@ -378,7 +386,7 @@ fn worker_ready(master: &Shared, lp: &mut Loop, pid: libc::pid_t) {
         m.announced = true;
         let addresses: Vec<String> = m.listeners.iter().map(Listener::address).collect();
         log::info!(
-            "ready: listening on {} with {} workers on the {} backend (master pid {})",
+            "ready: listening on {} with workers: {}, on the {} backend (master pid {})",
             addresses.join(", "),
             m.target,
             m.backend,
@@ -536,7 +544,7 @@ fn rolling_restart(master: &Shared, lp: &mut Loop) {
         .filter(|(_, w)| w.state != State::Draining)
         .map(|(&pid, _)| pid)
         .collect();
-    log::info!("HUP: replacing {} workers", old.len());
+    log::info!("HUP: replacing workers: {}", old.len());
     for pid in old {
         if let Err(e) = spawn(master, lp, Some(pid)) {
             log::error!("forking a replacement for {pid}: {e}");
@@ -553,7 +561,7 @@ fn fewer_workers(master: &Shared, lp: &mut Loop) {
             return;
         }
         m.target -= 1;
-        log::info!("TTOU: {} workers", m.target);
+        log::info!("TTOU: workers: {}", m.target);
         m.workers
             .iter()
             .filter(|(_, w)| w.state != State::Draining)

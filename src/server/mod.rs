@@ -63,14 +63,15 @@ pub struct Config {
     pub graceful_timeout: Duration,
     /// A worker silent for this long is killed and replaced.
     pub heartbeat_timeout: Duration,
-    /// A request head must arrive within this, counted from its first byte (or the end
-    /// of the previous request); else 408 and close.
+    /// A request head must arrive within this, counted from the accept on a new
+    /// connection and from the first byte of each later request; else 408 and close
+    /// (a new connection that sent nothing is closed without an answer).
     pub header_timeout: Duration,
     /// While a body is read, the longest wait for more of it; else 408 and close. A
     /// body that keeps coming, however slowly, is read to its end (within
     /// `max_body_size`).
     pub body_timeout: Duration,
-    /// An idle keep-alive connection is closed after this.
+    /// An idle keep-alive connection is closed after this; zero turns keep-alive off.
     pub keepalive_timeout: Duration,
     /// Largest request body accepted (else 413).
     pub max_body_size: u64,

@@ -527,7 +527,9 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
                             request.method, request.target, request.minor_version
                         )
                     });
-                    let keep_alive = request.keep_alive && !w.draining;
+                    // A keep-alive timeout of zero turns keep-alive off.
+                    let keep_alive =
+                        request.keep_alive && !w.draining && !w.keepalive_timeout.is_zero();
                     let head = request.method == "HEAD";
                     conn.slots.push_back(Slot::Pending {
                         head,
@@ -539,7 +541,7 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
                 }
                 Err(refusal) => {
                     log::debug!("{}: refused: {}", conn.peer, refusal.why);
-                    refuse(conn, http_date(&mut w.date), refusal.status, refusal.why);
+                    refuse(w, id, refusal.status, refusal.why);
                     break;
                 }
             }
@@ -578,6 +580,7 @@ fn answer_unanswered(worker: &Shared, lp: &mut Loop) {
     let unanswered = worker.borrow().unanswered.clone();
     let queue = std::mem::take(&mut *unanswered.queue.borrow_mut());
     for (conn, seq) in queue {
+        log::error!("connection {conn}: a responder was dropped unsent; answering 500");
         complete(
             worker,
             lp,
@@ -876,7 +879,7 @@ fn on_timeout(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind) {
                 TimerKind::Body => "request body timed out",
                 _ => "request head timed out",
             };
-            refuse(conn, http_date(&mut w.date), 408, why);
+            refuse(w, id, 408, why);
         }
         then
     };
@@ -887,14 +890,23 @@ fn on_timeout(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind) {
     }
 }
 
-/// Queues `status` as the connection's last response: no request after it is read.
-fn refuse(conn: &mut Conn, date: &str, status: u16, why: &str) {
+/// Queues `status` as connection `id`'s last response (no request after it is read),
+/// and logs it in the access log with `"-"` for the request line.
+fn refuse(w: &mut Worker, id: u64, status: u16, why: &str) {
+    let date = http_date(&mut w.date);
+    let Some(conn) = w.conns.get_mut(&id) else {
+        return;
+    };
     let mut bytes = Vec::new();
     let response = Response::text(status, format!("{why}\n"));
     // A status and text of the server's own always encode.
     let _ = response.encode(&mut bytes, false, false, date);
     conn.slots.push_back(Slot::Ready { bytes, close: true });
     conn.no_more_requests = true;
+    if let Some(log) = &mut w.access_log {
+        let length = response.body.len();
+        let _ = writeln!(log, "{} - - [{date}] \"-\" {status} {length}", conn.peer);
+    }
 }
 
 fn close(worker: &Shared, lp: &mut Loop, id: u64) {
