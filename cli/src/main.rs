@@ -58,7 +58,8 @@ struct Serve {
     /// request's first byte (else 408 and close).
     #[arg(long, value_name = "S", default_value = "10", value_parser = parse_seconds)]
     header_timeout: Duration,
-    /// Seconds without progress while a request body is read (else 408 and close).
+    /// Seconds without progress while a request body is read (else 408 and close) or a
+    /// response is written (else close).
     #[arg(long, value_name = "S", default_value = "10", value_parser = parse_seconds)]
     body_timeout: Duration,
     /// Seconds an idle keep-alive connection stays open (0: no keep-alive).

@@ -1128,6 +1128,21 @@ fn body_timeout_a_chunked_body_stalled_mid_chunk_gets_408() {
 }
 
 #[test]
+fn body_timeout_counts_body_bytes_not_a_trickled_chunk_line() {
+    let server = body_timeout_server();
+    let mut conn = Conn::open(&server.addr);
+    let started = Instant::now();
+    assert!(conn.send(&chunked(b"1;")));
+    // A chunk extension a byte every 300 ms: input, but never a byte of body.
+    let all_sent = conn.trickle(&[b'a'; 20], Duration::from_millis(300));
+    let took = started.elapsed();
+    let stop = conn.read_to_close(CASE_LIMIT);
+    assert!(!all_sent, "6 s of chunk line kept the body alive");
+    assert_only(&conn, &stop, 408, true);
+    assert!(took < Duration::from_secs(4), "the 408 came after {took:?}");
+}
+
+#[test]
 fn header_timeout_cuts_off_a_trickled_head() {
     let server = start(&["--workers", "1", "--header-timeout", "1"]);
     let mut conn = Conn::open(&server.addr);

@@ -359,3 +359,62 @@ fn a_chunk_size_past_the_body_limit_is_refused_before_the_worker_grows() {
         rss_peak - rss_before
     );
 }
+
+#[test]
+fn a_partial_request_waiting_for_more_costs_no_cpu() {
+    let server = start(&["--workers", "1", "--header-timeout", "5"]);
+    let worker = children(server.pid)[0];
+    let mut partial_head = TcpStream::connect(&server.addr).unwrap();
+    partial_head.write_all(b"GET / HT").unwrap();
+    let mut behind_a_long_poll = TcpStream::connect(&server.addr).unwrap();
+    behind_a_long_poll
+        .write_all(b"GET /sleep?ms=3000 HTTP/1.1\r\nHost: t\r\n\r\nG")
+        .unwrap();
+    assert_eq!(try_get(&server.addr), Some(200)); // both are read by now
+    let before = cpu_time(worker);
+    // Not a synchronization: the span over which a spinning worker would burn CPU.
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_time(worker) - before;
+    println!("figure: a worker holding a partial head and a partial pipelined request used {used:?} of CPU in 1 s");
+    assert!(
+        used < Duration::from_millis(200),
+        "the worker spun: {used:?} in 1 s"
+    );
+}
+
+#[test]
+fn a_client_that_pipelines_and_never_reads_is_bounded_and_cut_off() {
+    let server = start(&["--workers", "1", "--body-timeout", "1"]);
+    let worker = children(server.pid)[0];
+    assert_eq!(try_get(&server.addr), Some(200));
+    let (fds_before, rss_before) = (fd_count(worker), rss_kib(worker));
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let requests = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n".repeat(1000);
+    let mut sent = 0;
+    let started = Instant::now();
+    // Writes until the server stops taking requests (a write times out) or cuts us off.
+    while started.elapsed() < LIMIT && stream.write_all(&requests).is_ok() {
+        sent += 1000;
+    }
+    let rss_peak = rss_kib(worker);
+    eventually("the worker closes the connection", || {
+        fd_count(worker) <= fds_before
+    });
+    println!(
+        "figure: a client that never reads pipelined {sent} requests before the worker \
+         stopped taking them; worker RSS {rss_before} → {rss_peak} KiB; closed after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        rss_peak < rss_before + 2048,
+        "the worker grew by {} KiB",
+        rss_peak - rss_before
+    );
+}

@@ -348,6 +348,55 @@ fn refused_requests_are_in_the_access_log_too() {
 }
 
 #[test]
+fn nothing_pipelined_after_a_request_that_closes_reaches_the_app() {
+    let dir = std::env::temp_dir().join(format!("forkloop-after-close-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let server = start(&["--access-log", log.to_str().unwrap(), "--workers", "1"]);
+    for first in [
+        "GET /sleep?ms=100 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        "GET /sleep?ms=100 HTTP/1.0\r\n\r\n",
+    ] {
+        let reply = exchange(
+            &server.addr,
+            format!("{first}POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
+                .as_bytes(),
+        );
+        assert_eq!(reply.matches("HTTP/1.1 ").count(), 1, "{reply:?}");
+    }
+    eventually("both sleeps logged", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.matches("/sleep").count() == 2)
+    });
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !logged.contains("/echo"),
+        "a request after a close was processed:\n{logged}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn input_sent_after_a_closing_request_does_not_reset_its_answer() {
+    let server = start(&["--workers", "1"]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(b"GET /sleep?ms=300 HTTP/1.0\r\n\r\n").unwrap();
+    // Not a synchronization: the worker has read the request and stopped reading when
+    // the rest comes; right code answers however late it comes.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    s.write_all(&b"GET / HTTP/1.1\r\nHost: t\r\n\r\n".repeat(100))
+        .unwrap();
+    let mut reply = Vec::new();
+    let read = s.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(read.is_ok(), "{read:?} after {reply:?}");
+    assert!(
+        reply.starts_with("HTTP/1.1 200 ") && reply.ends_with("slept 300 ms"),
+        "{reply:?}"
+    );
+}
+
+#[test]
 fn a_keepalive_timeout_of_zero_turns_keep_alive_off() {
     let server = start(&["--keepalive-timeout", "0"]);
     let reply = exchange(

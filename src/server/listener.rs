@@ -115,15 +115,25 @@ fn bind_unix(path: PathBuf) -> io::Result<Listener> {
                 ),
             ));
         }
-        Ok(_) => {
-            if UnixStream::connect(&path).is_ok() {
+        Ok(_) => match probe_unix(&path) {
+            // Only a refusal proves that no server listens there.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(&path)?,
+            Ok(()) => {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     format!("{} is in use by a live server", path.display()),
-                ));
+                ))
             }
-            std::fs::remove_file(&path)?;
-        }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{}: cannot tell whether a server listens there: {e}",
+                        path.display()
+                    ),
+                ))
+            }
+        },
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
     }
@@ -134,6 +144,17 @@ fn bind_unix(path: PathBuf) -> io::Result<Listener> {
         UnixListener::from(std::os::fd::OwnedFd::from(socket)),
         path,
     ))
+}
+
+/// Connects to the Unix socket at `path` without blocking: `Ok` if a server accepted
+/// or has its backlog full (`EAGAIN`), the error otherwise.
+fn probe_unix(path: &std::path::Path) -> io::Result<()> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&socket2::SockAddr::unix(path)?) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        other => other,
+    }
 }
 
 /// An accepted connection.
@@ -155,6 +176,23 @@ impl Stream {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
         }
+    }
+
+    /// Whether the peer sent bytes this side has not read: closing now would make the
+    /// kernel answer them with a reset.
+    pub(crate) fn has_unread_input(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: receives into one live byte; MSG_PEEK leaves the data queued and
+        // MSG_DONTWAIT never blocks.
+        let peeked = unsafe {
+            libc::recv(
+                self.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        peeked > 0
     }
 
     /// Sends EOF to the peer; reading stays possible.
@@ -208,6 +246,43 @@ mod tests {
         let err = Listener::bind(&address).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
         drop(live);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_live_socket_with_a_full_backlog_is_neither_waited_on_nor_removed() {
+        let path = scratch("full");
+        let socket =
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&socket2::SockAddr::unix(&path).unwrap())
+            .unwrap();
+        socket.listen(0).unwrap();
+        let unix = || {
+            let client =
+                socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+            client.set_nonblocking(true).unwrap();
+            client
+        };
+        let mut queued = Vec::new();
+        loop {
+            let client = unix();
+            match client.connect(&socket2::SockAddr::unix(&path).unwrap()) {
+                Ok(()) => queued.push(client),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(queued.len() < 1000, "the backlog never filled");
+        }
+        let address = format!("unix:{}", path.display());
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(Listener::bind(&address).map(|_| ())));
+        let result = result
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("bind waited on a full backlog");
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        assert!(path.exists(), "a live server's socket was removed");
+        drop(socket);
         std::fs::remove_file(&path).unwrap();
     }
 }

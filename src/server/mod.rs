@@ -67,9 +67,10 @@ pub struct Config {
     /// connection and from the first byte of each later request; else 408 and close
     /// (a new connection that sent nothing is closed without an answer).
     pub header_timeout: Duration,
-    /// While a body is read, the longest wait for more of it; else 408 and close. A
-    /// body that keeps coming, however slowly, is read to its end (within
-    /// `max_body_size`).
+    /// The longest wait for progress while a request body is read (else 408 and close)
+    /// or a response is written (else close). A body that keeps coming, however slowly,
+    /// is read to its end (within `max_body_size`); bytes that are not body, such as a
+    /// chunk line trickled a byte at a time, are not progress.
     pub body_timeout: Duration,
     /// An idle keep-alive connection is closed after this; zero turns keep-alive off.
     pub keepalive_timeout: Duration,

@@ -12,7 +12,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::http::{Limits, Parsed, Parser, Request, Response, CONTINUE, MAX_HEADERS};
+use super::http::{Limits, Parsed, Parser, Request, Response, CONTINUE};
 use super::listener::{Listener, Stream};
 use super::{Config, Handler};
 use crate::id_map::IdMap;
@@ -29,6 +29,9 @@ pub(crate) const MAX_PIPELINED: usize = 32;
 const ACCEPT_BATCH: usize = 16;
 /// How long a draining worker keeps an idle keep-alive connection open.
 const DRAIN_GRACE: Duration = Duration::from_millis(100);
+/// Unsent response bytes past which a connection parses no more requests until the
+/// client reads: a client that pipelines and never reads cannot grow the worker.
+const MAX_UNSENT: usize = 256 * 1024;
 /// How long a finished connection keeps discarding the peer's input (see `linger`).
 const LINGER: Duration = Duration::from_secs(2);
 /// After EMFILE/ENFILE, accepting pauses this long instead of spinning.
@@ -127,6 +130,7 @@ impl Slot {
 enum TimerKind {
     Header,
     Body,
+    Send,
     Idle,
     Linger,
 }
@@ -137,12 +141,19 @@ struct Conn {
     parser: Parser,
     slots: VecDeque<Slot>,
     first_seq: u64,
+    /// Encoded responses; `out[sent..]` is still to be written.
     out: Vec<u8>,
+    sent: usize,
     read: Option<Watch>,
     write: Option<Watch>,
     timer: Option<(TimerKind, Watch)>,
-    /// When input last came: the body timeout counts from it.
-    last_read: Instant,
+    /// When the parser last made progress: the body timeout counts from it.
+    last_progress: Instant,
+    /// When a write last took bytes: the send timeout counts from it.
+    last_write: Instant,
+    /// Requests were left unparsed because the pipeline or the unsent output was full;
+    /// `flush` resumes parsing once both have room.
+    held_back: bool,
     /// No more requests are parsed: refused input, or the peer's EOF with no complete
     /// request left in the buffer.
     no_more_requests: bool,
@@ -256,7 +267,6 @@ impl Worker {
             max_requests,
             limits: Limits {
                 max_head: config.max_header_size,
-                max_headers: MAX_HEADERS,
                 max_body: config.max_body_size,
             },
             header_timeout: config.header_timeout,
@@ -431,10 +441,13 @@ fn add_conn(worker: &Shared, lp: &mut Loop, stream: Stream, peer: String) {
         slots: VecDeque::new(),
         first_seq: 0,
         out: Vec::new(),
+        sent: 0,
         read: None,
         write: None,
         timer: None,
-        last_read: Instant::now(),
+        last_progress: Instant::now(),
+        last_write: Instant::now(),
+        held_back: false,
         no_more_requests: false,
         peer_closed: false,
         lingering: false,
@@ -469,7 +482,6 @@ fn on_readable(worker: &Shared, lp: &mut Loop, id: u64) {
                 Ok(n) => {
                     if !lingering {
                         conn.parser.feed(&buf[..n]);
-                        conn.last_read = Instant::now();
                     }
                     if n < room {
                         break;
@@ -505,10 +517,19 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
             let Some(conn) = w.conns.get_mut(&id) else {
                 return;
             };
-            if conn.no_more_requests || conn.slots.len() >= MAX_PIPELINED {
+            if conn.no_more_requests {
                 break;
             }
-            match conn.parser.next() {
+            if conn.slots.len() >= MAX_PIPELINED || conn.out.len() - conn.sent >= MAX_UNSENT {
+                conn.held_back = true;
+                break;
+            }
+            let progress = conn.parser.progress();
+            let parsed = conn.parser.next();
+            if conn.parser.progress() != progress {
+                conn.last_progress = Instant::now();
+            }
+            match parsed {
                 Ok(None) => {
                     conn.no_more_requests = conn.peer_closed;
                     break;
@@ -536,12 +557,14 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
                         keep_alive,
                         line,
                     });
+                    // RFC 9112 §9.6: nothing after a request that closes is processed.
+                    conn.no_more_requests |= !keep_alive;
                     let seq = conn.first_seq + conn.slots.len() as u64 - 1;
                     (request, seq)
                 }
                 Err(refusal) => {
                     log::debug!("{}: refused: {}", conn.peer, refusal.why);
-                    refuse(w, id, refusal.status, refusal.why);
+                    answer_and_close(w, id, refusal.status, refusal.why);
                     break;
                 }
             }
@@ -662,6 +685,10 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
         let Some(conn) = w.conns.get_mut(&id) else {
             return;
         };
+        if conn.sent > 0 && matches!(conn.slots.front(), Some(Slot::Ready { .. })) {
+            conn.out.drain(..conn.sent);
+            conn.sent = 0;
+        }
         while let Some(Slot::Ready { .. }) = conn.slots.front() {
             let Some(Slot::Ready { bytes, close }) = conn.slots.pop_front() else {
                 unreachable!()
@@ -675,10 +702,11 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
             }
         }
         let mut failed = false;
-        while !conn.out.is_empty() {
-            match conn.stream.write(&conn.out) {
+        while conn.sent < conn.out.len() {
+            match conn.stream.write(&conn.out[conn.sent..]) {
                 Ok(n) => {
-                    conn.out.drain(..n);
+                    conn.sent += n;
+                    conn.last_write = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -688,15 +716,18 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
                 }
             }
         }
+        if conn.sent == conn.out.len() {
+            conn.out.clear();
+            conn.sent = 0;
+        }
         let done = conn.out.is_empty();
         let finished = done && conn.no_more_requests && conn.slots.is_empty();
-        let resume = done && !conn.no_more_requests && conn.slots.len() < MAX_PIPELINED;
-        (
-            (failed, finished),
-            !done && conn.write.is_none(),
-            // Held-back requests to parse, or a peer EOF to conclude the connection on.
-            resume && (conn.parser.buffered() > 0 || conn.peer_closed),
-        )
+        let resume = conn.held_back
+            && !conn.no_more_requests
+            && conn.slots.len() < MAX_PIPELINED
+            && conn.out.len() - conn.sent < MAX_UNSENT;
+        conn.held_back &= !resume;
+        ((failed, finished), !done && conn.write.is_none(), resume)
     };
     if failed {
         close(worker, lp, id);
@@ -714,7 +745,7 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
         return;
     }
     if resume {
-        // Pipelined requests were held back while the queue was full.
+        // Pipelined requests were held back while the queue or the output was full.
         let w = worker.clone();
         lp.later(move |lp| process(&w, lp, id));
     }
@@ -748,7 +779,9 @@ fn linger(worker: &Shared, lp: &mut Loop, id: u64) {
         if conn.lingering {
             return;
         }
-        let unread = conn.parser.buffered() > 0 && !conn.peer_closed;
+        // Reading stops once no more requests are taken, so input may wait in the kernel.
+        let unread =
+            !conn.peer_closed && (conn.parser.buffered() > 0 || conn.stream.has_unread_input());
         conn.lingering = unread && conn.stream.shutdown_write().is_ok();
         conn.lingering
     };
@@ -813,9 +846,10 @@ fn cancel_timer(worker: &Shared, lp: &mut Loop, id: u64) {
     cancel_watch(worker, lp, id, |c| c.timer.take().map(|(_, watch)| watch));
 }
 
-/// Arms the timer a connection waiting for a request needs: the header timeout while a
-/// head is incomplete (or none has come on a new connection), the body timeout while a
-/// body is read, else the keep-alive one.
+/// Arms the timer a connection needs: the send timeout while output waits for the
+/// client to read it; then, waiting for a request, the header timeout while a head is
+/// incomplete (or none has come on a new connection), the body timeout while a body is
+/// read, else the keep-alive one.
 fn set_timer(worker: &Shared, lp: &mut Loop, id: u64) {
     let (wanted, current) = {
         let w = worker.borrow();
@@ -823,6 +857,8 @@ fn set_timer(worker: &Shared, lp: &mut Loop, id: u64) {
         let waiting = conn.slots.is_empty() && conn.out.is_empty() && !conn.no_more_requests;
         let wanted = if conn.lingering {
             Some((TimerKind::Linger, LINGER))
+        } else if !conn.out.is_empty() {
+            Some((TimerKind::Send, w.body_timeout))
         } else if !waiting {
             None
         } else if conn.parser.reading_body() {
@@ -852,8 +888,9 @@ fn arm_timer(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind, after: Du
 }
 
 /// A header or body timeout answers 408 if the client has started its request; the
-/// body timeout counts from the last input, so a body that keeps coming, however
-/// slowly, is read to its end. Other timeouts close the connection.
+/// body timeout counts from the parser's last progress, so a body that keeps coming,
+/// however slowly, is read to its end, and the send timeout from the last write that
+/// took bytes. A stalled send and the other timeouts close the connection.
 fn on_timeout(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind) {
     enum Then {
         Answer,
@@ -867,10 +904,15 @@ fn on_timeout(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind) {
             return;
         };
         conn.timer = None;
-        let quiet = conn.last_read.elapsed();
+        let quiet = match kind {
+            TimerKind::Send => conn.last_write.elapsed(),
+            _ => conn.last_progress.elapsed(),
+        };
         let then = match kind {
             TimerKind::Header if conn.parser.buffered() > 0 => Then::Answer,
-            TimerKind::Body if quiet < w.body_timeout => Then::Rearm(w.body_timeout - quiet),
+            TimerKind::Body | TimerKind::Send if quiet < w.body_timeout => {
+                Then::Rearm(w.body_timeout - quiet)
+            }
             TimerKind::Body => Then::Answer,
             _ => Then::Close,
         };
@@ -879,7 +921,7 @@ fn on_timeout(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind) {
                 TimerKind::Body => "request body timed out",
                 _ => "request head timed out",
             };
-            refuse(w, id, 408, why);
+            answer_and_close(w, id, 408, why);
         }
         then
     };
@@ -892,7 +934,7 @@ fn on_timeout(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind) {
 
 /// Queues `status` as connection `id`'s last response (no request after it is read),
 /// and logs it in the access log with `"-"` for the request line.
-fn refuse(w: &mut Worker, id: u64, status: u16, why: &str) {
+fn answer_and_close(w: &mut Worker, id: u64, status: u16, why: &str) {
     let date = http_date(&mut w.date);
     let Some(conn) = w.conns.get_mut(&id) else {
         return;

@@ -122,10 +122,13 @@ fn parse_size_line(line: &[u8], room: u64) -> Result<Option<(usize, u64)>, Refus
         return bad("a chunk size is not a hex number");
     }
     let mut i = digits;
-    // chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] )
+    // chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ): whitespace only
+    // before a ";" or around "=", never before the CRLF.
     loop {
-        i += line[i..].iter().take_while(|&&b| is_ows(b)).count();
+        let ows = line[i..].iter().take_while(|&&b| is_ows(b)).count();
+        i += ows;
         match line.get(i..) {
+            Some([b'\r', ..]) if ows > 0 => return bad("whitespace before a chunk line's CRLF"),
             None | Some([]) | Some([b'\r']) => return Ok(None),
             Some([b'\r', b'\n', ..]) => return Ok(Some((i + 2, size))),
             Some([b';', ..]) => {
@@ -183,6 +186,7 @@ mod tests {
             &b"5\r\nhello\r\n0\r\n\r\n"[..],
             b"5;a=b\r\nhello\r\n0\r\n\r\n",
             b"5 ; a = \"q\\\"x\" ;b\r\nhello\r\n0;z\r\n\r\n",
+            b"5\t;a\r\nhello\r\n0\r\n\r\n",
             b"0005\r\nhello\r\n000\r\nX-T: v\r\n\r\n",
             b"2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n",
         ] {
@@ -210,6 +214,9 @@ mod tests {
             b"5;=v\r\n",
             b"5;a=\r\n",
             b"5;a=\"x\ny\"\r\n",
+            b"5 \r\n",
+            b"5;a \r\n",
+            b"5;a=b\t\r\n",
             b"5\r\nhelloXX",
             b"0\r\nGET /smuggled HTTP/1.1\r\n\r\n",
             b"0\r\nX: v\n\r\n",

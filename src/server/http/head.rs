@@ -23,23 +23,15 @@ pub(crate) struct Head {
     pub len: usize,
 }
 
-/// Parses the head at the start of `buf`; `Ok(None)` if it is not complete yet.
+/// Parses the head at the start of `buf` (empty lines before it already dropped);
+/// `Ok(None)` if it is not complete yet.
 pub(crate) fn parse(buf: &[u8], limits: &Limits) -> Result<Option<Head>, Refusal> {
-    // RFC 9112 §2.2: empty lines before the request line are ignored.
-    let mut start = 0;
-    while buf[start..].starts_with(b"\r\n") {
-        start += 2;
-    }
-    if &buf[start..] == b"\r" {
-        return Ok(None);
-    }
-    let Some(line) = request_line(&buf[start..], limits.max_head.saturating_sub(start))? else {
+    let Some(line) = request_line(buf, limits.max_head)? else {
         return Ok(None);
     };
-    let fields_at = start + line.len;
+    let fields_at = line.len;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let headers = &mut headers[..limits.max_headers.min(MAX_HEADERS)];
-    let (fields_len, fields) = match httparse::parse_headers(&buf[fields_at..], headers) {
+    let (fields_len, fields) = match httparse::parse_headers(&buf[fields_at..], &mut headers) {
         Ok(httparse::Status::Complete(parsed)) => parsed,
         Ok(httparse::Status::Partial) if buf.len() >= limits.max_head => {
             return Err(refuse(431, "request head too large"));
@@ -83,6 +75,18 @@ pub(crate) fn parse(buf: &[u8], limits: &Limits) -> Result<Option<Head>, Refusal
             keep_alive = true;
         }
     }
+    let mut headers = headers;
+    if let Some(authority) = line.authority {
+        // RFC 9112 §3.2.2: the target's authority replaces the Host field's value, so
+        // that the app routes on the same host as whatever routed the absolute URI.
+        match headers
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case("host"))
+        {
+            Some((_, value)) => *value = authority.into_bytes(),
+            None => headers.push(("Host".into(), authority.into_bytes())),
+        }
+    }
     let request = Request {
         method: line.method,
         target: line.target,
@@ -103,6 +107,8 @@ struct RequestLine {
     method: String,
     /// The origin-form target (path and query) the app sees.
     target: String,
+    /// The authority of an absolute-form target.
+    authority: Option<String>,
     minor_version: u8,
     /// Its length with the CRLF.
     len: usize,
@@ -163,10 +169,11 @@ fn request_line(buf: &[u8], max_head: usize) -> Result<Option<RequestLine>, Refu
     // Every byte of the line was checked to be ASCII.
     let text = |range: std::ops::Range<usize>| String::from_utf8_lossy(&buf[range]).into_owned();
     let method = text(0..method_end);
-    let target = origin_form(&method, &buf[target_at..target_end])?;
+    let (target, authority) = origin_form(&method, &buf[target_at..target_end])?;
     Ok(Some(RequestLine {
         method,
         target,
+        authority,
         minor_version,
         len: line_len,
     }))
@@ -176,14 +183,14 @@ fn request_line(buf: &[u8], max_head: usize) -> Result<Option<RequestLine>, Refu
 /// reduced to its path and query, `*` for OPTIONS only. CONNECT (authority-form) is a
 /// proxy's method: not implemented here. A userinfo part (`user@host`) is refused, as
 /// RFC 9110 §4.2.4 advises.
-fn origin_form(method: &str, target: &[u8]) -> Result<String, Refusal> {
+fn origin_form(method: &str, target: &[u8]) -> Result<(String, Option<String>), Refusal> {
     if method == "CONNECT" {
         return Err(refuse(501, "CONNECT is not supported"));
     }
     let text = String::from_utf8_lossy(target).into_owned();
     match target {
-        [b'/', ..] if !target.contains(&b'#') => Ok(text),
-        b"*" if method == "OPTIONS" => Ok(text),
+        [b'/', ..] if !target.contains(&b'#') => Ok((text, None)),
+        b"*" if method == "OPTIONS" => Ok((text, None)),
         _ => {
             let lower = text.to_ascii_lowercase();
             let Some(rest) = lower
@@ -199,11 +206,13 @@ fn origin_form(method: &str, target: &[u8]) -> Result<String, Refusal> {
             if authority.is_empty() || !is_valid_host(authority.as_bytes()) || path.contains('#') {
                 return Err(refuse(400, "invalid request target"));
             }
-            if path.starts_with('/') {
-                Ok(path.to_owned())
-            } else {
-                Ok(format!("/{path}"))
-            }
+            // RFC 9112 §3.2.4: OPTIONS on a bare authority asks about the server: `*`.
+            let path = match path {
+                "" if method == "OPTIONS" => "*".to_owned(),
+                p if p.starts_with('/') => p.to_owned(),
+                p => format!("/{p}"),
+            };
+            Ok((path, Some(authority.to_owned())))
         }
     }
 }

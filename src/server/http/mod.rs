@@ -21,7 +21,8 @@ pub struct Request {
     /// `GET`, `POST`, ….
     pub method: String,
     /// The request target in origin form, path and query (an absolute-form target,
-    /// `http://host/path?q`, is reduced to them), or `*` for `OPTIONS *`.
+    /// `http://host/path?q`, is reduced to them, and its authority replaces the
+    /// `Host` header's value), or `*` for `OPTIONS *`.
     pub target: String,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1 (and for HTTP/1.2 and later minor versions).
     pub minor_version: u8,
@@ -60,14 +61,13 @@ impl Request {
 /// The interim response sent before reading a body the client waits to send.
 pub(crate) const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// The most headers a request may have (`Limits::max_headers` is capped at it).
+/// The most header fields (and trailer fields) a request may have.
 pub(crate) const MAX_HEADERS: usize = 100;
 
 /// Bounds on what one connection may make the server hold.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub max_head: usize,
-    pub max_headers: usize,
     pub max_body: u64,
 }
 

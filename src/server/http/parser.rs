@@ -38,6 +38,8 @@ pub(crate) struct Parser {
     limits: Limits,
     buf: Vec<u8>,
     pending: Option<Pending>,
+    /// Moves whenever a head is parsed or body bytes are taken (see [`Parser::progress`]).
+    progress: u64,
 }
 
 impl Parser {
@@ -46,6 +48,7 @@ impl Parser {
             limits,
             buf: Vec::new(),
             pending: None,
+            progress: 0,
         }
     }
 
@@ -64,6 +67,13 @@ impl Parser {
         self.pending.is_some() || !self.buf.is_empty()
     }
 
+    /// A counter that moves whenever a head is parsed or body bytes are decoded: a body
+    /// timeout counts from its last move, so bytes that are not body (a chunk line
+    /// trickled a byte at a time) do not keep a stalled body alive.
+    pub(crate) fn progress(&self) -> u64 {
+        self.progress
+    }
+
     /// Whether a head is parsed and its body is being read.
     pub(crate) fn reading_body(&self) -> bool {
         self.pending.is_some()
@@ -77,7 +87,7 @@ impl Parser {
         let limit = match &self.pending {
             None => self.limits.max_head,
             Some(_) => BODY_WINDOW
-                .max(self.limits.max_head + 1)
+                .max(self.limits.max_head.saturating_add(1))
                 .max(MAX_SIZE_LINE + 1),
         };
         limit.saturating_sub(self.buf.len())
@@ -92,10 +102,22 @@ impl Parser {
         let pending = match &mut self.pending {
             Some(pending) => pending,
             None => {
+                // RFC 9112 §2.2: empty lines before a request line are ignored (dropped
+                // as they come, so that they hold nothing and leave the connection idle).
+                let empty = self
+                    .buf
+                    .chunks_exact(2)
+                    .take_while(|l| l == b"\r\n")
+                    .count();
+                self.buf.drain(..2 * empty);
+                if self.buf == b"\r" {
+                    return Ok(None);
+                }
                 let Some(head) = head::parse(&self.buf, &self.limits)? else {
                     return Ok(None);
                 };
                 self.buf.drain(..head.len);
+                self.progress += 1;
                 let mut request = head.request;
                 let body = match head.framing {
                     Framing::Length(len) => {
@@ -115,6 +137,7 @@ impl Parser {
             }
         };
         let body = &mut pending.request.body;
+        let before = body.len();
         let (used, done) = match &mut pending.body {
             Body::Length(left) => {
                 let take = self
@@ -130,6 +153,9 @@ impl Parser {
             }
         };
         self.buf.drain(..used);
+        if body.len() != before {
+            self.progress += 1;
+        }
         if done {
             let pending = self.pending.take().expect("pending");
             return Ok(Some(Parsed::Request(pending.request)));
@@ -144,11 +170,11 @@ impl Parser {
 
 #[cfg(test)]
 mod tests {
+    use super::super::MAX_HEADERS;
     use super::*;
 
     const LIMITS: Limits = Limits {
         max_head: 8192,
-        max_headers: 64,
         max_body: 1024,
     };
 
@@ -229,11 +255,63 @@ mod tests {
             "a".repeat(9000)
         );
         assert_eq!(status(big.as_bytes()), 431);
-        let many: String = (0..100).map(|i| format!("H{i}: v\r\n")).collect();
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("H{i}: v\r\n")).collect();
         assert_eq!(
             status(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()),
             431
         );
+    }
+
+    #[test]
+    fn an_absolute_target_s_authority_replaces_host() {
+        let reqs = parse_all(
+            b"GET http://evil.example/x?q HTTP/1.1\r\nHost: good.example\r\n\r\n\
+              OPTIONS http://a:8001 HTTP/1.1\r\nHost: a:8001\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(reqs[0].target, "/x?q");
+        assert_eq!(reqs[0].header("host"), Some(&b"evil.example"[..]));
+        assert_eq!(reqs[1].target, "*");
+    }
+
+    #[test]
+    fn empty_lines_between_requests_are_dropped_as_they_come() {
+        let mut p = Parser::new(LIMITS);
+        p.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi\r\n");
+        assert!(matches!(p.next(), Ok(Some(Parsed::Request(_)))));
+        assert_eq!(p.next(), Ok(None));
+        assert!(
+            !p.mid_request(),
+            "a stray CRLF left the connection mid-request"
+        );
+        for _ in 0..10_000 {
+            p.feed(b"\r\n");
+            assert_eq!(p.next(), Ok(None));
+        }
+        p.feed(b"\r");
+        assert_eq!(p.next(), Ok(None));
+        assert_eq!(p.buffered(), 1);
+        p.feed(b"\nGET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(matches!(p.next(), Ok(Some(Parsed::Request(_)))));
+    }
+
+    #[test]
+    fn progress_moves_with_heads_and_body_bytes_only() {
+        let mut p = Parser::new(LIMITS);
+        p.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(p.next(), Ok(None));
+        let after_head = p.progress();
+        assert!(after_head > 0);
+        p.feed(b"1;aaaa");
+        assert_eq!(p.next(), Ok(None));
+        assert_eq!(
+            p.progress(),
+            after_head,
+            "chunk-line bytes are not body progress"
+        );
+        p.feed(b"\r\nx");
+        assert_eq!(p.next(), Ok(None));
+        assert!(p.progress() > after_head);
     }
 
     #[test]
@@ -251,7 +329,6 @@ mod tests {
     fn outcomes(input: &[u8], cuts: &[usize]) -> (Vec<Request>, Option<u16>) {
         let limits = Limits {
             max_head: 256,
-            max_headers: 8,
             max_body: 512,
         };
         let mut p = Parser::new(limits);

@@ -11,7 +11,7 @@ use super::syntax::{is_field_char, is_token, list_elements, trim_ows};
 /// A handler's `Connection: close` closes the connection after this response; its other
 /// `Connection` values are dropped, and the server writes the one `Connection` header.
 /// A handler's `Date` replaces the server's. `Transfer-Encoding`, a status outside
-/// 200–599, a body on 204 or 304, and a header name or value with CR, LF, NUL or
+/// 200–599, a body on 204, 205 or 304, and a header name or value with CR, LF, NUL or
 /// another control character are errors: the client gets a 500 instead, and the worker
 /// logs why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +58,8 @@ impl Response {
         if !(200..=599).contains(&status) {
             return Err(format!("status {status} is not a final status (200-599)"));
         }
-        let bodyless = status == 204 || status == 304;
+        // RFC 9110 §15.3.5, §15.3.6, §15.4.5: no content in 204, 205 and 304.
+        let bodyless = matches!(status, 204 | 205 | 304);
         if bodyless && !self.body.is_empty() {
             return Err(format!("a {status} response with a body"));
         }
@@ -87,6 +88,9 @@ impl Response {
                 let mut tokens = list_elements(std::iter::once(value.as_bytes()));
                 keep_alive &= !tokens.any(|t| t.eq_ignore_ascii_case(b"close"));
             } else if name.eq_ignore_ascii_case("date") {
+                if has_date {
+                    return Err("more than one Date header".into());
+                }
                 has_date = true;
             }
         }
@@ -170,6 +174,10 @@ mod tests {
             Response::new(200, "hi").header("Transfer-Encoding", "chunked"),
             Response::new(204, "x"),
             Response::new(304, "x"),
+            Response::new(205, "x"),
+            Response::new(200, "")
+                .header("Date", "a")
+                .header("Date", "b"),
             Response::new(204, "").header("Content-Length", "5"),
         ];
         for response in bad {
