@@ -1,15 +1,18 @@
 //! Fork, decided in one place.
 //!
 //! Every fork of the process — [`Loop::fork`], a raw `libc::fork`, a daemonizing double
-//! fork — bumps a generation counter in the child (a `pthread_atfork` handler), forgets
-//! the parent's pending signals and clears the process-global loop. A loop compares its
+//! fork — runs forkloop's `pthread_atfork` handlers: before it, the forking thread takes
+//! Rust's stdout and stderr locks, which both sides release after it; in the child, a
+//! generation counter is bumped, the parent's pending signals are forgotten and the
+//! process-global loop is cleared. A loop compares its
 //! generation with the counter (one atomic load, no syscall) before it touches its
 //! backend, and rebuilds it with [`Loop::post_fork`] if they differ.
 //!
 //! Forks that bypass the C library's `fork()` (a raw `clone`/`SYS_fork` syscall) run no
 //! atfork handlers; call [`Loop::post_fork`] by hand after those.
 
-use std::io::Write;
+use std::cell::RefCell;
+use std::io::{StderrLock, StdoutLock, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
@@ -19,8 +22,39 @@ use crate::{global, signal, Error, Loop, Result};
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 static ATFORK: Once = Once::new();
 
+thread_local! {
+    /// Rust's stdout and stderr locks, held by the forking thread across fork(2).
+    static HELD: RefCell<Option<(StdoutLock<'static>, StderrLock<'static>)>> =
+        const { RefCell::new(None) };
+}
+
+/// Before every fork, as glibc does with its own FILE locks: the forking thread takes
+/// Rust's stdout and stderr locks (waiting while another thread is writing), so that
+/// neither is held by a thread the child will not have; both sides release them after.
+/// stdout is flushed first, so the child does not inherit the parent's buffered output
+/// and write it a second time.
+extern "C" fn before_fork() {
+    let mut out = std::io::stdout().lock();
+    let _ = out.flush();
+    let err = std::io::stderr().lock();
+    // `try_with`: a thread forking while it exits has no thread-locals left; it then
+    // forks without the locks, as it would have without forkloop.
+    let _ = HELD.try_with(|held| *held.borrow_mut() = Some((out, err)));
+}
+
+/// Releases what `before_fork` took: in the child, the only thread is the one that took
+/// the locks, so it can; unlocking is an atomic store and at most a futex wake.
+fn release_std_locks() {
+    let _ = HELD.try_with(|held| drop(held.borrow_mut().take()));
+}
+
+extern "C" fn in_parent_after_fork() {
+    release_std_locks();
+}
+
 extern "C" fn in_child_after_fork() {
-    // Async-signal-safe: atomics only.
+    release_std_locks();
+    // Async-signal-safe from here: atomics only.
     GENERATION.fetch_add(1, Ordering::SeqCst);
     signal::forget_parent_signals();
     global::forget_owner();
@@ -29,8 +63,16 @@ extern "C" fn in_child_after_fork() {
 /// Registers the atfork handler; every loop constructor calls it first.
 pub(crate) fn init() {
     ATFORK.call_once(|| {
-        // SAFETY: registers a handler that only touches atomics (async-signal-safe).
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(in_child_after_fork)) };
+        // SAFETY: the handlers are plain functions. `before_fork` runs before the fork in
+        // the ordinary way; the parent and child handlers release the locks it took (in
+        // the child, from the only thread, which holds them) and touch atomics.
+        let rc = unsafe {
+            libc::pthread_atfork(
+                Some(before_fork),
+                Some(in_parent_after_fork),
+                Some(in_child_after_fork),
+            )
+        };
         assert_eq!(rc, 0, "pthread_atfork failed: the process is out of memory");
     });
 }
@@ -61,6 +103,23 @@ impl ForkOptions {
     }
 }
 
+/// Says once, at debug level, that a `Loop::fork` parent has other threads (read from
+/// /proc on Linux; not known elsewhere): the child runs only the forking one.
+fn note_other_threads() {
+    static NOTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !log::log_enabled!(log::Level::Debug) || NOTED.load(Ordering::Relaxed) {
+        return;
+    }
+    let threads = std::fs::read_dir("/proc/self/task").map(|tasks| tasks.count());
+    if let Ok(threads @ 2..) = threads {
+        NOTED.store(true, Ordering::Relaxed);
+        log::debug!(
+            "Loop::fork in a process of {threads} threads: the child runs only this one \
+             (Rust's stdout and stderr are safe in it; see the fork contract)"
+        );
+    }
+}
+
 fn flush_std() {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
@@ -88,15 +147,24 @@ impl Loop {
     /// reach it, and Rust's stdout and stderr are flushed before `_exit`. Parent timers
     /// never fire in the child.
     ///
-    /// As with any fork, in a multi-threaded process the child runs only this thread:
-    /// `child` must not need locks other threads may have held.
+    /// In a multi-threaded process the child runs only this thread, and POSIX allows it
+    /// only async-signal-safe calls until it execs: a lock another thread held at the
+    /// fork stays locked in the child forever. forkloop and the C library make these
+    /// safe on top: Rust's `stdout` and `stderr` (`println!`, `eprintln!`, and so
+    /// loggers such as env_logger that write to them), whose locks forkloop's atfork
+    /// handler holds across every fork of the process and releases on both sides, as
+    /// glibc does for its `FILE`s; and `malloc`, which glibc makes fork-safe (so
+    /// allocation is). Anything else another thread may lock is not: your own
+    /// `Mutex`es, `std::env` (its lock), a logger writing to a file through a lock of
+    /// its own, a runtime. The first fork from a multi-threaded process says so once at
+    /// debug level.
     pub fn fork(
         &mut self,
         options: ForkOptions,
         child: impl FnOnce() -> i32,
     ) -> Result<libc::pid_t> {
         init();
-        flush_std();
+        note_other_threads();
         // SAFETY: sigset_t is plain old data; sigfillset initializes it.
         let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: `all` is a live sigset_t.

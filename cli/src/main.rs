@@ -101,6 +101,9 @@ enum App {
     Panicky,
     /// The built-in app, logging every hook call.
     Hooks,
+    /// The built-in app, with a thread started by the first before_fork hook that logs
+    /// in the master all the time: workers are forked while it holds the log's lock.
+    LoggingThread,
     /// Responses a handler must not be able to put on the wire, for the conformance
     /// tests: each path answers with one kind of invalid (or framing) header or status.
     HostileResponses,
@@ -218,6 +221,25 @@ fn main() {
                 log::info!("hook worker_exit slot {slot} pid {pid} {status}")
             }),
         App::HostileResponses => Server::new(config, hostile),
+        App::LoggingThread => {
+            static STARTED: std::sync::Once = std::sync::Once::new();
+            Server::new(config, hello)
+                .before_fork(|_| {
+                    STARTED.call_once(|| {
+                        std::thread::spawn(|| loop {
+                            // Half of the time in the log's (stderr's) lock, as a busy
+                            // logger is, without flooding the log.
+                            let held = std::io::stderr().lock();
+                            log::info!("the master's logging thread");
+                            let start = std::time::Instant::now();
+                            while start.elapsed() < Duration::from_micros(200) {}
+                            drop(held);
+                            std::thread::sleep(Duration::from_micros(200));
+                        });
+                    })
+                })
+                .after_fork(|slot| log::info!("worker {slot} logs from the child"))
+        }
         App::CrashAtStart => {
             Server::new(config, hello).after_fork(|_| panic!("the app failed to start"))
         }

@@ -397,6 +397,18 @@ fn input_sent_after_a_closing_request_does_not_reset_its_answer() {
 }
 
 #[test]
+fn a_master_with_a_thread_that_logs_without_pause_spawns_replaces_and_drains() {
+    let mut server = start(&["--app", "logging-thread", "--workers", "4"]);
+    for round in 1..=5 {
+        server.signal(libc::SIGHUP);
+        server.wait_for_count("logs from the child", 4 + 4 * round);
+        assert_eq!(get(&server.addr, "/").0, 200);
+    }
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit().success());
+}
+
+#[test]
 fn a_keepalive_timeout_of_zero_turns_keep_alive_off() {
     let server = start(&["--keepalive-timeout", "0"]);
     let reply = exchange(

@@ -1,0 +1,148 @@
+//! The threads group: forks from a multi-threaded parent, on every backend. Another
+//! thread holds or keeps taking a lock the child path might need — Rust's stdout or
+//! stderr lock, a `Mutex`, the allocator's, a logger's — while the parent forks 200
+//! children through `Loop::fork` and 200 through a raw `fork` + `post_fork`. Each child
+//! prints, logs or allocates, and must exit with its closure's value within 5 s; no
+//! parent call may block for longer than the lock is held. Each test runs in a process
+//! of its own.
+
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use forkloop::{ForkOptions, Kind};
+use rstest::rstest;
+use rstest_reuse::apply;
+
+const FORKS: usize = 200;
+const CHILD_LIMIT: Duration = Duration::from_secs(5);
+/// How long the other thread holds its lock each time.
+const HOLD: Duration = Duration::from_micros(50);
+/// No fork call may take this long: many times HOLD, and far less than a hang.
+const FORK_CALL_LIMIT: Duration = Duration::from_secs(1);
+
+/// What the other thread keeps busy.
+#[derive(Clone, Copy, Debug)]
+enum Busy {
+    Stdout,
+    Stderr,
+    Mutex,
+    Allocator,
+    Logger,
+}
+
+static SHARED: Mutex<u64> = Mutex::new(0);
+
+fn spin(d: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < d {
+        std::hint::spin_loop();
+    }
+}
+
+fn keep_busy(busy: Busy) {
+    match busy {
+        Busy::Stdout => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(b".");
+            spin(HOLD);
+        }
+        Busy::Stderr => {
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(b".");
+            spin(HOLD);
+        }
+        Busy::Mutex => {
+            let mut shared = SHARED.lock().unwrap();
+            *shared += 1;
+            spin(HOLD);
+        }
+        Busy::Allocator => {
+            for size in [16, 256, 4096, 65536] {
+                std::hint::black_box(vec![0u8; size]);
+            }
+        }
+        Busy::Logger => log::info!("the other thread logs"),
+    }
+}
+
+/// What each child does before it exits with `code`: what the other thread is busy with,
+/// where forkloop makes it safe (stdout, stderr, the logger on stderr, the allocator).
+/// A `Mutex` another thread may hold at the fork is never safe to take in the child.
+fn child_work(busy: Busy, code: i32) -> i32 {
+    match busy {
+        Busy::Stdout => println!("child {code}"),
+        Busy::Stderr => eprintln!("child {code}"),
+        Busy::Logger => log::info!("child {code}"),
+        Busy::Mutex | Busy::Allocator => {
+            std::hint::black_box(vec![code; 1000]);
+        }
+    }
+    code
+}
+
+#[apply(backends)]
+fn threads_children_of_a_busy_parent_exit_with_their_value(
+    #[case] kind: Kind,
+    #[values(Busy::Stdout, Busy::Stderr, Busy::Mutex, Busy::Allocator, Busy::Logger)] busy: Busy,
+) {
+    isolated(|| {
+        let _ = env_logger::Builder::new()
+            .filter_level(log::LevelFilter::Info)
+            .try_init();
+        let stop = Arc::new(AtomicBool::new(false));
+        let other = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    keep_busy(busy);
+                }
+            })
+        };
+        let mut lp = new_loop(kind);
+        let mut slowest = Duration::ZERO;
+        for i in 0..FORKS {
+            let code = (i % 250) as i32 + 1;
+            let started = Instant::now();
+            let pid = lp
+                .fork(ForkOptions::new(), move || child_work(busy, code))
+                .unwrap();
+            slowest = slowest.max(started.elapsed());
+            assert_eq!(
+                exit_code(wait_child(pid, CHILD_LIMIT)),
+                code,
+                "Loop::fork child {i}"
+            );
+        }
+        for i in 0..FORKS {
+            let code = (i % 250) as i32 + 1;
+            let started = Instant::now();
+            let lp = &mut lp;
+            let pid = raw_fork(move || {
+                lp.post_fork().unwrap();
+                lp.loop_once(Some(Duration::ZERO)).unwrap();
+                child_work(busy, code)
+            });
+            slowest = slowest.max(started.elapsed());
+            assert_eq!(
+                exit_code(wait_child(pid, CHILD_LIMIT)),
+                code,
+                "raw fork child {i}"
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        other.join().unwrap();
+        println!(
+            "\nfigure: {busy:?}: {} children, the slowest fork call {slowest:?}",
+            2 * FORKS
+        );
+        assert!(
+            slowest < FORK_CALL_LIMIT,
+            "a fork call blocked for {slowest:?}"
+        );
+    });
+}
