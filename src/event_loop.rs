@@ -323,9 +323,13 @@ impl Loop {
         }
     }
 
-    /// Runs `callback` once, `delay` from now.
+    /// Runs `callback` once, `delay` from now (a delay past what `Instant` can hold
+    /// means never).
     pub fn after(&mut self, delay: Duration, callback: impl FnOnce(&mut Loop) + 'static) -> Watch {
-        self.at(Instant::now() + delay, callback)
+        self.at(
+            crate::timer::saturating_add(Instant::now(), delay),
+            callback,
+        )
     }
 
     /// Runs `callback` once at `deadline` (an overdue deadline fires at the next iteration).
@@ -340,7 +344,7 @@ impl Loop {
         interval: Duration,
         callback: impl FnMut(&mut Loop) + 'static,
     ) -> Watch {
-        let first = Instant::now() + interval;
+        let first = crate::timer::saturating_add(Instant::now(), interval);
         self.add_timer(first, TimerCallback::Every(Box::new(callback), interval))
     }
 

@@ -118,9 +118,9 @@ impl Timers {
         let TimerCallback::Every(_, interval) = &callback else {
             return;
         };
-        let mut next = fired + *interval;
+        let mut next = saturating_add(fired, *interval);
         if next <= now {
-            next = now + *interval;
+            next = saturating_add(now, *interval);
         }
         self.next_seq += 1;
         let seq = self.next_seq;
@@ -131,6 +131,14 @@ impl Timers {
         timer.callback = Some(callback);
         self.heap.push(Reverse((next, seq, key)));
     }
+}
+
+/// `at + delay`, or a deadline some 136 years away (never, for a loop) where that is
+/// past what `Instant` holds: a huge delay is not a panic.
+pub(crate) fn saturating_add(at: Instant, delay: Duration) -> Instant {
+    at.checked_add(delay)
+        .or_else(|| at.checked_add(Duration::from_secs(u64::from(u32::MAX))))
+        .unwrap_or(at)
 }
 
 #[cfg(test)]

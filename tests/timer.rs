@@ -50,6 +50,21 @@ fn timer_after_fires_after_its_delay_never_before(#[case] kind: Kind) {
 }
 
 #[apply(backends)]
+fn timer_a_huge_delay_never_fires_and_never_panics(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    let (fired, f) = counter();
+    let once = lp.after(Duration::MAX, {
+        let f = f.clone();
+        move |_| bump(&f)
+    });
+    let every = lp.every(Duration::MAX, move |_| bump(&f));
+    lp.after(U, |lp| lp.stop(0));
+    assert_eq!(lp.run().unwrap(), 0);
+    assert_eq!(fired.get(), 0);
+    assert!(lp.cancel(once) && lp.cancel(every));
+}
+
+#[apply(backends)]
 fn timer_at_an_absolute_deadline_fires_then(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let (fired, f) = counter();

@@ -491,6 +491,12 @@ fn cases() -> Vec<Case> {
         case("target: space", TARGET, line(b"GET /a b HTTP/1.1"), Rejected(400)),
         case("target: control byte", TARGET, line(b"GET /a\x01b HTTP/1.1"), Rejected(400)),
         case("target: DEL", TARGET, line(b"GET /a\x7fb HTTP/1.1"), Rejected(400)),
+        case(
+            "target: absolute-form with an empty host",
+            "RFC 9110 §4.2.1",
+            line(b"GET http://:80/ HTTP/1.1"),
+            Rejected(400),
+        ),
         case("target: fragment", TARGET, line(b"GET /a#b HTTP/1.1"), Rejected(400)),
         case("target: non-ASCII", TARGET, line(b"GET /caf\xc3\xa9 HTTP/1.1"), Rejected(400)),
         case("target: not starting with /", TARGET, line(b"GET index.html HTTP/1.1"), Rejected(400)),

@@ -418,3 +418,36 @@ fn a_client_that_pipelines_and_never_reads_is_bounded_and_cut_off() {
         rss_peak - rss_before
     );
 }
+
+#[test]
+fn answers_queued_behind_a_slow_one_count_against_the_unsent_bound() {
+    let server = start(&["--workers", "1"]);
+    let worker = children(server.pid)[0];
+    assert_eq!(try_get(&server.addr), Some(200));
+    let rss_before = rss_kib(worker);
+    let mut stream = TcpStream::connect(&server.addr).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let body = vec![b'x'; 1 << 20];
+    let echo = [
+        &b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\n\r\n"[..],
+        &body,
+    ]
+    .concat();
+    let _ = stream.write_all(b"GET /sleep?ms=3000 HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut sent = 0;
+    while sent < 31 && stream.write_all(&echo).is_ok() {
+        sent += 1;
+    }
+    let rss_peak = rss_kib(worker);
+    println!(
+        "figure: 1 slow request then {sent} 1 MiB echoes that are never read: worker RSS \
+         {rss_before} → {rss_peak} KiB"
+    );
+    assert!(
+        rss_peak < rss_before + 8 * 1024,
+        "the worker grew by {} KiB",
+        rss_peak - rss_before
+    );
+}

@@ -409,6 +409,50 @@ fn a_master_with_a_thread_that_logs_without_pause_spawns_replaces_and_drains() {
 }
 
 #[test]
+fn empty_lines_trickled_between_requests_never_extend_a_deadline() {
+    let server = start(&["--header-timeout", "1", "--keepalive-timeout", "1"]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    // CR, LF, CR, ...: each LF ends an empty line the parser drops.
+    for byte in b"\r\n".iter().cycle().take(20) {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+        if s.write_all(std::slice::from_ref(byte)).is_err() {
+            break;
+        }
+    }
+    let open_for = started.elapsed();
+    assert!(
+        open_for < std::time::Duration::from_secs(3),
+        "still open after {open_for:?}"
+    );
+}
+
+#[test]
+fn a_drain_answers_every_request_already_handed_to_the_app() {
+    let mut server = start(&["--workers", "1"]);
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(&b"GET /sleep?ms=300 HTTP/1.1\r\nHost: t\r\n\r\n".repeat(10))
+        .unwrap();
+    assert_eq!(get(&server.addr, "/").0, 200); // the ten are dispatched by now
+    server.signal(libc::SIGTERM);
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert_eq!(reply.matches("slept 300 ms").count(), 10, "{reply:?}");
+    assert_eq!(reply.matches("Connection: close").count(), 1, "{reply:?}");
+    assert!(server.wait_exit().success());
+}
+
+#[test]
 fn a_keepalive_timeout_of_zero_turns_keep_alive_off() {
     let server = start(&["--keepalive-timeout", "0"]);
     let reply = exchange(

@@ -147,7 +147,9 @@ fn bind_unix(path: PathBuf) -> io::Result<Listener> {
 }
 
 /// Connects to the Unix socket at `path` without blocking: `Ok` if a server accepted
-/// or has its backlog full (`EAGAIN`), the error otherwise.
+/// or has its backlog full (`EAGAIN`, on Linux), the error otherwise. On the BSDs and
+/// macOS a full backlog is `ECONNREFUSED` too, so there a live but overloaded server's
+/// socket cannot be told from a stale one.
 fn probe_unix(path: &std::path::Path) -> io::Result<()> {
     let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
     socket.set_nonblocking(true)?;

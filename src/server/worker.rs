@@ -147,6 +147,8 @@ struct Conn {
     read: Option<Watch>,
     write: Option<Watch>,
     timer: Option<(TimerKind, Watch)>,
+    /// Input came since the last request was parsed (see `Conn::request_begun`).
+    sent_since_request: bool,
     /// When the parser last made progress: the body timeout counts from it.
     last_progress: Instant,
     /// When a write last took bytes: the send timeout counts from it.
@@ -172,7 +174,23 @@ impl Conn {
         self.first_seq > 0
             && self.slots.is_empty()
             && self.out.is_empty()
-            && !self.parser.mid_request()
+            && !self.request_begun()
+            && !self.no_more_requests
+            && !self.lingering
+    }
+
+    /// Whether the client has sent anything since its last request: even empty lines,
+    /// which the parser drops, so that they cannot turn the header deadline back into
+    /// a fresh keep-alive one.
+    fn request_begun(&self) -> bool {
+        self.sent_since_request || self.parser.mid_request()
+    }
+
+    /// Bytes of answers the client has not taken: unsent output, and finished responses
+    /// queued behind one still being handled.
+    fn unsent(&self) -> usize {
+        let queued: usize = self.slots.iter().map(Slot::len).sum();
+        self.out.len() - self.sent + queued
     }
 }
 
@@ -445,6 +463,7 @@ fn add_conn(worker: &Shared, lp: &mut Loop, stream: Stream, peer: String) {
         read: None,
         write: None,
         timer: None,
+        sent_since_request: false,
         last_progress: Instant::now(),
         last_write: Instant::now(),
         held_back: false,
@@ -482,6 +501,7 @@ fn on_readable(worker: &Shared, lp: &mut Loop, id: u64) {
                 Ok(n) => {
                     if !lingering {
                         conn.parser.feed(&buf[..n]);
+                        conn.sent_since_request = true;
                     }
                     if n < room {
                         break;
@@ -520,7 +540,7 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
             if conn.no_more_requests {
                 break;
             }
-            if conn.slots.len() >= MAX_PIPELINED || conn.out.len() - conn.sent >= MAX_UNSENT {
+            if conn.slots.len() >= MAX_PIPELINED || conn.unsent() >= MAX_UNSENT {
                 conn.held_back = true;
                 break;
             }
@@ -542,6 +562,7 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
                     continue;
                 }
                 Ok(Some(Parsed::Request(request))) => {
+                    conn.sent_since_request = false;
                     let line = w.access_log_path.is_some().then(|| {
                         format!(
                             "{} {} HTTP/1.{}",
@@ -642,7 +663,9 @@ fn complete(worker: &Shared, lp: &mut Loop, id: u64, seq: u64, response: Respons
         else {
             unreachable!()
         };
-        let keep_alive = keep_alive && !w.draining;
+        // Draining: only the last request in the queue closes the connection, so that
+        // every request already handed to the app is answered.
+        let keep_alive = keep_alive && !(w.draining && index + 1 == conn.slots.len());
         let date = http_date(&mut w.date);
         let mut bytes = Vec::with_capacity(response.body.len() + 160);
         let fallback;
@@ -725,7 +748,7 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
         let resume = conn.held_back
             && !conn.no_more_requests
             && conn.slots.len() < MAX_PIPELINED
-            && conn.out.len() - conn.sent < MAX_UNSENT;
+            && conn.unsent() < MAX_UNSENT;
         conn.held_back &= !resume;
         ((failed, finished), !done && conn.write.is_none(), resume)
     };
@@ -863,10 +886,16 @@ fn set_timer(worker: &Shared, lp: &mut Loop, id: u64) {
             None
         } else if conn.parser.reading_body() {
             Some((TimerKind::Body, w.body_timeout))
-        } else if conn.parser.mid_request() || conn.first_seq == 0 {
+        } else if conn.request_begun() || conn.first_seq == 0 {
             Some((TimerKind::Header, w.header_timeout))
         } else {
-            Some((TimerKind::Idle, w.keepalive_timeout))
+            // A connection that goes idle during a drain gets the drain's grace only.
+            let idle = if w.draining {
+                DRAIN_GRACE
+            } else {
+                w.keepalive_timeout
+            };
+            Some((TimerKind::Idle, idle))
         };
         (wanted, conn.timer.map(|(kind, _)| kind))
     };

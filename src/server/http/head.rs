@@ -203,7 +203,9 @@ fn origin_form(method: &str, target: &[u8]) -> Result<(String, Option<String>), 
             let after = &text[authority_at..];
             let path_at = after.find(['/', '?']).unwrap_or(after.len());
             let (authority, path) = after.split_at(path_at);
-            if authority.is_empty() || !is_valid_host(authority.as_bytes()) || path.contains('#') {
+            // RFC 9110 §4.2.1: an http(s) URI has a host, never an empty one.
+            let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+            if host.is_empty() || !is_valid_host(authority.as_bytes()) || path.contains('#') {
                 return Err(refuse(400, "invalid request target"));
             }
             // RFC 9112 §3.2.4: OPTIONS on a bare authority asks about the server: `*`.
