@@ -134,8 +134,8 @@ fn set_signal_mask(mask: &libc::sigset_t) -> libc::sigset_t {
 }
 
 impl Loop {
-    /// Forks a child that runs `child` and exits with its return value (a panic exits
-    /// 255; nothing unwinds into the parent's frames). Returns the child's pid in the
+    /// Forks a child that runs `child` and exits with its return value (a panic, or a
+    /// value outside 0..=255, exits 255; nothing unwinds into the parent's frames). Returns the child's pid in the
     /// parent, which can then [`watch_process`](Loop::watch_process) it — an exit before
     /// the watch is still reported.
     ///
@@ -179,7 +179,12 @@ impl Loop {
             }
             set_signal_mask(&old_mask);
             self.close_in_child();
-            let code = panic::catch_unwind(AssertUnwindSafe(child)).unwrap_or(255);
+            // An exit status is 8 bits: 256 would read as success, so anything outside
+            // 0..=255 exits 255, as a panic does.
+            let code = panic::catch_unwind(AssertUnwindSafe(child))
+                .ok()
+                .filter(|code| (0..=255).contains(code))
+                .unwrap_or(255);
             flush_std();
             // SAFETY: ends the child without running the parent's atexit handlers or
             // destructors, which own the parent's resources.

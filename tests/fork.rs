@@ -207,6 +207,13 @@ fn fork_child_exit_status_is_the_closures_value_and_a_panic_is_255(#[case] kind:
             .unwrap();
         exits_with(ok, 7);
         exits_with(panicked, 255);
+        // Not truncated to 8 bits: 256 would exit 0, a success.
+        for out_of_range in [256, -1, i32::MAX] {
+            exits_with(
+                lp.fork(ForkOptions::new(), move || out_of_range).unwrap(),
+                255,
+            );
+        }
     });
 }
 
@@ -309,5 +316,60 @@ fn fork_post_fork_works_again_in_a_grandchild(#[case] kind: Kind) {
         });
         exits_with(child, 0);
         assert_eq!(use_inherited(0), 0, "the parent's loop still works");
+    });
+}
+
+#[apply(backends)]
+fn fork_a_cancel_in_a_child_before_its_post_fork_holds(#[case] kind: Kind) {
+    isolated(|| {
+        let (s1, mut s2) = socketpair();
+        s2.write_all(b"x").unwrap(); // s1 stays readable: a stale watch would spin
+        let mut lp = new_loop(kind);
+        let watch = lp
+            .watch_io(s1.as_raw_fd(), Interest::READ, |_, _| {})
+            .unwrap();
+        lp.loop_once(Some(Duration::ZERO)).unwrap();
+        let lp = &mut lp;
+        let fd = s1.as_raw_fd();
+        let pid = raw_fork(move || {
+            // Cancelled before the loop noticed the fork (no post_fork yet).
+            assert!(lp.cancel(watch));
+            let (fired, f) = counter();
+            let again = lp.watch_io(fd, Interest::WRITE, move |_, _| bump(&f));
+            if again.is_err() {
+                return 1; // "already registered": the cancel was lost
+            }
+            let mut iterations = 0;
+            let started = Instant::now();
+            while fired.get() == 0 && started.elapsed() < Duration::from_secs(2) {
+                lp.loop_once(Some(Duration::from_millis(100))).unwrap();
+                iterations += 1;
+            }
+            // A write watch fires at once; the cancelled read watch must not be polled.
+            i32::from(fired.get() == 0) * 2 + i32::from(iterations > 5) * 4
+        });
+        exits_with(pid, 0);
+    });
+}
+
+#[apply(backends)]
+fn fork_a_child_cancelling_an_inherited_signal_watch_keeps_its_loop_working(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let watch = lp.watch_signal(libc::SIGUSR2, |_, _| {}).unwrap();
+        lp.loop_once(Some(Duration::ZERO)).unwrap();
+        let lp = &mut lp;
+        // libuv's fork_close_signal_in_child: the watch's self-pipe goes with the cancel.
+        let pid = raw_fork(move || {
+            assert!(lp.cancel(watch));
+            match lp.loop_once(Some(Duration::ZERO)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("{e}");
+                    1
+                }
+            }
+        });
+        exits_with(pid, 0);
     });
 }

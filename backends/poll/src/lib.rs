@@ -132,8 +132,21 @@ impl Backend for Poll {
         Ok(())
     }
 
-    fn post_fork(&mut self, _: &mut dyn Iterator<Item = (RawFd, Interest)>) -> io::Result<()> {
-        // The pollfd array is plain memory, copied by fork: nothing is shared.
+    fn post_fork(
+        &mut self,
+        registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
+    ) -> io::Result<()> {
+        // No kernel state is shared, but the loop's table is the truth: a cancel made in
+        // the child before this ran changed it and not the pollfd array.
+        *self = Poll::new();
+        for (fd, interest) in registrations {
+            self.index.insert(fd, self.fds.len());
+            self.fds.push(libc::pollfd {
+                fd,
+                events: interest_to_events(interest),
+                revents: 0,
+            });
+        }
         Ok(())
     }
 }

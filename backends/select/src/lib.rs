@@ -155,8 +155,18 @@ impl Backend for Select {
         Ok(())
     }
 
-    fn post_fork(&mut self, _: &mut dyn Iterator<Item = (RawFd, Interest)>) -> io::Result<()> {
-        // The registration list is plain memory, copied by fork: nothing is shared.
+    fn post_fork(
+        &mut self,
+        registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
+    ) -> io::Result<()> {
+        // No kernel state is shared, but the loop's table is the truth: a cancel made in
+        // the child before this ran changed it and not this list. Every fd in it passed
+        // `register`'s checks once.
+        *self = Select::new();
+        for (fd, interest) in registrations {
+            self.index.insert(fd, self.registrations.len());
+            self.registrations.push((fd, interest));
+        }
         Ok(())
     }
 }
