@@ -209,6 +209,15 @@ impl Loop {
         callback: impl FnMut(&mut Loop, Readiness) + 'static,
     ) -> Result<Watch> {
         let backend = self.backend_name();
+        if fd < 0 {
+            // Checked here, whatever the backend would accept: the fd tables index by it.
+            let source = std::io::Error::from_raw_os_error(libc::EBADF);
+            return Err(Error::Watch {
+                backend,
+                fd,
+                source,
+            });
+        }
         if interest.is_empty() {
             let source = std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty interest");
             return Err(Error::Watch {
