@@ -67,6 +67,9 @@ impl Chunked {
                     _ => return Err(refuse(400, "chunk data not followed by CRLF")),
                 },
                 Chunked::Trailers => {
+                    // Never more than the limit and a byte is looked at, so that the
+                    // verdict does not depend on how much input has arrived.
+                    let rest = &rest[..rest.len().min(max_trailers.saturating_add(1))];
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                     return match httparse::parse_headers(rest, &mut fields) {
                         Ok(httparse::Status::Complete((len, _))) if len > max_trailers => {
@@ -98,12 +101,13 @@ impl Chunked {
 /// still take) is refused as soon as its digits say so; a line is refused once it is
 /// longer than `MAX_SIZE_LINE`, ended or not.
 fn size_line(line: &[u8], room: u64) -> Result<Option<(usize, u64)>, Refusal> {
-    let parsed = parse_size_line(line, room)?;
-    let len = parsed.map_or(line.len(), |(len, _)| len - 2);
-    if len > MAX_SIZE_LINE {
-        return Err(refuse(400, "chunk size line too long"));
+    // Only as much as the longest line and its CRLF is looked at, so that the verdict
+    // does not depend on how much input has arrived.
+    let window = &line[..line.len().min(MAX_SIZE_LINE + 2)];
+    match parse_size_line(window, room)? {
+        None if window.len() == MAX_SIZE_LINE + 2 => Err(refuse(400, "chunk size line too long")),
+        parsed => Ok(parsed),
     }
-    Ok(parsed)
 }
 
 fn parse_size_line(line: &[u8], room: u64) -> Result<Option<(usize, u64)>, Refusal> {
