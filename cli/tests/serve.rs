@@ -311,12 +311,19 @@ fn unix_socket_listener_serves_and_its_file_is_removed_at_exit() {
     assert!(!path.exists());
 }
 
-#[test]
-fn usr1_makes_workers_reopen_the_access_log() {
-    let dir = std::env::temp_dir().join(format!("forkloop-log-{}", std::process::id()));
+/// One worker logging to `access.log` in a scratch directory named after `name`:
+/// (the directory, the log's path, the server).
+fn start_with_access_log(name: &str) -> (std::path::PathBuf, std::path::PathBuf, Server) {
+    let dir = std::env::temp_dir().join(format!("forkloop-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("access.log");
-    let mut server = start(&["--access-log", log.to_str().unwrap(), "--workers", "1"]);
+    let server = start(&["--access-log", log.to_str().unwrap(), "--workers", "1"]);
+    (dir, log, server)
+}
+
+#[test]
+fn usr1_makes_workers_reopen_the_access_log() {
+    let (dir, log, mut server) = start_with_access_log("log");
     assert_eq!(get(&server.addr, "/").0, 200);
     eventually("the first request logged", || {
         std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"GET / HTTP/1.1\" 200 13"))
@@ -336,10 +343,7 @@ fn usr1_makes_workers_reopen_the_access_log() {
 
 #[test]
 fn refused_requests_are_in_the_access_log_too() {
-    let dir = std::env::temp_dir().join(format!("forkloop-refused-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("access.log");
-    let server = start(&["--access-log", log.to_str().unwrap(), "--workers", "1"]);
+    let (dir, log, server) = start_with_access_log("refused");
     assert!(exchange(&server.addr, b"GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 400 "));
     eventually("the refusal logged", || {
         std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"-\" 400 "))
@@ -349,10 +353,7 @@ fn refused_requests_are_in_the_access_log_too() {
 
 #[test]
 fn nothing_pipelined_after_a_request_that_closes_reaches_the_app() {
-    let dir = std::env::temp_dir().join(format!("forkloop-after-close-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("access.log");
-    let server = start(&["--access-log", log.to_str().unwrap(), "--workers", "1"]);
+    let (dir, log, server) = start_with_access_log("after-close");
     for first in [
         "GET /sleep?ms=100 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
         "GET /sleep?ms=100 HTTP/1.0\r\n\r\n",

@@ -546,7 +546,8 @@ fn process(worker: &Shared, lp: &mut Loop, id: u64) {
             }
             let progress = conn.parser.progress();
             let parsed = conn.parser.next();
-            if conn.parser.progress() != progress {
+            // Only a body still awaited has a timeout to count from here.
+            if conn.parser.progress() != progress && conn.parser.reading_body() {
                 conn.last_progress = Instant::now();
             }
             match parsed {
@@ -668,28 +669,25 @@ fn complete(worker: &Shared, lp: &mut Loop, id: u64, seq: u64, response: Respons
         let keep_alive = keep_alive && !(w.draining && index + 1 == conn.slots.len());
         let date = http_date(&mut w.date);
         let mut bytes = Vec::with_capacity(response.body.len() + 160);
-        let fallback;
-        let sent = match response.encode(&mut bytes, head, keep_alive, date) {
-            Ok(keep_alive) => (&response, keep_alive),
+        let (status, length, keep_alive) = match response.encode(&mut bytes, head, keep_alive, date)
+        {
+            Ok(keep_alive) => (response.status, response.body.len(), keep_alive),
             Err(why) => {
                 log::error!(
                     "{}: the handler's response is invalid ({why}); answering 500",
                     conn.peer
                 );
-                fallback = Response::text(500, "Internal Server Error\n");
+                let fallback = Response::text(500, "Internal Server Error\n");
                 // The server's own response always encodes.
                 let keep_alive = fallback.encode(&mut bytes, head, keep_alive, date);
-                (&fallback, keep_alive.unwrap_or(false))
+                (500, fallback.body.len(), keep_alive.unwrap_or(false))
             }
         };
-        let (sent, keep_alive) = sent;
         if let (Some(log), Some(line)) = (&mut w.access_log, line) {
             let _ = writeln!(
                 log,
-                "{} - - [{date}] \"{line}\" {} {}",
-                conn.peer,
-                sent.status,
-                sent.body.len()
+                "{} - - [{date}] \"{line}\" {status} {length}",
+                conn.peer
             );
         }
         conn.slots[index] = Slot::Ready {
@@ -724,12 +722,12 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
                 break;
             }
         }
-        let mut failed = false;
+        let (mut failed, mut wrote) = (false, false);
         while conn.sent < conn.out.len() {
             match conn.stream.write(&conn.out[conn.sent..]) {
                 Ok(n) => {
                     conn.sent += n;
-                    conn.last_write = Instant::now();
+                    wrote = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -742,6 +740,9 @@ fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
         if conn.sent == conn.out.len() {
             conn.out.clear();
             conn.sent = 0;
+        } else if wrote {
+            // Only output left waiting has a send timeout to count from here.
+            conn.last_write = Instant::now();
         }
         let done = conn.out.is_empty();
         let finished = done && conn.no_more_requests && conn.slots.is_empty();
@@ -1089,8 +1090,7 @@ pub(crate) fn drive_connection(
         let w = worker.borrow();
         let open = w.conns.values().next();
         if let Some(conn) = open {
-            let slots: usize = conn.slots.iter().map(Slot::len).sum();
-            peak = peak.max(conn.parser.held() + conn.out.len() + slots);
+            peak = peak.max(conn.parser.held() + conn.sent + conn.unsent());
         }
         Ok(open.is_some())
     };

@@ -21,6 +21,16 @@ impl Poll {
     pub fn new() -> Poll {
         Poll::default()
     }
+
+    /// Adds an fd already checked (by `register`, or once before, for the loop's table).
+    fn insert(&mut self, fd: RawFd, interest: Interest) {
+        self.index.insert(fd, self.fds.len());
+        self.fds.push(libc::pollfd {
+            fd,
+            events: interest_to_events(interest),
+            revents: 0,
+        });
+    }
 }
 
 fn interest_to_events(interest: Interest) -> libc::c_short {
@@ -69,12 +79,7 @@ impl Backend for Poll {
         if self.index.contains(fd) {
             return Err(already_registered("poll", fd));
         }
-        self.index.insert(fd, self.fds.len());
-        self.fds.push(libc::pollfd {
-            fd,
-            events: interest_to_events(interest),
-            revents: 0,
-        });
+        self.insert(fd, interest);
         Ok(())
     }
 
@@ -140,12 +145,7 @@ impl Backend for Poll {
         // the child before this ran changed it and not the pollfd array.
         *self = Poll::new();
         for (fd, interest) in registrations {
-            self.index.insert(fd, self.fds.len());
-            self.fds.push(libc::pollfd {
-                fd,
-                events: interest_to_events(interest),
-                revents: 0,
-            });
+            self.insert(fd, interest);
         }
         Ok(())
     }

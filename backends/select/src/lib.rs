@@ -26,6 +26,12 @@ impl Select {
     pub fn new() -> Select {
         Select::default()
     }
+
+    /// Adds an fd already checked (by `register`, or once before, for the loop's table).
+    fn insert(&mut self, fd: RawFd, interest: Interest) {
+        self.index.insert(fd, self.registrations.len());
+        self.registrations.push((fd, interest));
+    }
 }
 
 fn check_interest(fd: RawFd, interest: Interest) -> io::Result<()> {
@@ -77,8 +83,7 @@ impl Backend for Select {
         if self.index.contains(fd) {
             return Err(already_registered("select", fd));
         }
-        self.index.insert(fd, self.registrations.len());
-        self.registrations.push((fd, interest));
+        self.insert(fd, interest);
         Ok(())
     }
 
@@ -164,8 +169,7 @@ impl Backend for Select {
         // `register`'s checks once.
         *self = Select::new();
         for (fd, interest) in registrations {
-            self.index.insert(fd, self.registrations.len());
-            self.registrations.push((fd, interest));
+            self.insert(fd, interest);
         }
         Ok(())
     }
