@@ -17,47 +17,52 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
-use crate::{global, signal, Error, Loop, Result};
+use crate::signal::{self, ForkLock};
+use crate::{global, Error, Loop, Result};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 static ATFORK: Once = Once::new();
 
+/// What the forking thread holds across fork(2): the signal driver's lock, and Rust's
+/// stdout and stderr locks.
+type Held = (ForkLock, StdoutLock<'static>, StderrLock<'static>);
+
 thread_local! {
-    /// Rust's stdout and stderr locks, held by the forking thread across fork(2).
-    static HELD: RefCell<Option<(StdoutLock<'static>, StderrLock<'static>)>> =
-        const { RefCell::new(None) };
+    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
 }
 
 /// Before every fork, as glibc does with its own FILE locks: the forking thread takes
-/// Rust's stdout and stderr locks (waiting while another thread is writing), so that
-/// neither is held by a thread the child will not have; both sides release them after.
-/// stdout is flushed first, so the child does not inherit the parent's buffered output
+/// the signal driver's lock and Rust's stdout and stderr locks (waiting while another
+/// thread holds one), so that none is held by a thread the child will not have; both
+/// sides release them after. The driver's lock comes first: code holding it never
+/// prints. stdout is flushed, so the child does not inherit the parent's buffered output
 /// and write it a second time.
 extern "C" fn before_fork() {
+    let driver = signal::lock_for_fork();
     let mut out = std::io::stdout().lock();
     let _ = out.flush();
     let err = std::io::stderr().lock();
     // `try_with`: a thread forking while it exits has no thread-locals left; it then
     // forks without the locks, as it would have without forkloop.
-    let _ = HELD.try_with(|held| *held.borrow_mut() = Some((out, err)));
+    let _ = HELD.try_with(|held| *held.borrow_mut() = Some((driver, out, err)));
 }
 
 /// Releases what `before_fork` took: in the child, the only thread is the one that took
 /// the locks, so it can; unlocking is an atomic store and at most a futex wake.
-fn release_std_locks() {
+fn release_locks() {
     let _ = HELD.try_with(|held| drop(held.borrow_mut().take()));
 }
 
 extern "C" fn in_parent_after_fork() {
-    release_std_locks();
+    release_locks();
 }
 
 extern "C" fn in_child_after_fork() {
-    release_std_locks();
-    // Async-signal-safe from here: atomics only.
+    // Atomics only, and then the unlocks.
     GENERATION.fetch_add(1, Ordering::SeqCst);
-    signal::forget_parent_signals();
+    signal::forget_parent();
     global::forget_owner();
+    release_locks();
 }
 
 /// Registers the atfork handler; every loop constructor calls it first.

@@ -1,0 +1,255 @@
+//! The process-wide signal driver: one handler per signal for the whole process, and
+//! the loops subscribed to it.
+//!
+//! Dispositions are process-wide, so this state is in statics. The handler counts each
+//! delivery (`COUNT`) and writes one byte to the wake pipe of every loop subscribed to
+//! the signal; a loop dispatches a signal when its count moved past the one it last saw.
+//! So any number of loops of one process (on any threads) can watch the same signal —
+//! SIGCHLD above all — and each sees every delivery made while it watched.
+//!
+//! A loop's wake pipe is reached through a slot (`WAKE`). The handler marks the slot
+//! busy around its load and write; a loop giving up its slot clears it, then waits until
+//! no handler is busy on it before it closes the pipe. So a handler running on another
+//! thread never finds the fd closed and its number reused.
+//!
+//! The handler and the fork paths use atomics only (async-signal-safe). Installing and
+//! restoring dispositions is serialized by `DISPOSITIONS`, which forkloop's atfork
+//! handler holds across every fork, so a child never inherits it locked.
+
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use forkloop_backend::cvt;
+
+use crate::sys;
+
+/// Above every platform's NSIG (Linux 65, macOS 32, FreeBSD 129).
+pub(crate) const MAX_SIGNAL: usize = 129;
+/// How many loops of one process may watch signals at once (one bit each in a mask).
+pub(crate) const MAX_LOOPS: usize = 64;
+
+/// Deliveries the handler recorded, per signal; only ever grows.
+static COUNT: [AtomicU64; MAX_SIGNAL] = [const { AtomicU64::new(0) }; MAX_SIGNAL];
+/// Deliveries up to this count belong to no loop of this process: they reached the
+/// parent before a fork, or arrived before the handler was installed.
+static BASE: [AtomicU64; MAX_SIGNAL] = [const { AtomicU64::new(0) }; MAX_SIGNAL];
+/// The slots subscribed to each signal, one bit per slot.
+static SUBSCRIBERS: [AtomicU64; MAX_SIGNAL] = [const { AtomicU64::new(0) }; MAX_SIGNAL];
+/// The write end of each slot's wake pipe, or -1.
+static WAKE: [AtomicI32; MAX_LOOPS] = [const { AtomicI32::new(-1) }; MAX_LOOPS];
+/// Handlers between loading a slot's fd and finishing their write to it.
+static BUSY: [AtomicU32; MAX_LOOPS] = [const { AtomicU32::new(0) }; MAX_LOOPS];
+/// The slots in use, one bit each.
+static SLOTS: AtomicU64 = AtomicU64::new(0);
+/// Whether our handler is installed, and over what (for the reset in a `Loop::fork` child).
+static INSTALLED: [AtomicU8; MAX_SIGNAL] = [const { AtomicU8::new(NOT_OURS) }; MAX_SIGNAL];
+const NOT_OURS: u8 = 0;
+const OURS_OVER_DEFAULT: u8 = 1;
+const OURS_OVER_IGNORE: u8 = 2;
+
+/// The disposition each installed handler replaced, restored when the last subscriber
+/// leaves. Every install, restore and subscriber change happens under this lock.
+static DISPOSITIONS: Mutex<[Option<Disposition>; MAX_SIGNAL]> =
+    Mutex::new([const { None }; MAX_SIGNAL]);
+
+#[derive(Clone, Copy)]
+pub(crate) struct Disposition(libc::sigaction);
+
+// SAFETY: a sigaction is plain data (a handler address, flags and a mask); it refers to
+// no memory that a thread could own.
+unsafe impl Send for Disposition {}
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    // Only atomics and write(2) here: async-signal-safe. errno is preserved for the
+    // code this handler interrupted.
+    let errno = sys::errno_location();
+    // SAFETY: errno_location points at this thread's errno.
+    let saved = unsafe { *errno };
+    let index = signal as usize;
+    COUNT[index].fetch_add(1, Ordering::SeqCst);
+    let mut slots = SUBSCRIBERS[index].load(Ordering::SeqCst);
+    while slots != 0 {
+        let slot = slots.trailing_zeros() as usize;
+        slots &= slots - 1;
+        // Busy before the load: a loop that clears the slot after this load sees it.
+        BUSY[slot].fetch_add(1, Ordering::SeqCst);
+        let fd = WAKE[slot].load(Ordering::SeqCst);
+        if fd >= 0 {
+            let byte = signal as u8;
+            // SAFETY: one byte from a live stack slot to a pipe that stays open while
+            // this slot is busy. A full pipe (EAGAIN) already means a wake-up is
+            // pending, so the result is deliberately ignored.
+            unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
+        }
+        BUSY[slot].fetch_sub(1, Ordering::SeqCst);
+    }
+    // SAFETY: as above.
+    unsafe { *errno = saved };
+}
+
+fn set_action(signal: libc::c_int, action: &libc::sigaction) -> std::io::Result<libc::sigaction> {
+    // SAFETY: sigaction is plain old data; all-zero is valid (empty mask, no flags).
+    let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are live sigaction values; an invalid signal is EINVAL.
+    cvt(unsafe { libc::sigaction(signal, action, &mut previous) })?;
+    Ok(previous)
+}
+
+/// Sets `handler` with every signal blocked while it runs; SIGCHLD without stop and
+/// continue notices (only exits concern a loop).
+fn set_handler(
+    signal: libc::c_int,
+    handler: libc::sighandler_t,
+) -> std::io::Result<libc::sigaction> {
+    // SAFETY: sigaction is plain old data; all-zero is valid (empty mask, no flags).
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = handler;
+    action.sa_flags = libc::SA_RESTART;
+    if signal == libc::SIGCHLD {
+        action.sa_flags |= libc::SA_NOCLDSTOP;
+    }
+    // SAFETY: sa_mask is a valid sigset_t to fill.
+    unsafe { libc::sigfillset(&mut action.sa_mask) };
+    set_action(signal, &action)
+}
+
+fn ours() -> libc::sighandler_t {
+    on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t
+}
+
+fn dispositions() -> MutexGuard<'static, [Option<Disposition>; MAX_SIGNAL]> {
+    DISPOSITIONS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The driver's lock, which the atfork prepare handler holds across fork.
+pub(crate) struct ForkLock {
+    _guard: MutexGuard<'static, [Option<Disposition>; MAX_SIGNAL]>,
+}
+
+/// Takes the lock for a fork: no thread installs or subscribes until it is dropped.
+pub(crate) fn lock_for_fork() -> ForkLock {
+    ForkLock {
+        _guard: dispositions(),
+    }
+}
+
+/// Deliveries of `signal` so far.
+pub(crate) fn count(signal: libc::c_int) -> u64 {
+    COUNT[signal as usize].load(Ordering::SeqCst)
+}
+
+/// Deliveries of `signal` that reached this process since the last fork.
+pub(crate) fn base(signal: libc::c_int) -> u64 {
+    BASE[signal as usize].load(Ordering::SeqCst)
+}
+
+/// A slot for a loop's wake pipe; `None` when `MAX_LOOPS` loops already have one.
+pub(crate) fn take_slot(wake_fd: libc::c_int) -> Option<usize> {
+    let _guard = dispositions();
+    let used = SLOTS.load(Ordering::SeqCst);
+    let slot = (!used).trailing_zeros() as usize;
+    if slot >= MAX_LOOPS {
+        return None;
+    }
+    SLOTS.store(used | 1 << slot, Ordering::SeqCst);
+    WAKE[slot].store(wake_fd, Ordering::SeqCst);
+    Some(slot)
+}
+
+/// Gives up a slot: once this returns, no handler writes to its fd any more, so the
+/// caller may close it. Its subscriptions must be gone already.
+pub(crate) fn release_slot(slot: usize) {
+    let _guard = dispositions();
+    WAKE[slot].store(-1, Ordering::SeqCst);
+    // A handler that loaded the fd before the store is busy until its write is done; one
+    // that loads it after sees -1. Handlers are short: a few instructions and a write.
+    while BUSY[slot].load(Ordering::SeqCst) != 0 {
+        std::thread::yield_now();
+    }
+    SLOTS.fetch_and(!(1 << slot), Ordering::SeqCst);
+}
+
+/// Subscribes `slot` to `signal`, installing the handler if no loop of this process
+/// watches it yet. Returns the count from which this subscriber's deliveries start.
+pub(crate) fn subscribe(signal: libc::c_int, slot: usize) -> std::io::Result<u64> {
+    let index = signal as usize;
+    let mut table = dispositions();
+    let subscribers = SUBSCRIBERS[index].load(Ordering::SeqCst);
+    if subscribers != 0 {
+        SUBSCRIBERS[index].store(subscribers | 1 << slot, Ordering::SeqCst);
+        return Ok(count(signal));
+    }
+    let previous = set_handler(signal, ours())?;
+    if previous.sa_sigaction != ours() {
+        // A fresh install: what came before it is nobody's.
+        table[index] = Some(Disposition(previous));
+        BASE[index].store(count(signal), Ordering::SeqCst);
+        let state = if previous.sa_sigaction == libc::SIG_IGN {
+            OURS_OVER_IGNORE
+        } else {
+            OURS_OVER_DEFAULT
+        };
+        INSTALLED[index].store(state, Ordering::SeqCst);
+    }
+    // Otherwise the handler was kept across a fork (or by a loop that never re-subscribed
+    // in this process): the disposition to restore is the one recorded then, and what it
+    // recorded since the fork is this subscriber's.
+    SUBSCRIBERS[index].store(1 << slot, Ordering::SeqCst);
+    Ok(base(signal))
+}
+
+/// Unsubscribes `slot` (or, for a loop whose slot is the parent's, nothing) from
+/// `signal`; the last subscriber of the process restores the disposition the handler
+/// replaced. Returns a warning to log, as logging under the lock could deadlock a fork.
+pub(crate) fn unsubscribe(signal: libc::c_int, slot: Option<usize>) -> Option<String> {
+    let index = signal as usize;
+    let mut table = dispositions();
+    let mask = slot.map_or(0, |s| 1 << s);
+    let left = SUBSCRIBERS[index].fetch_and(!mask, Ordering::SeqCst) & !mask;
+    if left != 0 || INSTALLED[index].load(Ordering::SeqCst) == NOT_OURS {
+        return None;
+    }
+    INSTALLED[index].store(NOT_OURS, Ordering::SeqCst);
+    let previous = table[index].take()?;
+    set_action(signal, &previous.0)
+        .err()
+        .map(|e| format!("restoring the disposition of signal {signal}: {e}"))
+}
+
+/// In the child after every fork (atfork handler): no loop of this process is
+/// subscribed yet, no slot is in use (the parent's pipes are the parent's; its busy
+/// marks belonged to threads the child does not have), and what reached the parent is
+/// the parent's. Async-signal-safe: atomics only.
+pub(crate) fn forget_parent() {
+    for i in 0..MAX_SIGNAL {
+        SUBSCRIBERS[i].store(0, Ordering::SeqCst);
+        BASE[i].store(COUNT[i].load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+    for i in 0..MAX_LOOPS {
+        WAKE[i].store(-1, Ordering::SeqCst);
+        BUSY[i].store(0, Ordering::SeqCst);
+    }
+    SLOTS.store(0, Ordering::SeqCst);
+}
+
+/// In a `Loop::fork` child: puts back the dispositions the loop replaced (a signal that
+/// was ignored stays ignored). Async-signal-safe: atomics and sigaction(2).
+pub(crate) fn reset_handlers_in_child() {
+    for (signal, installed) in INSTALLED.iter().enumerate() {
+        let handler = match installed.swap(NOT_OURS, Ordering::SeqCst) {
+            NOT_OURS => continue,
+            OURS_OVER_IGNORE => libc::SIG_IGN,
+            _ => libc::SIG_DFL,
+        };
+        let _ = set_handler(signal as libc::c_int, handler);
+    }
+}
+
+/// Checks that `signal` can be caught; the reason if not.
+pub(crate) fn uncatchable(signal: libc::c_int) -> Option<&'static str> {
+    match signal {
+        libc::SIGKILL | libc::SIGSTOP => Some("it cannot be caught"),
+        s if s <= 0 || s as usize >= MAX_SIGNAL => Some("no such signal"),
+        _ => None,
+    }
+}

@@ -1,0 +1,273 @@
+//! Signal watches: each loop subscribes to the process-wide driver (`driver`) for the
+//! signals it watches, wakes on a self-pipe of its own, and runs its callbacks in
+//! dispatch for every delivery its subscription has not seen yet.
+
+mod driver;
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use forkloop_backend::Interest;
+use smallvec::SmallVec;
+
+pub(crate) use driver::{forget_parent, lock_for_fork, reset_handlers_in_child, ForkLock};
+
+use crate::event_loop::{Watch, WatchKind};
+use crate::id_map::IdMap;
+use crate::{fork, sys, Error, Loop, Result};
+
+type SignalCallback = Box<dyn FnMut(&mut Loop, libc::c_int)>;
+
+struct SignalWatch {
+    signal: libc::c_int,
+    /// `None` while it runs.
+    callback: Option<SignalCallback>,
+}
+
+struct Claimed {
+    /// The driver's delivery count this loop has dispatched up to.
+    seen: u64,
+    watches: SmallVec<[u64; 2]>,
+}
+
+/// A loop's self-pipe and its slot in the driver.
+struct WakePipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    watch: Watch,
+    slot: usize,
+    /// The fork generation the slot belongs to: in a later one it is nobody's.
+    generation: u64,
+}
+
+impl WakePipe {
+    /// The driver's slot, if it is still this process's.
+    fn current_slot(&self) -> Option<usize> {
+        (self.generation == fork::generation()).then_some(self.slot)
+    }
+}
+
+impl Drop for WakePipe {
+    fn drop(&mut self) {
+        // The fds close after this: no handler may still be writing to them. In a
+        // forked child the slot was cleared by the atfork handler already.
+        if let Some(slot) = self.current_slot() {
+            driver::release_slot(slot);
+        }
+    }
+}
+
+/// One loop's signal watches.
+#[derive(Default)]
+pub(crate) struct Signals {
+    pipe: Option<WakePipe>,
+    watches: IdMap<u64, SignalWatch>,
+    claimed: BTreeMap<libc::c_int, Claimed>,
+}
+
+impl Signals {
+    /// Closes the self-pipe's fds and forgets its watch, which is left in the loop's
+    /// tables: only for a loop that is never used again in a `Loop::fork` child, where
+    /// the slot is already cleared (so this is only close(2): async-signal-safe).
+    pub(crate) fn close_pipe(&mut self) {
+        self.pipe = None;
+    }
+}
+
+impl Loop {
+    /// Runs `callback` in dispatch each time `signal` (`libc::SIGTERM`, …) arrives;
+    /// deliveries between two iterations coalesce into one call, as the kernel's do.
+    /// Several watches may share a signal, in one loop or in several loops of the
+    /// process (each loop sees every delivery made while it watches). An unknown or
+    /// uncatchable signal is an error. When the process's last watch of a signal is
+    /// cancelled, the disposition from before the first one is restored. SIGCHLD is
+    /// installed with `SA_NOCLDSTOP`: stopped and continued children do not wake a loop.
+    pub fn watch_signal(
+        &mut self,
+        signal: libc::c_int,
+        callback: impl FnMut(&mut Loop, libc::c_int) + 'static,
+    ) -> Result<Watch> {
+        if let Some(reason) = driver::uncatchable(signal) {
+            let reason = reason.into();
+            return Err(Error::Signal { signal, reason });
+        }
+        self.ensure_current()?;
+        let slot = self.wake_pipe(signal)?;
+        if !self.signals.claimed.contains_key(&signal) {
+            let seen = match driver::subscribe(signal, slot) {
+                Ok(seen) => seen,
+                Err(e) => {
+                    self.release_pipe_if_unused();
+                    let reason = format!("cannot be caught: {e}");
+                    return Err(Error::Signal { signal, reason });
+                }
+            };
+            let watches = SmallVec::new();
+            self.signals
+                .claimed
+                .insert(signal, Claimed { seen, watches });
+        }
+        let id = self.next_id();
+        let claimed = self
+            .signals
+            .claimed
+            .get_mut(&signal)
+            .expect("claimed above");
+        claimed.watches.push(id);
+        if claimed.seen != driver::count(signal) {
+            self.wake_self(); // kept across a fork, and delivered since
+        }
+        let callback = Some(Box::new(callback) as _);
+        self.signals
+            .watches
+            .insert(id, SignalWatch { signal, callback });
+        Ok(Watch::new(WatchKind::Signal, id))
+    }
+
+    /// This loop's driver slot, with its self-pipe created (and watched) on first use.
+    fn wake_pipe(&mut self, signal: libc::c_int) -> Result<usize> {
+        if let Some(pipe) = &self.signals.pipe {
+            return Ok(pipe.slot);
+        }
+        let (read, write) = sys::pipe().map_err(|source| Error::Create {
+            what: "the signal self-pipe",
+            source,
+        })?;
+        let Some(slot) = driver::take_slot(write.as_raw_fd()) else {
+            let reason = format!(
+                "{} loops of this process already watch signals, the most there can be",
+                driver::MAX_LOOPS
+            );
+            return Err(Error::Signal { signal, reason });
+        };
+        let generation = fork::generation();
+        let watch = match self.watch_io(read.as_raw_fd(), Interest::READ, |lp, _| {
+            lp.dispatch_signals()
+        }) {
+            Ok(watch) => watch,
+            Err(e) => {
+                driver::release_slot(slot);
+                return Err(e);
+            }
+        };
+        self.signals.pipe = Some(WakePipe {
+            read,
+            write,
+            watch,
+            slot,
+            generation,
+        });
+        Ok(slot)
+    }
+
+    fn wake_self(&self) {
+        if let Some(pipe) = &self.signals.pipe {
+            // SAFETY: one byte from a static to the loop's own non-blocking pipe; a full
+            // pipe already means a wake-up is pending.
+            unsafe { libc::write(pipe.write.as_raw_fd(), b"!".as_ptr().cast(), 1) };
+        }
+    }
+
+    /// The pipe and its slot live exactly as long as some signal is claimed.
+    fn release_pipe_if_unused(&mut self) {
+        if self.signals.claimed.is_empty() {
+            if let Some(pipe) = self.signals.pipe.take() {
+                self.cancel(pipe.watch);
+            }
+        }
+    }
+
+    pub(crate) fn cancel_signal(&mut self, id: u64) -> bool {
+        let Some(watch) = self.signals.watches.remove(&id) else {
+            return false;
+        };
+        let claimed = self
+            .signals
+            .claimed
+            .get_mut(&watch.signal)
+            .expect("watched signals are claimed");
+        claimed.watches.retain(|w| *w != id);
+        if claimed.watches.is_empty() {
+            self.signals.claimed.remove(&watch.signal);
+            self.unsubscribe(watch.signal);
+            self.release_pipe_if_unused();
+        }
+        true
+    }
+
+    fn unsubscribe(&self, signal: libc::c_int) {
+        let slot = self.signals.pipe.as_ref().and_then(WakePipe::current_slot);
+        if let Some(warning) = driver::unsubscribe(signal, slot) {
+            log::warn!("{warning}");
+        }
+    }
+
+    /// One read empties the pipe of any number of wake-ups up to its size; a larger
+    /// backlog leaves it readable, and the next iteration reads again.
+    fn dispatch_signals(&mut self) {
+        if let Some(pipe) = &self.signals.pipe {
+            let mut buf = [0u8; 256];
+            // SAFETY: reads into a live stack buffer of the given length.
+            unsafe { libc::read(pipe.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        }
+        let signals: SmallVec<[libc::c_int; 8]> = self.signals.claimed.keys().copied().collect();
+        for signal in signals {
+            let count = driver::count(signal);
+            let ids = match self.signals.claimed.get_mut(&signal) {
+                Some(claimed) if claimed.seen != count => {
+                    claimed.seen = count;
+                    claimed.watches.clone()
+                }
+                _ => continue,
+            };
+            for id in ids {
+                let watch = self.signals.watches.get_mut(&id);
+                let Some(mut callback) = watch.and_then(|w| w.callback.take()) else {
+                    continue;
+                };
+                callback(self, signal);
+                if let Some(watch) = self.signals.watches.get_mut(&id) {
+                    watch.callback = Some(callback);
+                }
+            }
+        }
+    }
+
+    /// post_fork: in a forked child the self-pipe is shared with the parent and the
+    /// driver has forgotten the parent's subscriptions, so the loop gets a fresh pipe
+    /// and subscribes again to every signal it watches, from the deliveries that reached
+    /// this process since the fork. In the process that built it, nothing changes.
+    pub(crate) fn signals_post_fork(&mut self) -> Result<()> {
+        let Some(old) = self.signals.pipe.take_if(|p| p.current_slot().is_none()) else {
+            return Ok(());
+        };
+        self.cancel(old.watch);
+        drop(old);
+        if self.signals.claimed.is_empty() {
+            return Ok(());
+        }
+        let first = *self.signals.claimed.keys().next().expect("not empty");
+        let slot = self.wake_pipe(first)?;
+        let mut pending = false;
+        for (&signal, claimed) in &mut self.signals.claimed {
+            claimed.seen = driver::subscribe(signal, slot).map_err(|e| Error::Signal {
+                signal,
+                reason: format!("cannot be caught again after fork: {e}"),
+            })?;
+            pending |= claimed.seen != driver::count(signal);
+        }
+        if pending {
+            self.wake_self();
+        }
+        Ok(())
+    }
+
+    /// Drop: this loop's subscriptions end; the process's last one of a signal restores
+    /// its disposition.
+    pub(crate) fn release_signals(&mut self) {
+        for signal in std::mem::take(&mut self.signals.claimed).into_keys() {
+            self.unsubscribe(signal);
+        }
+        self.signals.pipe = None;
+    }
+}
