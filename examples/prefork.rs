@@ -20,7 +20,7 @@ fn worker(number: u32) -> i32 {
             if ticks == 3 {
                 lp.stop(0);
             }
-        });
+        })?;
         lp.run()
     });
     match result {

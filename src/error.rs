@@ -77,9 +77,16 @@ pub enum Error {
     /// `watch_process` for a pid that is not a child of this process.
     #[error("pid {0} is not a child of this process (waitid: ECHILD)")]
     NotAChild(libc::pid_t),
+    /// `every` with a zero interval, which would fire at every iteration forever.
+    #[error("a repeating timer needs a non-zero interval")]
+    ZeroInterval,
     /// fork(2) failed.
     #[error("fork failed: {0}")]
     Fork(io::Error),
+    /// `pthread_atfork` could not register forkloop's fork handlers (out of memory);
+    /// without them no fork could be detected, so no loop is built.
+    #[error("cannot register the fork handlers (pthread_atfork): {0}")]
+    AtFork(io::Error),
     /// The process-global loop was asked for while it is already lent out (a nested
     /// `with_global`) or from a thread other than the one that owns it.
     #[error("the process-global loop {0}")]

@@ -21,11 +21,14 @@ use crate::{Error, Kind, Result};
 type IoCallback = Box<dyn FnMut(&mut Loop, Readiness)>;
 type IdleCallback = Box<dyn FnOnce(&mut Loop)>;
 
-/// A handle to one watch of any kind; give it to [`Loop::cancel`].
+/// A handle to one watch of any kind; give it to [`Loop::cancel`] of the loop that
+/// made it (it carries that loop's identity; another loop refuses it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Watch {
     kind: WatchKind,
     id: u64,
+    /// The serial of the loop that made it.
+    owner: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,12 +38,6 @@ pub(crate) enum WatchKind {
     Idle,
     Signal,
     Process,
-}
-
-impl Watch {
-    pub(crate) fn new(kind: WatchKind, id: u64) -> Watch {
-        Watch { kind, id }
-    }
 }
 
 /// Which loop this is: unique among all loops of all processes alive at once.
@@ -62,6 +59,8 @@ static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 
 struct FdState {
     interest: Interest,
+    /// Readiness gathered from this iteration's events, until the fd is dispatched.
+    pending: Readiness,
     watches: SmallVec<[u64; 2]>,
     /// Regular files, which epoll refuses with EPERM: reported ready at every iteration,
     /// as poll(2) would report them.
@@ -97,6 +96,8 @@ pub struct Loop {
     io: Slab<IoWatch>,
     always_ready: Vec<RawFd>,
     events: Vec<Event>,
+    /// The fds of this iteration's events, each once, in the order first reported.
+    ready: Vec<RawFd>,
     timers: Timers,
     due: Vec<(Instant, u64)>,
     /// Keyed by id, so in arming order; an iteration runs only ids below its start mark.
@@ -106,6 +107,14 @@ pub struct Loop {
     run_depth: usize,
     dispatching: bool,
     stop: Option<i32>,
+}
+
+/// How long to wait for a timer: rounded up to whole milliseconds on every backend (as
+/// epoll's timeout is), so that a wake-up fires every timer due within that
+/// millisecond rather than one, and never before its deadline (libev's backend_mintime).
+fn timer_wait(until: Duration) -> Duration {
+    let ms = until.as_nanos().div_ceil(1_000_000);
+    Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
 fn fires(interest: Interest, ready: Readiness) -> bool {
@@ -125,15 +134,16 @@ impl Loop {
     /// A loop on the backend `kind`; an error names it and says why if it is not
     /// compiled in or cannot run on this OS.
     pub fn with_backend(kind: Kind) -> Result<Loop> {
-        let mut lp = Loop::from_backend(kind.create()?);
+        let mut lp = Loop::from_backend(kind.create()?)?;
         lp.kind = Some(kind);
         Ok(lp)
     }
 
     /// A loop on a backend built by the caller (compile-time choice, or one of your own).
-    pub fn from_backend(backend: Box<dyn Backend>) -> Loop {
-        fork::init();
-        Loop {
+    /// Fails only if forkloop's fork handlers cannot be registered (out of memory).
+    pub fn from_backend(backend: Box<dyn Backend>) -> Result<Loop> {
+        fork::init()?;
+        Ok(Loop {
             backend: ManuallyDrop::new(backend),
             kind: None,
             id: LoopId {
@@ -146,6 +156,7 @@ impl Loop {
             io: Slab::default(),
             always_ready: Vec::new(),
             events: Vec::new(),
+            ready: Vec::new(),
             timers: Timers::default(),
             due: Vec::new(),
             idle: BTreeMap::new(),
@@ -154,7 +165,7 @@ impl Loop {
             run_depth: 0,
             dispatching: false,
             stop: None,
-        }
+        })
     }
 
     /// The backend's kind, if it was chosen by [`Kind`] (not [`Loop::from_backend`]).
@@ -180,6 +191,12 @@ impl Loop {
     /// The current time on the loop's (monotonic) clock.
     pub fn now(&self) -> Instant {
         Instant::now()
+    }
+
+    /// A handle to watch `id` of `kind`, branded with this loop.
+    pub(crate) fn handle(&self, kind: WatchKind, id: u64) -> Watch {
+        let owner = self.id.serial;
+        Watch { kind, id, owner }
     }
 
     pub(crate) fn next_id(&mut self) -> u64 {
@@ -259,6 +276,7 @@ impl Loop {
                 let watches = SmallVec::new();
                 let state = FdState {
                     interest,
+                    pending: Readiness::NONE,
                     watches,
                     always_ready,
                 };
@@ -278,7 +296,7 @@ impl Loop {
             .expect("inserted above")
             .watches
             .push(id);
-        Ok(Watch::new(WatchKind::Io, id))
+        Ok(self.handle(WatchKind::Io, id))
     }
 
     fn cancel_io(&mut self, id: u64) -> bool {
@@ -320,9 +338,13 @@ impl Loop {
     }
 
     /// Cancels a watch of any kind. Returns whether it was still active; cancelling twice,
-    /// or a one-shot watch that already fired, is a harmless `false`. A callback already
-    /// scheduled in the current dispatch does not run once its watch is cancelled.
+    /// or a one-shot watch that already fired, is a harmless `false`, and so is a watch
+    /// made by another loop (which stays active there). A callback already scheduled in
+    /// the current dispatch does not run once its watch is cancelled.
     pub fn cancel(&mut self, watch: Watch) -> bool {
+        if watch.owner != self.id.serial {
+            return false;
+        }
         match watch.kind {
             WatchKind::Io => self.cancel_io(watch.id),
             WatchKind::Timer => self.timers.cancel(watch.id),
@@ -347,18 +369,23 @@ impl Loop {
     }
 
     /// Runs `callback` every `interval`, first one interval from now. Ticks the loop
-    /// missed while busy are skipped, not fired in a burst.
+    /// missed while busy are skipped, not fired in a burst. A zero interval is an error
+    /// (it would keep the loop busy forever).
     pub fn every(
         &mut self,
         interval: Duration,
         callback: impl FnMut(&mut Loop) + 'static,
-    ) -> Watch {
+    ) -> Result<Watch> {
+        if interval.is_zero() {
+            return Err(Error::ZeroInterval);
+        }
         let first = crate::timer::saturating_add(Instant::now(), interval);
-        self.add_timer(first, TimerCallback::Every(Box::new(callback), interval))
+        Ok(self.add_timer(first, TimerCallback::Every(Box::new(callback), interval)))
     }
 
     fn add_timer(&mut self, deadline: Instant, callback: TimerCallback) -> Watch {
-        Watch::new(WatchKind::Timer, self.timers.insert(deadline, callback))
+        let id = self.timers.insert(deadline, callback);
+        self.handle(WatchKind::Timer, id)
     }
 
     /// Runs `callback` at the end of the next iteration, which then does not block. An
@@ -366,7 +393,7 @@ impl Loop {
     pub fn later(&mut self, callback: impl FnOnce(&mut Loop) + 'static) -> Watch {
         let id = self.next_id();
         self.idle.insert(id, Box::new(callback));
-        Watch::new(WatchKind::Idle, id)
+        self.handle(WatchKind::Idle, id)
     }
 
     /// Runs iterations until a callback calls [`Loop::stop`]; returns the value it gave.
@@ -427,7 +454,7 @@ impl Loop {
         match self.timers.next_deadline() {
             None => requested,
             Some(deadline) => {
-                let until = deadline.saturating_duration_since(Instant::now());
+                let until = timer_wait(deadline.saturating_duration_since(Instant::now()));
                 Some(requested.map_or(until, |r| r.min(until)))
             }
         }
@@ -438,11 +465,25 @@ impl Loop {
         // a callback that closes its fd and watches a new one given the same number must
         // not see the old fd's readiness (libev guards the same way).
         let mark = self.next_id;
-        let events = mem::take(&mut self.events);
-        for event in &events {
-            self.dispatch_fd(event.fd, event.readiness, mark);
+        // One dispatch per fd with all its readiness: kqueue (and mio or polling on it)
+        // reports each filter as an event of its own.
+        let mut ready = mem::take(&mut self.ready);
+        for event in &self.events {
+            if let Some(st) = self.fds.get_mut(event.fd) {
+                if st.pending.is_empty() {
+                    ready.push(event.fd);
+                }
+                st.pending |= event.readiness;
+            }
         }
-        self.events = events;
+        for &fd in &ready {
+            let pending = self.fds.get_mut(fd).map(|st| mem::take(&mut st.pending));
+            if let Some(readiness) = pending.filter(|r| !r.is_empty()) {
+                self.dispatch_fd(fd, readiness, mark);
+            }
+        }
+        ready.clear();
+        self.ready = ready;
         if !self.always_ready.is_empty() {
             for fd in self.always_ready.clone() {
                 self.dispatch_fd(fd, Readiness::READABLE | Readiness::WRITABLE, mark);

@@ -14,14 +14,17 @@
 use std::cell::RefCell;
 use std::io::{StderrLock, StdoutLock, Write};
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
+use std::sync::{Mutex, PoisonError};
 
 use crate::signal::{self, ForkLock};
 use crate::{global, Error, Loop, Result};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
-static ATFORK: Once = Once::new();
+/// Whether the atfork handlers are registered; `REGISTERING` serializes the first time.
+static REGISTERED: AtomicBool = AtomicBool::new(false);
+static REGISTERING: Mutex<()> = Mutex::new(());
 
 /// What the forking thread holds across fork(2): the signal driver's lock, and Rust's
 /// stdout and stderr locks.
@@ -65,21 +68,31 @@ extern "C" fn in_child_after_fork() {
     release_locks();
 }
 
-/// Registers the atfork handler; every loop constructor calls it first.
-pub(crate) fn init() {
-    ATFORK.call_once(|| {
-        // SAFETY: the handlers are plain functions. `before_fork` runs before the fork in
-        // the ordinary way; the parent and child handlers release the locks it took (in
-        // the child, from the only thread, which holds them) and touch atomics.
-        let rc = unsafe {
-            libc::pthread_atfork(
-                Some(before_fork),
-                Some(in_parent_after_fork),
-                Some(in_child_after_fork),
-            )
-        };
-        assert_eq!(rc, 0, "pthread_atfork failed: the process is out of memory");
-    });
+/// Registers the atfork handlers once per process; every loop constructor calls it
+/// first. A failure (ENOMEM) is an error, and the next call tries again.
+pub(crate) fn init() -> Result<()> {
+    if REGISTERED.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let _first = REGISTERING.lock().unwrap_or_else(PoisonError::into_inner);
+    if REGISTERED.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    // SAFETY: the handlers are plain functions. `before_fork` runs before the fork in
+    // the ordinary way; the parent and child handlers release the locks it took (in
+    // the child, from the only thread, which holds them) and touch atomics.
+    let rc = unsafe {
+        libc::pthread_atfork(
+            Some(before_fork),
+            Some(in_parent_after_fork),
+            Some(in_child_after_fork),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::AtFork(std::io::Error::from_raw_os_error(rc)));
+    }
+    REGISTERED.store(true, Ordering::Release);
+    Ok(())
 }
 
 /// How many forks separate this process from the one that first used forkloop.
@@ -168,7 +181,7 @@ impl Loop {
         options: ForkOptions,
         child: impl FnOnce() -> i32,
     ) -> Result<libc::pid_t> {
-        init();
+        init()?;
         note_other_threads();
         // SAFETY: sigset_t is plain old data; sigfillset initializes it.
         let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -209,7 +222,7 @@ impl Loop {
     /// watches survive. Runs automatically before the loop next touches its backend in a
     /// process other than the one that last built it; idempotent.
     pub fn post_fork(&mut self) -> Result<()> {
-        init();
+        init()?;
         if let Err(source) = self.rebuild_backend() {
             let backend = self.backend_name();
             return Err(Error::PostFork { backend, source });

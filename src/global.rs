@@ -71,7 +71,7 @@ impl Loop {
     /// nested `with_global` is not needed and is refused, as is a call from a thread
     /// other than the owner.
     pub fn with_global<R>(f: impl FnOnce(&mut Loop) -> R) -> Result<R> {
-        fork::init();
+        fork::init()?;
         claim_for_this_thread()?;
         let generation = fork::generation();
         let lp = SLOT.with(|cell| -> Result<*mut Loop> {

@@ -116,7 +116,9 @@ impl Kind {
         })
     }
 
-    pub(crate) fn create(self) -> Result<Box<dyn Backend>> {
+    /// Builds a backend of this kind (to wrap it, or to hand it to
+    /// [`Loop::from_backend`](crate::Loop::from_backend)).
+    pub fn create(self) -> Result<Box<dyn Backend>> {
         self.check_available()?;
         let created: std::io::Result<Box<dyn Backend>> = match self {
             #[cfg(has_epoll)]

@@ -72,7 +72,7 @@ impl Loop {
         }
         let id = self.add_process_watch(ProcessCallback::One(Box::new(callback)))?;
         self.children.by_pid.entry(pid).or_default().push(id);
-        Ok(Watch::new(WatchKind::Process, id))
+        Ok(self.handle(WatchKind::Process, id))
     }
 
     /// Runs `callback` for every child of this process that exits and has no watch of
@@ -84,7 +84,7 @@ impl Loop {
     ) -> Result<Watch> {
         let id = self.add_process_watch(ProcessCallback::Any(Box::new(callback)))?;
         self.children.any.push(id);
-        Ok(Watch::new(WatchKind::Process, id))
+        Ok(self.handle(WatchKind::Process, id))
     }
 
     fn add_process_watch(&mut self, callback: ProcessCallback) -> Result<u64> {

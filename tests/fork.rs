@@ -290,7 +290,7 @@ fn fork_post_fork_works_again_in_a_grandchild(#[case] kind: Kind) {
         let mut lp = new_loop(kind);
         let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::READ);
         let (ticks, t) = counter();
-        lp.every(U / 10, move |_| bump(&t));
+        lp.every(U / 10, move |_| bump(&t)).unwrap();
         lp.loop_once(Some(Duration::ZERO)).unwrap();
         let mut use_inherited = |depth: u32| {
             let before = (reads.get(), ticks.get());

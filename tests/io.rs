@@ -437,7 +437,112 @@ impl forkloop::Backend for AcceptsAnything {
 
 #[test]
 fn io_a_negative_fd_is_an_error_whatever_the_backend_accepts() {
-    let mut lp = Loop::from_backend(Box::new(AcceptsAnything));
+    let mut lp = Loop::from_backend(Box::new(AcceptsAnything)).unwrap();
     let err = lp.watch_io(-1, Interest::READ, |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("-1"), "{err}");
+}
+
+/// Wraps a real backend and reports readable and writable as two events for one fd,
+/// as kqueue does (one event per filter).
+struct PerFilter(Box<dyn forkloop::Backend>);
+
+impl forkloop::Backend for PerFilter {
+    fn name(&self) -> &'static str {
+        "per-filter"
+    }
+    fn register(&mut self, fd: i32, interest: Interest) -> std::io::Result<()> {
+        self.0.register(fd, interest)
+    }
+    fn modify(&mut self, fd: i32, interest: Interest) -> std::io::Result<()> {
+        self.0.modify(fd, interest)
+    }
+    fn deregister(&mut self, fd: i32) -> std::io::Result<()> {
+        self.0.deregister(fd)
+    }
+    fn wait(
+        &mut self,
+        events: &mut Vec<forkloop::Event>,
+        timeout: Option<std::time::Duration>,
+    ) -> std::io::Result<()> {
+        let mut merged = Vec::new();
+        self.0.wait(&mut merged, timeout)?;
+        for event in merged {
+            for part in [Readiness::READABLE, Readiness::WRITABLE] {
+                if event.readiness.contains(part) {
+                    events.push(forkloop::Event {
+                        fd: event.fd,
+                        readiness: part,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+    fn post_fork(
+        &mut self,
+        registrations: &mut dyn Iterator<Item = (i32, Interest)>,
+    ) -> std::io::Result<()> {
+        self.0.post_fork(registrations)
+    }
+}
+
+/// What a watch saw, one entry per call.
+fn recording(lp: &mut Loop, fd: i32, interest: Interest) -> Rc<RefCell<Vec<Readiness>>> {
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let s = seen.clone();
+    lp.watch_io(fd, interest, move |_, ready| s.borrow_mut().push(ready))
+        .unwrap();
+    seen
+}
+
+#[test]
+fn io_readiness_is_merged_per_fd_when_a_backend_reports_one_event_per_filter() {
+    let mut lp = Loop::from_backend(Box::new(PerFilter(Kind::Poll.create().unwrap()))).unwrap();
+    let (s1, mut s2) = socketpair();
+    s2.write_all(b"x").unwrap();
+    let both = recording(&mut lp, s1.as_raw_fd(), Interest::READ | Interest::WRITE);
+    let read = recording(&mut lp, s1.as_raw_fd(), Interest::READ);
+    lp.loop_once(Some(U)).unwrap();
+    let ready = Readiness::READABLE | Readiness::WRITABLE;
+    assert_eq!(
+        *both.borrow(),
+        [ready],
+        "one call with both, not one per filter"
+    );
+    assert_eq!(
+        *read.borrow(),
+        [ready],
+        "a second watch of the fd also runs once"
+    );
+}
+
+#[apply(backends)]
+fn io_a_read_write_watch_runs_once_per_iteration_with_both(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    let (s1, mut s2) = socketpair();
+    s2.write_all(b"x").unwrap();
+    let both = recording(&mut lp, s1.as_raw_fd(), Interest::READ | Interest::WRITE);
+    lp.loop_once(Some(U)).unwrap();
+    let seen = both.borrow();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0].contains(Readiness::READABLE | Readiness::WRITABLE),
+        "{seen:?}"
+    );
+}
+
+#[apply(backends)]
+fn io_a_watch_from_another_loop_is_refused(#[case] kind: Kind) {
+    let (s1, _s2) = socketpair();
+    let mut a = new_loop(kind);
+    let mut b = new_loop(kind);
+    let (_, wa) = watch_counting(&mut a, s1.as_raw_fd(), Interest::READ);
+    let (_, wb) = watch_counting(&mut b, s1.as_raw_fd(), Interest::READ);
+    assert!(!b.cancel(wa), "a's watch is not b's to cancel");
+    assert!(b.cancel(wb), "b's own watch was left alone");
+    assert!(a.cancel(wa));
+    let ta = a.after(U, |_| {});
+    let tb = b.after(U, |_| {});
+    assert!(!a.cancel(tb) && !b.cancel(ta), "timers are branded too");
+    assert!(a.cancel(ta) && b.cancel(tb));
 }

@@ -200,7 +200,7 @@ fn watch_signals(master: &Shared, lp: &mut Loop) -> Result<(), ServerError> {
 fn supervise(master: &Shared, lp: &mut Loop) -> Result<(), ServerError> {
     let m = master.clone();
     let check = (master.borrow().config.heartbeat_timeout / 4).max(Duration::from_millis(50));
-    lp.every(check, move |lp| check_heartbeats(&m, lp));
+    lp.every(check, move |lp| check_heartbeats(&m, lp))?;
     reconcile(master, lp);
     lp.run()?;
     Ok(())

@@ -344,7 +344,7 @@ fn serve(lp: &mut Loop, setup: WorkerSetup<'_>, listeners: Vec<Listener>) -> cra
     })?;
     let w = worker.clone();
     let beat = (config.heartbeat_timeout / 4).max(Duration::from_millis(50));
-    lp.every(beat, move |_| tell_master(&w, HEARTBEAT));
+    lp.every(beat, move |_| tell_master(&w, HEARTBEAT))?;
     watch_unanswered(&worker, lp)?;
     start_accepting(&worker, lp)?;
     tell_master(&worker, READY);

@@ -121,7 +121,7 @@ impl Loop {
         self.signals
             .watches
             .insert(id, SignalWatch { signal, callback });
-        Ok(Watch::new(WatchKind::Signal, id))
+        Ok(self.handle(WatchKind::Signal, id))
     }
 
     /// This loop's driver slot, with its self-pipe created (and watched) on first use.
