@@ -8,7 +8,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use forkloop_backend::{Backend, Event, FdMap, Interest, Readiness};
+use forkloop_backend::{closed_while_registered, Backend, Event, FdMap, Interest, Readiness};
 use smallvec::SmallVec;
 
 use crate::fork;
@@ -247,14 +247,21 @@ impl Loop {
         match self.fds.get_mut(fd) {
             Some(st) => {
                 let wanted = st.interest | interest;
-                if wanted != st.interest && !st.always_ready {
-                    self.backend
-                        .modify(fd, wanted)
-                        .map_err(|source| Error::Watch {
+                // Even with the interest unchanged: a kernel that keys registrations by
+                // file (epoll) refuses the change with ENOENT if the number now names
+                // another file, i.e. the fd was closed behind the loop's back.
+                if !st.always_ready {
+                    self.backend.modify(fd, wanted).map_err(|e| {
+                        let source = match e.raw_os_error() {
+                            Some(libc::ENOENT) => closed_while_registered(backend, fd),
+                            _ => e,
+                        };
+                        Error::Watch {
                             backend,
                             fd,
                             source,
-                        })?;
+                        }
+                    })?;
                 }
                 st.interest = wanted;
             }

@@ -373,3 +373,53 @@ fn fork_a_child_cancelling_an_inherited_signal_watch_keeps_its_loop_working(#[ca
         exits_with(pid, 0);
     });
 }
+
+/// `pthread_atfork` can fail (ENOMEM). This test re-runs itself with a preloaded C shim
+/// that makes glibc's registration fail (`__register_atfork`, which the static
+/// `pthread_atfork` wrapper calls): building a loop must then be an error, not a panic.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn fork_a_failing_pthread_atfork_is_an_error_not_a_panic() {
+    const CHILD: &str = "FORKLOOP_ATFORK_FAILS";
+    if std::env::var_os(CHILD).is_some() {
+        let err = Loop::new()
+            .err()
+            .expect("a loop without fork handlers was built");
+        assert!(matches!(err, forkloop::Error::AtFork(_)), "{err}");
+        let err = Loop::with_global(|_| ()).expect_err("the global loop too");
+        assert!(matches!(err, forkloop::Error::AtFork(_)), "{err}");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("forkloop-atfork-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = dir.join("atfork_fails.c");
+    let shim = dir.join("atfork_fails.so");
+    std::fs::write(
+        &source,
+        "#include <errno.h>\n\
+         int __register_atfork(void (*p)(void), void (*a)(void), void (*c)(void), void *d)\n\
+         { (void)p; (void)a; (void)c; (void)d; return ENOMEM; }\n",
+    )
+    .unwrap();
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&shim)
+        .arg(&source)
+        .status()
+        .expect("a C compiler (cc) builds the failing-atfork shim");
+    assert!(built.success(), "cc failed building {}", source.display());
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "fork_a_failing_pthread_atfork_is_an_error_not_a_panic",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .env("LD_PRELOAD", &shim)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
+}
