@@ -563,7 +563,7 @@ fn io_an_fd_closed_behind_the_loops_back_while_a_dup_lives_never_confuses_its_su
     let (new, mut new_peer) = socketpair();
     assert_eq!(new.as_raw_fd(), number, "the number is reused");
     let (new_calls, c) = counter();
-    let mut watch_new = |lp: &mut Loop| {
+    let watch_new = |lp: &mut Loop| {
         let c = c.clone();
         lp.watch_io(number, Interest::READ, move |_, _| bump(&c))
     };
