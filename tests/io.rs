@@ -7,6 +7,7 @@ use std::io::Write;
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::time::Instant;
 
 use common::*;
 use forkloop::{Error, Interest, Kind, Loop, Readiness, Watch};
@@ -335,6 +336,36 @@ fn io_level_triggered_until_drained(#[case] kind: Kind) {
     assert_eq!(drain(&mut s1), 3);
     lp.loop_once(Some(U)).unwrap();
     assert_eq!(reads.get(), 2, "drained: not reported");
+}
+
+/// kqueue fixes a filter's EV_CLEAR when the filter is added: a read watch joining a
+/// hangup-only one (whose read filter is EV_CLEAR) must get a level-triggered filter, and
+/// the hangup-only watch left when it goes must not be woken by unread data (issue #10).
+#[apply(backends)]
+fn io_read_watch_joining_and_leaving_a_hangup_watch_switches_the_trigger_mode(#[case] kind: Kind) {
+    if kind == Kind::Select {
+        return; // refuses hangup-only watches (io_hangup_watch_reports_peer_close_…)
+    }
+    let (s1, mut s2) = socketpair();
+    let fd = s1.as_raw_fd();
+    let mut lp = new_loop(kind);
+    let (hangups, _) = watch_counting(&mut lp, fd, Interest::HANGUP);
+    let (reads, read) = watch_counting(&mut lp, fd, Interest::READ);
+    s2.write_all(b"xyz").unwrap();
+    lp.loop_once(Some(U)).unwrap();
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(reads.get(), 2, "still readable: reported again");
+    lp.cancel(read);
+    // The data stays unread; the re-added filter may report it once.
+    lp.loop_once(Some(U)).unwrap();
+    let start = Instant::now();
+    lp.loop_once(Some(U)).unwrap();
+    assert!(
+        start.elapsed() >= U / 2,
+        "unread data woke a hangup-only watch's loop again ({:?})",
+        start.elapsed()
+    );
+    assert_eq!(hangups.get(), 0, "no hangup yet");
 }
 
 #[apply(backends)]

@@ -146,16 +146,32 @@ pub trait Backend {
 
     /// Rebuilds the kernel state in a forked child (or again in the same process) from
     /// the loop's registrations, without touching the kernel object inherited from the
-    /// parent in any way that would change the parent's view of it.
+    /// parent in any way that would change the parent's view of it: an inherited object
+    /// is let go of with [`Backend::abandon_inherited`]; one this process created (when
+    /// `post_fork` runs again in the same process, see [`same_process`]) is closed.
     fn post_fork(
         &mut self,
         registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
     ) -> io::Result<()>;
 
-    /// The fd of the backend's kernel object, if it has one (epoll, kqueue).
+    /// The fd of the backend's kernel object, if it has one (epoll, kqueue), and `None`
+    /// once [`Backend::abandon_inherited`] let it go.
     fn kernel_fd(&self) -> Option<RawFd> {
         None
     }
+
+    /// In a forked child: let go of the kernel object inherited from the parent without
+    /// changing the parent's view of it and without closing a number that may now name
+    /// another file. Must be async-signal-safe (close(2) at most), because a `Loop::fork`
+    /// child calls it between fork and the user's closure.
+    ///
+    /// Afterwards the backend has no kernel object: [`Backend::kernel_fd`] is `None`, the
+    /// other methods fail (see [`abandoned`]) until [`Backend::post_fork`] builds a new
+    /// one, and nothing closes the old fd again. Calling it twice is harmless. Each
+    /// backend's `post_fork` lets go of an inherited object through this method, so there
+    /// is one rule per backend. The default does nothing, for backends without a kernel
+    /// object (poll, select).
+    fn abandon_inherited(&mut self) {}
 }
 
 /// A timeout in whole milliseconds for poll(2)/epoll_wait(2), rounded up so the wait
@@ -264,6 +280,14 @@ pub fn re_add(
         interests.insert(fd, interest);
     }
     Ok(interests)
+}
+
+/// The error for using a backend whose kernel object [`Backend::abandon_inherited`] let
+/// go of (until [`Backend::post_fork`] builds a new one).
+pub fn abandoned(backend: &str) -> io::Error {
+    io::Error::other(format!(
+        "{backend}: the kernel object inherited across fork was let go of; post_fork builds a new one"
+    ))
 }
 
 /// The error for modifying or deregistering an fd the backend does not know.

@@ -3,20 +3,22 @@
 //! After fork the child shares the parent's epoll instance: an `EPOLL_CTL_DEL` in the
 //! child deregisters the parent's fd, and both processes steal each other's events.
 //! [`Backend::post_fork`] therefore builds a new instance, re-adds every registration,
-//! and closes the inherited fd without ever calling `epoll_ctl` on it.
+//! and closes the inherited fd without ever calling `epoll_ctl` on it
+//! ([`Backend::abandon_inherited`], which a `Loop::fork` child also calls).
 #![cfg(any(target_os = "linux", target_os = "android"))]
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use forkloop_backend::{cvt, timeout_ms, Backend, Event, Interest, Readiness};
+use forkloop_backend::{abandoned, cvt, timeout_ms, Backend, Event, Interest, Readiness};
 
 const INITIAL_EVENTS: usize = 256;
 
 /// A level-triggered epoll instance.
 pub struct Epoll {
-    epfd: OwnedFd,
+    /// `None` once [`Backend::abandon_inherited`] closed it: nothing closes it again.
+    epfd: Option<OwnedFd>,
     buffer: Vec<libc::epoll_event>,
     registered: usize,
 }
@@ -73,10 +75,15 @@ impl Epoll {
     /// A new epoll instance (close-on-exec).
     pub fn new() -> io::Result<Epoll> {
         Ok(Epoll {
-            epfd: create()?,
+            epfd: Some(create()?),
             buffer: Vec::with_capacity(INITIAL_EVENTS),
             registered: 0,
         })
+    }
+
+    /// The epoll instance, unless it was abandoned after fork.
+    fn epfd(&self) -> io::Result<&OwnedFd> {
+        self.epfd.as_ref().ok_or_else(|| abandoned("epoll"))
     }
 }
 
@@ -88,21 +95,23 @@ impl Backend for Epoll {
     /// Regular files are refused by epoll with `EPERM`; the loop treats them as always
     /// ready, as poll(2) would report them.
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        ctl(&self.epfd, libc::EPOLL_CTL_ADD, fd, interest)?;
+        ctl(self.epfd()?, libc::EPOLL_CTL_ADD, fd, interest)?;
         self.registered += 1;
         Ok(())
     }
 
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        ctl(&self.epfd, libc::EPOLL_CTL_MOD, fd, interest)
+        ctl(self.epfd()?, libc::EPOLL_CTL_MOD, fd, interest)
     }
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
+        let result = ctl(self.epfd()?, libc::EPOLL_CTL_DEL, fd, Interest::NONE);
         self.registered = self.registered.saturating_sub(1);
-        ctl(&self.epfd, libc::EPOLL_CTL_DEL, fd, Interest::NONE)
+        result
     }
 
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        let epfd = self.epfd()?.as_raw_fd();
         // A full buffer last time means more may be waiting: grow towards the fd count.
         if self.buffer.len() == self.buffer.capacity() && self.buffer.capacity() < self.registered {
             self.buffer.reserve(self.buffer.capacity());
@@ -111,7 +120,7 @@ impl Backend for Epoll {
         // SAFETY: the buffer pointer and capacity describe the backend's own Vec.
         let n = match cvt(unsafe {
             libc::epoll_wait(
-                self.epfd.as_raw_fd(),
+                epfd,
                 self.buffer.as_mut_ptr(),
                 self.buffer.capacity().min(libc::c_int::MAX as usize) as libc::c_int,
                 timeout_ms(timeout),
@@ -140,14 +149,27 @@ impl Backend for Epoll {
             ctl(&fresh, libc::EPOLL_CTL_ADD, fd, interest)?;
             registered += 1;
         }
-        // Dropping the inherited fd only closes this process's reference to the shared
-        // instance; no epoll_ctl ever touches it, so the parent's registrations stand.
-        self.epfd = fresh;
+        // One rule, inherited or not: the old fd is closed and never given to epoll_ctl.
+        // In a child that is abandon_inherited (it releases only this process's reference
+        // to the shared instance, so the parent's registrations stand); in the process
+        // that created it, it is what dropping it would do.
+        self.abandon_inherited();
+        self.epfd = Some(fresh);
         self.registered = registered;
         Ok(())
     }
 
     fn kernel_fd(&self) -> Option<RawFd> {
-        Some(self.epfd.as_raw_fd())
+        self.epfd.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Closes this process's reference to the instance it shares with the parent (no
+    /// epoll_ctl, so the parent's registrations stand); nothing closes it again.
+    fn abandon_inherited(&mut self) {
+        if let Some(epfd) = self.epfd.take() {
+            // SAFETY: into_raw_fd hands over the only owner of this fd, so it is closed
+            // exactly once, here; close(2) is async-signal-safe.
+            unsafe { libc::close(epfd.into_raw_fd()) };
+        }
     }
 }

@@ -5,17 +5,19 @@
 //! then, and reports it again at the next wait only if it is still ready.
 //!
 //! After fork a new `Poll` is built and everything re-registered. The inherited `Poll` is
-//! dropped only where that is harmless — dropping closes the fd, which on Linux merely
-//! releases this process's reference to the shared epoll — and forgotten where the
-//! kqueue number it holds may already name something else in the child.
+//! let go of by [`Backend::abandon_inherited`] and never dropped: on Linux its epoll fd is
+//! closed by hand, which merely releases this process's reference to the shared epoll;
+//! on the BSDs and macOS it is only forgotten, since the kqueue number it holds may
+//! already name something else in the child. Only the process that created a `Poll`
+//! drops it.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, not_registered, re_add, same_process, Backend, Event, FdMap, Interest,
-    Readiness,
+    abandoned, already_registered, not_registered, re_add, same_process, Backend, Event, FdMap,
+    Interest, Readiness,
 };
 use mio::unix::SourceFd;
 use mio::{Events, Poll, Token};
@@ -24,7 +26,9 @@ const EVENTS: usize = 256;
 
 /// A `mio::Poll` driven level-triggered.
 pub struct Mio {
-    poll: Poll,
+    /// `None` once [`Backend::abandon_inherited`] let it go.
+    poll: Option<Poll>,
+    /// The process that created `poll`: the only one that may drop it.
     pid: u32,
     events: Events,
     interests: FdMap<Interest>,
@@ -44,11 +48,26 @@ impl Mio {
     /// A new `mio::Poll`.
     pub fn new() -> io::Result<Mio> {
         Ok(Mio {
-            poll: Poll::new()?,
+            poll: Some(Poll::new()?),
             pid: std::process::id(),
             events: Events::with_capacity(EVENTS),
             interests: FdMap::new(),
         })
+    }
+
+    /// The `Poll`, unless it was abandoned after fork.
+    fn poll(&self) -> io::Result<&Poll> {
+        self.poll.as_ref().ok_or_else(|| abandoned("mio"))
+    }
+
+    /// Lets go of the current `Poll` the one way that is right in this process: dropped in
+    /// the process that created it, abandoned in any other.
+    fn release(&mut self) {
+        if same_process(self.pid) {
+            drop(self.poll.take());
+        } else {
+            self.abandon_inherited();
+        }
     }
 
     /// Re-arms a reported fd, emulating level triggering. A hangup-only watch stays
@@ -57,7 +76,7 @@ impl Mio {
     fn rearm(&self, fd: RawFd) -> io::Result<()> {
         match self.interests.get(fd) {
             Some(&interest) if interest.intersects(Interest::READ | Interest::WRITE) => self
-                .poll
+                .poll()?
                 .registry()
                 .reregister(&mut SourceFd(&fd), Token(fd as usize), to_mio(interest)),
             _ => Ok(()),
@@ -74,36 +93,38 @@ impl Backend for Mio {
         if self.interests.contains(fd) {
             return Err(already_registered("mio", fd));
         }
-        self.poll
-            .registry()
-            .register(&mut SourceFd(&fd), Token(fd as usize), to_mio(interest))?;
+        self.poll()?.registry().register(
+            &mut SourceFd(&fd),
+            Token(fd as usize),
+            to_mio(interest),
+        )?;
         self.interests.insert(fd, interest);
         Ok(())
     }
 
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
+        let poll = self.poll.as_ref().ok_or_else(|| abandoned("mio"))?;
         let slot = self
             .interests
             .get_mut(fd)
             .ok_or_else(|| not_registered("mio", fd))?;
-        self.poll.registry().reregister(
-            &mut SourceFd(&fd),
-            Token(fd as usize),
-            to_mio(interest),
-        )?;
+        poll.registry()
+            .reregister(&mut SourceFd(&fd), Token(fd as usize), to_mio(interest))?;
         *slot = interest;
         Ok(())
     }
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
+        let poll = self.poll.as_ref().ok_or_else(|| abandoned("mio"))?;
         self.interests
             .remove(fd)
             .ok_or_else(|| not_registered("mio", fd))?;
-        self.poll.registry().deregister(&mut SourceFd(&fd))
+        poll.registry().deregister(&mut SourceFd(&fd))
     }
 
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
-        match self.poll.poll(&mut self.events, timeout) {
+        let poll = self.poll.as_mut().ok_or_else(|| abandoned("mio"))?;
+        match poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e),
@@ -135,19 +156,37 @@ impl Backend for Mio {
                 .registry()
                 .register(&mut SourceFd(&fd), token, to_mio(interest))
         })?;
-        let inherited = std::mem::replace(&mut self.poll, fresh);
-        if cfg!(any(target_os = "linux", target_os = "android")) || same_process(self.pid) {
-            drop(inherited);
-        } else {
-            std::mem::forget(inherited);
-        }
+        self.release();
+        self.poll = Some(fresh);
         self.pid = std::process::id();
         self.interests = interests;
         Ok(())
     }
 
     fn kernel_fd(&self) -> Option<RawFd> {
-        use std::os::fd::AsRawFd;
-        Some(self.poll.as_raw_fd())
+        self.poll.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Never runs the `Poll`'s destructor (on kqueue it closes a number the child may have
+    /// reused, and it may free memory, which is not async-signal-safe): on Linux closes
+    /// the epoll fd (this process's reference only) and forgets the `Poll`; on the BSDs
+    /// and macOS only forgets it.
+    fn abandon_inherited(&mut self) {
+        if let Some(poll) = self.poll.take() {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            {
+                // SAFETY: the Poll's own epoll fd; the Poll is forgotten right below,
+                // so nothing uses or closes the fd again. No epoll_ctl: the parent's
+                // registrations stand. close(2) is async-signal-safe.
+                unsafe { libc::close(poll.as_raw_fd()) };
+            }
+            std::mem::forget(poll);
+        }
+    }
+}
+
+impl Drop for Mio {
+    fn drop(&mut self) {
+        self.release();
     }
 }

@@ -3,20 +3,22 @@
 //!
 //! After fork a new `Poller` is built and everything re-added. The inherited `Poller`
 //! must never run its `Drop`: on Linux it deletes its notifier from the epoll instance
-//! the parent still uses (smol-rs/polling#37), and on kqueue it closes a number the
-//! child may have reused. It is forgotten; on Linux its epoll fd is then closed by hand,
-//! which only releases this process's reference. Its notifier fd stays open in the child
-//! (one fd per post_fork in a new process).
+//! the parent still uses (smol-rs/polling#37), and on kqueue it edits and closes a number
+//! the child may have reused. [`Backend::abandon_inherited`] forgets it; on Linux (where
+//! `polling` uses epoll) its epoll fd is first closed by hand, which only releases this
+//! process's reference; its notifier (an eventfd, or a pipe) and timerfd stay open in the
+//! child (two or three fds per post_fork in a new process). On the BSDs and macOS
+//! `polling` uses kqueue, which the child does not inherit, and the number is only
+//! forgotten (on FreeBSD and macOS its notifier is an EVFILT_USER event, not an fd).
 
 use std::io;
-use std::mem::ManuallyDrop;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, not_registered, re_add, same_process, Backend, Event, FdMap, Interest,
-    Readiness,
+    abandoned, already_registered, not_registered, re_add, same_process, Backend, Event, FdMap,
+    Interest, Readiness,
 };
 use polling::{Events, PollMode, Poller};
 
@@ -24,8 +26,10 @@ const EVENTS: usize = 256;
 
 /// A `polling::Poller` in level-triggered mode.
 pub struct Polling {
-    /// `ManuallyDrop`: an inherited poller must never run its `Drop` (see the crate docs).
-    poller: ManuallyDrop<Poller>,
+    /// `None` once [`Backend::abandon_inherited`] let it go: an inherited poller never
+    /// runs its `Drop` (see the crate docs).
+    poller: Option<Poller>,
+    /// The process that created `poller`: the only one that may drop it.
     pid: u32,
     events: Events,
     interests: FdMap<Interest>,
@@ -51,11 +55,26 @@ impl Polling {
     /// A new `polling::Poller`.
     pub fn new() -> io::Result<Polling> {
         Ok(Polling {
-            poller: ManuallyDrop::new(Poller::new()?),
+            poller: Some(Poller::new()?),
             pid: std::process::id(),
             events: Events::with_capacity(NonZeroUsize::new(EVENTS).expect("EVENTS > 0")),
             interests: FdMap::new(),
         })
+    }
+
+    /// The `Poller`, unless it was abandoned after fork.
+    fn poller(&self) -> io::Result<&Poller> {
+        self.poller.as_ref().ok_or_else(|| abandoned("polling"))
+    }
+
+    /// Lets go of the current `Poller` the one way that is right in this process: dropped
+    /// in the process that created it, abandoned in any other.
+    fn release(&mut self) {
+        if same_process(self.pid) {
+            drop(self.poller.take());
+        } else {
+            self.abandon_inherited();
+        }
     }
 }
 
@@ -75,32 +94,34 @@ impl Backend for Polling {
         if self.interests.contains(fd) {
             return Err(already_registered("polling", fd));
         }
-        add(&self.poller, fd, interest)?;
+        add(self.poller()?, fd, interest)?;
         self.interests.insert(fd, interest);
         Ok(())
     }
 
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
+        let poller = self.poller.as_ref().ok_or_else(|| abandoned("polling"))?;
         let slot = self
             .interests
             .get_mut(fd)
             .ok_or_else(|| not_registered("polling", fd))?;
-        self.poller
-            .modify_with_mode(borrowed(fd), to_event(fd, interest), PollMode::Level)?;
+        poller.modify_with_mode(borrowed(fd), to_event(fd, interest), PollMode::Level)?;
         *slot = interest;
         Ok(())
     }
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
+        let poller = self.poller.as_ref().ok_or_else(|| abandoned("polling"))?;
         self.interests
             .remove(fd)
             .ok_or_else(|| not_registered("polling", fd))?;
-        self.poller.delete(borrowed(fd))
+        poller.delete(borrowed(fd))
     }
 
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        let poller = self.poller.as_ref().ok_or_else(|| abandoned("polling"))?;
         self.events.clear();
-        match self.poller.wait(&mut self.events, timeout) {
+        match poller.wait(&mut self.events, timeout) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e),
@@ -123,31 +144,36 @@ impl Backend for Polling {
     ) -> io::Result<()> {
         let fresh = Poller::new()?;
         let interests = re_add(registrations, |fd, interest| add(&fresh, fd, interest))?;
-        let mut inherited = std::mem::replace(&mut self.poller, ManuallyDrop::new(fresh));
-        if same_process(self.pid) {
-            // SAFETY: the poller was created by this process and is never used again.
-            unsafe { ManuallyDrop::drop(&mut inherited) };
-        } else if cfg!(any(target_os = "linux", target_os = "android")) {
-            // The epoll fd is this process's own reference to the shared instance;
-            // closing it (without epoll_ctl) leaves the parent's registrations alone.
-            // SAFETY: the forgotten poller never uses or closes this fd again.
-            unsafe { libc::close(inherited.as_raw_fd()) };
-        }
+        self.release();
+        self.poller = Some(fresh);
         self.pid = std::process::id();
         self.interests = interests;
         Ok(())
     }
 
     fn kernel_fd(&self) -> Option<RawFd> {
-        Some(self.poller.as_raw_fd())
+        self.poller.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Never runs the `Poller`'s `Drop` (see the crate docs): on Linux closes its epoll fd
+    /// (this process's reference only) and forgets it; on the BSDs and macOS only forgets
+    /// it.
+    fn abandon_inherited(&mut self) {
+        if let Some(poller) = self.poller.take() {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            {
+                // SAFETY: the Poller's own epoll fd; the Poller is forgotten right below,
+                // so nothing uses or closes the fd again. No epoll_ctl: the parent's
+                // registrations stand. close(2) is async-signal-safe.
+                unsafe { libc::close(poller.as_raw_fd()) };
+            }
+            std::mem::forget(poller);
+        }
     }
 }
 
 impl Drop for Polling {
     fn drop(&mut self) {
-        if same_process(self.pid) {
-            // SAFETY: created by this process, dropped once, never used again.
-            unsafe { ManuallyDrop::drop(&mut self.poller) };
-        }
+        self.release();
     }
 }
