@@ -205,6 +205,11 @@ impl Loop {
         id
     }
 
+    /// The backend lets go of a kernel object inherited from the parent.
+    pub(crate) fn abandon_backend(&mut self) {
+        self.backend.abandon_inherited();
+    }
+
     /// The backend's post_fork, fed from the loop's own registration table.
     pub(crate) fn rebuild_backend(&mut self) -> std::io::Result<()> {
         let mut registrations = self

@@ -238,15 +238,12 @@ impl Loop {
     }
 
     /// In a `Loop::fork` child, this loop is out of reach (`fork` borrows it) and never
-    /// dropped: its kernel fds are closed at once instead of staying open all the
-    /// child's life. The kernel objects live on in the parent. Async-signal-safe: only
-    /// close(2).
+    /// dropped: it lets go of its kernel objects at once, by the backend's own rule
+    /// (the one its `post_fork` follows: epoll closes its copy of the shared instance,
+    /// kqueue only forgets a number that is not inherited and may name another file),
+    /// and closes its copy of the signal self-pipe. Async-signal-safe: close(2) at most.
     fn close_in_child(&mut self) {
-        if let Some(fd) = self.backend_fd() {
-            // SAFETY: the parent's epoll/kqueue fd, which nothing in this process uses
-            // again; closing it does not touch the instance the parent keeps.
-            unsafe { libc::close(fd) };
-        }
+        self.abandon_backend();
         self.signals.close_pipe();
     }
 
