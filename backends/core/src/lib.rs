@@ -5,6 +5,9 @@
 //! timers, signals, child processes, fork policy — lives once in the `forkloop` crate.
 //! Readiness is level-triggered: an fd that stays ready is reported by every wait.
 
+mod registrations;
+pub use registrations::{Registration, Registrations};
+
 use std::io;
 use std::ops::{BitOr, BitOrAssign};
 use std::os::fd::RawFd;
@@ -266,20 +269,6 @@ impl<T> FdMap<T> {
             .enumerate()
             .filter_map(|(fd, v)| Some((fd as RawFd, v.as_ref()?)))
     }
-}
-
-/// Adds every registration to a fresh kernel object with `add` (the common half of a
-/// `post_fork`), and returns the interests, for backends that keep them.
-pub fn re_add(
-    registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
-    mut add: impl FnMut(RawFd, Interest) -> io::Result<()>,
-) -> io::Result<FdMap<Interest>> {
-    let mut interests = FdMap::new();
-    for (fd, interest) in registrations {
-        add(fd, interest)?;
-        interests.insert(fd, interest);
-    }
-    Ok(interests)
 }
 
 /// The error for using a backend whose kernel object [`Backend::abandon_inherited`] let

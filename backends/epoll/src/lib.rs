@@ -5,13 +5,19 @@
 //! [`Backend::post_fork`] therefore builds a new instance, re-adds every registration,
 //! and closes the inherited fd without ever calling `epoll_ctl` on it
 //! ([`Backend::abandon_inherited`], which a `Loop::fork` child also calls).
+//!
+//! epoll keys a registration by file, not by number, so an event can come from a
+//! registration whose fd was closed behind the loop's back ([`Registrations`] tells);
+//! the instance is then rebuilt from the backend's own table, which drops it.
 #![cfg(any(target_os = "linux", target_os = "android"))]
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use forkloop_backend::{abandoned, cvt, timeout_ms, Backend, Event, Interest, Readiness};
+use forkloop_backend::{
+    abandoned, cvt, timeout_ms, Backend, Event, Interest, Readiness, Registration, Registrations,
+};
 
 const INITIAL_EVENTS: usize = 256;
 
@@ -20,7 +26,7 @@ pub struct Epoll {
     /// `None` once [`Backend::abandon_inherited`] closed it: nothing closes it again.
     epfd: Option<OwnedFd>,
     buffer: Vec<libc::epoll_event>,
-    registered: usize,
+    registered: Registrations,
 }
 
 fn create() -> io::Result<OwnedFd> {
@@ -62,10 +68,10 @@ fn events_to_readiness(events: u32) -> Readiness {
     r
 }
 
-fn ctl(epfd: &OwnedFd, op: libc::c_int, fd: RawFd, interest: Interest) -> io::Result<()> {
+fn ctl(epfd: &OwnedFd, op: libc::c_int, fd: RawFd, reg: Registration) -> io::Result<()> {
     let mut event = libc::epoll_event {
-        events: interest_to_events(interest),
-        u64: fd as u64,
+        events: interest_to_events(reg.interest),
+        u64: reg.key as u64,
     };
     // SAFETY: `event` is a live epoll_event; a bad fd is an error, not UB.
     cvt(unsafe { libc::epoll_ctl(epfd.as_raw_fd(), op, fd, &mut event) }).map(drop)
@@ -77,13 +83,30 @@ impl Epoll {
         Ok(Epoll {
             epfd: Some(create()?),
             buffer: Vec::with_capacity(INITIAL_EVENTS),
-            registered: 0,
+            registered: Registrations::new(),
         })
     }
 
     /// The epoll instance, unless it was abandoned after fork.
     fn epfd(&self) -> io::Result<&OwnedFd> {
         self.epfd.as_ref().ok_or_else(|| abandoned("epoll"))
+    }
+
+    /// A new instance with `registered` added (see [`Registrations::add_all`]), the old
+    /// one closed without epoll_ctl.
+    fn rebuild(&mut self, mut registered: Registrations, skip_closed: bool) -> io::Result<()> {
+        let fresh = create()?;
+        registered.add_all(skip_closed, |fd, reg| {
+            ctl(&fresh, libc::EPOLL_CTL_ADD, fd, reg)
+        })?;
+        // One rule, inherited or not: the old fd is closed and never given to epoll_ctl.
+        // In a child that is abandon_inherited (it releases only this process's reference
+        // to the shared instance, so the parent's registrations stand); in the process
+        // that created it, it is what dropping it would do.
+        self.abandon_inherited();
+        self.epfd = Some(fresh);
+        self.registered = registered;
+        Ok(())
     }
 }
 
@@ -95,25 +118,47 @@ impl Backend for Epoll {
     /// Regular files are refused by epoll with `EPERM`; the loop treats them as always
     /// ready, as poll(2) would report them.
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        ctl(self.epfd()?, libc::EPOLL_CTL_ADD, fd, interest)?;
-        self.registered += 1;
-        Ok(())
+        self.epfd()?;
+        let key = self.registered.add(fd, interest);
+        let result = ctl(
+            self.epfd()?,
+            libc::EPOLL_CTL_ADD,
+            fd,
+            Registration { interest, key },
+        );
+        if result.is_err() {
+            self.registered.remove(fd);
+        }
+        result
     }
 
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        ctl(self.epfd()?, libc::EPOLL_CTL_MOD, fd, interest)
+        let key = self.registered.get(fd).map_or(0, |reg| reg.key);
+        ctl(
+            self.epfd()?,
+            libc::EPOLL_CTL_MOD,
+            fd,
+            Registration { interest, key },
+        )?;
+        self.registered.set_interest(fd, interest);
+        Ok(())
     }
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
-        let result = ctl(self.epfd()?, libc::EPOLL_CTL_DEL, fd, Interest::NONE);
-        self.registered = self.registered.saturating_sub(1);
-        result
+        self.epfd()?;
+        let reg = self.registered.remove(fd).unwrap_or(Registration {
+            interest: Interest::NONE,
+            key: 0,
+        });
+        ctl(self.epfd()?, libc::EPOLL_CTL_DEL, fd, reg)
     }
 
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         let epfd = self.epfd()?.as_raw_fd();
         // A full buffer last time means more may be waiting: grow towards the fd count.
-        if self.buffer.len() == self.buffer.capacity() && self.buffer.capacity() < self.registered {
+        if self.buffer.len() == self.buffer.capacity()
+            && self.buffer.capacity() < self.registered.len()
+        {
             self.buffer.reserve(self.buffer.capacity());
         }
         self.buffer.clear();
@@ -132,10 +177,22 @@ impl Backend for Epoll {
         };
         // SAFETY: epoll_wait initialized the first n entries, n <= capacity.
         unsafe { self.buffer.set_len(n) };
-        events.extend(self.buffer.iter().map(|e| Event {
-            fd: e.u64 as RawFd,
-            readiness: events_to_readiness(e.events),
-        }));
+        let mut stale = false;
+        for e in &self.buffer {
+            match self.registered.current(e.u64 as usize) {
+                Some(fd) => events.push(Event {
+                    fd,
+                    readiness: events_to_readiness(e.events),
+                }),
+                None => stale = true,
+            }
+        }
+        if stale {
+            // No fd names the stale registration's file any more, so no DEL can reach
+            // it: only a new instance is rid of it.
+            let registered = std::mem::take(&mut self.registered);
+            self.rebuild(registered, true)?;
+        }
         Ok(())
     }
 
@@ -143,20 +200,8 @@ impl Backend for Epoll {
         &mut self,
         registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
     ) -> io::Result<()> {
-        let fresh = create()?;
-        let mut registered = 0;
-        for (fd, interest) in registrations {
-            ctl(&fresh, libc::EPOLL_CTL_ADD, fd, interest)?;
-            registered += 1;
-        }
-        // One rule, inherited or not: the old fd is closed and never given to epoll_ctl.
-        // In a child that is abandon_inherited (it releases only this process's reference
-        // to the shared instance, so the parent's registrations stand); in the process
-        // that created it, it is what dropping it would do.
-        self.abandon_inherited();
-        self.epfd = Some(fresh);
-        self.registered = registered;
-        Ok(())
+        let registered = registrations.collect();
+        self.rebuild(registered, false)
     }
 
     fn kernel_fd(&self) -> Option<RawFd> {

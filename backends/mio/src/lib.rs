@@ -10,14 +10,18 @@
 //! on the BSDs and macOS it is only forgotten, since the kqueue number it holds may
 //! already name something else in the child. Only the process that created a `Poll`
 //! drops it.
+//!
+//! Tokens carry a tag per registration ([`Registrations`]): on epoll, an event from a
+//! registration whose fd was closed behind the loop's back makes the backend build a new
+//! `Poll` from its own table, which drops the stale registration.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use forkloop_backend::{
-    abandoned, already_registered, not_registered, re_add, same_process, Backend, Event, FdMap,
-    Interest, Readiness,
+    abandoned, already_registered, not_registered, same_process, Backend, Event, Interest,
+    Readiness, Registration, Registrations,
 };
 use mio::unix::SourceFd;
 use mio::{Events, Poll, Token};
@@ -31,7 +35,7 @@ pub struct Mio {
     /// The process that created `poll`: the only one that may drop it.
     pid: u32,
     events: Events,
-    interests: FdMap<Interest>,
+    registered: Registrations,
 }
 
 fn to_mio(interest: Interest) -> mio::Interest {
@@ -51,8 +55,20 @@ impl Mio {
             poll: Some(Poll::new()?),
             pid: std::process::id(),
             events: Events::with_capacity(EVENTS),
-            interests: FdMap::new(),
+            registered: Registrations::new(),
         })
+    }
+
+    /// A new `Poll` with `registered` in it (see [`Registrations::add_all`]), the old
+    /// one let go of.
+    fn rebuild(&mut self, mut registered: Registrations, skip_closed: bool) -> io::Result<()> {
+        let fresh = Poll::new()?;
+        registered.add_all(skip_closed, |fd, reg| register(&fresh, fd, reg))?;
+        self.release();
+        self.poll = Some(fresh);
+        self.pid = std::process::id();
+        self.registered = registered;
+        Ok(())
     }
 
     /// The `Poll`, unless it was abandoned after fork.
@@ -74,14 +90,22 @@ impl Mio {
     /// edge-triggered: re-arming it would report unread data it does not care about
     /// forever, and make the loop spin.
     fn rearm(&self, fd: RawFd) -> io::Result<()> {
-        match self.interests.get(fd) {
-            Some(&interest) if interest.intersects(Interest::READ | Interest::WRITE) => self
-                .poll()?
-                .registry()
-                .reregister(&mut SourceFd(&fd), Token(fd as usize), to_mio(interest)),
+        match self.registered.get(fd) {
+            Some(reg) if reg.interest.intersects(Interest::READ | Interest::WRITE) => {
+                let token = Token(reg.key);
+                let interest = to_mio(reg.interest);
+                let registry = self.poll()?.registry();
+                registry.reregister(&mut SourceFd(&fd), token, interest)
+            }
             _ => Ok(()),
         }
     }
+}
+
+fn register(poll: &Poll, fd: RawFd, reg: Registration) -> io::Result<()> {
+    let (token, interest) = (Token(reg.key), to_mio(reg.interest));
+    poll.registry()
+        .register(&mut SourceFd(&fd), token, interest)
 }
 
 impl Backend for Mio {
@@ -90,36 +114,37 @@ impl Backend for Mio {
     }
 
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        if self.interests.contains(fd) {
+        if self.registered.get(fd).is_some() {
             return Err(already_registered("mio", fd));
         }
-        self.poll()?.registry().register(
-            &mut SourceFd(&fd),
-            Token(fd as usize),
-            to_mio(interest),
-        )?;
-        self.interests.insert(fd, interest);
-        Ok(())
+        self.poll()?;
+        let key = self.registered.add(fd, interest);
+        let result = register(self.poll()?, fd, Registration { interest, key });
+        if result.is_err() {
+            self.registered.remove(fd);
+        }
+        result
     }
 
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        let poll = self.poll.as_ref().ok_or_else(|| abandoned("mio"))?;
-        let slot = self
-            .interests
-            .get_mut(fd)
+        let reg = self
+            .registered
+            .get(fd)
             .ok_or_else(|| not_registered("mio", fd))?;
-        poll.registry()
-            .reregister(&mut SourceFd(&fd), Token(fd as usize), to_mio(interest))?;
-        *slot = interest;
+        let token = Token(reg.key);
+        self.poll()?
+            .registry()
+            .reregister(&mut SourceFd(&fd), token, to_mio(interest))?;
+        self.registered.set_interest(fd, interest);
         Ok(())
     }
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
-        let poll = self.poll.as_ref().ok_or_else(|| abandoned("mio"))?;
-        self.interests
+        self.poll()?;
+        self.registered
             .remove(fd)
             .ok_or_else(|| not_registered("mio", fd))?;
-        poll.registry().deregister(&mut SourceFd(&fd))
+        self.poll()?.registry().deregister(&mut SourceFd(&fd))
     }
 
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
@@ -130,14 +155,22 @@ impl Backend for Mio {
             Err(e) => return Err(e),
         }
         let first = events.len();
+        let mut stale = false;
         for ev in self.events.iter() {
+            let Some(fd) = self.registered.current(ev.token().0) else {
+                stale = true;
+                continue;
+            };
             let hangup = ev.is_read_closed() || ev.is_write_closed();
             let readiness =
                 Readiness::from_flags(ev.is_readable(), ev.is_writable(), hangup, ev.is_error());
-            events.push(Event {
-                fd: ev.token().0 as RawFd,
-                readiness,
-            });
+            events.push(Event { fd, readiness });
+        }
+        if stale {
+            // A new Poll is rid of the stale registration, and registers every fd
+            // afresh, which re-arms it.
+            let registered = std::mem::take(&mut self.registered);
+            return self.rebuild(registered, true);
         }
         for event in &events[first..] {
             self.rearm(event.fd)?;
@@ -149,18 +182,8 @@ impl Backend for Mio {
         &mut self,
         registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
     ) -> io::Result<()> {
-        let fresh = Poll::new()?;
-        let interests = re_add(registrations, |fd, interest| {
-            let token = Token(fd as usize);
-            fresh
-                .registry()
-                .register(&mut SourceFd(&fd), token, to_mio(interest))
-        })?;
-        self.release();
-        self.poll = Some(fresh);
-        self.pid = std::process::id();
-        self.interests = interests;
-        Ok(())
+        let registered = registrations.collect();
+        self.rebuild(registered, false)
     }
 
     fn kernel_fd(&self) -> Option<RawFd> {

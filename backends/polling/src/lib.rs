@@ -10,6 +10,10 @@
 //! child (two or three fds per post_fork in a new process). On the BSDs and macOS
 //! `polling` uses kqueue, which the child does not inherit, and the number is only
 //! forgotten (on FreeBSD and macOS its notifier is an EVFILT_USER event, not an fd).
+//!
+//! Keys carry a tag per registration ([`Registrations`]): on epoll, an event from a
+//! registration whose fd was closed behind the loop's back makes the backend build a new
+//! `Poller` from its own table, which drops the stale registration.
 
 use std::io;
 use std::num::NonZeroUsize;
@@ -17,8 +21,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
 use forkloop_backend::{
-    abandoned, already_registered, not_registered, re_add, same_process, Backend, Event, FdMap,
-    Interest, Readiness,
+    abandoned, already_registered, not_registered, same_process, Backend, Event, Interest,
+    Readiness, Registration, Registrations,
 };
 use polling::{Events, PollMode, Poller};
 
@@ -32,23 +36,23 @@ pub struct Polling {
     /// The process that created `poller`: the only one that may drop it.
     pid: u32,
     events: Events,
-    interests: FdMap<Interest>,
+    registered: Registrations,
 }
 
-fn to_event(fd: RawFd, interest: Interest) -> polling::Event {
+fn to_event(reg: Registration) -> polling::Event {
     let mut ev = polling::Event::new(
-        fd as usize,
-        interest.contains(Interest::READ),
-        interest.contains(Interest::WRITE),
+        reg.key,
+        reg.interest.contains(Interest::READ),
+        reg.interest.contains(Interest::WRITE),
     );
-    ev.set_interrupt(interest.contains(Interest::HANGUP));
+    ev.set_interrupt(reg.interest.contains(Interest::HANGUP));
     ev
 }
 
-fn add(poller: &Poller, fd: RawFd, interest: Interest) -> io::Result<()> {
+fn add(poller: &Poller, fd: RawFd, reg: Registration) -> io::Result<()> {
     // SAFETY: the loop deletes every fd from the poller before it forgets the watch, and
     // documents that users must cancel watches before closing their fds.
-    unsafe { poller.add_with_mode(fd, to_event(fd, interest), PollMode::Level) }
+    unsafe { poller.add_with_mode(fd, to_event(reg), PollMode::Level) }
 }
 
 impl Polling {
@@ -58,8 +62,20 @@ impl Polling {
             poller: Some(Poller::new()?),
             pid: std::process::id(),
             events: Events::with_capacity(NonZeroUsize::new(EVENTS).expect("EVENTS > 0")),
-            interests: FdMap::new(),
+            registered: Registrations::new(),
         })
+    }
+
+    /// A new `Poller` with `registered` in it (see [`Registrations::add_all`]), the old
+    /// one let go of.
+    fn rebuild(&mut self, mut registered: Registrations, skip_closed: bool) -> io::Result<()> {
+        let fresh = Poller::new()?;
+        registered.add_all(skip_closed, |fd, reg| add(&fresh, fd, reg))?;
+        self.release();
+        self.poller = Some(fresh);
+        self.pid = std::process::id();
+        self.registered = registered;
+        Ok(())
     }
 
     /// The `Poller`, unless it was abandoned after fork.
@@ -91,31 +107,36 @@ impl Backend for Polling {
     }
 
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        if self.interests.contains(fd) {
+        if self.registered.get(fd).is_some() {
             return Err(already_registered("polling", fd));
         }
-        add(self.poller()?, fd, interest)?;
-        self.interests.insert(fd, interest);
-        Ok(())
+        self.poller()?;
+        let key = self.registered.add(fd, interest);
+        let result = add(self.poller()?, fd, Registration { interest, key });
+        if result.is_err() {
+            self.registered.remove(fd);
+        }
+        result
     }
 
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        let poller = self.poller.as_ref().ok_or_else(|| abandoned("polling"))?;
-        let slot = self
-            .interests
-            .get_mut(fd)
+        let reg = self
+            .registered
+            .get(fd)
             .ok_or_else(|| not_registered("polling", fd))?;
-        poller.modify_with_mode(borrowed(fd), to_event(fd, interest), PollMode::Level)?;
-        *slot = interest;
+        let event = to_event(Registration { interest, ..reg });
+        self.poller()?
+            .modify_with_mode(borrowed(fd), event, PollMode::Level)?;
+        self.registered.set_interest(fd, interest);
         Ok(())
     }
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
-        let poller = self.poller.as_ref().ok_or_else(|| abandoned("polling"))?;
-        self.interests
+        self.poller()?;
+        self.registered
             .remove(fd)
             .ok_or_else(|| not_registered("polling", fd))?;
-        poller.delete(borrowed(fd))
+        self.poller()?.delete(borrowed(fd))
     }
 
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
@@ -126,14 +147,21 @@ impl Backend for Polling {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e),
         }
+        let mut stale = false;
         for ev in self.events.iter() {
+            let Some(fd) = self.registered.current(ev.key) else {
+                stale = true;
+                continue;
+            };
             let error = ev.is_err() == Some(true);
             let readiness =
                 Readiness::from_flags(ev.readable, ev.writable, ev.is_interrupt(), error);
-            events.push(Event {
-                fd: ev.key as RawFd,
-                readiness,
-            });
+            events.push(Event { fd, readiness });
+        }
+        if stale {
+            // Only a new Poller is rid of the stale registration.
+            let registered = std::mem::take(&mut self.registered);
+            self.rebuild(registered, true)?;
         }
         Ok(())
     }
@@ -142,13 +170,8 @@ impl Backend for Polling {
         &mut self,
         registrations: &mut dyn Iterator<Item = (RawFd, Interest)>,
     ) -> io::Result<()> {
-        let fresh = Poller::new()?;
-        let interests = re_add(registrations, |fd, interest| add(&fresh, fd, interest))?;
-        self.release();
-        self.poller = Some(fresh);
-        self.pid = std::process::id();
-        self.interests = interests;
-        Ok(())
+        let registered = registrations.collect();
+        self.rebuild(registered, false)
     }
 
     fn kernel_fd(&self) -> Option<RawFd> {
