@@ -83,6 +83,16 @@ pub enum Error {
     /// fork(2) failed.
     #[error("fork failed: {0}")]
     Fork(io::Error),
+    /// `Loop::fork` with [`ForkOptions::single_threaded`](crate::ForkOptions::single_threaded)
+    /// in a process with other threads (or whose thread count cannot be read).
+    #[error("Loop::fork refused (single_threaded): {}", match threads {
+        Some(n) => format!("the process has {n} threads"),
+        None => "the process's thread count cannot be read here".to_owned(),
+    })]
+    NotSingleThreaded {
+        /// The process's threads, if known.
+        threads: Option<usize>,
+    },
     /// `pthread_atfork` could not register forkloop's fork handlers (out of memory);
     /// without them no fork could be detected, so no loop is built.
     #[error("cannot register the fork handlers (pthread_atfork): {0}")]

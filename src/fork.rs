@@ -104,6 +104,7 @@ pub(crate) fn generation() -> u64 {
 #[derive(Clone, Debug, Default)]
 pub struct ForkOptions {
     keep_signals: bool,
+    single_threaded: bool,
 }
 
 impl ForkOptions {
@@ -119,6 +120,23 @@ impl ForkOptions {
         self.keep_signals = keep;
         self
     }
+
+    /// Refuse to fork (with [`Error::NotSingleThreaded`]) unless this thread is the
+    /// process's only one, checked just before the fork: the strict mode for programs
+    /// that want the child to be able to do anything, not only what the fork contract
+    /// makes safe. The count is read from `/proc/self/task` on Linux; where it cannot be
+    /// read, the fork is refused too.
+    pub fn single_threaded(mut self, required: bool) -> ForkOptions {
+        self.single_threaded = required;
+        self
+    }
+}
+
+/// How many threads this process has, where the OS says (Linux: /proc/self/task).
+fn thread_count() -> Option<usize> {
+    std::fs::read_dir("/proc/self/task")
+        .ok()
+        .map(|tasks| tasks.count())
 }
 
 /// Says once, at debug level, that a `Loop::fork` parent has other threads (read from
@@ -128,8 +146,7 @@ fn note_other_threads() {
     if !log::log_enabled!(log::Level::Debug) || NOTED.load(Ordering::Relaxed) {
         return;
     }
-    let threads = std::fs::read_dir("/proc/self/task").map(|tasks| tasks.count());
-    if let Ok(threads @ 2..) = threads {
+    if let Some(threads @ 2..) = thread_count() {
         NOTED.store(true, Ordering::Relaxed);
         log::debug!(
             "Loop::fork in a process of {threads} threads: the child runs only this one \
@@ -182,6 +199,12 @@ impl Loop {
         child: impl FnOnce() -> i32,
     ) -> Result<libc::pid_t> {
         init()?;
+        if options.single_threaded {
+            match thread_count() {
+                Some(1) => {}
+                threads => return Err(Error::NotSingleThreaded { threads }),
+            }
+        }
         note_other_threads();
         // SAFETY: sigset_t is plain old data; sigfillset initializes it.
         let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };

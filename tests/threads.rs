@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use forkloop::{ForkOptions, Kind};
+use forkloop::{Error, ForkOptions, Kind};
 use rstest::rstest;
 use rstest_reuse::apply;
 
@@ -144,5 +144,30 @@ fn threads_children_of_a_busy_parent_exit_with_their_value(
             slowest < FORK_CALL_LIMIT,
             "a fork call blocked for {slowest:?}"
         );
+    });
+}
+
+#[apply(backends)]
+fn threads_a_strict_fork_is_refused_while_another_thread_lives(#[case] kind: Kind) {
+    isolated(|| {
+        // The harness runs threads of its own; a raw fork's child has only one.
+        let pid = raw_fork(move || {
+            let mut lp = new_loop(kind);
+            let strict = ForkOptions::new().single_threaded(true);
+            let (stop, parked) = std::sync::mpsc::channel::<()>();
+            let other = std::thread::spawn(move || parked.recv());
+            match lp.fork(strict.clone(), || 0) {
+                Err(Error::NotSingleThreaded { threads: Some(2) }) => {}
+                _ => return 1,
+            }
+            drop(stop);
+            let _ = other.join();
+            match lp.fork(strict, || 7) {
+                Ok(pid) if exit_code(wait_child(pid, CHILD_LIMIT)) == 7 => 0,
+                _ => 2,
+            }
+        });
+        let code = exit_code(wait_child(pid, CHILD_LIMIT));
+        assert_eq!(code, 0, "1: not refused beside a thread, 2: refused alone");
     });
 }
