@@ -66,7 +66,7 @@ pub enum Error {
         /// Why.
         source: io::Error,
     },
-    /// A signal that cannot be watched: unknown, uncatchable, or taken by another loop.
+    /// A signal that cannot be watched: unknown, uncatchable, or no driver slot left.
     #[error("signal {signal}: {reason}")]
     Signal {
         /// The signal number.

@@ -585,48 +585,52 @@ fn io_a_watch_from_another_loop_is_refused(#[case] kind: Kind) {
 fn io_an_fd_closed_behind_the_loops_back_while_a_dup_lives_never_confuses_its_successor(
     #[case] kind: Kind,
 ) {
-    let mut lp = new_loop(kind);
-    let (old, mut old_peer) = socketpair();
-    let dup = old.try_clone().unwrap(); // keeps the old file open
-    let number = old.as_raw_fd();
-    let (_, old_watch) = watch_counting(&mut lp, number, Interest::READ);
-    drop(old); // closed behind the loop's back
-    let (new, mut new_peer) = socketpair();
-    assert_eq!(new.as_raw_fd(), number, "the number is reused");
-    let (new_calls, c) = counter();
-    let watch_new = |lp: &mut Loop| {
-        let c = c.clone();
-        lp.watch_io(number, Interest::READ, move |_, _| bump(&c))
-    };
-    match watch_new(&mut lp) {
-        Ok(_) => {} // poll and select watch numbers: the old watch now sees the new fd
-        Err(e) => {
-            assert!(e.to_string().contains("closed while still watched"), "{e}");
-            assert!(lp.cancel(old_watch));
-            watch_new(&mut lp).expect("watching the new fd once the old watch is gone");
+    // In a process of its own: the test needs the kernel to hand out the closed number
+    // again, and other test threads open fds too.
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (old, mut old_peer) = socketpair();
+        let dup = old.try_clone().unwrap(); // keeps the old file open
+        let number = old.as_raw_fd();
+        let (_, old_watch) = watch_counting(&mut lp, number, Interest::READ);
+        drop(old); // closed behind the loop's back
+        let (new, mut new_peer) = socketpair();
+        assert_eq!(new.as_raw_fd(), number, "the number is reused");
+        let (new_calls, c) = counter();
+        let watch_new = |lp: &mut Loop| {
+            let c = c.clone();
+            lp.watch_io(number, Interest::READ, move |_, _| bump(&c))
+        };
+        match watch_new(&mut lp) {
+            Ok(_) => {} // poll and select watch numbers: the old watch now sees the new fd
+            Err(e) => {
+                assert!(e.to_string().contains("closed while still watched"), "{e}");
+                assert!(lp.cancel(old_watch));
+                watch_new(&mut lp).expect("watching the new fd once the old watch is gone");
+            }
         }
-    }
-    lp.cancel(old_watch);
-    old_peer.write_all(b"old").unwrap(); // the old file, still open through `dup`
-    let start = std::time::Instant::now();
-    let mut iterations = 0;
-    while start.elapsed() < 3 * U {
-        lp.loop_once(Some(U)).unwrap();
-        iterations += 1;
-    }
-    assert_eq!(
-        new_calls.get(),
-        0,
-        "the old file's readiness reached the new fd's watch"
-    );
-    assert!(
-        iterations < 100,
-        "{iterations} iterations in 3 U: the loop spins"
-    );
-    new_peer.write_all(b"new").unwrap();
-    assert!(
-        loop_until(&mut lp, 50 * U, || new_calls.get() > 0),
-        "the new fd is not watched"
-    );
-    drop(dup);
+        lp.cancel(old_watch);
+        old_peer.write_all(b"old").unwrap(); // the old file, still open through `dup`
+        let start = std::time::Instant::now();
+        let mut iterations = 0;
+        while start.elapsed() < 3 * U {
+            lp.loop_once(Some(U)).unwrap();
+            iterations += 1;
+        }
+        assert_eq!(
+            new_calls.get(),
+            0,
+            "the old file's readiness reached the new fd's watch"
+        );
+        assert!(
+            iterations < 100,
+            "{iterations} iterations in 3 U: the loop spins"
+        );
+        new_peer.write_all(b"new").unwrap();
+        assert!(
+            loop_until(&mut lp, 50 * U, || new_calls.get() > 0),
+            "the new fd is not watched"
+        );
+        drop(dup);
+    });
 }
