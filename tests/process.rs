@@ -1,4 +1,5 @@
-//! looptests.md, group process. Every test forks, so each runs in its own process.
+//! looptests.md, group process, and pid reuse (issue #10). Every test forks, so each
+//! runs in its own process.
 
 mod common;
 
@@ -9,20 +10,150 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use forkloop::{Error, Kind, Loop};
+use forkloop::{Error, Kind, Loop, Watch};
 use rstest::rstest;
 use rstest_reuse::apply;
 
 type Reports = Rc<RefCell<Vec<(libc::pid_t, ExitStatus)>>>;
 
 fn watch(lp: &mut Loop, pid: libc::pid_t) -> Reports {
+    watch_with_handle(lp, pid).0
+}
+
+fn watch_with_handle(lp: &mut Loop, pid: libc::pid_t) -> (Reports, Watch) {
     let reports: Reports = Rc::default();
     let r = reports.clone();
-    lp.watch_process(pid, move |_, pid, status| {
-        r.borrow_mut().push((pid, status))
-    })
-    .unwrap();
-    reports
+    let watch = lp
+        .watch_process(pid, move |_, pid, status| {
+            r.borrow_mut().push((pid, status))
+        })
+        .unwrap();
+    (reports, watch)
+}
+
+/// How the loop watches one child: the way it chooses here (a pidfd on Linux ≥ 5.4), or
+/// its SIGCHLD + `waitpid(pid)` fallback, forced on Linux by a seccomp filter that
+/// refuses `pidfd_open` with ENOSYS, as a kernel without it does.
+#[derive(Clone, Copy, Debug)]
+enum Reaping {
+    Native,
+    Waitpid,
+}
+
+impl Reaping {
+    /// Call first in the isolated process: the filter binds this thread and its forks.
+    fn set_up(self) {
+        if let Reaping::Waitpid = self {
+            refuse_pidfd_open();
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn pidfd_open(pid: libc::pid_t) -> std::io::Result<libc::c_int> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd as libc::c_int)
+}
+
+/// A seccomp filter on this thread (inherited by its forks) that makes `pidfd_open`
+/// fail with ENOSYS and allows every other system call. No privilege needed: it comes
+/// with no_new_privs.
+#[cfg(target_os = "linux")]
+fn refuse_pidfd_open() {
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let filter = [
+        // The syscall number is the first field of seccomp_data. The architecture is not
+        // checked: a same-numbered call of another ABI failing is harmless in a test.
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_pidfd_open as u32,
+        },
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let program = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with integer arguments; no_new_privs only narrows what exec grants.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "no_new_privs: {}", std::io::Error::last_os_error());
+    // SAFETY: program points at a live filter of `len` instructions, which the kernel
+    // copies before prctl returns.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &program as *const libc::sock_fprog,
+        )
+    };
+    assert_eq!(rc, 0, "seccomp: {}", std::io::Error::last_os_error());
+    let err = pidfd_open(std::process::id() as libc::pid_t).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOSYS),
+        "the filter is in place"
+    );
+}
+
+/// Off Linux there is no pidfd: the fallback is the only way.
+#[cfg(not(target_os = "linux"))]
+fn refuse_pidfd_open() {}
+
+/// Runs `body` as pid 1 of a new pid namespace, where nothing but this test forks, so
+/// the kernel hands out pids in order and [`set_next_pid`] decides the next one: pid
+/// reuse on purpose, not by luck. `None` where that needs a privilege we lack
+/// (CAP_SYS_ADMIN, which CI has as root); the test then says so and passes.
+#[cfg(target_os = "linux")]
+fn in_private_pid_namespace(body: impl FnOnce() -> i32) -> Option<i32> {
+    const NO_PRIVILEGE: i32 = 77;
+    // Forked first, so that the namespace change binds a single-threaded process that
+    // only waits for the namespace's init.
+    let outer = raw_fork(|| {
+        // SAFETY: unshare with a flag; only this process's later children are affected.
+        if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
+            eprintln!("unshare(CLONE_NEWPID): {}", std::io::Error::last_os_error());
+            return NO_PRIVILEGE;
+        }
+        let init = raw_fork(|| {
+            // SAFETY: getpid has no preconditions.
+            assert_eq!(unsafe { libc::getpid() }, 1, "init of the new namespace");
+            if std::fs::write("/proc/sys/kernel/ns_last_pid", "1").is_err() {
+                return NO_PRIVILEGE;
+            }
+            body()
+        });
+        exit_code(wait_child(init, Duration::from_secs(30)))
+    });
+    match exit_code(wait_child(outer, Duration::from_secs(40))) {
+        NO_PRIVILEGE => {
+            println!("figure: SKIPPED: no private pid namespace here (needs CAP_SYS_ADMIN)");
+            None
+        }
+        code => Some(code),
+    }
+}
+
+/// In [`in_private_pid_namespace`]: the next fork gets `pid` (if it is free).
+#[cfg(target_os = "linux")]
+fn set_next_pid(pid: libc::pid_t) {
+    std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+        .expect("writing ns_last_pid");
 }
 
 /// A child that waits until killed.
@@ -164,5 +295,156 @@ fn process_watch_in_a_forked_child_does_not_report_the_parents_children(#[case] 
             .borrow()
             .is_empty()));
         assert_eq!(parent_reports.borrow()[0].1.signal(), Some(libc::SIGTERM));
+    });
+}
+
+#[apply(backends)]
+fn process_watch_of_a_child_reaped_elsewhere_ends_and_says_so(
+    #[case] kind: Kind,
+    #[values(Reaping::Native, Reaping::Waitpid)] reaping: Reaping,
+) {
+    isolated(|| {
+        reaping.set_up();
+        let mut lp = new_loop(kind);
+        // Reaped by someone else (a plain waitpid here, as `Child::wait` would) before
+        // the loop's first look, and while the loop is already watching.
+        let early = raw_fork(|| 0);
+        let (early_reports, early_watch) = watch_with_handle(&mut lp, early);
+        assert_eq!(exit_code(wait_child(early, Duration::from_secs(20))), 0);
+        let late = sleeper();
+        let (late_reports, late_watch) = watch_with_handle(&mut lp, late);
+        lp.loop_once(Some(U)).unwrap();
+        assert!(late_reports.borrow().is_empty(), "still running");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(late, libc::SIGTERM) };
+        let status = wait_child(late, Duration::from_secs(20));
+        assert!(libc::WIFSIGNALED(status));
+        let told = loop_until(&mut lp, 50 * U, || {
+            !early_reports.borrow().is_empty() && !late_reports.borrow().is_empty()
+        });
+        assert!(told, "a watch of a child reaped elsewhere stayed watched");
+        for (pid, reports) in [(early, &early_reports), (late, &late_reports)] {
+            let reports = reports.borrow();
+            assert_eq!(reports.len(), 1);
+            assert_eq!(reports[0].0, pid);
+        }
+        assert!(!lp.cancel(early_watch), "the watch ended");
+        assert!(!lp.cancel(late_watch), "the watch ended");
+    });
+}
+
+/// The pid of a child reaped elsewhere is given, on purpose, to a new child: the old
+/// child's watch must not report (nor reap) the new one. Only a pidfd can tell them
+/// apart, so this is a test of the native way; the fallback documents the gap.
+#[cfg(target_os = "linux")]
+#[apply(backends)]
+fn process_watch_is_never_told_of_a_process_that_reused_its_pid(#[case] kind: Kind) {
+    isolated(|| {
+        let code = in_private_pid_namespace(|| {
+            let mut lp = new_loop(kind);
+            let first = raw_fork(|| 0);
+            let reports = watch(&mut lp, first);
+            assert_eq!(exit_code(wait_child(first, Duration::from_secs(20))), 0);
+            set_next_pid(first);
+            let second = raw_fork(|| 42);
+            assert_eq!(second, first, "pid reuse was not forced");
+            assert!(loop_until(&mut lp, 50 * U, || !reports.borrow().is_empty()));
+            assert!(
+                reports.borrow().iter().all(|(_, s)| s.code() != Some(42)),
+                "the watch of the first child was told of the second: {:?}",
+                reports.borrow()
+            );
+            let second_status = wait_child(second, Duration::from_secs(20));
+            assert_eq!(exit_code(second_status), 42, "the second is its owner's");
+            0
+        });
+        if let Some(code) = code {
+            assert_eq!(
+                code, 0,
+                "the test in the namespace failed (its stderr is above)"
+            );
+        }
+    });
+}
+
+/// The graceful timeout's SIGKILL must reach only the worker it was armed for: here the
+/// retired worker exits in time and its pid goes, on purpose, to a later worker, which
+/// must outlive the timer. Hooks drive the master: worker 1 asks for a HUP (worker 2
+/// replaces it), worker 1's exit asks for another (worker 3, given worker 1's pid,
+/// replaces worker 2), and a TERM comes once worker 1's timer is due — handled in the
+/// iteration that fires the timer or a later one, while worker 3 is still in the table.
+#[cfg(all(target_os = "linux", feature = "server"))]
+#[test]
+fn server_graceful_timeout_never_kills_a_worker_that_reused_a_retired_workers_pid() {
+    use forkloop::server::{Config, Request, Responder, Server};
+
+    const GRACEFUL: Duration = Duration::from_secs(1);
+    isolated(|| {
+        let code = in_private_pid_namespace(|| {
+            type Exits = Rc<RefCell<Vec<(usize, libc::pid_t, ExitStatus)>>>;
+            let exits: Exits = Rc::default();
+            let first_pid = Rc::new(Cell::new(0));
+            let mut config = Config::default();
+            config.listen = vec!["127.0.0.1:0".into()];
+            config.workers = 1;
+            config.graceful_timeout = GRACEFUL;
+            let (e, f) = (exits.clone(), first_pid.clone());
+            let f2 = first_pid.clone();
+            let server = Server::new(config, |_: &mut Loop, _: Request, _: Responder| {})
+                .after_fork(|slot| {
+                    if slot == 1 {
+                        // SAFETY: kill has no memory-safety preconditions; pid 1 is
+                        // the master, which watches HUP.
+                        unsafe { libc::kill(1, libc::SIGHUP) };
+                    }
+                })
+                .before_fork(move |slot| {
+                    if slot == 3 {
+                        set_next_pid(f2.get());
+                    }
+                })
+                .on_worker_exit(move |slot, pid, status| {
+                    e.borrow_mut().push((slot, pid, status));
+                    if slot != 1 {
+                        return;
+                    }
+                    f.set(pid);
+                    // Worker 1's timer was armed before it exited: due by then.
+                    let due = Instant::now() + GRACEFUL + Duration::from_millis(100);
+                    std::thread::spawn(move || {
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                        // SAFETY: as above.
+                        unsafe { libc::kill(1, libc::SIGTERM) };
+                    });
+                    // SAFETY: as above.
+                    unsafe { libc::kill(1, libc::SIGHUP) };
+                });
+            if let Err(e) = server.run() {
+                eprintln!("server: {e}");
+                return 1;
+            }
+            let exits = exits.borrow();
+            eprintln!("exits: {exits:?}");
+            let third = exits.iter().find(|(slot, _, _)| *slot == 3);
+            let Some(&(_, pid, status)) = third else {
+                eprintln!("no worker 3");
+                return 2;
+            };
+            if pid != first_pid.get() {
+                eprintln!("pid reuse was not forced: worker 3 is {pid}");
+                return 3;
+            }
+            if status.signal() == Some(libc::SIGKILL) {
+                eprintln!("worker 1's graceful timeout killed worker 3, which had its pid");
+                return 4;
+            }
+            0
+        });
+        if let Some(code) = code {
+            assert_eq!(
+                code, 0,
+                "the test in the namespace failed (its stderr is above)"
+            );
+        }
     });
 }
