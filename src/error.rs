@@ -77,6 +77,13 @@ pub enum Error {
     /// `watch_process` for a pid that is not a child of this process.
     #[error("pid {0} is not a child of this process (waitid: ECHILD)")]
     NotAChild(libc::pid_t),
+    /// A watched child was reaped by other code of this process (`std::process::Child::wait`,
+    /// a `waitpid(-1)`) before the loop could: its exit status is lost and its watch has
+    /// ended. The callback of [`Loop::watch_process`](crate::Loop::watch_process) gets it.
+    #[error(
+        "child {0} was reaped elsewhere in this process (wait: ECHILD); its exit status is lost"
+    )]
+    ReapedElsewhere(libc::pid_t),
     /// fork(2) failed.
     #[error("fork failed: {0}")]
     Fork(io::Error),

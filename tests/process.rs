@@ -14,7 +14,22 @@ use forkloop::{Error, Kind, Loop, Watch};
 use rstest::rstest;
 use rstest_reuse::apply;
 
-type Reports = Rc<RefCell<Vec<(libc::pid_t, ExitStatus)>>>;
+type Reports = Rc<RefCell<Vec<(libc::pid_t, forkloop::Result<ExitStatus>)>>>;
+
+/// Report `i`'s exit status; a panic if the watch was told of an error instead.
+fn status(reports: &Reports, i: usize) -> ExitStatus {
+    match &reports.borrow()[i].1 {
+        Ok(status) => *status,
+        Err(e) => panic!("report {i}: {e}"),
+    }
+}
+
+fn reaped_elsewhere(reports: &Reports, pid: libc::pid_t) -> bool {
+    let reports = reports.borrow();
+    reports.len() == 1
+        && reports[0].0 == pid
+        && matches!(reports[0].1, Err(Error::ReapedElsewhere(p)) if p == pid)
+}
 
 fn watch(lp: &mut Loop, pid: libc::pid_t) -> Reports {
     watch_with_handle(lp, pid).0
@@ -149,6 +164,36 @@ fn in_private_pid_namespace(body: impl FnOnce() -> i32) -> Option<i32> {
     }
 }
 
+/// Whether this kernel gives pidfds (else the tests of what they bring say SKIPPED).
+#[cfg(target_os = "linux")]
+fn pidfds_here() -> bool {
+    // SAFETY: getpid has no preconditions.
+    match pidfd_open(unsafe { libc::getpid() }) {
+        Ok(fd) => {
+            // SAFETY: the fd pidfd_open just gave us, closed once.
+            unsafe { libc::close(fd) };
+            true
+        }
+        Err(e) => {
+            println!("figure: SKIPPED: no pidfd here ({e})");
+            false
+        }
+    }
+}
+
+/// The pidfds this process holds.
+#[cfg(target_os = "linux")]
+fn open_pidfds() -> Vec<libc::c_int> {
+    let dir = std::fs::read_dir("/proc/self/fd").expect("procfs");
+    dir.filter_map(|entry| {
+        let entry = entry.ok()?;
+        let target = std::fs::read_link(entry.path()).ok()?;
+        let fd = entry.file_name().to_str()?.parse().ok()?;
+        (target.to_str()? == "anon_inode:[pidfd]").then_some(fd)
+    })
+    .collect()
+}
+
 /// In [`in_private_pid_namespace`]: the next fork gets `pid` (if it is free).
 #[cfg(target_os = "linux")]
 fn set_next_pid(pid: libc::pid_t) {
@@ -184,8 +229,12 @@ fn wait_exited_unreaped(pid: libc::pid_t) {
 }
 
 #[apply(backends)]
-fn process_exit_status_is_reported_also_when_it_exited_before_the_watch(#[case] kind: Kind) {
+fn process_exit_status_is_reported_also_when_it_exited_before_the_watch(
+    #[case] kind: Kind,
+    #[values(Reaping::Native, Reaping::Waitpid)] reaping: Reaping,
+) {
     isolated(|| {
+        reaping.set_up();
         let mut lp = new_loop(kind);
         let early = raw_fork(|| 3);
         wait_exited_unreaped(early);
@@ -200,14 +249,18 @@ fn process_exit_status_is_reported_also_when_it_exited_before_the_watch(#[case] 
             !early_reports.borrow().is_empty() && !late_reports.borrow().is_empty()
         }));
         assert_eq!(early_reports.borrow()[0].0, early);
-        assert_eq!(early_reports.borrow()[0].1.code(), Some(3));
-        assert_eq!(late_reports.borrow()[0].1.code(), Some(4));
+        assert_eq!(status(&early_reports, 0).code(), Some(3));
+        assert_eq!(status(&late_reports, 0).code(), Some(4));
     });
 }
 
 #[apply(backends)]
-fn process_killed_child_reports_its_signal(#[case] kind: Kind) {
+fn process_killed_child_reports_its_signal(
+    #[case] kind: Kind,
+    #[values(Reaping::Native, Reaping::Waitpid)] reaping: Reaping,
+) {
     isolated(|| {
+        reaping.set_up();
         let mut lp = new_loop(kind);
         let pid = sleeper();
         let reports = watch(&mut lp, pid);
@@ -216,17 +269,21 @@ fn process_killed_child_reports_its_signal(#[case] kind: Kind) {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         assert!(loop_until(&mut lp, 50 * U, || !reports.borrow().is_empty()));
-        assert_eq!(reports.borrow()[0].1.signal(), Some(libc::SIGTERM));
+        assert_eq!(status(&reports, 0).signal(), Some(libc::SIGTERM));
     });
 }
 
 #[apply(backends)]
-fn process_any_child_watch_sees_every_child_and_reaps_only_in_dispatch(#[case] kind: Kind) {
+fn process_any_child_watch_sees_every_child_and_reaps_only_in_dispatch(
+    #[case] kind: Kind,
+    #[values(Reaping::Native, Reaping::Waitpid)] reaping: Reaping,
+) {
     isolated(|| {
+        reaping.set_up();
         let mut lp = new_loop(kind);
         let reports: Reports = Rc::default();
         let r = reports.clone();
-        lp.watch_any_child(move |_, pid, status| r.borrow_mut().push((pid, status)))
+        lp.watch_any_child(move |_, pid, status| r.borrow_mut().push((pid, Ok(status))))
             .unwrap();
         let mut pids: Vec<_> = (0..3).map(|_| raw_fork(|| 0)).collect();
         for &pid in &pids {
@@ -237,13 +294,17 @@ fn process_any_child_watch_sees_every_child_and_reaps_only_in_dispatch(#[case] k
         seen.sort();
         pids.sort();
         assert_eq!(seen, pids);
-        assert!(reports.borrow().iter().all(|(_, s)| s.code() == Some(0)));
+        assert!((0..3).all(|i| status(&reports, i).code() == Some(0)));
     });
 }
 
 #[apply(backends)]
-fn process_watch_leaves_other_children_to_their_owners(#[case] kind: Kind) {
+fn process_watch_leaves_other_children_to_their_owners(
+    #[case] kind: Kind,
+    #[values(Reaping::Native, Reaping::Waitpid)] reaping: Reaping,
+) {
     isolated(|| {
+        reaping.set_up();
         let mut lp = new_loop(kind);
         let mut bystander = std::process::Command::new("true").spawn().unwrap();
         let pid = raw_fork(|| 0);
@@ -266,8 +327,12 @@ fn process_watch_of_a_stranger_is_an_error(#[case] kind: Kind) {
 }
 
 #[apply(backends)]
-fn process_watch_in_a_forked_child_does_not_report_the_parents_children(#[case] kind: Kind) {
+fn process_watch_in_a_forked_child_does_not_report_the_parents_children(
+    #[case] kind: Kind,
+    #[values(Reaping::Native, Reaping::Waitpid)] reaping: Reaping,
+) {
     isolated(|| {
+        reaping.set_up();
         let mut lp = new_loop(kind);
         let sibling = sleeper();
         let parent_reports = watch(&mut lp, sibling);
@@ -294,7 +359,7 @@ fn process_watch_in_a_forked_child_does_not_report_the_parents_children(#[case] 
         assert!(loop_until(&mut lp, 50 * U, || !parent_reports
             .borrow()
             .is_empty()));
-        assert_eq!(parent_reports.borrow()[0].1.signal(), Some(libc::SIGTERM));
+        assert_eq!(status(&parent_reports, 0).signal(), Some(libc::SIGTERM));
     });
 }
 
@@ -324,9 +389,7 @@ fn process_watch_of_a_child_reaped_elsewhere_ends_and_says_so(
         });
         assert!(told, "a watch of a child reaped elsewhere stayed watched");
         for (pid, reports) in [(early, &early_reports), (late, &late_reports)] {
-            let reports = reports.borrow();
-            assert_eq!(reports.len(), 1);
-            assert_eq!(reports[0].0, pid);
+            assert!(reaped_elsewhere(reports, pid), "{:?}", reports.borrow());
         }
         assert!(!lp.cancel(early_watch), "the watch ended");
         assert!(!lp.cancel(late_watch), "the watch ended");
@@ -340,6 +403,9 @@ fn process_watch_of_a_child_reaped_elsewhere_ends_and_says_so(
 #[apply(backends)]
 fn process_watch_is_never_told_of_a_process_that_reused_its_pid(#[case] kind: Kind) {
     isolated(|| {
+        if !pidfds_here() {
+            return;
+        }
         let code = in_private_pid_namespace(|| {
             let mut lp = new_loop(kind);
             let first = raw_fork(|| 0);
@@ -350,7 +416,7 @@ fn process_watch_is_never_told_of_a_process_that_reused_its_pid(#[case] kind: Ki
             assert_eq!(second, first, "pid reuse was not forced");
             assert!(loop_until(&mut lp, 50 * U, || !reports.borrow().is_empty()));
             assert!(
-                reports.borrow().iter().all(|(_, s)| s.code() != Some(42)),
+                reaped_elsewhere(&reports, first),
                 "the watch of the first child was told of the second: {:?}",
                 reports.borrow()
             );
@@ -446,5 +512,158 @@ fn server_graceful_timeout_never_kills_a_worker_that_reused_a_retired_workers_pi
                 "the test in the namespace failed (its stderr is above)"
             );
         }
+    });
+}
+
+/// A pidfd watch needs no SIGCHLD: the disposition stays the process's own, and a second
+/// loop of the process can watch children of its own (a signal has one loop at a time).
+/// Where SIGCHLD is ignored the kernel would reap the child at once, so the loop then
+/// takes SIGCHLD after all, and the status is still reported.
+#[cfg(target_os = "linux")]
+#[apply(backends)]
+fn process_pidfd_watch_needs_no_sigchld_unless_it_is_ignored(#[case] kind: Kind) {
+    fn disposition() -> libc::sighandler_t {
+        // SAFETY: sigaction is plain old data; a null new action only reads the current.
+        let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut current) },
+            0
+        );
+        current.sa_sigaction
+    }
+    isolated(|| {
+        if !pidfds_here() {
+            return;
+        }
+        let mut lp = new_loop(kind);
+        let mut other = new_loop(kind);
+        let (a, b) = (sleeper(), raw_fork(|| 5));
+        let a_reports = watch(&mut lp, a);
+        let b_reports = watch(&mut other, b);
+        assert_eq!(disposition(), libc::SIG_DFL, "SIGCHLD was taken");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(a, libc::SIGTERM) };
+        assert!(loop_until(&mut lp, 50 * U, || !a_reports
+            .borrow()
+            .is_empty()));
+        assert!(loop_until(&mut other, 50 * U, || !b_reports
+            .borrow()
+            .is_empty()));
+        assert_eq!(status(&a_reports, 0).signal(), Some(libc::SIGTERM));
+        assert_eq!(status(&b_reports, 0).code(), Some(5));
+
+        // SAFETY: SIG_IGN for SIGCHLD: no handler runs.
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+        let c = sleeper();
+        let c_reports = watch(&mut lp, c);
+        assert_ne!(disposition(), libc::SIG_IGN, "the loop took SIGCHLD");
+        // SAFETY: as above.
+        unsafe { libc::kill(c, libc::SIGTERM) };
+        assert!(loop_until(&mut lp, 50 * U, || !c_reports
+            .borrow()
+            .is_empty()));
+        assert_eq!(status(&c_reports, 0).signal(), Some(libc::SIGTERM));
+        assert_eq!(
+            disposition(),
+            libc::SIG_IGN,
+            "given back when the watch ended"
+        );
+    });
+}
+
+/// An any-child watch reaps with waitpid(-1), yet a child with a watch of its own is
+/// reported to that watch, and only the others to the any-child watch.
+#[apply(backends)]
+fn process_any_child_watch_leaves_watched_children_to_their_watches(
+    #[case] kind: Kind,
+    #[values(Reaping::Native, Reaping::Waitpid)] reaping: Reaping,
+) {
+    isolated(|| {
+        reaping.set_up();
+        let mut lp = new_loop(kind);
+        let any: Reports = Rc::default();
+        let r = any.clone();
+        lp.watch_any_child(move |_, pid, status| r.borrow_mut().push((pid, Ok(status))))
+            .unwrap();
+        let watched = raw_fork(|| 6);
+        let own = watch(&mut lp, watched);
+        let unwatched = raw_fork(|| 7);
+        wait_exited_unreaped(watched);
+        wait_exited_unreaped(unwatched);
+        assert!(loop_until(&mut lp, 50 * U, || {
+            !own.borrow().is_empty() && !any.borrow().is_empty()
+        }));
+        lp.loop_once(Some(U)).unwrap();
+        assert_eq!(own.borrow().len(), 1);
+        assert_eq!(status(&own, 0).code(), Some(6));
+        assert_eq!(any.borrow().len(), 1, "{:?}", any.borrow());
+        assert_eq!(any.borrow()[0].0, unwatched);
+        assert_eq!(status(&any, 0).code(), Some(7));
+    });
+}
+
+/// A watch's pidfd is closed when the watch reports, when it is cancelled, and in a
+/// forked child: by post_fork (the inherited loop) and at once in a `Loop::fork` child.
+#[cfg(target_os = "linux")]
+#[apply(backends)]
+fn process_pidfds_close_when_watches_end_are_cancelled_or_forked_away(
+    #[case] kind: Kind,
+    #[values(Reaping::Native, Reaping::Waitpid)] reaping: Reaping,
+) {
+    isolated(|| {
+        reaping.set_up();
+        let per_watch = match reaping {
+            Reaping::Native if pidfds_here() => 1,
+            _ => 0,
+        };
+        let mut lp = new_loop(kind);
+        assert!(open_pidfds().is_empty());
+        let pids = [sleeper(), sleeper(), sleeper()];
+        let mut watches: Vec<_> = pids
+            .iter()
+            .map(|&p| watch_with_handle(&mut lp, p))
+            .collect();
+        assert_eq!(open_pidfds().len(), 3 * per_watch);
+        for fd in open_pidfds() {
+            // SAFETY: F_GETFD only reads the flags of an fd we hold.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            assert!(
+                flags & libc::FD_CLOEXEC != 0,
+                "pidfd {fd} is not close-on-exec"
+            );
+        }
+        let loop_fork_child = lp
+            .fork(forkloop::ForkOptions::new(), || open_pidfds().len() as i32)
+            .unwrap();
+        assert_eq!(
+            exit_code(wait_child(loop_fork_child, Duration::from_secs(20))),
+            0,
+            "a Loop::fork child kept the parent's pidfds"
+        );
+        let raw_child = raw_fork(|| {
+            let inherited = open_pidfds().len();
+            lp.post_fork().unwrap();
+            (inherited != 3 * per_watch || !open_pidfds().is_empty()) as i32
+        });
+        assert_eq!(
+            exit_code(wait_child(raw_child, Duration::from_secs(20))),
+            0,
+            "post_fork kept the parent's pidfds"
+        );
+        let (_, cancelled) = watches.remove(0);
+        assert!(lp.cancel(cancelled));
+        assert_eq!(open_pidfds().len(), 2 * per_watch);
+        for &pid in &pids {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let reported = || watches.iter().all(|(r, _)| !r.borrow().is_empty());
+        assert!(loop_until(&mut lp, 50 * U, reported));
+        assert!(open_pidfds().is_empty());
+        assert!(libc::WIFSIGNALED(wait_child(
+            pids[0],
+            Duration::from_secs(20)
+        )));
     });
 }

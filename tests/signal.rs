@@ -174,7 +174,7 @@ fn signal_raised_before_a_fork_is_delivered_once_in_the_parent_only(#[case] kind
             .unwrap();
         let status = Rc::new(Cell::new(None));
         let s = status.clone();
-        lp.watch_process(pid, move |_, _, st| s.set(Some(st.code())))
+        lp.watch_process(pid, move |_, _, st| s.set(Some(st.unwrap().code())))
             .unwrap();
         assert!(loop_until(&mut lp, 50 * U, || status.get().is_some()));
         expect_calls(&mut lp, &calls, 1);
