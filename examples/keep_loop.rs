@@ -54,7 +54,10 @@ fn main() -> forkloop::Result<()> {
     lp.cancel(timer);
     ours.write_all(b"hello, child").expect("write");
     lp.watch_process(pid, |lp, pid, status| {
-        println!("parent: child {pid} exited: {status}");
+        match status {
+            Ok(status) => println!("parent: child {pid} exited: {status}"),
+            Err(e) => println!("parent: child {pid}: {e}"),
+        }
         lp.stop(0);
     })?;
     lp.run()?;

@@ -50,7 +50,10 @@ fn main() -> forkloop::Result<()> {
         pids.push(pid);
         let running = running.clone();
         master.watch_process(pid, move |lp, pid, status| {
-            println!("master: worker {number} (pid {pid}) exited: {status}");
+            match status {
+                Ok(status) => println!("master: worker {number} (pid {pid}) exited: {status}"),
+                Err(e) => println!("master: worker {number}: {e}"),
+            }
             running.set(running.get() - 1);
             if running.get() == 0 {
                 lp.stop(0);

@@ -19,7 +19,10 @@ fn main() -> forkloop::Result<()> {
         .spawn()
         .expect("spawning sleep");
     lp.watch_process(child.id() as libc::pid_t, |lp, pid, status| {
-        println!("child {pid} exited: {status}");
+        match status {
+            Ok(status) => println!("child {pid} exited: {status}"),
+            Err(e) => println!("child {pid}: {e}"), // reaped by other code (ReapedElsewhere)
+        }
         lp.stop(0);
     })?;
     // SAFETY: raise has no memory-safety preconditions.

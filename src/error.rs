@@ -80,6 +80,13 @@ pub enum Error {
     /// `every` with a zero interval, which would fire at every iteration forever.
     #[error("a repeating timer needs a non-zero interval")]
     ZeroInterval,
+    /// A watched child was reaped by other code of this process (`std::process::Child::wait`,
+    /// a `waitpid(-1)`) before the loop could: its exit status is lost and its watch has
+    /// ended. The callback of [`Loop::watch_process`](crate::Loop::watch_process) gets it.
+    #[error(
+        "child {0} was reaped elsewhere in this process (wait: ECHILD); its exit status is lost"
+    )]
+    ReapedElsewhere(libc::pid_t),
     /// fork(2) failed.
     #[error("fork failed: {0}")]
     Fork(io::Error),

@@ -178,9 +178,9 @@ impl Loop {
     /// runs the parent's handlers. In the child the handlers the loop installed are reset
     /// (unless [`ForkOptions::keep_signals`]; an ignored signal stays ignored), the
     /// process-global loop is cleared, signal and child state start empty, this loop's
-    /// own fds (its backend's and its signal self-pipe) are closed, as the child cannot
-    /// reach it, and Rust's stdout and stderr are flushed before `_exit`. Parent timers
-    /// never fire in the child.
+    /// own fds (its backend's, its signal self-pipe and the pidfds of its child watches)
+    /// are closed, as the child cannot reach it, and Rust's stdout and stderr are
+    /// flushed before `_exit`. Parent timers never fire in the child.
     ///
     /// In a multi-threaded process the child runs only this thread, and POSIX allows it
     /// only async-signal-safe calls until it execs: a lock another thread held at the
@@ -268,6 +268,7 @@ impl Loop {
     fn close_in_child(&mut self) {
         self.abandon_backend();
         self.signals.close_pipe();
+        self.children.close_pidfds_in_child();
     }
 
     /// Whether the backend was built in this process (no fork since).

@@ -13,7 +13,10 @@
 //!     })
 //!     .unwrap_or(1)
 //! })?;
-//! lp.watch_process(pid, |lp, _pid, status| lp.stop(status.code().unwrap_or(-1)))?;
+//! // `status` is an `Err` only if other code reaped the child first (ReapedElsewhere).
+//! lp.watch_process(pid, |lp, _pid, status| {
+//!     lp.stop(status.ok().and_then(|s| s.code()).unwrap_or(-1))
+//! })?;
 //! assert_eq!(lp.run()?, 7);
 //! # Ok::<(), forkloop::Error>(())
 //! ```

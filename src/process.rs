@@ -1,49 +1,262 @@
-//! Child-process watches, driven by a SIGCHLD watch of the loop's own.
+//! Child-process watches.
 //!
-//! Only watched pids are reaped (`waitpid(pid)`), so a `std::process::Child` spawned
-//! beside the loop keeps its exit status — unless an any-child watch exists, which reaps
-//! with `waitpid(-1)` and so takes every child. SIGCHLDs coalesce, so each reap pass
-//! collects every exited child, and a child that exited before its watch was added is
-//! found by the pass the watch schedules for the next iteration.
+//! One child ([`Loop::watch_process`]) is watched, on Linux 5.4 and later, through a
+//! pidfd: an fd for the process itself, not for its number. The loop watches it as IO
+//! (the kernel makes it readable when the child exits) and reaps with
+//! `waitid(P_PIDFD)`. No SIGCHLD is needed for it, a `std::process::Child` beside the
+//! loop keeps its status, and a pid that someone else reaped and the kernel gave to a
+//! new process is never mistaken for the watched child: `waitid` on the pidfd says
+//! ECHILD, and the watch ends with [`Error::ReapedElsewhere`].
+//!
+//! Where no pidfd can be had (`pidfd_open` missing or refused: Linux before 5.4, a
+//! seccomp filter, macOS, the BSDs; or the fd limit reached), a SIGCHLD watch of the
+//! loop's own drives `waitpid(pid)` per watched pid. SIGCHLDs coalesce, so each pass
+//! tries every such pid, and a child that exited before its watch was added is found by
+//! the pass the watch schedules for the next iteration. ECHILD also ends such a watch
+//! with `ReapedElsewhere`, but only a pidfd pins the process: a pid reaped elsewhere and
+//! reused by a new child before the loop's next pass is taken for the watched one.
+//!
+//! Any child ([`Loop::watch_any_child`]) is SIGCHLD and `waitpid(-1)`, which takes every
+//! child. Children with a watch of their own still go to it: while pidfd watches exist
+//! the reaper first looks at the next exited child without reaping it
+//! (`waitid(P_ALL, WNOWAIT)`) and reaps a pidfd-watched one through its pidfd.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
+use forkloop_backend::Interest;
 use smallvec::SmallVec;
 
 use crate::event_loop::{Watch, WatchKind};
 use crate::id_map::IdMap;
 use crate::{Error, Loop, Result};
 
-type OneChild = Box<dyn FnOnce(&mut Loop, libc::pid_t, ExitStatus)>;
+type OneChild = Box<dyn FnOnce(&mut Loop, libc::pid_t, Result<ExitStatus>)>;
 type AnyChild = Box<dyn FnMut(&mut Loop, libc::pid_t, ExitStatus)>;
 
-enum ProcessCallback {
-    One(OneChild),
-    Any(AnyChild),
+/// A pidfd and the loop's IO watch of it.
+struct PidFd {
+    fd: OwnedFd,
+    io: Watch,
+}
+
+struct OneWatch {
+    pid: libc::pid_t,
+    callback: OneChild,
+    /// `None`: the waitpid fallback.
+    pidfd: Option<PidFd>,
+    /// Whether this watch holds the loop's SIGCHLD watch.
+    sigchld: bool,
+}
+
+enum ProcessWatch {
+    One(OneWatch),
+    /// `None` while its callback runs.
+    Any(Option<AnyChild>),
 }
 
 /// One loop's child-process watches.
 #[derive(Default)]
 pub(crate) struct Children {
-    /// `None` while an any-child callback runs.
-    callbacks: IdMap<u64, Option<ProcessCallback>>,
+    watches: IdMap<u64, ProcessWatch>,
     by_pid: IdMap<libc::pid_t, SmallVec<[u64; 1]>>,
     any: Vec<u64>,
+    /// How many watches have a pidfd.
+    pidfds: usize,
+    /// The loop's SIGCHLD watch, held by any-child watches, waitpid watches, and pidfd
+    /// watches made while SIGCHLD was ignored (the kernel would reap their children).
     sigchld: Option<Watch>,
+    sigchld_users: usize,
+    /// SIGCHLD was ignored when the loop took it: releasing it ignores it again.
+    sigchld_over_ignore: bool,
     /// A reap pass is due at the next iteration (which then does not block).
     pub(crate) recheck: bool,
 }
 
-fn reap(pid: libc::pid_t) -> Option<(libc::pid_t, ExitStatus)> {
+impl Children {
+    /// In a `Loop::fork` child, whose copy of the loop is never used or dropped again:
+    /// closes its pidfds (they name the parent's children), leaving their IO watches in
+    /// tables nobody reads. Async-signal-safe: only close(2), no allocation.
+    pub(crate) fn close_pidfds_in_child(&mut self) {
+        for watch in self.watches.values_mut() {
+            if let ProcessWatch::One(one) = watch {
+                one.pidfd = None;
+            }
+        }
+    }
+}
+
+/// What `pidfd_open` made of a pid.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+enum Open {
+    /// A pidfd for a child of this process.
+    Child(OwnedFd),
+    /// No such process, or not a child of this one.
+    NotAChild,
+    /// No pidfd here: the waitpid fallback.
+    Unavailable,
+}
+
+#[cfg(target_os = "linux")]
+mod pidfd {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::process::ExitStatus;
+
+    use super::{exit_status, Open};
+
+    /// `P_PIDFD` of <linux/wait.h> (Linux 5.4), which the libc crate does not define.
+    const P_PIDFD: libc::idtype_t = 3;
+
+    pub(super) fn open(pid: libc::pid_t) -> Open {
+        // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1; it
+        // touches no memory of ours.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // No such process; or a thread, not a process.
+                Some(libc::ESRCH | libc::EINVAL) => Open::NotAChild,
+                // ENOSYS before 5.3, EPERM from a seccomp filter, EMFILE, ….
+                _ => {
+                    log::debug!("pidfd_open({pid}): {e}; watching it with waitpid");
+                    Open::Unavailable
+                }
+            };
+        }
+        // SAFETY: pidfd_open just returned this fd (close-on-exec, as pidfd_open always
+        // makes them) and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        match wait(&fd, false) {
+            Ok(_) => Open::Child(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Open::NotAChild,
+            Err(e) => {
+                // EINVAL: Linux 5.3, which has pidfd_open but not waitid(P_PIDFD).
+                log::debug!("waitid(P_PIDFD) for {pid}: {e}; watching it with waitpid");
+                Open::Unavailable
+            }
+        }
+    }
+
+    /// The exit status of the pidfd's process if it has exited (reaping it if `reap`),
+    /// `None` while it runs. ECHILD: it is not, or no longer, a child of this process.
+    pub(super) fn wait(fd: &OwnedFd, reap: bool) -> io::Result<Option<ExitStatus>> {
+        let keep = if reap { 0 } else { libc::WNOWAIT };
+        let id = fd.as_raw_fd() as libc::id_t;
+        waitid(P_PIDFD, id, libc::WEXITED | libc::WNOHANG | keep)
+    }
+
+    /// The pid of an exited child not yet reaped, if any; reaps nothing.
+    pub(super) fn peek_any() -> Option<libc::pid_t> {
+        let mut info = siginfo();
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        loop {
+            // SAFETY: info is a live siginfo_t; WNOWAIT leaves the child unreaped.
+            if unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) } == 0 {
+                // SAFETY: waitid filled info; si_pid is 0 if no child has exited.
+                let pid = unsafe { info.si_pid() };
+                return (pid != 0).then_some(pid);
+            }
+            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return None; // ECHILD: no children
+            }
+        }
+    }
+
+    /// Whether the kernel reaps children itself (SIGCHLD ignored, or SA_NOCLDWAIT).
+    pub(super) fn sigchld_ignored() -> bool {
+        // SAFETY: sigaction is plain old data; all-zero is valid.
+        let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: a null new action only reads the current one into `current`.
+        let rc = unsafe { libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut current) };
+        rc == 0
+            && (current.sa_sigaction == libc::SIG_IGN || current.sa_flags & libc::SA_NOCLDWAIT != 0)
+    }
+
+    fn siginfo() -> libc::siginfo_t {
+        // SAFETY: siginfo_t is plain old data; all-zero is valid.
+        unsafe { std::mem::zeroed() }
+    }
+
+    fn waitid(
+        idtype: libc::idtype_t,
+        id: libc::id_t,
+        flags: libc::c_int,
+    ) -> io::Result<Option<ExitStatus>> {
+        let mut info = siginfo();
+        loop {
+            // SAFETY: info is a live siginfo_t for waitid to fill.
+            if unsafe { libc::waitid(idtype, id, &mut info, flags) } == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        // SAFETY: waitid filled info; si_pid is 0 while the child runs (WNOHANG).
+        if unsafe { info.si_pid() } == 0 {
+            return Ok(None);
+        }
+        // SAFETY: as above; for a CLD_* code si_status is the exit code or the signal.
+        let status = unsafe { info.si_status() };
+        Ok(Some(exit_status(info.si_code, status)))
+    }
+}
+
+/// No pidfds off Linux: every watch takes the waitpid way.
+#[cfg(not(target_os = "linux"))]
+mod pidfd {
+    use std::io;
+    use std::os::fd::OwnedFd;
+    use std::process::ExitStatus;
+
+    use super::Open;
+
+    pub(super) fn open(_pid: libc::pid_t) -> Open {
+        Open::Unavailable
+    }
+
+    pub(super) fn wait(_fd: &OwnedFd, _reap: bool) -> io::Result<Option<ExitStatus>> {
+        unreachable!("no pidfd is ever opened off Linux")
+    }
+
+    pub(super) fn peek_any() -> Option<libc::pid_t> {
+        None
+    }
+
+    pub(super) fn sigchld_ignored() -> bool {
+        false
+    }
+}
+
+/// The wait status `waitpid` would have given for what `waitid` said.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+fn exit_status(code: libc::c_int, status: libc::c_int) -> ExitStatus {
+    ExitStatus::from_raw(match code {
+        libc::CLD_KILLED => status & 0x7f,
+        libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+        _ => (status & 0xff) << 8, // CLD_EXITED, the only other one WEXITED reports
+    })
+}
+
+enum Waited {
+    Exited(libc::pid_t, ExitStatus),
+    Running,
+    /// ECHILD: no such child (any more).
+    NoChild,
+}
+
+fn waitpid(pid: libc::pid_t) -> Waited {
     let mut status = 0;
     loop {
         // SAFETY: status is a live c_int; WNOHANG never blocks.
         match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
-            0 => return None,
+            0 => return Waited::Running,
             -1 if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-            -1 => return None, // ECHILD: not ours (any more)
-            reaped => return Some((reaped, ExitStatus::from_raw(status))),
+            -1 => return Waited::NoChild,
+            reaped => return Waited::Exited(reaped, ExitStatus::from_raw(status)),
         }
     }
 }
@@ -59,114 +272,334 @@ fn is_child(pid: libc::pid_t) -> bool {
 }
 
 impl Loop {
-    /// Runs `callback` once with the exit status of child `pid` when it exits (also if
-    /// it exited before this call), and reaps it. A pid that is not a child of this
-    /// process is an error.
+    /// Runs `callback` once when child `pid` exits (also if it exited before this call),
+    /// with its exit status, and reaps it. A pid that is not a child of this process is
+    /// an error.
+    ///
+    /// If someone else in this process reaps the child first (`std::process::Child::wait`,
+    /// a `waitpid(-1)` of other code), its status is lost: the watch ends and `callback`
+    /// gets `Err(Error::ReapedElsewhere(pid))` — match on that variant; no other error
+    /// reaches the callback today, but [`Error`] is non-exhaustive.
+    ///
+    /// On Linux 5.4 and later the watch holds a pidfd, which pins the process: a pid
+    /// freed by another reaper and given to a new process is never reported here, and
+    /// the watch needs no SIGCHLD (the loop takes SIGCHLD only if it is ignored, so that
+    /// the kernel keeps the child's status). Where no pidfd can be had (`pidfd_open`
+    /// missing or refused: older kernels, seccomp sandboxes, macOS, the BSDs) the loop
+    /// catches SIGCHLD and calls `waitpid(pid)`: a child reaped elsewhere still ends the
+    /// watch with `ReapedElsewhere` at the loop's next pass, but a new child of this
+    /// process that got the pid before that pass is taken for the watched one.
     pub fn watch_process(
         &mut self,
         pid: libc::pid_t,
-        callback: impl FnOnce(&mut Loop, libc::pid_t, ExitStatus) + 'static,
+        callback: impl FnOnce(&mut Loop, libc::pid_t, Result<ExitStatus>) + 'static,
     ) -> Result<Watch> {
-        if pid <= 0 || !is_child(pid) {
+        if pid <= 0 {
             return Err(Error::NotAChild(pid));
         }
-        let id = self.add_process_watch(ProcessCallback::One(Box::new(callback)))?;
+        // In a fresh child, post_fork must drop the parent's watches before this one joins.
+        self.ensure_current()?;
+        let fd = match pidfd::open(pid) {
+            Open::Child(fd) => Some(fd),
+            Open::NotAChild => return Err(Error::NotAChild(pid)),
+            Open::Unavailable if is_child(pid) => None,
+            Open::Unavailable => return Err(Error::NotAChild(pid)),
+        };
+        let id = self.next_id();
+        let pidfd = fd.and_then(|fd| {
+            let ready = move |lp: &mut Loop, _| lp.pidfd_ready(id);
+            match self.watch_io(fd.as_raw_fd(), Interest::READ, ready) {
+                Ok(io) => Some(PidFd { fd, io }),
+                Err(e) => {
+                    log::debug!("watching the pidfd of {pid}: {e}; watching it with waitpid");
+                    None
+                }
+            }
+        });
+        let sigchld = pidfd.is_none()
+            || pidfd::sigchld_ignored()
+            || (self.children.sigchld.is_some() && self.children.sigchld_over_ignore);
+        if sigchld {
+            if let Err(e) = self.take_sigchld() {
+                if let Some(pidfd) = pidfd {
+                    self.cancel(pidfd.io);
+                }
+                return Err(e);
+            }
+        }
+        if pidfd.is_some() {
+            self.children.pidfds += 1;
+        } else {
+            self.children.recheck = true;
+        }
+        let callback = Box::new(callback);
+        let watch = OneWatch {
+            pid,
+            callback,
+            pidfd,
+            sigchld,
+        };
+        self.children.watches.insert(id, ProcessWatch::One(watch));
         self.children.by_pid.entry(pid).or_default().push(id);
         Ok(self.handle(WatchKind::Process, id))
     }
 
     /// Runs `callback` for every child of this process that exits and has no watch of
-    /// its own. While such a watch exists the loop reaps *every* child, including those
-    /// a `std::process::Child` owns.
+    /// its own. While such a watch exists the loop reaps *every* child (SIGCHLD and
+    /// `waitpid(-1)`), including those a `std::process::Child` owns.
     pub fn watch_any_child(
         &mut self,
         callback: impl FnMut(&mut Loop, libc::pid_t, ExitStatus) + 'static,
     ) -> Result<Watch> {
-        let id = self.add_process_watch(ProcessCallback::Any(Box::new(callback)))?;
+        self.ensure_current()?;
+        self.take_sigchld()?;
+        let id = self.next_id();
+        let watch = ProcessWatch::Any(Some(Box::new(callback)));
+        self.children.watches.insert(id, watch);
         self.children.any.push(id);
+        self.children.recheck = true;
         Ok(self.handle(WatchKind::Process, id))
     }
 
-    fn add_process_watch(&mut self, callback: ProcessCallback) -> Result<u64> {
-        // In a fresh child, post_fork must drop the parent's watches before this one joins.
-        self.ensure_current()?;
+    /// The loop's SIGCHLD watch lives exactly as long as some watch needs it.
+    fn take_sigchld(&mut self) -> Result<()> {
         if self.children.sigchld.is_none() {
+            let over_ignore = pidfd::sigchld_ignored();
             let watch = self.watch_signal(libc::SIGCHLD, |lp, _| lp.reap_children())?;
             self.children.sigchld = Some(watch);
+            self.children.sigchld_over_ignore = over_ignore;
         }
-        let id = self.next_id();
-        self.children.callbacks.insert(id, Some(callback));
-        self.children.recheck = true;
-        Ok(id)
+        self.children.sigchld_users += 1;
+        Ok(())
     }
 
-    pub(crate) fn cancel_process(&mut self, id: u64) -> bool {
-        if self.children.callbacks.remove(&id).is_none() {
-            return false;
-        }
-        self.children.any.retain(|w| *w != id);
-        self.children.by_pid.retain(|_, ids| {
-            ids.retain(|w| *w != id);
-            !ids.is_empty()
-        });
-        self.release_sigchld_if_unused();
-        true
-    }
-
-    /// The loop's SIGCHLD watch lives exactly as long as some process watch does.
-    fn release_sigchld_if_unused(&mut self) {
-        if self.children.callbacks.is_empty() {
+    fn release_sigchld(&mut self) {
+        self.children.sigchld_users -= 1;
+        if self.children.sigchld_users == 0 {
             if let Some(watch) = self.children.sigchld.take() {
                 self.cancel(watch);
             }
         }
     }
 
+    pub(crate) fn cancel_process(&mut self, id: u64) -> bool {
+        self.take_watch(id).is_some()
+    }
+
+    /// Removes a watch from every table; closes its pidfd.
+    fn take_watch(&mut self, id: u64) -> Option<ProcessWatch> {
+        let mut watch = self.children.watches.remove(&id)?;
+        let sigchld = match &mut watch {
+            ProcessWatch::One(one) => {
+                if let Some(ids) = self.children.by_pid.get_mut(&one.pid) {
+                    ids.retain(|w| *w != id);
+                    if ids.is_empty() {
+                        self.children.by_pid.remove(&one.pid);
+                    }
+                }
+                if let Some(pidfd) = one.pidfd.take() {
+                    self.children.pidfds -= 1;
+                    self.cancel(pidfd.io); // before the fd closes with `pidfd`
+                }
+                one.sigchld
+            }
+            ProcessWatch::Any(_) => {
+                self.children.any.retain(|w| *w != id);
+                true
+            }
+        };
+        if sigchld {
+            self.release_sigchld();
+        }
+        Some(watch)
+    }
+
+    /// The pidfd of watch `id` is readable: its process has exited (or was reaped).
+    fn pidfd_ready(&mut self, id: u64) {
+        if let Some(ProcessWatch::One(one)) = self.children.watches.get(&id) {
+            let pid = one.pid;
+            self.settle(pid);
+        }
+    }
+
+    /// SIGCHLD, or a watch added: a pass over the waitpid watches (pidfd watches are told
+    /// by their fds), or the any-child reaper.
     pub(crate) fn reap_children(&mut self) {
         self.children.recheck = false;
         if !self.children.any.is_empty() {
-            while let Some((pid, status)) = reap(-1) {
-                self.child_exited(pid, status);
-            }
+            self.reap_any();
             return;
         }
-        let pids: SmallVec<[libc::pid_t; 8]> = self.children.by_pid.keys().copied().collect();
+        let mut pids: SmallVec<[libc::pid_t; 8]> = self
+            .children
+            .watches
+            .values()
+            .filter_map(|w| match w {
+                ProcessWatch::One(one) if one.pidfd.is_none() => Some(one.pid),
+                _ => None,
+            })
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
         for pid in pids {
-            if let Some((pid, status)) = reap(pid) {
-                self.child_exited(pid, status);
+            self.settle(pid);
+        }
+    }
+
+    fn reap_any(&mut self) {
+        loop {
+            if self.children.pidfds == 0 {
+                match waitpid(-1) {
+                    Waited::Exited(pid, status) if self.children.by_pid.contains_key(&pid) => {
+                        self.tell(pid, status);
+                    }
+                    Waited::Exited(pid, status) => self.tell_any(pid, status),
+                    Waited::Running | Waited::NoChild => return,
+                }
+                continue;
+            }
+            // Look before reaping: a child with a pidfd watch is reaped through its
+            // pidfd, which tells a reused pid from the watched process.
+            let Some(pid) = pidfd::peek_any() else {
+                return;
+            };
+            if self.settle(pid) {
+                continue;
+            }
+            // Not a watched process (its watches, if any, were of one reaped elsewhere).
+            if let Waited::Exited(pid, status) = waitpid(pid) {
+                self.tell_any(pid, status);
             }
         }
     }
 
-    fn child_exited(&mut self, pid: libc::pid_t, status: ExitStatus) {
-        if let Some(ids) = self.children.by_pid.remove(&pid) {
-            for id in ids {
-                if let Some(Some(ProcessCallback::One(callback))) =
-                    self.children.callbacks.remove(&id)
-                {
-                    callback(self, pid, status);
+    /// Reaps `pid` if it has exited and tells every watch of it; ends the watches whose
+    /// process was reaped by someone else. Returns whether it reaped a child.
+    fn settle(&mut self, pid: libc::pid_t) -> bool {
+        let Some(ids) = self.children.by_pid.get(&pid) else {
+            return false;
+        };
+        // Only one unreaped process can have `pid`: the pidfds that still name a child
+        // of ours name that one, and the waitpid watches of `pid` mean it too.
+        let mut told: SmallVec<[u64; 2]> = SmallVec::new();
+        let mut gone: SmallVec<[u64; 2]> = SmallVec::new();
+        let mut reaper = None; // the first of `told` with a pidfd of the exited child
+        let mut plain = false;
+        for &id in ids {
+            let Some(ProcessWatch::One(one)) = self.children.watches.get(&id) else {
+                continue;
+            };
+            let Some(pidfd) = &one.pidfd else {
+                plain = true;
+                told.push(id);
+                continue;
+            };
+            match pidfd::wait(&pidfd.fd, false) {
+                Ok(Some(_)) => {
+                    reaper.get_or_insert(id);
+                    told.push(id);
                 }
+                Ok(None) => {} // cannot run while `pid` names an exited child
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => gone.push(id),
+                Err(e) => log::warn!("waitid on the pidfd of child {pid}: {e}"),
             }
-        } else {
-            for id in self.children.any.clone() {
-                let slot = self.children.callbacks.get_mut(&id);
-                let Some(Some(ProcessCallback::Any(mut callback))) = slot.map(Option::take) else {
-                    continue;
+        }
+        let status = match reaper {
+            Some(id) => {
+                let Some(ProcessWatch::One(OneWatch {
+                    pidfd: Some(pidfd), ..
+                })) = self.children.watches.get(&id)
+                else {
+                    unreachable!("found above")
                 };
-                callback(self, pid, status);
-                if let Some(slot) = self.children.callbacks.get_mut(&id) {
-                    *slot = Some(ProcessCallback::Any(callback));
+                match pidfd::wait(&pidfd.fd, true) {
+                    Ok(status) => status,
+                    // Taken by another thread since the look above.
+                    Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                        gone.append(&mut told);
+                        None
+                    }
+                    Err(e) => {
+                        log::warn!("reaping child {pid} through its pidfd: {e}");
+                        None
+                    }
                 }
             }
-        }
-        self.release_sigchld_if_unused();
+            None if plain => match waitpid(pid) {
+                Waited::Exited(_, status) => Some(status),
+                Waited::Running => None,
+                Waited::NoChild => {
+                    gone.append(&mut told);
+                    None
+                }
+            },
+            None => None,
+        };
+        self.tell_watches(pid, status, &told, gone);
+        status.is_some()
     }
 
-    /// post_fork: the watched children are the parent's, not this process's.
+    /// After a `waitpid(-1)` reaped `pid`: every watch of it gets `status`.
+    fn tell(&mut self, pid: libc::pid_t, status: ExitStatus) {
+        let ids = self.children.by_pid.get(&pid).cloned().unwrap_or_default();
+        self.tell_watches(pid, Some(status), &ids, SmallVec::new());
+    }
+
+    /// Ends the watches `told` (with `status`) and `gone` (reaped elsewhere): all leave
+    /// the tables first, so their callbacks may add and cancel watches freely.
+    fn tell_watches(
+        &mut self,
+        pid: libc::pid_t,
+        status: Option<ExitStatus>,
+        told: &[u64],
+        gone: SmallVec<[u64; 2]>,
+    ) {
+        let mut ended: SmallVec<[(OneChild, Result<ExitStatus>); 2]> = SmallVec::new();
+        let results = (told.iter())
+            .filter_map(|&id| Some((id, Ok(status?))))
+            .chain(
+                gone.into_iter()
+                    .map(|id| (id, Err(Error::ReapedElsewhere(pid)))),
+            );
+        for (id, result) in results {
+            if let Some(ProcessWatch::One(one)) = self.take_watch(id) {
+                ended.push((one.callback, result));
+            }
+        }
+        for (callback, result) in ended {
+            callback(self, pid, result);
+        }
+    }
+
+    fn tell_any(&mut self, pid: libc::pid_t, status: ExitStatus) {
+        for id in self.children.any.clone() {
+            let Some(ProcessWatch::Any(slot)) = self.children.watches.get_mut(&id) else {
+                continue;
+            };
+            let Some(mut callback) = slot.take() else {
+                continue; // running further up the stack
+            };
+            callback(self, pid, status);
+            if let Some(ProcessWatch::Any(slot)) = self.children.watches.get_mut(&id) {
+                *slot = Some(callback);
+            }
+        }
+    }
+
+    /// post_fork: the watched children are the parent's, not this process's. Our copies
+    /// of their pidfds are closed (they are this process's fds, and they name the
+    /// parent's children) and their IO watches dropped.
     pub(crate) fn forget_children(&mut self) {
-        let sigchld = self.children.sigchld.take();
-        self.children = Default::default();
-        if let Some(watch) = sigchld {
+        let children = std::mem::take(&mut self.children);
+        for watch in children.watches.into_values() {
+            if let ProcessWatch::One(OneWatch {
+                pidfd: Some(pidfd), ..
+            }) = watch
+            {
+                self.cancel(pidfd.io); // before the fd closes with `pidfd`
+            }
+        }
+        if let Some(watch) = children.sigchld {
             self.cancel(watch);
         }
     }

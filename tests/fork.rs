@@ -184,7 +184,7 @@ fn fork_signals_stay_in_the_process_they_were_sent_to(#[case] kind: Kind) {
         go_w.write_all(b"g").unwrap();
         let status = std::rc::Rc::new(std::cell::Cell::new(None));
         let s = status.clone();
-        lp.watch_process(child, move |_, _, st| s.set(Some(st.code())))
+        lp.watch_process(child, move |_, _, st| s.set(Some(st.unwrap().code())))
             .unwrap();
         assert!(loop_until(&mut lp, 50 * U, || status.get().is_some()));
         assert_eq!(status.get(), Some(Some(0)));

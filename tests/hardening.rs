@@ -122,7 +122,7 @@ fn hardening_many_short_lived_children_are_all_reaped_and_others_keep_their_stat
             let pid = lp.fork(ForkOptions::new(), move || (i % 7) as i32).unwrap();
             let r = reported.clone();
             lp.watch_process(pid, move |_, _, status| {
-                assert_eq!(status.code(), Some((i % 7) as i32));
+                assert_eq!(status.unwrap().code(), Some((i % 7) as i32));
                 r.set(r.get() + 1);
             })
             .unwrap();
@@ -265,6 +265,7 @@ fn fork_storm_child(lp: &mut Loop, storm: &Rc<Storm>) {
     (&storm.to_flooder).write_all(&pid.to_ne_bytes()).unwrap();
     let storm = storm.clone();
     lp.watch_process(pid, move |lp, pid, status| {
+        let status = status.unwrap();
         *storm.reports.borrow_mut().entry(pid).or_default() += 1;
         let expected = if keep {
             status.code() == Some(0)
@@ -344,6 +345,7 @@ fn hardening_signal_storm_across_forks_never_reaches_the_parent(#[case] kind: Ki
             .unwrap();
         let (flooder_done, f) = counter();
         lp.watch_process(flooder, move |_, _, status| {
+            let status = status.unwrap();
             assert!(status.success(), "flooder: {status}");
             bump(&f);
         })

@@ -67,15 +67,21 @@ enum State {
     Draining,
 }
 
+/// A worker's number, never reused in the master's life: it names the worker in the
+/// master's tables and in everything the master does later (timers, replacements). A
+/// pid only names a worker until it is reaped; the kernel may then give it to any new
+/// process, a later worker included.
+type Slot = usize;
+
 struct WorkerInfo {
-    slot: usize,
+    pid: libc::pid_t,
     pipe: UnixStream,
     pipe_watch: Option<Watch>,
     state: State,
     started: Instant,
     last_heard: Instant,
     /// The worker this one replaces: retired once this one is ready (HUP, recycling).
-    replaces: Option<libc::pid_t>,
+    replaces: Option<Slot>,
 }
 
 struct Master {
@@ -85,7 +91,8 @@ struct Master {
     after_fork: Option<MasterHook>,
     on_worker_exit: Option<WorkerExitHook>,
     listeners: Vec<Listener>,
-    workers: HashMap<libc::pid_t, WorkerInfo>,
+    /// Every worker not yet reaped (an entry leaves when its exit is reported).
+    workers: HashMap<Slot, WorkerInfo>,
     target: usize,
     next_slot: usize,
     shutting_down: bool,
@@ -192,7 +199,7 @@ fn watch_signals(master: &Shared, lp: &mut Loop) -> Result<(), ServerError> {
     let m = master.clone();
     lp.watch_signal(libc::SIGUSR1, move |_, _| {
         log::info!("USR1: workers reopen the access log");
-        signal_workers(&m, libc::SIGUSR1, |_| true);
+        signal_workers(&m, libc::SIGUSR1, |_, _| true);
     })?;
     Ok(())
 }
@@ -229,11 +236,7 @@ fn reconcile(master: &Shared, lp: &mut Loop) {
     }
 }
 
-fn spawn(
-    master: &Shared,
-    lp: &mut Loop,
-    replaces: Option<libc::pid_t>,
-) -> Result<libc::pid_t, ServerError> {
+fn spawn(master: &Shared, lp: &mut Loop, replaces: Option<Slot>) -> Result<Slot, ServerError> {
     let (master_end, worker_end) = UnixStream::pair().map_err(|source| crate::Error::Create {
         what: "a worker pipe",
         source,
@@ -276,18 +279,18 @@ fn spawn(
     };
     let m2 = master.clone();
     lp.watch_process(pid, move |lp, pid, status| {
-        worker_exited(&m2, lp, pid, status)
+        worker_exited(&m2, lp, slot, pid, status)
     })?;
     let m2 = master.clone();
     let pipe_watch = lp.watch_io(master_end.as_raw_fd(), Interest::READ, move |lp, _| {
-        worker_message(&m2, lp, pid)
+        worker_message(&m2, lp, slot)
     })?;
     master_end.set_nonblocking(true).ok();
     let now = Instant::now();
     master.borrow_mut().workers.insert(
-        pid,
+        slot,
         WorkerInfo {
-            slot,
+            pid,
             pipe: master_end,
             pipe_watch: Some(pipe_watch),
             state: State::Starting,
@@ -297,7 +300,7 @@ fn spawn(
         },
     );
     log::debug!("worker {slot} forked: pid {pid}");
-    Ok(pid)
+    Ok(slot)
 }
 
 /// A random number in `0..=max`, from the clock (no need for a real RNG here).
@@ -311,12 +314,14 @@ fn jitter(max: u64) -> u64 {
     (nanos ^ (std::process::id() as u64).wrapping_mul(0x9E37_79B9)) % (max + 1)
 }
 
-fn worker_message(master: &Shared, lp: &mut Loop, pid: libc::pid_t) {
+fn worker_message(master: &Shared, lp: &mut Loop, slot: Slot) {
     let mut buf = [0u8; 64];
-    let read = {
+    let (pid, read) = {
         let m = master.borrow();
-        let Some(w) = m.workers.get(&pid) else { return };
-        (&w.pipe).read(&mut buf)
+        let Some(w) = m.workers.get(&slot) else {
+            return;
+        };
+        (w.pid, (&w.pipe).read(&mut buf))
     };
     let n = match read {
         Ok(0) => {
@@ -324,7 +329,7 @@ fn worker_message(master: &Shared, lp: &mut Loop, pid: libc::pid_t) {
             let watch = master
                 .borrow_mut()
                 .workers
-                .get_mut(&pid)
+                .get_mut(&slot)
                 .and_then(|w| w.pipe_watch.take());
             if let Some(watch) = watch {
                 lp.cancel(watch);
@@ -336,13 +341,13 @@ fn worker_message(master: &Shared, lp: &mut Loop, pid: libc::pid_t) {
     };
     for &message in &buf[..n] {
         match message {
-            READY => worker_ready(master, lp, pid),
+            READY => worker_ready(master, lp, slot),
             HEARTBEAT => {}
             RECYCLE => {
                 let recycle = !master.borrow().shutting_down;
                 if recycle {
                     log::info!("worker {pid} reached --max-requests; replacing it");
-                    if let Err(e) = spawn(master, lp, Some(pid)) {
+                    if let Err(e) = spawn(master, lp, Some(slot)) {
                         log::error!("forking a replacement for {pid}: {e}");
                     }
                 }
@@ -350,15 +355,15 @@ fn worker_message(master: &Shared, lp: &mut Loop, pid: libc::pid_t) {
             other => log::warn!("worker {pid} sent an unknown message {other:#x}"),
         }
     }
-    if let Some(w) = master.borrow_mut().workers.get_mut(&pid) {
+    if let Some(w) = master.borrow_mut().workers.get_mut(&slot) {
         w.last_heard = Instant::now();
     }
 }
 
-fn worker_ready(master: &Shared, lp: &mut Loop, pid: libc::pid_t) {
+fn worker_ready(master: &Shared, lp: &mut Loop, slot: Slot) {
     let replaces = {
         let mut m = master.borrow_mut();
-        let Some(w) = m.workers.get_mut(&pid) else {
+        let Some(w) = m.workers.get_mut(&slot) else {
             return;
         };
         if w.state != State::Starting {
@@ -396,51 +401,77 @@ fn worker_ready(master: &Shared, lp: &mut Loop, pid: libc::pid_t) {
 }
 
 /// Sends a worker into draining: it stops accepting, finishes, and exits.
-fn retire(master: &Shared, lp: &mut Loop, pid: libc::pid_t) {
-    {
+fn retire(master: &Shared, lp: &mut Loop, slot: Slot) {
+    let pid = {
         let mut m = master.borrow_mut();
-        let Some(w) = m.workers.get_mut(&pid) else {
+        let Some(w) = m.workers.get_mut(&slot) else {
             return;
         };
         if w.state == State::Draining {
             return;
         }
         w.state = State::Draining;
-    }
+        w.pid
+    };
     kill(pid, libc::SIGTERM);
     let timeout = master.borrow().config.graceful_timeout;
     let m = master.clone();
+    // Keyed by the slot, never by the pid: by the time this fires the worker may be
+    // long reaped and its pid given to a later worker.
     lp.after(timeout, move |_| {
-        if m.borrow().workers.contains_key(&pid) {
+        let pid = m.borrow().workers.get(&slot).map(|w| w.pid);
+        if let Some(pid) = pid {
             log::warn!("worker {pid} did not finish within the graceful timeout; killing it");
             kill(pid, libc::SIGKILL);
         }
     });
 }
 
+/// Signals a worker by the pid of its entry in `workers`. An entry leaves that table when
+/// the worker's exit is reported, so its process is not yet reaped, and the pid of a
+/// process that is not yet reaped cannot have been given to another: this reaches the
+/// worker and nothing else. (Unless other code in the master reaps our workers behind
+/// the loop's back; their watches then end with `ReapedElsewhere` at the next iteration.)
 fn kill(pid: libc::pid_t, signal: libc::c_int) {
-    // SAFETY: kill has no memory-safety preconditions; pid is a child not yet reaped.
+    // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid, signal) };
 }
 
-fn signal_workers(master: &Shared, signal: libc::c_int, which: impl Fn(&WorkerInfo) -> bool) {
-    for (&pid, w) in &master.borrow().workers {
-        if which(w) {
-            kill(pid, signal);
+fn signal_workers(master: &Shared, signal: libc::c_int, which: impl Fn(Slot, &WorkerInfo) -> bool) {
+    for (&slot, w) in &master.borrow().workers {
+        if which(slot, w) {
+            kill(w.pid, signal);
         }
     }
 }
 
-fn worker_exited(master: &Shared, lp: &mut Loop, pid: libc::pid_t, status: ExitStatus) {
-    let Some(info) = master.borrow_mut().workers.remove(&pid) else {
+fn worker_exited(
+    master: &Shared,
+    lp: &mut Loop,
+    slot: Slot,
+    pid: libc::pid_t,
+    status: crate::Result<ExitStatus>,
+) {
+    let Some(info) = master.borrow_mut().workers.remove(&slot) else {
         return;
     };
     if let Some(watch) = info.pipe_watch {
         lp.cancel(watch);
     }
-    if let Some(hook) = &master.borrow().on_worker_exit {
-        hook(info.slot, pid, status);
-    }
+    // Its status is lost if other code of the master reaped it first (then the hook,
+    // which takes a status, is not called).
+    let status = match status {
+        Ok(status) => {
+            if let Some(hook) = &master.borrow().on_worker_exit {
+                hook(slot, pid, status);
+            }
+            status.to_string()
+        }
+        Err(e) => {
+            log::warn!("worker {pid}: {e}");
+            "its status is lost".to_owned()
+        }
+    };
     let (shutting_down, empty) = {
         let m = master.borrow();
         (m.shutting_down, m.workers.is_empty())
@@ -472,7 +503,7 @@ fn worker_exited(master: &Shared, lp: &mut Loop, pid: libc::pid_t, status: ExitS
     if let Some(attempts) = give_up {
         let failure = ServerError::Startup {
             attempts,
-            last: status.to_string(),
+            last: status,
         };
         log::error!("{failure}");
         master.borrow_mut().failure = Some(failure);
@@ -511,12 +542,12 @@ fn shutdown(master: &Shared, lp: &mut Loop, signal: libc::c_int) {
     let again = std::mem::replace(&mut master.borrow_mut().shutting_down, true);
     if again {
         log::warn!("signal {signal} again: killing the workers now");
-        signal_workers(master, libc::SIGKILL, |_| true);
+        signal_workers(master, libc::SIGKILL, |_, _| true);
     } else {
         log::info!("signal {signal}: graceful shutdown");
-        let pids: Vec<libc::pid_t> = master.borrow().workers.keys().copied().collect();
-        for pid in pids {
-            retire(master, lp, pid);
+        let slots: Vec<Slot> = master.borrow().workers.keys().copied().collect();
+        for slot in slots {
+            retire(master, lp, slot);
         }
     }
     if let Some(timer) = master.borrow_mut().respawn_timer.take() {
@@ -537,16 +568,16 @@ fn rolling_restart(master: &Shared, lp: &mut Loop) {
     if master.borrow().shutting_down {
         return;
     }
-    let old: Vec<libc::pid_t> = master
+    let old: Vec<(Slot, libc::pid_t)> = master
         .borrow()
         .workers
         .iter()
         .filter(|(_, w)| w.state != State::Draining)
-        .map(|(&pid, _)| pid)
+        .map(|(&slot, w)| (slot, w.pid))
         .collect();
     log::info!("HUP: replacing workers: {}", old.len());
-    for pid in old {
-        if let Err(e) = spawn(master, lp, Some(pid)) {
+    for (slot, pid) in old {
+        if let Err(e) = spawn(master, lp, Some(slot)) {
             log::error!("forking a replacement for {pid}: {e}");
         }
     }
@@ -565,11 +596,11 @@ fn fewer_workers(master: &Shared, lp: &mut Loop) {
         m.workers
             .iter()
             .filter(|(_, w)| w.state != State::Draining)
-            .max_by_key(|(_, w)| w.slot)
-            .map(|(&pid, _)| pid)
+            .map(|(&slot, _)| slot)
+            .max()
     };
-    if let Some(pid) = victim {
-        retire(master, lp, pid);
+    if let Some(slot) = victim {
+        retire(master, lp, slot);
     }
 }
 
@@ -577,13 +608,10 @@ fn fewer_workers(master: &Shared, lp: &mut Loop) {
 /// became ready in that time); its exit is then handled like a crash.
 fn check_heartbeats(master: &Shared, _: &mut Loop) {
     let timeout = master.borrow().config.heartbeat_timeout;
-    signal_workers(master, libc::SIGKILL, |w| {
+    signal_workers(master, libc::SIGKILL, |slot, w| {
         let stuck = w.state != State::Draining && w.last_heard.elapsed() > timeout;
         if stuck {
-            log::warn!(
-                "worker in slot {} sent no heartbeat for {timeout:?}; killing it",
-                w.slot
-            );
+            log::warn!("worker in slot {slot} sent no heartbeat for {timeout:?}; killing it");
         }
         stuck
     });

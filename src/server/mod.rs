@@ -149,7 +149,9 @@ impl Server {
         self
     }
 
-    /// Runs in the master when a worker exits, with its slot, pid and status.
+    /// Runs in the master when a worker exits, with its slot, pid and status. Not run
+    /// for a worker whose status other code of the master took first (a `waitpid(-1)`
+    /// of its own): that is logged as a warning, and the worker is replaced as usual.
     pub fn on_worker_exit(
         mut self,
         hook: impl Fn(usize, libc::pid_t, std::process::ExitStatus) + 'static,
