@@ -96,8 +96,8 @@ pub struct Loop {
     io: Slab<IoWatch>,
     always_ready: Vec<RawFd>,
     events: Vec<Event>,
-    /// The fds of this iteration's events, each once, in the order first reported.
-    ready: Vec<RawFd>,
+    /// This iteration's events merged per fd, in the order first reported.
+    ready: Vec<(RawFd, Readiness)>,
     timers: Timers,
     due: Vec<(Instant, u64)>,
     /// Keyed by id, so in arming order; an iteration runs only ids below its start mark.
@@ -478,21 +478,26 @@ impl Loop {
         // not see the old fd's readiness (libev guards the same way).
         let mark = self.next_id;
         // One dispatch per fd with all its readiness: kqueue (and mio or polling on it)
-        // reports each filter as an event of its own.
+        // reports each filter as an event of its own. The per-fd marks are all cleared
+        // before the first callback, so a nested iteration or a caught panic finds none.
         let mut ready = mem::take(&mut self.ready);
         for event in &self.events {
             if let Some(st) = self.fds.get_mut(event.fd) {
                 if st.pending.is_empty() {
-                    ready.push(event.fd);
+                    ready.push((event.fd, Readiness::NONE));
                 }
                 st.pending |= event.readiness;
             }
         }
-        for &fd in &ready {
-            let pending = self.fds.get_mut(fd).map(|st| mem::take(&mut st.pending));
-            if let Some(readiness) = pending.filter(|r| !r.is_empty()) {
-                self.dispatch_fd(fd, readiness, mark);
-            }
+        for (fd, readiness) in &mut ready {
+            let st = self
+                .fds
+                .get_mut(*fd)
+                .expect("marked above, no callback since");
+            *readiness = mem::take(&mut st.pending);
+        }
+        for &(fd, readiness) in &ready {
+            self.dispatch_fd(fd, readiness, mark);
         }
         ready.clear();
         self.ready = ready;

@@ -28,26 +28,30 @@ static REGISTERING: Mutex<()> = Mutex::new(());
 
 /// What the forking thread holds across fork(2): the signal driver's lock, and Rust's
 /// stdout and stderr locks.
-type Held = (ForkLock, StdoutLock<'static>, StderrLock<'static>);
+type Held = (StdoutLock<'static>, StderrLock<'static>, ForkLock);
 
 thread_local! {
     static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
 }
 
 /// Before every fork, as glibc does with its own FILE locks: the forking thread takes
-/// the signal driver's lock and Rust's stdout and stderr locks (waiting while another
+/// Rust's stdout and stderr locks and the signal driver's lock (waiting while another
 /// thread holds one), so that none is held by a thread the child will not have; both
-/// sides release them after. The driver's lock comes first: code holding it never
-/// prints. stdout is flushed, so the child does not inherit the parent's buffered output
-/// and write it a second time.
+/// sides release them after. The driver's lock is the innermost: code holding it never
+/// prints, while a thread holding stdout may well watch a signal. stdout is flushed, so
+/// the child does not inherit the parent's buffered output and write it a second time.
+///
+/// So a fork from a signal handler that interrupted the driver (a crash reporter, say)
+/// would wait for itself: fork from a handler only what execs or `_exit`s at once, and
+/// through a raw syscall, which runs no atfork handlers.
 extern "C" fn before_fork() {
-    let driver = signal::lock_for_fork();
     let mut out = std::io::stdout().lock();
     let _ = out.flush();
     let err = std::io::stderr().lock();
+    let driver = signal::lock_for_fork();
     // `try_with`: a thread forking while it exits has no thread-locals left; it then
     // forks without the locks, as it would have without forkloop.
-    let _ = HELD.try_with(|held| *held.borrow_mut() = Some((driver, out, err)));
+    let _ = HELD.try_with(|held| *held.borrow_mut() = Some((out, err, driver)));
 }
 
 /// Releases what `before_fork` took: in the child, the only thread is the one that took

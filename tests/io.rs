@@ -634,3 +634,57 @@ fn io_an_fd_closed_behind_the_loops_back_while_a_dup_lives_never_confuses_its_su
         drop(dup);
     });
 }
+
+#[apply(backends)]
+fn io_a_nested_iteration_dispatches_an_fd_the_outer_one_reported(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    let (a, mut a_peer) = socketpair();
+    let (b, mut b_peer) = socketpair();
+    a_peer.write_all(b"a").unwrap();
+    b_peer.write_all(b"b").unwrap();
+    let (b_calls, c) = counter();
+    lp.watch_io(b.as_raw_fd(), Interest::READ, move |_, _| bump(&c))
+        .unwrap();
+    let nested_saw_b = Rc::new(Cell::new(None));
+    let (saw, seen) = (nested_saw_b.clone(), b_calls.clone());
+    let mut a_reader = a.try_clone().unwrap();
+    lp.watch_io(a.as_raw_fd(), Interest::READ, move |lp, _| {
+        drain(&mut a_reader);
+        if saw.get().is_none() {
+            saw.set(Some(loop_until(lp, 50 * U, || seen.get() > 0)));
+        }
+    })
+    .unwrap();
+    lp.loop_once(Some(U)).unwrap();
+    assert_eq!(nested_saw_b.get(), Some(true), "B was never dispatched");
+}
+
+#[apply(backends)]
+fn io_a_caught_panic_in_a_callback_leaves_the_other_fds_dispatched(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    let (a, mut a_peer) = socketpair();
+    let (b, mut b_peer) = socketpair();
+    a_peer.write_all(b"a").unwrap();
+    b_peer.write_all(b"b").unwrap();
+    lp.watch_io(a.as_raw_fd(), Interest::READ, |_, _| {
+        panic!("a callback panics")
+    })
+    .unwrap();
+    let (b_calls, c) = counter();
+    lp.watch_io(b.as_raw_fd(), Interest::READ, move |_, _| bump(&c))
+        .unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for _ in 0..2 {
+            lp.loop_once(Some(U)).unwrap();
+        }
+    }));
+    assert!(
+        caught.is_err(),
+        "A is readable, so its callback ran and panicked"
+    );
+    let before = b_calls.get();
+    assert!(
+        loop_until(&mut lp, 50 * U, || b_calls.get() > before),
+        "B is deaf after the panic"
+    );
+}

@@ -171,3 +171,35 @@ fn threads_a_strict_fork_is_refused_while_another_thread_lives(#[case] kind: Kin
         assert_eq!(code, 0, "1: not refused beside a thread, 2: refused alone");
     });
 }
+
+/// Lock order: a thread holding the stdout lock (it is reentrant, so that is common)
+/// while it watches and cancels a signal, beside a thread that forks. The atfork handler
+/// takes stdout before the signal driver's lock, as that thread does.
+#[test]
+fn threads_holding_stdout_while_watching_a_signal_never_deadlocks_a_fork() {
+    isolated(|| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let watcher = std::thread::spawn(move || {
+            let mut rounds = 0u32;
+            while !s.load(Ordering::Relaxed) {
+                let _out = std::io::stdout().lock();
+                let mut lp = forkloop::Loop::new().unwrap();
+                let w = lp.watch_signal(libc::SIGUSR2, |_, _| {}).unwrap();
+                lp.cancel(w);
+                rounds += 1;
+            }
+            rounds
+        });
+        let mut lp = forkloop::Loop::new().unwrap();
+        for _ in 0..200 {
+            let started = Instant::now();
+            let pid = lp.fork(ForkOptions::new(), || 0).unwrap();
+            assert!(started.elapsed() < Duration::from_secs(1), "fork blocked");
+            assert_eq!(exit_code(wait_child(pid, CHILD_LIMIT)), 0);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let rounds = watcher.join().unwrap();
+        println!("figure: 200 forks beside {rounds} watch/cancel rounds under the stdout lock");
+    });
+}
