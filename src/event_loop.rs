@@ -568,7 +568,9 @@ impl Drop for Loop {
     fn drop(&mut self) {
         if !self.backend_is_current() {
             // Inherited from the parent and never rebuilt: its kernel objects are the
-            // parent's (or numbers reused by this process). Abandon them.
+            // parent's (or numbers reused by this process). Abandon them; its claims on
+            // signals end, as this process no longer watches them through it.
+            self.release_signals();
             return;
         }
         self.release_signals();

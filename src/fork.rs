@@ -219,6 +219,7 @@ impl Loop {
         // caller's closure and _exits: it never returns into the parent's frames.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
+            signal::forget_claims();
             if !options.keep_signals {
                 signal::reset_handlers_in_child();
             }
@@ -254,12 +255,16 @@ impl Loop {
             let backend = self.backend_name();
             return Err(Error::PostFork { backend, source });
         }
-        let forked = self.id.pid != std::process::id();
+        let inherited_in = self.generation;
         self.generation = generation();
-        self.id.pid = std::process::id();
-        self.signals_post_fork()?;
-        if forked {
+        if self.id.pid != std::process::id() {
+            self.id.pid = std::process::id();
             self.forget_children();
+        }
+        if let Err(e) = self.signals_post_fork() {
+            // Not current yet: the next use tries again, and finishes the signals.
+            self.generation = inherited_in;
+            return Err(e);
         }
         Ok(())
     }

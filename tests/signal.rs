@@ -325,3 +325,120 @@ fn signal_raised_before_a_fork_is_delivered_once_in_the_parent_only(#[case] kind
         );
     });
 }
+
+/// A raw-fork child: which loop gets a delivery never depends on which subscribes
+/// first. A delivery before the inherited loop's post_fork is still that loop's (it
+/// watched since before the fork); one before a new loop's watch is not the new one's.
+#[apply(backends)]
+fn signal_in_a_raw_fork_child_deliveries_go_by_when_each_loop_watched(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (_, c) = counter();
+        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+            .unwrap();
+        let pid = raw_fork(move || {
+            kill_self(libc::SIGUSR1); // before any loop of the child subscribes
+            let mut fresh = Loop::with_backend(kind).unwrap();
+            let (new_calls, cn) = counter();
+            fresh
+                .watch_signal(libc::SIGUSR1, move |_, _| bump(&cn))
+                .unwrap();
+            fresh.loop_once(Some(U)).unwrap();
+            if new_calls.get() != 0 {
+                return 1; // the new loop got a delivery from before its watch
+            }
+            let (old_calls, co) = counter();
+            lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&co))
+                .unwrap(); // the inherited loop's post_fork runs here
+            if !loop_until(&mut lp, 50 * U, || old_calls.get() > 0) {
+                return 2; // the inherited loop lost it to the new one
+            }
+            0
+        });
+        let code = exit_code(wait_child(pid, 100 * U));
+        assert_eq!(
+            code, 0,
+            "1: the new loop was called, 2: the inherited one was not"
+        );
+    });
+}
+
+#[apply(backends)]
+fn signal_in_a_raw_fork_child_one_inherited_loops_cancel_leaves_anothers_watch(#[case] kind: Kind) {
+    isolated(|| {
+        let mut a = new_loop(kind);
+        let mut b = new_loop(kind);
+        let wa = a.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        let (_, c) = counter();
+        b.watch_signal(libc::SIGUSR1, move |_, _| bump(&c)).unwrap();
+        let pid = raw_fork(move || {
+            a.cancel(wa); // before any post_fork
+            kill_self(libc::SIGUSR1); // the default action would kill the child
+            let (calls, c) = counter();
+            // B's post_fork runs here: what came since the fork is B's.
+            b.watch_signal(libc::SIGUSR1, move |_, _| bump(&c)).unwrap();
+            (!loop_until(&mut b, 50 * U, || calls.get() > 0)) as i32
+        });
+        let status = wait_child(pid, 100 * U);
+        assert!(
+            libc::WIFEXITED(status),
+            "the child died of the signal B still watches: {status:#x}"
+        );
+        assert_eq!(libc::WEXITSTATUS(status), 0, "B was not called");
+    });
+}
+
+#[apply(backends)]
+fn signal_dropping_an_inherited_loop_in_a_raw_fork_child_restores_the_disposition(
+    #[case] kind: Kind,
+) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        let pid = raw_fork(move || {
+            drop(lp);
+            (disposition(libc::SIGUSR1) != libc::SIG_DFL) as i32
+        });
+        assert_eq!(
+            exit_code(wait_child(pid, 100 * U)),
+            0,
+            "the child's only watch is gone, yet the handler stays"
+        );
+    });
+}
+
+/// post_fork can fail half-way (here: every signal slot of the child is taken); the
+/// loop then stays not current, and the next use finishes the job.
+#[apply(backends)]
+fn signal_a_post_fork_that_failed_is_finished_by_the_next_use(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (_, c) = counter();
+        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+            .unwrap();
+        let pid = raw_fork(move || {
+            let mut others: Vec<Loop> = Vec::new();
+            loop {
+                let mut other = Loop::with_backend(kind).unwrap();
+                if other.watch_signal(libc::SIGUSR2, |_, _| {}).is_err() {
+                    break;
+                }
+                others.push(other);
+            }
+            if lp.loop_once(Some(std::time::Duration::ZERO)).is_ok() {
+                return 1; // no slot was left, yet post_fork claimed to succeed
+            }
+            others.pop(); // a slot is free again
+            let (calls, c) = counter();
+            lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+                .unwrap();
+            kill_self(libc::SIGUSR1);
+            (!loop_until(&mut lp, 50 * U, || calls.get() > 0)) as i32 * 2
+        });
+        let code = exit_code(wait_child(pid, 100 * U));
+        assert_eq!(
+            code, 0,
+            "1: the failure went unseen, 2: the signal never arrived"
+        );
+    });
+}

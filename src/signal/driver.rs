@@ -33,6 +33,11 @@ static COUNT: [AtomicU64; MAX_SIGNAL] = [const { AtomicU64::new(0) }; MAX_SIGNAL
 /// Deliveries up to this count belong to no loop of this process: they reached the
 /// parent before a fork, or arrived before the handler was installed.
 static BASE: [AtomicU64; MAX_SIGNAL] = [const { AtomicU64::new(0) }; MAX_SIGNAL];
+/// How many loops in this process's memory watch each signal, current or inherited
+/// across a fork and not yet rebuilt: the disposition is restored when the last goes.
+/// (A loop a fork left behind and nobody drops, like the parent's process-global loop
+/// in a raw-fork child, keeps its signals caught, as it did before the fork.)
+static CLAIMS: [AtomicU32; MAX_SIGNAL] = [const { AtomicU32::new(0) }; MAX_SIGNAL];
 /// The slots subscribed to each signal, one bit per slot.
 static SUBSCRIBERS: [AtomicU64; MAX_SIGNAL] = [const { AtomicU64::new(0) }; MAX_SIGNAL];
 /// The write end of each slot's wake pipe, or -1.
@@ -138,8 +143,9 @@ pub(crate) fn count(signal: libc::c_int) -> u64 {
     COUNT[signal as usize].load(Ordering::SeqCst)
 }
 
-/// Deliveries of `signal` that reached this process since the last fork.
-pub(crate) fn base(signal: libc::c_int) -> u64 {
+/// The count up to which deliveries of `signal` belong to no loop of this process (they
+/// reached the parent before the last fork, or came before the handler was installed).
+fn base(signal: libc::c_int) -> u64 {
     BASE[signal as usize].load(Ordering::SeqCst)
 }
 
@@ -169,44 +175,54 @@ pub(crate) fn release_slot(slot: usize) {
     SLOTS.fetch_and(!(1 << slot), Ordering::SeqCst);
 }
 
-/// Subscribes `slot` to `signal`, installing the handler if no loop of this process
-/// watches it yet. Returns the count from which this subscriber's deliveries start.
-pub(crate) fn subscribe(signal: libc::c_int, slot: usize) -> std::io::Result<u64> {
+/// Where a subscriber's deliveries start.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// From now on: a new watch.
+    Now,
+    /// From the last fork on: a watch that was there before it (an inherited loop
+    /// subscribing again), or a handler kept across `Loop::fork` that recorded for nobody.
+    SinceFork,
+}
+
+/// A loop's first watch of `signal`: installs the handler unless it is ours already
+/// (restored only when the process's last claim goes). Returns where the loop's
+/// deliveries start.
+pub(crate) fn claim(signal: libc::c_int) -> std::io::Result<Start> {
     let index = signal as usize;
     let mut table = dispositions();
-    let subscribers = SUBSCRIBERS[index].load(Ordering::SeqCst);
-    if subscribers != 0 {
-        SUBSCRIBERS[index].store(subscribers | 1 << slot, Ordering::SeqCst);
-        return Ok(count(signal));
-    }
-    let previous = set_handler(signal, ours())?;
-    if previous.sa_sigaction != ours() {
-        // A fresh install: what came before it is nobody's.
+    let claims = CLAIMS[index].load(Ordering::SeqCst);
+    let start = if INSTALLED[index].load(Ordering::SeqCst) == NOT_OURS {
+        // Counted before the install: a delivery during it is this claim's.
+        let before = count(signal);
+        let previous = set_handler(signal, ours())?;
         table[index] = Some(Disposition(previous));
-        BASE[index].store(count(signal), Ordering::SeqCst);
+        BASE[index].store(before, Ordering::SeqCst);
         let state = if previous.sa_sigaction == libc::SIG_IGN {
             OURS_OVER_IGNORE
         } else {
             OURS_OVER_DEFAULT
         };
         INSTALLED[index].store(state, Ordering::SeqCst);
-    }
-    // Otherwise the handler was kept across a fork (or by a loop that never re-subscribed
-    // in this process): the disposition to restore is the one recorded then, and what it
-    // recorded since the fork is this subscriber's.
-    SUBSCRIBERS[index].store(1 << slot, Ordering::SeqCst);
-    Ok(base(signal))
+        Start::Now
+    } else if claims == 0 {
+        Start::SinceFork // kept across Loop::fork: what it recorded is this claim's
+    } else {
+        Start::Now
+    };
+    CLAIMS[index].store(claims.saturating_add(1), Ordering::SeqCst);
+    Ok(start)
 }
 
-/// Unsubscribes `slot` (or, for a loop whose slot is the parent's, nothing) from
-/// `signal`; the last subscriber of the process restores the disposition the handler
-/// replaced. Returns a warning to log, as logging under the lock could deadlock a fork.
-pub(crate) fn unsubscribe(signal: libc::c_int, slot: Option<usize>) -> Option<String> {
+/// A loop's last watch of `signal` went (or the loop was dropped, inherited or not):
+/// the process's last claim restores the disposition the handler replaced. Returns a
+/// warning to log, as logging under the lock could deadlock a fork.
+pub(crate) fn unclaim(signal: libc::c_int) -> Option<String> {
     let index = signal as usize;
     let mut table = dispositions();
-    let mask = slot.map_or(0, |s| 1 << s);
-    let left = SUBSCRIBERS[index].fetch_and(!mask, Ordering::SeqCst) & !mask;
-    if left != 0 || INSTALLED[index].load(Ordering::SeqCst) == NOT_OURS {
+    let claims = CLAIMS[index].load(Ordering::SeqCst).saturating_sub(1);
+    CLAIMS[index].store(claims, Ordering::SeqCst);
+    if claims != 0 || INSTALLED[index].load(Ordering::SeqCst) == NOT_OURS {
         return None;
     }
     INSTALLED[index].store(NOT_OURS, Ordering::SeqCst);
@@ -214,6 +230,26 @@ pub(crate) fn unsubscribe(signal: libc::c_int, slot: Option<usize>) -> Option<St
     set_action(signal, &previous.0)
         .err()
         .map(|e| format!("restoring the disposition of signal {signal}: {e}"))
+}
+
+/// Makes `slot` wake for `signal`, from `start`; returns the count the subscriber has
+/// seen up to. The caller compares it with [`count`] after this returns (a delivery
+/// between the two found the bit set, or is noticed then).
+pub(crate) fn subscribe(signal: libc::c_int, slot: usize, start: Start) -> u64 {
+    let index = signal as usize;
+    let _guard = dispositions();
+    let seen = match start {
+        Start::Now => count(signal),
+        Start::SinceFork => base(signal),
+    };
+    SUBSCRIBERS[index].fetch_or(1 << slot, Ordering::SeqCst);
+    seen
+}
+
+/// Stops waking `slot` for `signal`.
+pub(crate) fn unsubscribe(signal: libc::c_int, slot: usize) {
+    let _guard = dispositions();
+    SUBSCRIBERS[signal as usize].fetch_and(!(1 << slot), Ordering::SeqCst);
 }
 
 /// In the child after every fork (atfork handler): no loop of this process is
@@ -230,6 +266,14 @@ pub(crate) fn forget_parent() {
         BUSY[i].store(0, Ordering::SeqCst);
     }
     SLOTS.store(0, Ordering::SeqCst);
+}
+
+/// In a `Loop::fork` child: the parent's loops are out of reach, so nothing claims a
+/// signal any more. Async-signal-safe: atomics only.
+pub(crate) fn forget_claims() {
+    for claims in &CLAIMS {
+        claims.store(0, Ordering::SeqCst);
+    }
 }
 
 /// In a `Loop::fork` child: puts back the dispositions the loop replaced (a signal that

@@ -10,7 +10,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use forkloop_backend::Interest;
 use smallvec::SmallVec;
 
-pub(crate) use driver::{forget_parent, lock_for_fork, reset_handlers_in_child, ForkLock};
+pub(crate) use driver::{
+    forget_claims, forget_parent, lock_for_fork, reset_handlers_in_child, ForkLock,
+};
 
 use crate::event_loop::{Watch, WatchKind};
 use crate::id_map::IdMap;
@@ -27,6 +29,8 @@ struct SignalWatch {
 struct Claimed {
     /// The driver's delivery count this loop has dispatched up to.
     seen: u64,
+    /// The fork generation in which the loop's slot was subscribed to the signal.
+    subscribed: u64,
     watches: SmallVec<[u64; 2]>,
 }
 
@@ -94,18 +98,23 @@ impl Loop {
         self.ensure_current()?;
         let slot = self.wake_pipe(signal)?;
         if !self.signals.claimed.contains_key(&signal) {
-            let seen = match driver::subscribe(signal, slot) {
-                Ok(seen) => seen,
+            let start = match driver::claim(signal) {
+                Ok(start) => start,
                 Err(e) => {
                     self.release_pipe_if_unused();
                     let reason = format!("cannot be caught: {e}");
                     return Err(Error::Signal { signal, reason });
                 }
             };
+            let seen = driver::subscribe(signal, slot, start);
+            let subscribed = fork::generation();
             let watches = SmallVec::new();
-            self.signals
-                .claimed
-                .insert(signal, Claimed { seen, watches });
+            let claimed = Claimed {
+                seen,
+                subscribed,
+                watches,
+            };
+            self.signals.claimed.insert(signal, claimed);
         }
         let id = self.next_id();
         let claimed = self
@@ -188,17 +197,22 @@ impl Loop {
             .expect("watched signals are claimed");
         claimed.watches.retain(|w| *w != id);
         if claimed.watches.is_empty() {
-            self.signals.claimed.remove(&watch.signal);
-            self.unsubscribe(watch.signal);
+            let claimed = self.signals.claimed.remove(&watch.signal).expect("present");
+            self.unclaim(watch.signal, &claimed);
             self.release_pipe_if_unused();
         }
         true
     }
 
-    fn unsubscribe(&self, signal: libc::c_int) {
-        let slot = self.signals.pipe.as_ref().and_then(WakePipe::current_slot);
-        if let Some(warning) = driver::unsubscribe(signal, slot) {
+    /// The disposition first (the process's last claim restores it), then the wake-ups:
+    /// a delivery in between still finds a handler that wakes someone, or the default.
+    fn unclaim(&self, signal: libc::c_int, claimed: &Claimed) {
+        if let Some(warning) = driver::unclaim(signal) {
             log::warn!("{warning}");
+        }
+        let slot = self.signals.pipe.as_ref().and_then(WakePipe::current_slot);
+        if let Some(slot) = slot.filter(|_| claimed.subscribed == fork::generation()) {
+            driver::unsubscribe(signal, slot);
         }
     }
 
@@ -236,24 +250,29 @@ impl Loop {
     /// post_fork: in a forked child the self-pipe is shared with the parent and the
     /// driver has forgotten the parent's subscriptions, so the loop gets a fresh pipe
     /// and subscribes again to every signal it watches, from the deliveries that reached
-    /// this process since the fork. In the process that built it, nothing changes.
+    /// this process since the fork. In the process that built it, nothing changes. After
+    /// a failure, a second call finishes what the first left.
     pub(crate) fn signals_post_fork(&mut self) -> Result<()> {
-        let Some(old) = self.signals.pipe.take_if(|p| p.current_slot().is_none()) else {
+        if let Some(old) = self.signals.pipe.take_if(|p| p.current_slot().is_none()) {
+            self.cancel(old.watch);
+        }
+        let generation = fork::generation();
+        let stale: SmallVec<[libc::c_int; 8]> = self
+            .signals
+            .claimed
+            .iter()
+            .filter(|(_, c)| c.subscribed != generation)
+            .map(|(&signal, _)| signal)
+            .collect();
+        let Some(&first) = stale.first() else {
             return Ok(());
         };
-        self.cancel(old.watch);
-        drop(old);
-        if self.signals.claimed.is_empty() {
-            return Ok(());
-        }
-        let first = *self.signals.claimed.keys().next().expect("not empty");
         let slot = self.wake_pipe(first)?;
         let mut pending = false;
-        for (&signal, claimed) in &mut self.signals.claimed {
-            claimed.seen = driver::subscribe(signal, slot).map_err(|e| Error::Signal {
-                signal,
-                reason: format!("cannot be caught again after fork: {e}"),
-            })?;
+        for signal in stale {
+            let claimed = self.signals.claimed.get_mut(&signal).expect("listed above");
+            claimed.seen = driver::subscribe(signal, slot, driver::Start::SinceFork);
+            claimed.subscribed = generation;
             pending |= claimed.seen != driver::count(signal);
         }
         if pending {
@@ -265,8 +284,8 @@ impl Loop {
     /// Drop: this loop's subscriptions end; the process's last one of a signal restores
     /// its disposition.
     pub(crate) fn release_signals(&mut self) {
-        for signal in std::mem::take(&mut self.signals.claimed).into_keys() {
-            self.unsubscribe(signal);
+        for (signal, claimed) in std::mem::take(&mut self.signals.claimed) {
+            self.unclaim(signal, &claimed);
         }
         self.signals.pipe = None;
     }
