@@ -128,8 +128,9 @@ impl ForkOptions {
     /// Refuse to fork (with [`Error::NotSingleThreaded`]) unless this thread is the
     /// process's only one, checked just before the fork: the strict mode for programs
     /// that want the child to be able to do anything, not only what the fork contract
-    /// makes safe. The count is read from `/proc/self/task` on Linux; where it cannot be
-    /// read, the fork is refused too.
+    /// makes safe. The count is read from `/proc/self/task` on Linux (again for up to
+    /// 10 ms while it is above one, as a thread just joined lingers there a moment);
+    /// where it cannot be read, the fork is refused too.
     pub fn single_threaded(mut self, required: bool) -> ForkOptions {
         self.single_threaded = required;
         self
@@ -141,6 +142,20 @@ fn thread_count() -> Option<usize> {
     std::fs::read_dir("/proc/self/task")
         .ok()
         .map(|tasks| tasks.count())
+}
+
+/// The thread count, read again for up to 10 ms while it is above one: `join` returns
+/// when the thread is done, a moment before the kernel drops it from /proc.
+fn settled_thread_count() -> Option<usize> {
+    let mut threads = thread_count();
+    for _ in 0..20 {
+        if !matches!(threads, Some(2..)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(500));
+        threads = thread_count();
+    }
+    threads
 }
 
 /// Says once, at debug level, that a `Loop::fork` parent has other threads (read from
@@ -204,7 +219,7 @@ impl Loop {
     ) -> Result<libc::pid_t> {
         init()?;
         if options.single_threaded {
-            match thread_count() {
+            match settled_thread_count() {
                 Some(1) => {}
                 threads => return Err(Error::NotSingleThreaded { threads }),
             }

@@ -243,51 +243,6 @@ fn signal_after_a_raw_fork_the_inherited_loop_and_a_new_one_both_receive_it(#[ca
     });
 }
 
-/// A handler running on another thread must never find a loop's wake fd closed and its
-/// number reused: here the fd numbers are reused as fast as loops come and go, while a
-/// thread takes SIGUSR1 non-stop, and no stray byte may reach a reused fd.
-#[apply(backends)]
-fn signal_a_handler_on_another_thread_never_writes_into_a_reused_fd(#[case] kind: Kind) {
-    isolated(|| {
-        use std::io::Read;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let mut lp = new_loop(kind);
-        lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
-        let raiser = std::thread::spawn(move || {
-            let mut raised = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                // SAFETY: raise has no memory-safety preconditions; the handler runs on
-                // this thread.
-                unsafe { libc::raise(libc::SIGUSR1) };
-                raised += 1;
-            }
-            raised
-        });
-        let deadline = std::time::Instant::now() + 10 * U;
-        let mut rounds = 0u64;
-        while std::time::Instant::now() < deadline {
-            let mut other = new_loop(kind);
-            let w = other.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
-            other.cancel(w); // closes its pipe: the numbers are free again
-            let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
-            drop(w);
-            let mut buf = [0u8; 8];
-            r.set_nonblocking(true).unwrap();
-            if let Ok(n @ 1..) = r.read(&mut buf) {
-                panic!("{n} stray bytes in a reused fd after {rounds} rounds");
-            }
-            lp.loop_once(Some(std::time::Duration::ZERO)).unwrap();
-            rounds += 1;
-        }
-        stop.store(true, Ordering::Relaxed);
-        let raised = raiser.join().unwrap();
-        println!("figure: {rounds} rounds against {raised} signals, no stray byte");
-    });
-}
-
 #[apply(backends)]
 fn signal_raised_before_a_fork_is_delivered_once_in_the_parent_only(#[case] kind: Kind) {
     isolated(|| {

@@ -26,7 +26,7 @@ pub struct Registration {
 }
 
 /// Registrations by fd, each with the key its events carry.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Registrations {
     map: FdMap<Registration>,
     len: usize,

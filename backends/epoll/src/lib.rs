@@ -190,8 +190,8 @@ impl Backend for Epoll {
         if stale {
             // No fd names the stale registration's file any more, so no DEL can reach
             // it: only a new instance is rid of it.
-            let registered = std::mem::take(&mut self.registered);
-            self.rebuild(registered, true)?;
+            // A copy: if the rebuild fails (EMFILE), the table and the old object stand.
+            self.rebuild(self.registered.clone(), true)?;
         }
         Ok(())
     }

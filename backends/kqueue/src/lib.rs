@@ -154,7 +154,17 @@ fn kevent_change(fd: RawFd, filter: i16, op: Op) -> libc::kevent {
 /// pending events (FreeBSD's kqueue_kevent, XNU's kevent_internal). A failed
 /// `EV_DELETE` with `ENOENT` or `EBADF` counts as done: the filter is gone either way
 /// (closing an fd removes its filters).
-fn transition(kq: RawFd, fd: RawFd, from: Filters, to: Filters) -> (Filters, io::Result<()>) {
+///
+/// With `refresh`, a filter that stays is added again all the same: EV_ADD on a live
+/// filter only updates it, and re-creates one that closing the fd removed, so a new fd
+/// given a closed one's number gets its filters (kqueue keys them by number).
+fn transition(
+    kq: RawFd,
+    fd: RawFd,
+    from: Filters,
+    to: Filters,
+    refresh: bool,
+) -> (Filters, io::Result<()>) {
     let mut ops = [(libc::EVFILT_READ, Op::Delete); MAX_CHANGES];
     let mut n = 0;
     for (filter, old, new) in [
@@ -162,6 +172,10 @@ fn transition(kq: RawFd, fd: RawFd, from: Filters, to: Filters) -> (Filters, io:
         (libc::EVFILT_WRITE, from.write, to.write),
     ] {
         if old == new {
+            if let Some(mode) = new.filter(|_| refresh) {
+                ops[n] = (filter, Op::Add(mode));
+                n += 1;
+            }
             continue;
         }
         if old.is_some() {
@@ -270,11 +284,11 @@ impl Backend for Kqueue {
             return Err(already_registered("kqueue", fd));
         }
         let kq = self.kq()?;
-        let (reached, result) = transition(kq, fd, Filters::NONE, Filters::wanted(interest));
+        let (reached, result) = transition(kq, fd, Filters::NONE, Filters::wanted(interest), false);
         if let Err(e) = result {
             // All or nothing: the loop does not know the fd after a failed register, so
             // a filter left behind would report an fd nobody watches.
-            let _ = transition(kq, fd, reached, Filters::NONE);
+            let _ = transition(kq, fd, reached, Filters::NONE, false);
             return Err(e);
         }
         self.filters.insert(fd, reached);
@@ -287,7 +301,7 @@ impl Backend for Kqueue {
             .filters
             .get_mut(fd)
             .ok_or_else(|| not_registered("kqueue", fd))?;
-        let (reached, result) = transition(kq, fd, *filters, Filters::wanted(interest));
+        let (reached, result) = transition(kq, fd, *filters, Filters::wanted(interest), true);
         *filters = reached;
         result
     }
@@ -300,7 +314,7 @@ impl Backend for Kqueue {
             .ok_or_else(|| not_registered("kqueue", fd))?;
         // Closing an fd removes its filters already; transition counts ENOENT/EBADF on a
         // delete as done.
-        transition(kq, fd, old, Filters::NONE).1
+        transition(kq, fd, old, Filters::NONE, false).1
     }
 
     fn wait(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
@@ -356,7 +370,8 @@ impl Backend for Kqueue {
         let fresh = create()?;
         let mut filters = FdMap::new();
         for (fd, interest) in registrations {
-            let (reached, result) = transition(fresh, fd, Filters::NONE, Filters::wanted(interest));
+            let (reached, result) =
+                transition(fresh, fd, Filters::NONE, Filters::wanted(interest), false);
             if let Err(e) = result {
                 close(fresh);
                 return Err(e);

@@ -166,16 +166,17 @@ impl Backend for Mio {
                 Readiness::from_flags(ev.is_readable(), ev.is_writable(), hangup, ev.is_error());
             events.push(Event { fd, readiness });
         }
-        if stale {
-            // A new Poll is rid of the stale registration, and registers every fd
-            // afresh, which re-arms it.
-            let registered = std::mem::take(&mut self.registered);
-            return self.rebuild(registered, true);
+        // A new Poll is rid of the stale registration, and registers every fd afresh,
+        // which re-arms it. A copy of the table: if the rebuild fails (EMFILE), the table
+        // and the old Poll stand, and the reported fds are re-armed there.
+        let rebuilt = stale.then(|| self.rebuild(self.registered.clone(), true));
+        if let Some(Ok(())) = rebuilt {
+            return Ok(());
         }
         for event in &events[first..] {
             self.rearm(event.fd)?;
         }
-        Ok(())
+        rebuilt.unwrap_or(Ok(()))
     }
 
     fn post_fork(

@@ -50,8 +50,12 @@ fn to_event(reg: Registration) -> polling::Event {
 }
 
 fn add(poller: &Poller, fd: RawFd, reg: Registration) -> io::Result<()> {
-    // SAFETY: the loop deletes every fd from the poller before it forgets the watch, and
-    // documents that users must cancel watches before closing their fds.
+    // SAFETY: polling asks that the fd be deleted before it is closed, so that the poller
+    // never acts on a number that names another file by then: I/O safety, as polling's
+    // epoll and kqueue keep no memory tied to the fd. The loop deletes every fd before it
+    // forgets its watch. A user who closes a watched fd behind the loop's back breaks
+    // that (the loop's docs forbid it); the key's tag then tells that fd's stale events
+    // from a new fd's, and nothing unsound follows. A type-enforced rule is issue #11.
     unsafe { poller.add_with_mode(fd, to_event(reg), PollMode::Level) }
 }
 
@@ -160,8 +164,8 @@ impl Backend for Polling {
         }
         if stale {
             // Only a new Poller is rid of the stale registration.
-            let registered = std::mem::take(&mut self.registered);
-            self.rebuild(registered, true)?;
+            // A copy: if the rebuild fails (EMFILE), the table and the old object stand.
+            self.rebuild(self.registered.clone(), true)?;
         }
         Ok(())
     }
