@@ -688,3 +688,53 @@ fn io_a_caught_panic_in_a_callback_leaves_the_other_fds_dispatched(#[case] kind:
         "B is deaf after the panic"
     );
 }
+
+/// The stale-registration rebuild needs a new kernel object: out of fds (EMFILE), the
+/// wait fails, and the loop's other watches must still work once fds are free again.
+#[apply(backends)]
+fn io_a_rebuild_that_runs_out_of_fds_loses_no_watch(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (live, mut live_peer) = socketpair();
+        let (live_calls, _) = watch_counting(&mut lp, live.as_raw_fd(), Interest::READ);
+        // A stale registration, as in the test above.
+        let (old, mut old_peer) = socketpair();
+        let dup = old.try_clone().unwrap();
+        let (_, old_watch) = watch_counting(&mut lp, old.as_raw_fd(), Interest::READ);
+        drop(old);
+        lp.cancel(old_watch);
+        old_peer.write_all(b"old").unwrap();
+        // Every fd taken (under a low limit, so that takes few).
+        let limit = libc::rlimit {
+            rlim_cur: 256,
+            rlim_max: 256,
+        };
+        // SAFETY: setrlimit reads a live rlimit; lowering a limit is always allowed.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        let mut hog = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            hog.push(f);
+        }
+        let _ = lp.loop_once(Some(U)); // a backend that rebuilds here fails with EMFILE
+        drop(hog);
+        live_peer.write_all(b"live").unwrap();
+        assert!(
+            loop_until_ok(&mut lp, 50 * U, || live_calls.get() > 0),
+            "the live fd is no longer watched"
+        );
+        drop(dup);
+    });
+}
+
+/// `loop_until`, but a failing iteration is retried rather than fatal.
+fn loop_until_ok(lp: &mut Loop, limit: std::time::Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let _ = lp.loop_once(Some(left));
+    }
+    true
+}
