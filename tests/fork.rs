@@ -424,45 +424,17 @@ fn fork_a_failing_pthread_atfork_is_an_error_not_a_panic() {
     assert!(out.status.success() && text.contains("1 passed"), "{text}");
 }
 
-/// A backend whose kernel object is not inherited (kqueue): in the child its number may
-/// name another file. Here it names a pipe the child still needs.
-struct NotInherited {
-    number: i32,
-}
-
-impl forkloop::Backend for NotInherited {
-    fn name(&self) -> &'static str {
-        "not-inherited"
-    }
-    fn register(&mut self, _: i32, _: Interest) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn modify(&mut self, _: i32, _: Interest) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn deregister(&mut self, _: i32) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn wait(&mut self, _: &mut Vec<forkloop::Event>, _: Option<Duration>) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn post_fork(&mut self, _: &mut dyn Iterator<Item = (i32, Interest)>) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn kernel_fd(&self) -> Option<i32> {
-        Some(self.number)
-    }
-    fn abandon_inherited(&mut self) {
-        // Forget the number, as kqueue does: it is not ours to close.
-    }
-}
-
 #[test]
 fn fork_a_loop_fork_child_lets_go_of_the_backend_by_its_own_rule_not_by_closing_its_fd() {
     isolated(|| {
+        // A backend whose kernel object is not inherited (kqueue): in the child its
+        // number may name another file. Here it names a pipe the child still needs.
         let (keep, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let number = keep.as_raw_fd();
-        let mut lp = Loop::from_backend(Box::new(NotInherited { number })).unwrap();
+        let mut lp = Loop::from_backend(Box::new(Inert {
+            kernel_fd: Some(number),
+        }))
+        .unwrap();
         let pid = lp
             .fork(ForkOptions::new(), move || {
                 // SAFETY: F_GETFD only reads the flags of whatever the number names.

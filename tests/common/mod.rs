@@ -246,3 +246,33 @@ pub fn raise_fd_limit(want: u64) {
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
     }
 }
+
+/// A custom backend that accepts every registration and never reports an event; its
+/// `kernel_fd` is whatever the test says (and it never closes it).
+pub struct Inert {
+    pub kernel_fd: Option<i32>,
+}
+
+impl forkloop::Backend for Inert {
+    fn name(&self) -> &'static str {
+        "inert"
+    }
+    fn register(&mut self, _: i32, _: Interest) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn modify(&mut self, _: i32, _: Interest) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn deregister(&mut self, _: i32) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn wait(&mut self, _: &mut Vec<forkloop::Event>, _: Option<Duration>) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn post_fork(&mut self, _: &mut dyn Iterator<Item = (i32, Interest)>) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn kernel_fd(&self) -> Option<i32> {
+        self.kernel_fd
+    }
+}
