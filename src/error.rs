@@ -75,7 +75,10 @@ pub enum Error {
         reason: String,
     },
     /// `watch_process` for a pid that is not a child of this process.
-    #[error("pid {0} is not a child of this process (waitid: ECHILD)")]
+    #[error(
+        "pid {0} is not a child of this process, or it exited and was reaped already (by \
+         other code, or by the kernel while SIGCHLD is ignored) (waitid: ECHILD)"
+    )]
     NotAChild(libc::pid_t),
     /// `every` with a zero interval, which would fire at every iteration forever.
     #[error("a repeating timer needs a non-zero interval")]

@@ -113,9 +113,12 @@ pub struct Loop {
 /// epoll's timeout is), so that a wake-up fires every timer due within that
 /// millisecond rather than one, and never before its deadline (libev's backend_mintime).
 fn timer_wait(until: Duration) -> Duration {
-    let ms = until.as_nanos().div_ceil(1_000_000);
+    let ms = until.as_nanos().div_ceil(TIMER_GRANULARITY.as_nanos());
     Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
+
+/// The unit timer waits are rounded up to, and the shortest repeating interval.
+const TIMER_GRANULARITY: Duration = Duration::from_millis(1);
 
 fn fires(interest: Interest, ready: Readiness) -> bool {
     let problem = Readiness::HANGUP | Readiness::ERROR;
@@ -382,7 +385,8 @@ impl Loop {
 
     /// Runs `callback` every `interval`, first one interval from now. Ticks the loop
     /// missed while busy are skipped, not fired in a burst. A zero interval is an error
-    /// (it would keep the loop busy forever).
+    /// (it would keep the loop busy forever); one under a millisecond, the loop's timer
+    /// granularity, counts as a millisecond (a nanosecond would be as busy as zero).
     pub fn every(
         &mut self,
         interval: Duration,
@@ -391,6 +395,7 @@ impl Loop {
         if interval.is_zero() {
             return Err(Error::ZeroInterval);
         }
+        let interval = interval.max(TIMER_GRANULARITY);
         let first = crate::timer::saturating_add(Instant::now(), interval);
         Ok(self.add_timer(first, TimerCallback::Every(Box::new(callback), interval)))
     }
@@ -409,8 +414,11 @@ impl Loop {
     }
 
     /// Runs iterations until a callback calls [`Loop::stop`]; returns the value it gave.
-    /// `run` may be nested inside a callback: `stop` ends the innermost `run` only.
+    /// `run` may be nested inside a callback: `stop` ends the innermost `run` only. A
+    /// `stop` made outside any `run` (from a `loop_once` callback, say) is forgotten when
+    /// `run` starts, as libev's `ev_run` does. With nothing watched, `run` waits forever.
     pub fn run(&mut self) -> Result<i32> {
+        self.stop = None;
         self.run_depth += 1;
         let result = loop {
             if let Err(e) = self.loop_once(None) {

@@ -80,7 +80,15 @@ fn signal_two_watches_both_run_and_one_survives_the_others_cancel(#[case] kind: 
 #[apply(backends)]
 fn signal_unknown_or_uncatchable_is_an_error(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
-    for sig in [0, -1, 4096, libc::SIGKILL, libc::SIGSTOP] {
+    let faults = [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL];
+    // Linux: 32 and 33 are glibc's own, 65 is past SIGRTMAX.
+    let linux: &[libc::c_int] = if cfg!(target_os = "linux") {
+        &[32, 33, 65]
+    } else {
+        &[]
+    };
+    let base = [0, -1, 4096, libc::SIGKILL, libc::SIGSTOP];
+    for &sig in base.iter().chain(&faults).chain(linux) {
         let err = lp.watch_signal(sig, |_, _| {}).unwrap_err();
         assert!(
             matches!(err, Error::Signal { signal, .. } if signal == sig),

@@ -278,7 +278,35 @@ fn timer_every_zero_is_an_error_not_a_spin(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let err = lp.every(Duration::ZERO, |_| {}).unwrap_err();
     assert!(err.to_string().contains("interval"), "{err}");
-    assert!(lp.every(Duration::from_nanos(1), |_| {}).is_ok());
+    // The shortest interval there is fires at most once per millisecond, never at every
+    // iteration (the loop would spin).
+    let (fired, f) = counter();
+    lp.every(Duration::from_nanos(1), move |_| bump(&f))
+        .unwrap();
+    let start = Instant::now();
+    while start.elapsed() < U {
+        lp.loop_once(Some(U)).unwrap();
+    }
+    let most = 2 * start.elapsed().as_millis() as u32;
+    assert!(
+        fired.get() <= most,
+        "{} fires in {:?}",
+        fired.get(),
+        start.elapsed()
+    );
+}
+
+#[apply(backends)]
+fn control_a_stop_outside_run_is_forgotten_when_run_starts(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    lp.later(|lp| lp.stop(3));
+    lp.loop_once(Some(Duration::ZERO)).unwrap();
+    lp.after(U, |lp| lp.stop(4));
+    assert_eq!(
+        lp.run().unwrap(),
+        4,
+        "run returned a stop from before it began"
+    );
 }
 
 /// 2,000 one-shot timers spread over 200 ms (one per 100 µs): every backend wakes about once per

@@ -293,7 +293,17 @@ pub(crate) fn reset_handlers_in_child() {
 pub(crate) fn uncatchable(signal: libc::c_int) -> Option<&'static str> {
     match signal {
         libc::SIGKILL | libc::SIGSTOP => Some("it cannot be caught"),
+        libc::SIGSEGV | libc::SIGBUS | libc::SIGFPE | libc::SIGILL => Some(
+            "a fault is delivered to the faulting thread, and its handler returns to the \
+             faulting instruction: a callback in dispatch would never run",
+        ),
         s if s <= 0 || s as usize >= MAX_SIGNAL => Some("no such signal"),
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        s if s > libc::SIGRTMAX() => Some("no such signal"),
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        s if s > libc::SIGSYS && s < libc::SIGRTMIN() => {
+            Some("reserved by the C library for its threads")
+        }
         _ => None,
     }
 }
