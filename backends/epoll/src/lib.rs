@@ -2,12 +2,12 @@
 //!
 //! After fork the child shares the parent's epoll instance: an `EPOLL_CTL_DEL` in the
 //! child deregisters the parent's fd, and both processes steal each other's events.
-//! [`Backend::post_fork`] therefore builds a new instance, re-adds every registration,
+//! `Backend::post_fork` therefore builds a new instance, re-adds every registration,
 //! and closes the inherited fd without ever calling `epoll_ctl` on it
-//! ([`Backend::abandon_inherited`], which a `Loop::fork` child also calls).
+//! (`Backend::abandon_inherited`, which a `Loop::fork` child also calls).
 //!
 //! epoll keys a registration by file, not by number, so an event can come from a
-//! registration whose fd was closed behind the loop's back ([`Registrations`] tells);
+//! registration whose fd was closed behind the loop's back (`Registrations` tells);
 //! the instance is then rebuilt from the backend's own table, which drops it.
 #![cfg(any(target_os = "linux", target_os = "android"))]
 

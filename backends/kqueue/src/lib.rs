@@ -4,7 +4,7 @@
 //! nothing, or — once the child opens files — something else. `Backend::post_fork`
 //! therefore builds a new kqueue, re-adds every registration and forgets the old number
 //! without closing it (closing would close whatever the child reused it for): that is
-//! [`Backend::abandon_inherited`], which a `Loop::fork` child also calls.
+//! `Backend::abandon_inherited`, which a `Loop::fork` child also calls.
 //!
 //! Filters are level-triggered, except the read filter of a hangup-only watch
 //! (`EV_CLEAR`). kqueue fixes a filter's flags when it is added, so a change of mode

@@ -1,17 +1,17 @@
-//! An adapter over [`mio`]: epoll on Linux, kqueue on the BSDs and macOS.
+//! An adapter over `mio`: epoll on Linux, kqueue on the BSDs and macOS.
 //!
 //! mio is edge-triggered only. The loop's contract is level-triggered, so every fd that
 //! was reported is re-armed (`reregister`) right after the wait: the kernel re-checks it
 //! then, and reports it again at the next wait only if it is still ready.
 //!
 //! After fork a new `Poll` is built and everything re-registered. The inherited `Poll` is
-//! let go of by [`Backend::abandon_inherited`] and never dropped: on Linux its epoll fd is
+//! let go of by `Backend::abandon_inherited` and never dropped: on Linux its epoll fd is
 //! closed by hand, which merely releases this process's reference to the shared epoll;
 //! on the BSDs and macOS it is only forgotten, since the kqueue number it holds may
 //! already name something else in the child. Only the process that created a `Poll`
 //! drops it.
 //!
-//! Tokens carry a tag per registration ([`Registrations`]): on epoll, an event from a
+//! Tokens carry a tag per registration (`Registrations`): on epoll, an event from a
 //! registration whose fd was closed behind the loop's back makes the backend build a new
 //! `Poll` from its own table, which drops the stale registration.
 

@@ -1,17 +1,17 @@
-//! An adapter over [`polling`] (smol-rs): epoll on Linux, kqueue on the BSDs and macOS,
+//! An adapter over `polling` (smol-rs): epoll on Linux, kqueue on the BSDs and macOS,
 //! registered in level-triggered mode.
 //!
 //! After fork a new `Poller` is built and everything re-added. The inherited `Poller`
 //! must never run its `Drop`: on Linux it deletes its notifier from the epoll instance
 //! the parent still uses (smol-rs/polling#37), and on kqueue it edits and closes a number
-//! the child may have reused. [`Backend::abandon_inherited`] forgets it; on Linux (where
+//! the child may have reused. `Backend::abandon_inherited` forgets it; on Linux (where
 //! `polling` uses epoll) its epoll fd is first closed by hand, which only releases this
 //! process's reference; its notifier (an eventfd, or a pipe) and timerfd stay open in the
 //! child (two or three fds per post_fork in a new process). On the BSDs and macOS
 //! `polling` uses kqueue, which the child does not inherit, and the number is only
 //! forgotten (on FreeBSD and macOS its notifier is an EVFILT_USER event, not an fd).
 //!
-//! Keys carry a tag per registration ([`Registrations`]): on epoll, an event from a
+//! Keys carry a tag per registration (`Registrations`): on epoll, an event from a
 //! registration whose fd was closed behind the loop's back makes the backend build a new
 //! `Poller` from its own table, which drops the stale registration.
 
