@@ -432,6 +432,38 @@ impl Loop {
         result
     }
 
+    /// Runs iterations while any watch of the user's is active — IO, timer, idle, signal
+    /// or child (libev's `ev_run` and libuv's `uv_run` default mode) — and returns
+    /// `None` when the last is gone, or `Some(value)` when a callback calls
+    /// [`Loop::stop`] first. The loop's own watches (its signal self-pipe, pidfds, its
+    /// SIGCHLD watch) do not count. A program of timers alone needs no guard timer to end.
+    pub fn run_while_watched(&mut self) -> Result<Option<i32>> {
+        self.stop = None;
+        self.run_depth += 1;
+        let result = loop {
+            if !self.has_user_watches() {
+                break Ok(None);
+            }
+            if let Err(e) = self.loop_once(None) {
+                break Err(e);
+            }
+            if let Some(value) = self.stop.take() {
+                break Ok(Some(value));
+            }
+        };
+        self.run_depth -= 1;
+        result
+    }
+
+    /// Whether any watch the user made is active (what keeps `run_while_watched` going).
+    fn has_user_watches(&self) -> bool {
+        let (children, pidfds, sigchld) = self.children.watches();
+        let (signals, self_pipe) = self.signals.watches();
+        let io = self.io.len().saturating_sub(pidfds + self_pipe);
+        let signals = signals.saturating_sub(sigchld);
+        io + signals + children + self.timers.len() + self.idle.len() > 0
+    }
+
     /// Makes the innermost [`Loop::run`] return `value` after the current iteration.
     pub fn stop(&mut self, value: i32) {
         self.stop = Some(value);

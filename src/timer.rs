@@ -69,6 +69,10 @@ impl Timers {
         self.slab.len() == 0
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.slab.len()
+    }
+
     /// The nearest live deadline; drops cancelled entries found on top of the heap.
     pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
         while let Some(&Reverse((deadline, seq, key))) = self.heap.peek() {

@@ -348,3 +348,52 @@ fn timer_granularity_bounds_the_wake_ups_and_nothing_fires_early(#[case] kind: K
     );
     println!("figure: {kind}: {iterations} iterations for {TIMERS} timers over {SPAN:?}");
 }
+
+#[apply(backends)]
+fn control_run_while_watched_ends_when_the_last_timer_has_fired(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    assert_eq!(
+        lp.run_while_watched().unwrap(),
+        None,
+        "nothing watched: at once"
+    );
+    let (fired, f) = counter();
+    let g = f.clone();
+    lp.after(U / 2, move |_| bump(&f));
+    lp.after(U, move |_| bump(&g));
+    let start = Instant::now();
+    assert_eq!(lp.run_while_watched().unwrap(), None);
+    assert_eq!(fired.get(), 2);
+    assert!(start.elapsed() >= U, "returned before the last timer");
+    lp.after(U, |lp| lp.stop(7));
+    lp.every(U / 10, |_| {}).unwrap();
+    assert_eq!(
+        lp.run_while_watched().unwrap(),
+        Some(7),
+        "a stop ends it first"
+    );
+}
+
+#[apply(backends)]
+fn control_run_while_watched_counts_signal_and_child_watches_not_the_loops_own(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let w = lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        lp.after(U, move |lp| {
+            lp.cancel(w);
+        });
+        // The signal self-pipe's IO watch stays until the cancel; it is the loop's own.
+        assert_eq!(lp.run_while_watched().unwrap(), None);
+        let pid = lp.fork(forkloop::ForkOptions::new(), || 3).unwrap();
+        let status = Rc::new(Cell::new(None));
+        let s = status.clone();
+        lp.watch_process(pid, move |_, _, st| s.set(st.ok().and_then(|st| st.code())))
+            .unwrap();
+        assert_eq!(lp.run_while_watched().unwrap(), None);
+        assert_eq!(
+            status.get(),
+            Some(3),
+            "returned before the child was reported"
+        );
+    });
+}

@@ -77,6 +77,13 @@ pub(crate) struct Children {
 }
 
 impl Children {
+    /// The user's watches, and the internal ones the loop made for them: IO watches of
+    /// pidfds, and the SIGCHLD watch.
+    pub(crate) fn watches(&self) -> (usize, usize, usize) {
+        let sigchld = usize::from(self.sigchld.is_some());
+        (self.watches.len(), self.pidfds, sigchld)
+    }
+
     /// In a `Loop::fork` child, whose copy of the loop is never used or dropped again:
     /// closes its pidfds (they name the parent's children), leaving their IO watches in
     /// tables nobody reads. Async-signal-safe: only close(2), no allocation.

@@ -70,6 +70,12 @@ pub(crate) struct Signals {
 }
 
 impl Signals {
+    /// The signal watches (the loop's own SIGCHLD one included), and the IO watch of
+    /// the self-pipe, which is internal.
+    pub(crate) fn watches(&self) -> (usize, usize) {
+        (self.watches.len(), usize::from(self.pipe.is_some()))
+    }
+
     /// Closes the self-pipe's fds and forgets its watch, which is left in the loop's
     /// tables: only for a loop that is never used again in a `Loop::fork` child, where
     /// the slot is already cleared (so this is only close(2): async-signal-safe).
