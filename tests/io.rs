@@ -609,13 +609,20 @@ fn io_an_fd_closed_behind_the_loops_back_while_a_dup_lives_never_confuses_its_su
     });
 }
 
+/// A socketpair whose first end has a byte to read: `(readable, peer)`.
+fn readable_pair() -> (
+    std::os::unix::net::UnixStream,
+    std::os::unix::net::UnixStream,
+) {
+    let (ours, mut peer) = socketpair();
+    peer.write_all(b"x").unwrap();
+    (ours, peer)
+}
+
 #[apply(backends)]
 fn io_a_nested_iteration_dispatches_an_fd_the_outer_one_reported(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
-    let (a, mut a_peer) = socketpair();
-    let (b, mut b_peer) = socketpair();
-    a_peer.write_all(b"a").unwrap();
-    b_peer.write_all(b"b").unwrap();
+    let ((a, _a_peer), (b, _b_peer)) = (readable_pair(), readable_pair());
     let (b_calls, c) = counter();
     lp.watch_io(b.as_raw_fd(), Interest::READ, move |_, _| bump(&c))
         .unwrap();
@@ -636,10 +643,7 @@ fn io_a_nested_iteration_dispatches_an_fd_the_outer_one_reported(#[case] kind: K
 #[apply(backends)]
 fn io_a_caught_panic_in_a_callback_leaves_the_other_fds_dispatched(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
-    let (a, mut a_peer) = socketpair();
-    let (b, mut b_peer) = socketpair();
-    a_peer.write_all(b"a").unwrap();
-    b_peer.write_all(b"b").unwrap();
+    let ((a, _a_peer), (b, _b_peer)) = (readable_pair(), readable_pair());
     lp.watch_io(a.as_raw_fd(), Interest::READ, |_, _| {
         panic!("a callback panics")
     })

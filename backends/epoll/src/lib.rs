@@ -118,7 +118,6 @@ impl Backend for Epoll {
     /// Regular files are refused by epoll with `EPERM`; the loop treats them as always
     /// ready, as poll(2) would report them.
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        self.epfd()?;
         let key = self.registered.add(fd, interest);
         let result = ctl(
             self.epfd()?,
@@ -145,7 +144,6 @@ impl Backend for Epoll {
     }
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
-        self.epfd()?;
         let reg = self.registered.remove(fd).unwrap_or(Registration {
             interest: Interest::NONE,
             key: 0,

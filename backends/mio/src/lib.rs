@@ -117,7 +117,6 @@ impl Backend for Mio {
         if self.registered.get(fd).is_some() {
             return Err(already_registered("mio", fd));
         }
-        self.poll()?;
         let key = self.registered.add(fd, interest);
         let result = register(self.poll()?, fd, Registration { interest, key });
         if result.is_err() {
@@ -140,7 +139,6 @@ impl Backend for Mio {
     }
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
-        self.poll()?;
         self.registered
             .remove(fd)
             .ok_or_else(|| not_registered("mio", fd))?;

@@ -114,7 +114,6 @@ impl Backend for Polling {
         if self.registered.get(fd).is_some() {
             return Err(already_registered("polling", fd));
         }
-        self.poller()?;
         let key = self.registered.add(fd, interest);
         let result = add(self.poller()?, fd, Registration { interest, key });
         if result.is_err() {
@@ -136,7 +135,6 @@ impl Backend for Polling {
     }
 
     fn deregister(&mut self, fd: RawFd) -> io::Result<()> {
-        self.poller()?;
         self.registered
             .remove(fd)
             .ok_or_else(|| not_registered("polling", fd))?;
