@@ -40,7 +40,33 @@ pub enum Error {
         /// The OS error; `EMFILE` means the fd limit is reached.
         source: io::Error,
     },
-    /// The backend refused to watch an fd (closed, invalid, beyond FD_SETSIZE, …).
+    /// A negative fd given to [`Loop::watch_raw_fd`](crate::Loop::watch_raw_fd).
+    #[error("fd {0} is negative")]
+    InvalidFd(RawFd),
+    /// An IO watch with no interest (use [`Loop::pause`](crate::Loop::pause) to watch
+    /// for nothing for a while).
+    #[error("fd {0}: a watch needs an interest (READ, WRITE or HANGUP)")]
+    EmptyInterest(RawFd),
+    /// A watched fd was closed behind the loop's back (only fds watched through the
+    /// `unsafe` [`Loop::watch_raw_fd`](crate::Loop::watch_raw_fd) can be).
+    #[error("{backend}: fd {fd} was closed while still watched; cancel its watches before closing it")]
+    ClosedWhileWatched {
+        /// The backend's name.
+        backend: &'static str,
+        /// The fd.
+        fd: RawFd,
+    },
+    /// The fd is above what the backend can hold: select's `FD_SETSIZE`.
+    #[error("{backend}: fd {fd} is at or above its limit of {limit} fds; use the poll or epoll backend")]
+    FdAboveLimit {
+        /// The backend's name.
+        backend: &'static str,
+        /// The fd.
+        fd: RawFd,
+        /// The first fd the backend cannot hold.
+        limit: usize,
+    },
+    /// The backend refused to watch an fd for another reason the OS gave.
     #[error("{backend}: cannot watch fd {fd}: {source}")]
     Watch {
         /// The backend's name.
@@ -50,6 +76,12 @@ pub enum Error {
         /// Why.
         source: io::Error,
     },
+    /// A handle whose watch is gone: cancelled, removed, or a one-shot that fired.
+    #[error("the watch is no longer active")]
+    WatchGone,
+    /// A handle made by another loop: each loop acts only on its own watches.
+    #[error("the watch belongs to another loop")]
+    ForeignWatch,
     /// Waiting for events failed, e.g. an fd was closed while still watched.
     #[error("{backend}: wait failed: {source}")]
     Wait {
@@ -66,14 +98,26 @@ pub enum Error {
         /// Why.
         source: io::Error,
     },
-    /// A signal that cannot be watched: unknown, uncatchable, or no driver slot left.
-    #[error("signal {signal}: {reason}")]
-    Signal {
+    /// A signal that no loop can watch.
+    #[error("signal {signal}: {refusal}")]
+    SignalRefused {
         /// The signal number.
         signal: libc::c_int,
-        /// Why it cannot be watched.
-        reason: String,
+        /// Why.
+        refusal: SignalRefusal,
     },
+    /// The OS refused to install forkloop's handler for a signal (sigaction failed).
+    #[error("signal {signal}: cannot install the handler: {source}")]
+    SignalAction {
+        /// The signal number.
+        signal: libc::c_int,
+        /// What sigaction said.
+        source: io::Error,
+    },
+    /// Every wake-up slot of the signal driver is taken: this many loops of the process
+    /// watch signals already.
+    #[error("{0} loops of this process already watch signals, the most there can be")]
+    TooManySignalLoops(usize),
     /// `watch_process` for a pid that is not a child of this process.
     #[error(
         "pid {0} is not a child of this process, or it exited and was reaped already (by \
@@ -111,6 +155,35 @@ pub enum Error {
     /// `with_global`) or from a thread other than the one that owns it.
     #[error("the process-global loop {0}")]
     GlobalUnavailable(&'static str),
+}
+
+/// Why a signal cannot be watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SignalRefusal {
+    /// No such signal on this system.
+    Unknown,
+    /// SIGKILL and SIGSTOP cannot be caught.
+    Uncatchable,
+    /// SIGSEGV, SIGBUS, SIGFPE and SIGILL are delivered to the faulting thread, whose
+    /// handler returns to the faulting instruction: a callback would never run.
+    Fault,
+    /// Reserved by the C library for its threads (glibc's 32 and 33).
+    Reserved,
+}
+
+impl std::fmt::Display for SignalRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SignalRefusal::Unknown => "no such signal",
+            SignalRefusal::Uncatchable => "it cannot be caught",
+            SignalRefusal::Fault => {
+                "a fault is delivered to the faulting thread, and its handler returns to the \
+                 faulting instruction: a callback in dispatch would never run"
+            }
+            SignalRefusal::Reserved => "reserved by the C library for its threads",
+        })
+    }
 }
 
 /// The crate's result type.

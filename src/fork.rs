@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use crate::signal::{self, ForkLock};
+use crate::waker::{self, ForkGate};
 use crate::{global, Error, Loop, Result};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
@@ -26,16 +27,16 @@ static GENERATION: AtomicU64 = AtomicU64::new(0);
 static REGISTERED: AtomicBool = AtomicBool::new(false);
 static REGISTERING: Mutex<()> = Mutex::new(());
 
-/// What the forking thread holds across fork(2): the signal driver's lock, and Rust's
-/// stdout and stderr locks.
-type Held = (StdoutLock<'static>, StderrLock<'static>, ForkLock);
+/// What the forking thread holds across fork(2): Rust's stdout and stderr locks, the
+/// signal driver's lock and the wakers' gate.
+type Held = (StdoutLock<'static>, StderrLock<'static>, ForkLock, ForkGate);
 
 thread_local! {
     static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
 }
 
 /// Before every fork, as glibc does with its own FILE locks: the forking thread takes
-/// Rust's stdout and stderr locks and the signal driver's lock (waiting while another
+/// Rust's stdout and stderr locks, the signal driver's lock and the wakers' gate (waiting while another
 /// thread holds one), so that none is held by a thread the child will not have; both
 /// sides release them after. The driver's lock is the innermost: code holding it never
 /// prints, while a thread holding stdout may well watch a signal. stdout is flushed, so
@@ -49,9 +50,10 @@ extern "C" fn before_fork() {
     let _ = out.flush();
     let err = std::io::stderr().lock();
     let driver = signal::lock_for_fork();
+    let wakers = waker::lock_for_fork();
     // `try_with`: a thread forking while it exits has no thread-locals left; it then
     // forks without the locks, as it would have without forkloop.
-    let _ = HELD.try_with(|held| *held.borrow_mut() = Some((out, err, driver)));
+    let _ = HELD.try_with(|held| *held.borrow_mut() = Some((out, err, driver, wakers)));
 }
 
 /// Releases what `before_fork` took: in the child, the only thread is the one that took
@@ -187,7 +189,7 @@ fn set_signal_mask(mask: &libc::sigset_t) -> libc::sigset_t {
     old
 }
 
-impl Loop {
+impl<D: 'static> Loop<D> {
     /// Forks a child that runs `child` and exits with its return value (a panic, or a
     /// value outside 0..=255, exits 255; nothing unwinds into the parent's frames). Returns the child's pid in the
     /// parent, which can then [`watch_process`](Loop::watch_process) it — an exit before
@@ -260,9 +262,9 @@ impl Loop {
     }
 
     /// Makes an inherited loop this process's own: a new kernel object for the backend
-    /// (see the backend table in the README), a fresh signal self-pipe, and — in a child —
-    /// the parent's child watches dropped. IO watches, timers, idle callbacks and signal
-    /// watches survive. Runs automatically before the loop next touches its backend in a
+    /// (see the backend table in the README), a fresh signal self-pipe and waker pipes, and
+    /// — in a child — the parent's child watches dropped. IO watches, timers, idle
+    /// callbacks, signal watches and wakers survive. Runs automatically before the loop next touches its backend in a
     /// process other than the one that last built it; idempotent.
     pub fn post_fork(&mut self) -> Result<()> {
         init()?;
@@ -276,8 +278,8 @@ impl Loop {
             self.id.pid = std::process::id();
             self.forget_children();
         }
-        if let Err(e) = self.signals_post_fork() {
-            // Not current yet: the next use tries again, and finishes the signals.
+        if let Err(e) = self.signals_post_fork().and_then(|()| self.wakers_post_fork()) {
+            // Not current yet: the next use tries again, and finishes the rest.
             self.generation = inherited_in;
             return Err(e);
         }

@@ -64,7 +64,7 @@ impl Drop for Lent {
     }
 }
 
-impl Loop {
+impl Loop<()> {
     /// Lends the process-global loop to `f`, building it first if this process has none
     /// yet (with [`Loop::new`], so `FORKLOOP_BACKEND` applies). After any fork the child
     /// gets a fresh loop, never the parent's. Callbacks receive the loop directly, so a

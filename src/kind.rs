@@ -13,6 +13,7 @@ pub const BACKEND_ENV: &str = "FORKLOOP_BACKEND";
 
 /// The backends forkloop knows, whether or not they are compiled in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Kind {
     /// epoll(7), Linux. Feature `epoll`.
     Epoll,
@@ -29,8 +30,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// Every kind, best first: the order the default choice tries them in.
-    pub const ALL: [Kind; 6] = [
+    /// Every kind, best first: the order the default choice tries them in. A slice, so
+    /// that a new backend is not a breaking change.
+    pub const ALL: &'static [Kind] = &[
         Kind::Epoll,
         Kind::Kqueue,
         Kind::Poll,
@@ -76,7 +78,7 @@ impl Kind {
     /// The best backend compiled in and usable here: epoll > kqueue > poll > select >
     /// mio > polling.
     pub fn best() -> Result<Kind> {
-        let names = Kind::ALL.map(Kind::name).join(",");
+        let names = Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(",");
         Kind::first_usable(&names)
     }
 
@@ -84,7 +86,8 @@ impl Kind {
     /// available on this OS): what the default choice skipped.
     pub fn skipped_for(self) -> Vec<(Kind, Error)> {
         Kind::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .take_while(|&k| k != self)
             .filter_map(|k| k.check_available().err().map(|e| (k, e)))
             .collect()
@@ -158,7 +161,8 @@ impl FromStr for Kind {
 
     fn from_str(s: &str) -> Result<Kind> {
         Kind::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|k| k.name().eq_ignore_ascii_case(s.trim()))
             .ok_or_else(|| Error::UnknownBackend(s.to_owned()))
     }
@@ -170,7 +174,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for kind in Kind::ALL {
+        for &kind in Kind::ALL {
             assert_eq!(kind.name().parse::<Kind>().unwrap(), kind);
         }
         assert!(matches!(

@@ -4,20 +4,21 @@
 //! use std::time::Duration;
 //! use forkloop::{ForkOptions, Loop};
 //!
-//! let mut lp = Loop::new()?; // FORKLOOP_BACKEND, or the best backend compiled in
+//! // Loop<D>: callbacks get `&mut D`, lent to `run`. Here D is ().
+//! let mut lp: Loop = Loop::new()?; // FORKLOOP_BACKEND, or the best backend compiled in
 //! let pid = lp.fork(ForkOptions::new(), || {
 //!     // A fresh process-global loop, fresh signal and child state.
 //!     forkloop::Loop::with_global(|child| {
-//!         child.after(Duration::from_millis(10), |lp| lp.stop(7));
-//!         child.run().unwrap_or(1)
+//!         child.after(Duration::from_millis(10), |lp, ()| lp.stop(7));
+//!         child.run(&mut ()).unwrap_or(1)
 //!     })
 //!     .unwrap_or(1)
 //! })?;
 //! // `status` is an `Err` only if other code reaped the child first (ReapedElsewhere).
-//! lp.watch_process(pid, |lp, _pid, status| {
+//! lp.watch_process(pid, |lp, (), _pid, status| {
 //!     lp.stop(status.ok().and_then(|s| s.code()).unwrap_or(-1))
 //! })?;
-//! assert_eq!(lp.run()?, 7);
+//! assert_eq!(lp.run(&mut ())?, 7);
 //! # Ok::<(), forkloop::Error>(())
 //! ```
 //!
@@ -40,7 +41,9 @@ mod error;
 mod event_loop;
 mod fork;
 mod global;
+mod handle;
 mod id_map;
+mod io;
 mod kind;
 mod process;
 #[cfg(feature = "server")]
@@ -49,9 +52,13 @@ mod signal;
 mod slab;
 mod sys;
 mod timer;
+mod waker;
 
-pub use error::{Error, Result};
-pub use event_loop::{Loop, LoopId, Watch};
+pub use error::{Error, Result, SignalRefusal};
+pub use event_loop::Loop;
+pub use handle::{Io, LoopId, Timer, Watch};
+pub use io::WatchError;
 pub use fork::ForkOptions;
 pub use forkloop_backend::{Backend, Event, Interest, Readiness};
 pub use kind::{Kind, BACKEND_ENV};
+pub use waker::{SendError, Waker};

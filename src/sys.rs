@@ -1,7 +1,7 @@
 //! Small OS helpers shared by the loop's modules.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use forkloop_backend::cvt;
 
@@ -35,4 +35,17 @@ pub(crate) fn errno_location() -> *mut libc::c_int {
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     // SAFETY: always safe to call; returns this thread's errno slot.
     return unsafe { libc::__error() };
+}
+
+/// Reads a non-blocking pipe until it is empty (or failing, which leaves it readable
+/// for the next iteration to try again).
+pub(crate) fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 256];
+    loop {
+        // SAFETY: reads into a live stack buffer of the given length.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < buf.len() as isize {
+            break;
+        }
+    }
 }

@@ -13,30 +13,39 @@ use std::time::{Duration, Instant};
 use crate::slab::Slab;
 use crate::Loop;
 
-pub(crate) enum TimerCallback {
-    Once(Box<dyn FnOnce(&mut Loop)>),
-    Every(Box<dyn FnMut(&mut Loop)>, Duration),
+pub(crate) enum TimerCallback<D: 'static> {
+    Once(Box<dyn FnOnce(&mut Loop<D>, &mut D)>),
+    Every(Box<dyn FnMut(&mut Loop<D>, &mut D)>, Duration),
 }
 
 /// A live timer: `seq` names the arming its heap entry belongs to.
-struct Timer {
+struct Timer<D: 'static> {
     seq: u64,
     /// A repeating timer's callback is `None` while it runs.
-    callback: Option<TimerCallback>,
+    callback: Option<TimerCallback<D>>,
 }
 
 /// Timers in a slab (no hashing on arm, fire or cancel), ordered by a heap of
 /// `(deadline, seq, key)`; `seq` grows with every arming, so equal deadlines fire FIFO.
-#[derive(Default)]
-pub(crate) struct Timers {
+pub(crate) struct Timers<D: 'static> {
     heap: BinaryHeap<Reverse<(Instant, u64, u64)>>,
-    slab: Slab<Timer>,
+    slab: Slab<Timer<D>>,
     next_seq: u64,
 }
 
-impl Timers {
+impl<D: 'static> Default for Timers<D> {
+    fn default() -> Timers<D> {
+        Timers {
+            heap: BinaryHeap::new(),
+            slab: Slab::default(),
+            next_seq: 0,
+        }
+    }
+}
+
+impl<D: 'static> Timers<D> {
     /// Arms a timer; returns its key (what a `Watch` carries).
-    pub(crate) fn insert(&mut self, deadline: Instant, callback: TimerCallback) -> u64 {
+    pub(crate) fn insert(&mut self, deadline: Instant, callback: TimerCallback<D>) -> u64 {
         self.next_seq += 1;
         let seq = self.next_seq;
         let key = self.slab.insert(Timer {
@@ -45,6 +54,29 @@ impl Timers {
         });
         self.heap.push(Reverse((deadline, seq, key)));
         key
+    }
+
+    /// Moves a live timer to `deadline`: a new heap entry, the old one dead from now on
+    /// (the callback stays where it is). Whether the timer was live.
+    pub(crate) fn restart(&mut self, key: u64, deadline: Instant) -> bool {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let Some(timer) = self.slab.get_mut(key) else {
+            return false;
+        };
+        timer.seq = seq;
+        self.heap.push(Reverse((deadline, seq, key)));
+        self.compact();
+        true
+    }
+
+    /// Drops dead heap entries once they outnumber the live ones (and some slack).
+    fn compact(&mut self) {
+        if self.heap.len() > 2 * self.slab.len() + 1024 {
+            let slab = &self.slab;
+            self.heap
+                .retain(|Reverse((_, seq, key))| slab.get(*key).is_some_and(|t| t.seq == *seq));
+        }
     }
 
     /// Whether a heap entry is the live arming of its timer (not cancelled, fired or
@@ -57,11 +89,7 @@ impl Timers {
         if self.slab.remove(key).is_none() {
             return false;
         }
-        if self.heap.len() > 2 * self.slab.len() + 1024 {
-            let slab = &self.slab;
-            self.heap
-                .retain(|Reverse((_, seq, key))| slab.get(*key).is_some_and(|t| t.seq == *seq));
-        }
+        self.compact();
         true
     }
 
@@ -84,25 +112,27 @@ impl Timers {
         None
     }
 
-    /// Moves the deadlines and keys of live timers due at `now` into `due`, earliest
-    /// first. Timers armed by their callbacks are not in this batch, so a timer
+    /// Moves the deadlines, arming numbers and keys of live timers due at `now` into
+    /// `due`, earliest first. Timers armed by their callbacks are not in this batch, so a timer
     /// re-arming itself with a zero delay cannot keep one iteration busy forever.
-    pub(crate) fn pop_due(&mut self, now: Instant, due: &mut Vec<(Instant, u64)>) {
+    pub(crate) fn pop_due(&mut self, now: Instant, due: &mut Vec<(Instant, u64, u64)>) {
         while let Some(&Reverse((deadline, seq, key))) = self.heap.peek() {
             if deadline > now {
                 break;
             }
             self.heap.pop();
             if self.is_current(seq, key) {
-                due.push((deadline, key));
+                due.push((deadline, seq, key));
             }
         }
     }
 
-    /// Takes a due timer's callback: a one-shot timer is gone from then on, a repeating
-    /// one stays live (and cancellable from its own callback) until [`Timers::rearm`].
-    pub(crate) fn take(&mut self, key: u64) -> Option<TimerCallback> {
-        let timer = self.slab.get_mut(key)?;
+    /// Takes a due timer's callback, unless an earlier callback of the batch restarted
+    /// or cancelled it (`seq` is the arming that came due): a one-shot timer is gone
+    /// from then on, a repeating one stays live (and cancellable or restartable from
+    /// its own callback) until [`Timers::rearm`].
+    pub(crate) fn take(&mut self, key: u64, seq: u64) -> Option<TimerCallback<D>> {
+        let timer = self.slab.get_mut(key).filter(|t| t.seq == seq)?;
         match timer.callback {
             Some(TimerCallback::Every(..)) => timer.callback.take(),
             _ => self.slab.remove(key)?.callback,
@@ -111,13 +141,15 @@ impl Timers {
 
     /// Puts a repeating timer back, unless its callback cancelled it. The next deadline
     /// is one interval after the one that fired, or one interval from now if the loop
-    /// fell behind (missed ticks are skipped, not fired in a burst).
+    /// fell behind (missed ticks are skipped, not fired in a burst), unless the callback
+    /// restarted it (arming `seq` is no longer its own), which chose the deadline.
     pub(crate) fn rearm(
         &mut self,
         key: u64,
+        seq: u64,
         fired: Instant,
         now: Instant,
-        callback: TimerCallback,
+        callback: TimerCallback<D>,
     ) {
         let TimerCallback::Every(_, interval) = &callback else {
             return;
@@ -126,14 +158,16 @@ impl Timers {
         if next <= now {
             next = saturating_add(now, *interval);
         }
-        self.next_seq += 1;
-        let seq = self.next_seq;
         let Some(timer) = self.slab.get_mut(key) else {
             return;
         };
-        timer.seq = seq;
         timer.callback = Some(callback);
-        self.heap.push(Reverse((next, seq, key)));
+        if timer.seq != seq {
+            return;
+        }
+        self.next_seq += 1;
+        timer.seq = self.next_seq;
+        self.heap.push(Reverse((next, timer.seq, key)));
     }
 }
 
@@ -149,8 +183,8 @@ pub(crate) fn saturating_add(at: Instant, delay: Duration) -> Instant {
 mod tests {
     use super::*;
 
-    fn once() -> TimerCallback {
-        TimerCallback::Once(Box::new(|_| {}))
+    fn once() -> TimerCallback<()> {
+        TimerCallback::Once(Box::new(|_, _| {}))
     }
 
     #[test]
@@ -162,9 +196,12 @@ mod tests {
         let b = timers.insert(now, once());
         let mut due = Vec::new();
         timers.pop_due(now, &mut due);
-        assert_eq!(due, vec![(now, b)], "the cancelled timer is not due");
-        assert!(timers.take(b).is_some());
-        assert!(timers.take(b).is_none() && !timers.cancel(b) && timers.is_empty());
+        let [(_, seq, key)] = due[..] else {
+            panic!("{} timers due, not one", due.len());
+        };
+        assert_eq!(key, b, "the cancelled timer is not due");
+        assert!(timers.take(b, seq).is_some());
+        assert!(timers.take(b, seq).is_none() && !timers.cancel(b) && timers.is_empty());
     }
 
     #[test]

@@ -26,16 +26,15 @@ mod wait;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::ExitStatus;
 
-use forkloop_backend::Interest;
 use smallvec::SmallVec;
 
-use crate::event_loop::{Watch, WatchKind};
+use crate::handle::{Watch, WatchKind};
 use crate::id_map::IdMap;
 use crate::{Error, Loop, Result};
 use wait::{is_child, pidfd, waitpid, Open, Waited};
 
-type OneChild = Box<dyn FnOnce(&mut Loop, libc::pid_t, Result<ExitStatus>)>;
-type AnyChild = Box<dyn FnMut(&mut Loop, libc::pid_t, ExitStatus)>;
+type OneChild<D> = Box<dyn FnOnce(&mut Loop<D>, &mut D, libc::pid_t, Result<ExitStatus>)>;
+type AnyChild<D> = Box<dyn FnMut(&mut Loop<D>, &mut D, libc::pid_t, ExitStatus)>;
 
 /// A pidfd and the loop's IO watch of it.
 struct PidFd {
@@ -43,25 +42,24 @@ struct PidFd {
     io: Watch,
 }
 
-struct OneWatch {
+struct OneWatch<D: 'static> {
     pid: libc::pid_t,
-    callback: OneChild,
+    callback: OneChild<D>,
     /// `None`: the waitpid fallback.
     pidfd: Option<PidFd>,
     /// Whether this watch holds the loop's SIGCHLD watch.
     sigchld: bool,
 }
 
-enum ProcessWatch {
-    One(OneWatch),
+enum ProcessWatch<D: 'static> {
+    One(OneWatch<D>),
     /// `None` while its callback runs.
-    Any(Option<AnyChild>),
+    Any(Option<AnyChild<D>>),
 }
 
 /// One loop's child-process watches.
-#[derive(Default)]
-pub(crate) struct Children {
-    watches: IdMap<u64, ProcessWatch>,
+pub(crate) struct Children<D: 'static> {
+    watches: IdMap<u64, ProcessWatch<D>>,
     by_pid: IdMap<libc::pid_t, SmallVec<[u64; 1]>>,
     any: Vec<u64>,
     /// How many watches have a pidfd.
@@ -76,7 +74,22 @@ pub(crate) struct Children {
     pub(crate) recheck: bool,
 }
 
-impl Children {
+impl<D: 'static> Default for Children<D> {
+    fn default() -> Children<D> {
+        Children {
+            watches: IdMap::default(),
+            by_pid: IdMap::default(),
+            any: Vec::new(),
+            pidfds: 0,
+            sigchld: None,
+            sigchld_users: 0,
+            sigchld_over_ignore: false,
+            recheck: false,
+        }
+    }
+}
+
+impl<D: 'static> Children<D> {
     /// The user's watches, and the internal ones the loop made for them: IO watches of
     /// pidfds, and the SIGCHLD watch.
     pub(crate) fn watches(&self) -> (usize, usize, usize) {
@@ -96,7 +109,7 @@ impl Children {
     }
 }
 
-impl Loop {
+impl<D: 'static> Loop<D> {
     /// Runs `callback` once when child `pid` exits (also if it exited before this call),
     /// with its exit status, and reaps it. A pid that is not a child of this process is
     /// an error.
@@ -117,7 +130,7 @@ impl Loop {
     pub fn watch_process(
         &mut self,
         pid: libc::pid_t,
-        callback: impl FnOnce(&mut Loop, libc::pid_t, Result<ExitStatus>) + 'static,
+        callback: impl FnOnce(&mut Loop<D>, &mut D, libc::pid_t, Result<ExitStatus>) + 'static,
     ) -> Result<Watch> {
         if pid <= 0 {
             return Err(Error::NotAChild(pid));
@@ -132,8 +145,11 @@ impl Loop {
         };
         let id = self.next_id();
         let pidfd = fd.and_then(|fd| {
-            let ready = move |lp: &mut Loop, _| lp.pidfd_ready(id);
-            match self.watch_io(fd.as_raw_fd(), Interest::READ, ready) {
+            let ready = move |lp: &mut Loop<D>, data: &mut D| lp.pidfd_ready(id, data);
+            // SAFETY: the pidfd closes with its `PidFd`, after its watch is cancelled
+            // (`take_watch`, `forget_children`), or in a `Loop::fork` child whose copy of
+            // the loop is never used again (`close_pidfds_in_child`).
+            match unsafe { self.watch_internal(fd.as_raw_fd(), ready) } {
                 Ok(io) => Some(PidFd { fd, io }),
                 Err(e) => {
                     log::debug!("watching the pidfd of {pid}: {e}; watching it with waitpid");
@@ -174,7 +190,7 @@ impl Loop {
     /// `waitpid(-1)`), including those a `std::process::Child` owns.
     pub fn watch_any_child(
         &mut self,
-        callback: impl FnMut(&mut Loop, libc::pid_t, ExitStatus) + 'static,
+        callback: impl FnMut(&mut Loop<D>, &mut D, libc::pid_t, ExitStatus) + 'static,
     ) -> Result<Watch> {
         self.ensure_current()?;
         self.take_sigchld()?;
@@ -190,7 +206,7 @@ impl Loop {
     fn take_sigchld(&mut self) -> Result<()> {
         if self.children.sigchld.is_none() {
             let over_ignore = pidfd::sigchld_ignored();
-            let watch = self.watch_signal(libc::SIGCHLD, |lp, _| lp.reap_children())?;
+            let watch = self.watch_signal(libc::SIGCHLD, |lp, data, _| lp.reap_children(data))?;
             self.children.sigchld = Some(watch);
             self.children.sigchld_over_ignore = over_ignore;
         }
@@ -212,7 +228,7 @@ impl Loop {
     }
 
     /// Removes a watch from every table; closes its pidfd.
-    fn take_watch(&mut self, id: u64) -> Option<ProcessWatch> {
+    fn take_watch(&mut self, id: u64) -> Option<ProcessWatch<D>> {
         let mut watch = self.children.watches.remove(&id)?;
         let sigchld = match &mut watch {
             ProcessWatch::One(one) => {
@@ -240,19 +256,19 @@ impl Loop {
     }
 
     /// The pidfd of watch `id` is readable: its process has exited (or was reaped).
-    fn pidfd_ready(&mut self, id: u64) {
+    fn pidfd_ready(&mut self, id: u64, data: &mut D) {
         if let Some(ProcessWatch::One(one)) = self.children.watches.get(&id) {
             let pid = one.pid;
-            self.settle(pid);
+            self.settle(pid, data);
         }
     }
 
     /// SIGCHLD, or a watch added: a pass over the waitpid watches (pidfd watches are told
     /// by their fds), or the any-child reaper.
-    pub(crate) fn reap_children(&mut self) {
+    pub(crate) fn reap_children(&mut self, data: &mut D) {
         self.children.recheck = false;
         if !self.children.any.is_empty() {
-            self.reap_any();
+            self.reap_any(data);
             return;
         }
         let mut pids: SmallVec<[libc::pid_t; 8]> = self
@@ -267,18 +283,18 @@ impl Loop {
         pids.sort_unstable();
         pids.dedup();
         for pid in pids {
-            self.settle(pid);
+            self.settle(pid, data);
         }
     }
 
-    fn reap_any(&mut self) {
+    fn reap_any(&mut self, data: &mut D) {
         loop {
             if self.children.pidfds == 0 {
                 match waitpid(-1) {
                     Waited::Exited(pid, status) if self.children.by_pid.contains_key(&pid) => {
-                        self.tell(pid, status);
+                        self.tell(pid, status, data);
                     }
-                    Waited::Exited(pid, status) => self.tell_any(pid, status),
+                    Waited::Exited(pid, status) => self.tell_any(pid, status, data),
                     Waited::Running | Waited::NoChild => return,
                 }
                 continue;
@@ -288,19 +304,19 @@ impl Loop {
             let Some(pid) = pidfd::peek_any() else {
                 return;
             };
-            if self.settle(pid) {
+            if self.settle(pid, data) {
                 continue;
             }
             // Not a watched process (its watches, if any, were of one reaped elsewhere).
             if let Waited::Exited(pid, status) = waitpid(pid) {
-                self.tell_any(pid, status);
+                self.tell_any(pid, status, data);
             }
         }
     }
 
     /// Reaps `pid` if it has exited and tells every watch of it; ends the watches whose
     /// process was reaped by someone else. Returns whether it reaped a child.
-    fn settle(&mut self, pid: libc::pid_t) -> bool {
+    fn settle(&mut self, pid: libc::pid_t, data: &mut D) -> bool {
         let Some(ids) = self.children.by_pid.get(&pid) else {
             return false;
         };
@@ -360,14 +376,14 @@ impl Loop {
             },
             None => None,
         };
-        self.tell_watches(pid, status, &told, gone);
+        self.tell_watches(pid, status, &told, gone, data);
         status.is_some()
     }
 
     /// After a `waitpid(-1)` reaped `pid`: every watch of it gets `status`.
-    fn tell(&mut self, pid: libc::pid_t, status: ExitStatus) {
+    fn tell(&mut self, pid: libc::pid_t, status: ExitStatus, data: &mut D) {
         let ids = self.children.by_pid.get(&pid).cloned().unwrap_or_default();
-        self.tell_watches(pid, Some(status), &ids, SmallVec::new());
+        self.tell_watches(pid, Some(status), &ids, SmallVec::new(), data);
     }
 
     /// Ends the watches `told` (with `status`) and `gone` (reaped elsewhere): all leave
@@ -378,8 +394,9 @@ impl Loop {
         status: Option<ExitStatus>,
         told: &[u64],
         gone: SmallVec<[u64; 2]>,
+        data: &mut D,
     ) {
-        let mut ended: SmallVec<[(OneChild, Result<ExitStatus>); 2]> = SmallVec::new();
+        let mut ended: SmallVec<[(OneChild<D>, Result<ExitStatus>); 2]> = SmallVec::new();
         let results = (told.iter())
             .filter_map(|&id| Some((id, Ok(status?))))
             .chain(
@@ -392,11 +409,11 @@ impl Loop {
             }
         }
         for (callback, result) in ended {
-            callback(self, pid, result);
+            callback(self, data, pid, result);
         }
     }
 
-    fn tell_any(&mut self, pid: libc::pid_t, status: ExitStatus) {
+    fn tell_any(&mut self, pid: libc::pid_t, status: ExitStatus, data: &mut D) {
         for id in self.children.any.clone() {
             let Some(ProcessWatch::Any(slot)) = self.children.watches.get_mut(&id) else {
                 continue;
@@ -404,7 +421,7 @@ impl Loop {
             let Some(mut callback) = slot.take() else {
                 continue; // running further up the stack
             };
-            callback(self, pid, status);
+            callback(self, data, pid, status);
             if let Some(ProcessWatch::Any(slot)) = self.children.watches.get_mut(&id) {
                 *slot = Some(callback);
             }

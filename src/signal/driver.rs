@@ -21,7 +21,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use forkloop_backend::cvt;
 
-use crate::sys;
+use crate::{sys, SignalRefusal};
 
 /// Above every platform's NSIG (Linux 65, macOS 32, FreeBSD 129).
 pub(crate) const MAX_SIGNAL: usize = 129;
@@ -290,20 +290,15 @@ pub(crate) fn reset_handlers_in_child() {
 }
 
 /// Checks that `signal` can be caught; the reason if not.
-pub(crate) fn uncatchable(signal: libc::c_int) -> Option<&'static str> {
+pub(crate) fn uncatchable(signal: libc::c_int) -> Option<SignalRefusal> {
     match signal {
-        libc::SIGKILL | libc::SIGSTOP => Some("it cannot be caught"),
-        libc::SIGSEGV | libc::SIGBUS | libc::SIGFPE | libc::SIGILL => Some(
-            "a fault is delivered to the faulting thread, and its handler returns to the \
-             faulting instruction: a callback in dispatch would never run",
-        ),
-        s if s <= 0 || s as usize >= MAX_SIGNAL => Some("no such signal"),
+        libc::SIGKILL | libc::SIGSTOP => Some(SignalRefusal::Uncatchable),
+        libc::SIGSEGV | libc::SIGBUS | libc::SIGFPE | libc::SIGILL => Some(SignalRefusal::Fault),
+        s if s <= 0 || s as usize >= MAX_SIGNAL => Some(SignalRefusal::Unknown),
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        s if s > libc::SIGRTMAX() => Some("no such signal"),
+        s if s > libc::SIGRTMAX() => Some(SignalRefusal::Unknown),
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        s if s > libc::SIGSYS && s < libc::SIGRTMIN() => {
-            Some("reserved by the C library for its threads")
-        }
+        s if s > libc::SIGSYS && s < libc::SIGRTMIN() => Some(SignalRefusal::Reserved),
         _ => None,
     }
 }

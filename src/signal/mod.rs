@@ -7,23 +7,22 @@ mod driver;
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use forkloop_backend::Interest;
 use smallvec::SmallVec;
 
 pub(crate) use driver::{
     forget_claims, forget_parent, lock_for_fork, reset_handlers_in_child, ForkLock,
 };
 
-use crate::event_loop::{Watch, WatchKind};
+use crate::handle::{Watch, WatchKind};
 use crate::id_map::IdMap;
 use crate::{fork, sys, Error, Loop, Result};
 
-type SignalCallback = Box<dyn FnMut(&mut Loop, libc::c_int)>;
+type SignalCallback<D> = Box<dyn FnMut(&mut Loop<D>, &mut D, libc::c_int)>;
 
-struct SignalWatch {
+struct SignalWatch<D: 'static> {
     signal: libc::c_int,
     /// `None` while it runs.
-    callback: Option<SignalCallback>,
+    callback: Option<SignalCallback<D>>,
 }
 
 struct Claimed {
@@ -62,14 +61,23 @@ impl Drop for WakePipe {
 }
 
 /// One loop's signal watches.
-#[derive(Default)]
-pub(crate) struct Signals {
+pub(crate) struct Signals<D: 'static> {
     pipe: Option<WakePipe>,
-    watches: IdMap<u64, SignalWatch>,
+    watches: IdMap<u64, SignalWatch<D>>,
     claimed: BTreeMap<libc::c_int, Claimed>,
 }
 
-impl Signals {
+impl<D: 'static> Default for Signals<D> {
+    fn default() -> Signals<D> {
+        Signals {
+            pipe: None,
+            watches: IdMap::default(),
+            claimed: BTreeMap::new(),
+        }
+    }
+}
+
+impl<D: 'static> Signals<D> {
     /// The signal watches (the loop's own SIGCHLD one included), and the IO watch of
     /// the self-pipe, which is internal.
     pub(crate) fn watches(&self) -> (usize, usize) {
@@ -84,7 +92,7 @@ impl Signals {
     }
 }
 
-impl Loop {
+impl<D: 'static> Loop<D> {
     /// Runs `callback` in dispatch each time `signal` (`libc::SIGTERM`, …) arrives;
     /// deliveries between two iterations coalesce into one call, as the kernel's do.
     /// Several watches may share a signal, in one loop or in several loops of the
@@ -95,21 +103,19 @@ impl Loop {
     pub fn watch_signal(
         &mut self,
         signal: libc::c_int,
-        callback: impl FnMut(&mut Loop, libc::c_int) + 'static,
+        callback: impl FnMut(&mut Loop<D>, &mut D, libc::c_int) + 'static,
     ) -> Result<Watch> {
-        if let Some(reason) = driver::uncatchable(signal) {
-            let reason = reason.into();
-            return Err(Error::Signal { signal, reason });
+        if let Some(refusal) = driver::uncatchable(signal) {
+            return Err(Error::SignalRefused { signal, refusal });
         }
         self.ensure_current()?;
-        let slot = self.wake_pipe(signal)?;
+        let slot = self.wake_pipe()?;
         if !self.signals.claimed.contains_key(&signal) {
             let start = match driver::claim(signal) {
                 Ok(start) => start,
-                Err(e) => {
+                Err(source) => {
                     self.release_pipe_if_unused();
-                    let reason = format!("cannot be caught: {e}");
-                    return Err(Error::Signal { signal, reason });
+                    return Err(Error::SignalAction { signal, source });
                 }
             };
             let seen = driver::subscribe(signal, slot, start);
@@ -140,7 +146,7 @@ impl Loop {
     }
 
     /// This loop's driver slot, with its self-pipe created (and watched) on first use.
-    fn wake_pipe(&mut self, signal: libc::c_int) -> Result<usize> {
+    fn wake_pipe(&mut self) -> Result<usize> {
         if let Some(pipe) = &self.signals.pipe {
             return Ok(pipe.slot);
         }
@@ -149,16 +155,14 @@ impl Loop {
             source,
         })?;
         let Some(slot) = driver::take_slot(write.as_raw_fd()) else {
-            let reason = format!(
-                "{} loops of this process already watch signals, the most there can be",
-                driver::MAX_LOOPS
-            );
-            return Err(Error::Signal { signal, reason });
+            return Err(Error::TooManySignalLoops(driver::MAX_LOOPS));
         };
         let generation = fork::generation();
-        let watch = match self.watch_io(read.as_raw_fd(), Interest::READ, |lp, _| {
-            lp.dispatch_signals()
-        }) {
+        // SAFETY: the pipe's fds close only with the `WakePipe`, after its watch is
+        // cancelled (`release_pipe_if_unused`, `signals_post_fork`), or in a `Loop::fork`
+        // child whose copy of the loop is never used again (`close_pipe`).
+        let watched = unsafe { self.watch_internal(read.as_raw_fd(), Loop::dispatch_signals) };
+        let watch = match watched {
             Ok(watch) => watch,
             Err(e) => {
                 driver::release_slot(slot);
@@ -222,13 +226,9 @@ impl Loop {
         }
     }
 
-    /// One read empties the pipe of any number of wake-ups up to its size; a larger
-    /// backlog leaves it readable, and the next iteration reads again.
-    fn dispatch_signals(&mut self) {
+    fn dispatch_signals(&mut self, data: &mut D) {
         if let Some(pipe) = &self.signals.pipe {
-            let mut buf = [0u8; 256];
-            // SAFETY: reads into a live stack buffer of the given length.
-            unsafe { libc::read(pipe.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            sys::drain(&pipe.read);
         }
         let signals: SmallVec<[libc::c_int; 8]> = self.signals.claimed.keys().copied().collect();
         for signal in signals {
@@ -245,7 +245,7 @@ impl Loop {
                 let Some(mut callback) = watch.and_then(|w| w.callback.take()) else {
                     continue;
                 };
-                callback(self, signal);
+                callback(self, data, signal);
                 if let Some(watch) = self.signals.watches.get_mut(&id) {
                     watch.callback = Some(callback);
                 }
@@ -270,10 +270,10 @@ impl Loop {
             .filter(|(_, c)| c.subscribed != generation)
             .map(|(&signal, _)| signal)
             .collect();
-        let Some(&first) = stale.first() else {
+        if stale.is_empty() {
             return Ok(());
-        };
-        let slot = self.wake_pipe(first)?;
+        }
+        let slot = self.wake_pipe()?;
         let mut pending = false;
         for signal in stale {
             let claimed = self.signals.claimed.get_mut(&signal).expect("listed above");

@@ -205,11 +205,65 @@ pub fn check_fd_open(fd: RawFd) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("fd {fd} is not open: {e}")))
 }
 
+/// Why a backend refused an fd, in a form the loop can match on: it travels inside the
+/// `io::Error` the backend returns (see [`refusal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// A registered fd was closed behind the loop's back (poll's `POLLNVAL`, epoll's
+    /// `ENOENT` on a number that now names another file).
+    ClosedWhileRegistered,
+    /// The fd is above what the backend can hold (select's `FD_SETSIZE`).
+    AboveLimit {
+        /// The first fd the backend cannot hold.
+        limit: usize,
+    },
+}
+
+#[derive(Debug)]
+struct Refused {
+    backend: String,
+    fd: RawFd,
+    refusal: Refusal,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Refused { backend, fd, .. } = self;
+        match self.refusal {
+            Refusal::ClosedWhileRegistered => write!(
+                f,
+                "{backend}: fd {fd} was closed while still watched; cancel its watches before closing it"
+            ),
+            Refusal::AboveLimit { limit } => write!(
+                f,
+                "{backend}: fd {fd} is at or above the backend's limit of {limit} fds; use the poll or epoll backend"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// An `io::Error` that carries `refusal` for the loop to find with [`refusal`].
+pub fn refused(backend: &str, fd: RawFd, refusal: Refusal) -> io::Error {
+    let kind = match refusal {
+        Refusal::ClosedWhileRegistered => io::ErrorKind::Other,
+        Refusal::AboveLimit { .. } => io::ErrorKind::InvalidInput,
+    };
+    let backend = backend.to_owned();
+    io::Error::new(kind, Refused { backend, fd, refusal })
+}
+
+/// The refusal an error from [`refused`] carries, if it is one.
+pub fn refusal(error: &io::Error) -> Option<Refusal> {
+    let refused = error.get_ref()?.downcast_ref::<Refused>()?;
+    Some(refused.refusal)
+}
+
 /// The error for a registered fd that was closed behind the loop's back.
 pub fn closed_while_registered(backend: &str, fd: RawFd) -> io::Error {
-    io::Error::other(format!(
-        "{backend}: fd {fd} was closed while still watched; cancel its watches before closing it"
-    ))
+    refused(backend, fd, Refusal::ClosedWhileRegistered)
 }
 
 /// A map keyed by fd, stored as a `Vec` indexed by the fd number: fds are small dense

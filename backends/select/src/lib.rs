@@ -10,8 +10,8 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, check_fd_open, closed_while_registered, cvt, not_registered, Backend,
-    Event, FdMap, Interest, Readiness,
+    already_registered, check_fd_open, closed_while_registered, cvt, not_registered, refused,
+    Backend, Event, FdMap, Interest, Readiness, Refusal,
 };
 
 /// select(2) over the backend's own list of registrations.
@@ -71,13 +71,8 @@ impl Backend for Select {
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
         check_fd_open(fd)?;
         if fd >= libc::FD_SETSIZE as RawFd {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "select: fd {fd} is above FD_SETSIZE ({}); use the poll or epoll backend",
-                    libc::FD_SETSIZE
-                ),
-            ));
+            let limit = libc::FD_SETSIZE;
+            return Err(refused("select", fd, Refusal::AboveLimit { limit }));
         }
         check_interest(fd, interest)?;
         if self.index.contains(fd) {

@@ -1,0 +1,461 @@
+//! IO watches: the loop's table of fds, the sources it owns, and readiness dispatch.
+//!
+//! A watch owns its source (anything `AsFd`) and hands it back on removal, so a watched
+//! fd cannot be closed while it is registered: the compiler sees to it. Several watches
+//! may share an fd (through `Rc<S>`, a `&'static`, or raw fds); the loop registers the
+//! union of their interests once and changes it with one syscall when a watch changes.
+
+use std::any::Any;
+use std::mem;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
+use forkloop_backend::{refusal, Interest, Readiness, Refusal};
+use smallvec::SmallVec;
+
+use crate::handle::{Io, Watch, WatchKind};
+use crate::{Error, Loop, Result};
+
+/// A watch's source and callback, behind one box: the loop calls it without knowing `S`.
+pub(crate) trait Source<D> {
+    fn ready(&mut self, lp: &mut Loop<D>, data: &mut D, readiness: Readiness);
+    /// The source, for [`Loop::remove`] to downcast back to `S`.
+    fn into_source(self: Box<Self>) -> Box<dyn Any>;
+}
+
+struct Entry<S, F> {
+    source: S,
+    callback: F,
+}
+
+impl<D, S, F> Source<D> for Entry<S, F>
+where
+    S: 'static,
+    F: FnMut(&mut Loop<D>, &mut D, &mut S, Readiness),
+{
+    fn ready(&mut self, lp: &mut Loop<D>, data: &mut D, readiness: Readiness) {
+        (self.callback)(lp, data, &mut self.source, readiness)
+    }
+
+    fn into_source(self: Box<Self>) -> Box<dyn Any> {
+        Box::new(self.source)
+    }
+}
+
+pub(crate) struct FdState {
+    /// The interest registered with the backend: the union of its unpaused watches'.
+    pub(crate) interest: Interest,
+    /// Readiness gathered from this iteration's events, until the fd is dispatched.
+    pub(crate) pending: Readiness,
+    pub(crate) watches: SmallVec<[u64; 2]>,
+    /// Watches made with `watch_raw_fd`, whose fds the loop does not hold open.
+    raw: u32,
+    /// Regular files, which epoll refuses with EPERM: reported ready at every iteration,
+    /// as poll(2) would report them.
+    pub(crate) always_ready: bool,
+}
+
+pub(crate) struct IoWatch<D: 'static> {
+    /// When it was added, on the loop's id counter: a dispatch skips watches added
+    /// after it began.
+    pub(crate) serial: u64,
+    fd: RawFd,
+    interest: Interest,
+    paused: bool,
+    raw: bool,
+    /// `None` while the callback runs, so a nested `run` cannot re-enter it.
+    source: Option<Box<dyn Source<D>>>,
+}
+
+impl<D: 'static> IoWatch<D> {
+    /// What the watch asks of the backend now.
+    fn wants(&self) -> Interest {
+        if self.paused {
+            Interest::NONE
+        } else {
+            self.interest
+        }
+    }
+}
+
+pub(crate) fn fires(interest: Interest, ready: Readiness) -> bool {
+    let problem = Readiness::HANGUP | Readiness::ERROR;
+    (interest.contains(Interest::READ) && ready.intersects(Readiness::READABLE | problem))
+        || (interest.contains(Interest::WRITE) && ready.intersects(Readiness::WRITABLE | problem))
+        || (interest.contains(Interest::HANGUP) && ready.intersects(problem))
+}
+
+/// The loop's error for what a backend said about `fd`.
+pub(crate) fn watch_error(backend: &'static str, fd: RawFd, source: std::io::Error) -> Error {
+    match refusal(&source) {
+        Some(Refusal::ClosedWhileRegistered) => Error::ClosedWhileWatched { backend, fd },
+        Some(Refusal::AboveLimit { limit }) => Error::FdAboveLimit { backend, fd, limit },
+        _ => Error::Watch { backend, fd, source },
+    }
+}
+
+/// A failed [`Loop::watch_io`]: the error, and the source, handed back unharmed.
+pub struct WatchError<S> {
+    /// What went wrong.
+    pub error: Error,
+    /// The source the watch would have owned.
+    pub source: S,
+}
+
+impl<S> std::fmt::Debug for WatchError<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> std::fmt::Display for WatchError<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl<S> std::error::Error for WatchError<S> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl<S> From<WatchError<S>> for Error {
+    fn from(e: WatchError<S>) -> Error {
+        e.error
+    }
+}
+
+impl<D: 'static> Loop<D> {
+    /// Watches `source` for `interest` and owns it until the watch is removed, which
+    /// hands it back ([`Loop::remove`]); cancelling or dropping the loop drops it.
+    /// `callback` runs at every iteration in which the fd is ready for the interest
+    /// (level-triggered), with the source. A read watch also fires on hangup and on a
+    /// pending error (reading then tells which); a write watch likewise.
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use std::os::unix::net::UnixStream;
+    /// use forkloop::{Interest, Loop};
+    ///
+    /// let mut lp: Loop<Vec<u8>> = Loop::new()?;
+    /// let (mut a, b) = UnixStream::pair()?;
+    /// lp.watch_io(b, Interest::READ, |lp, got, b, _ready| {
+    ///     let mut buf = [0; 16];
+    ///     let n = b.read(&mut buf).unwrap();
+    ///     got.extend_from_slice(&buf[..n]);
+    ///     lp.stop(0);
+    /// })?;
+    /// a.write_all(b"hi")?;
+    /// let mut got = Vec::new();
+    /// lp.run(&mut got)?;
+    /// assert_eq!(got, b"hi");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn watch_io<S: AsFd + 'static>(
+        &mut self,
+        source: S,
+        interest: Interest,
+        callback: impl FnMut(&mut Loop<D>, &mut D, &mut S, Readiness) + 'static,
+    ) -> std::result::Result<Io<S>, WatchError<S>> {
+        let fd = source.as_fd().as_raw_fd();
+        if let Err(error) = self.add_fd(fd, interest, false) {
+            return Err(WatchError { error, source });
+        }
+        Ok(self.insert_io(fd, interest, false, source, callback))
+    }
+
+    /// Watches a raw fd, for fds no Rust type owns (one a C library hands out, say).
+    /// The callback gets the fd; [`Loop::remove`] gives it back.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must stay open until the watch is cancelled or removed (or the loop is
+    /// dropped). Closed while watched, its number may be reused by another file, which
+    /// the backend then reports on (or, for poll and select, fails the wait with
+    /// [`Error::ClosedWhileWatched`]).
+    pub unsafe fn watch_raw_fd(
+        &mut self,
+        fd: RawFd,
+        interest: Interest,
+        callback: impl FnMut(&mut Loop<D>, &mut D, &mut RawFd, Readiness) + 'static,
+    ) -> Result<Io<RawFd>> {
+        if fd < 0 {
+            return Err(Error::InvalidFd(fd));
+        }
+        self.add_fd(fd, interest, true)?;
+        Ok(self.insert_io(fd, interest, true, fd, callback))
+    }
+
+    /// Registers a new watch's interest on `fd` with the backend (before the watch
+    /// exists, so a refusal leaves nothing behind).
+    fn add_fd(&mut self, fd: RawFd, interest: Interest, raw: bool) -> Result<()> {
+        if interest.is_empty() {
+            return Err(Error::EmptyInterest(fd));
+        }
+        self.ensure_current()?;
+        let backend = self.backend_name();
+        match self.fds.get_mut(fd) {
+            Some(st) => {
+                let wanted = st.interest | interest;
+                // A raw fd may have been closed behind the loop's back, and its number
+                // given to another file: epoll refuses any change to it (ENOENT), so it
+                // is asked even with the interest unchanged. Owned sources hold theirs
+                // open, so the number cannot have moved.
+                let check = raw || st.raw > 0;
+                if !st.always_ready && (wanted != st.interest || check) {
+                    let result = if st.interest.is_empty() {
+                        self.backend.register(fd, wanted)
+                    } else {
+                        self.backend.modify(fd, wanted)
+                    };
+                    result.map_err(|e| match e.raw_os_error() {
+                        Some(libc::ENOENT) => Error::ClosedWhileWatched { backend, fd },
+                        _ => watch_error(backend, fd, e),
+                    })?;
+                }
+                st.interest = wanted;
+            }
+            None => {
+                let always_ready = match self.backend.register(fd, interest) {
+                    Ok(()) => false,
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => true,
+                    Err(e) => return Err(watch_error(backend, fd, e)),
+                };
+                if always_ready {
+                    self.always_ready.push(fd);
+                }
+                let state = FdState {
+                    interest,
+                    pending: Readiness::NONE,
+                    watches: SmallVec::new(),
+                    raw: 0,
+                    always_ready,
+                };
+                self.fds.insert(fd, state);
+            }
+        }
+        Ok(())
+    }
+
+    fn insert_io<S: 'static>(
+        &mut self,
+        fd: RawFd,
+        interest: Interest,
+        raw: bool,
+        source: S,
+        callback: impl FnMut(&mut Loop<D>, &mut D, &mut S, Readiness) + 'static,
+    ) -> Io<S> {
+        let serial = self.next_id();
+        let source = Some(Box::new(Entry { source, callback }) as Box<dyn Source<D>>);
+        let id = self.io.insert(IoWatch {
+            serial,
+            fd,
+            interest,
+            paused: false,
+            raw,
+            source,
+        });
+        let st = self.fds.get_mut(fd).expect("added above");
+        st.watches.push(id);
+        st.raw += u32::from(raw);
+        Io::new(self.handle(WatchKind::Io, id))
+    }
+
+    /// The live IO watch `io` names in this loop.
+    fn io_watch<S>(&mut self, io: Io<S>) -> Result<&mut IoWatch<D>> {
+        if io.watch.owner != self.id.serial {
+            return Err(Error::ForeignWatch);
+        }
+        self.io.get_mut(io.watch.id).ok_or(Error::WatchGone)
+    }
+
+    /// Changes what the watch waits for, in place: at most one syscall (`epoll_ctl`),
+    /// and none if the fd's registered interest does not change. An empty interest is
+    /// refused; [`Loop::pause`] waits for nothing.
+    pub fn set_interest<S>(&mut self, io: Io<S>, interest: Interest) -> Result<()> {
+        let watch = self.io_watch(io)?;
+        if interest.is_empty() {
+            return Err(Error::EmptyInterest(watch.fd));
+        }
+        let (fd, before) = (watch.fd, watch.interest);
+        watch.interest = interest;
+        self.refresh_fd(fd).inspect_err(|_| {
+            if let Some(watch) = self.io.get_mut(io.watch.id) {
+                watch.interest = before;
+            }
+        })
+    }
+
+    /// Stops the watch's callback until [`Loop::resume`], keeping the watch and its
+    /// source: one syscall at most (none if other watches of the fd want the same).
+    pub fn pause<S>(&mut self, io: Io<S>) -> Result<()> {
+        self.set_paused(io, true)
+    }
+
+    /// Undoes [`Loop::pause`]: one syscall at most.
+    pub fn resume<S>(&mut self, io: Io<S>) -> Result<()> {
+        self.set_paused(io, false)
+    }
+
+    fn set_paused<S>(&mut self, io: Io<S>, paused: bool) -> Result<()> {
+        let watch = self.io_watch(io)?;
+        if watch.paused == paused {
+            return Ok(());
+        }
+        watch.paused = paused;
+        let fd = watch.fd;
+        self.refresh_fd(fd).inspect_err(|_| {
+            if let Some(watch) = self.io.get_mut(io.watch.id) {
+                watch.paused = !paused;
+            }
+        })
+    }
+
+    /// Ends the watch and hands its source back. `None` if the watch is gone, belongs to
+    /// another loop, or is the one whose callback is running: its source is then dropped
+    /// when the callback returns.
+    pub fn remove<S: 'static>(&mut self, io: Io<S>) -> Option<S> {
+        if io.watch.owner != self.id.serial {
+            return None;
+        }
+        let source = self.cancel_io(io.watch.id)?;
+        let source = source.into_source().downcast::<S>();
+        Some(*source.expect("an Io<S> handle names a watch whose source is an S"))
+    }
+
+    /// Removes watch `id` from the tables; its boxed source, unless its callback runs.
+    pub(crate) fn cancel_io(&mut self, id: u64) -> Option<Box<dyn Source<D>>> {
+        let watch = self.io.remove(id)?;
+        let st = self
+            .fds
+            .get_mut(watch.fd)
+            .expect("every io watch has its fd's state");
+        st.watches.retain(|w| *w != id);
+        st.raw -= u32::from(watch.raw);
+        if let Err(e) = self.refresh_fd(watch.fd) {
+            // Closing an fd removes it from epoll/kqueue already; nothing is lost.
+            log::debug!("{}: updating fd {} after a cancel: {e}", self.backend_name(), watch.fd);
+        }
+        watch.source
+    }
+
+    /// Brings the backend's registration of `fd` in line with its watches: registered
+    /// with the union of their interests, deregistered while all are paused, forgotten
+    /// when none is left. One syscall at most.
+    fn refresh_fd(&mut self, fd: RawFd) -> Result<()> {
+        let backend = self.backend_name();
+        let current = self.backend_is_current();
+        let Some(st) = self.fds.get_mut(fd) else {
+            return Ok(());
+        };
+        let io = &self.io;
+        let wanted = st.watches.iter().fold(Interest::NONE, |acc, &w| {
+            acc | io.get(w).expect("watches of an fd are live").wants()
+        });
+        let before = st.interest;
+        let (always_ready, gone) = (st.always_ready, st.watches.is_empty());
+        st.interest = wanted;
+        if gone {
+            self.fds.remove(fd);
+            self.always_ready.retain(|&f| f != fd);
+        }
+        if wanted == before || always_ready || !current {
+            return Ok(());
+        }
+        let result = if wanted.is_empty() {
+            self.backend.deregister(fd)
+        } else if before.is_empty() {
+            self.backend.register(fd, wanted)
+        } else {
+            self.backend.modify(fd, wanted)
+        };
+        result.map_err(|e| {
+            if let Some(st) = self.fds.get_mut(fd) {
+                st.interest = before;
+            }
+            watch_error(backend, fd, e)
+        })
+    }
+
+    /// Runs the callbacks of `fd`'s watches that `ready` concerns and that existed when
+    /// the dispatch began (`mark`).
+    pub(crate) fn dispatch_fd(&mut self, fd: RawFd, ready: Readiness, mark: u64, data: &mut D) {
+        let Some(st) = self.fds.get(fd) else {
+            return;
+        };
+        let ids: SmallVec<[u64; 4]> = st.watches.iter().copied().collect();
+        for id in ids {
+            let Some(watch) = self.io.get_mut(id).filter(|w| w.serial < mark) else {
+                continue; // cancelled by an earlier callback of this dispatch
+            };
+            if !fires(watch.wants(), ready) {
+                continue;
+            }
+            let Some(mut source) = watch.source.take() else {
+                continue; // running further up the stack (nested run)
+            };
+            source.ready(self, data, ready);
+            if let Some(watch) = self.io.get_mut(id) {
+                watch.source = Some(source);
+            }
+        }
+    }
+
+    /// The loop's own watch of an fd it owns elsewhere (self-pipes, pidfds).
+    ///
+    /// # Safety
+    ///
+    /// As [`Loop::watch_raw_fd`]: the caller cancels the watch before it closes `fd`.
+    pub(crate) unsafe fn watch_internal(
+        &mut self,
+        fd: RawFd,
+        callback: impl FnMut(&mut Loop<D>, &mut D) + 'static,
+    ) -> Result<Watch> {
+        let mut callback = callback;
+        // SAFETY: passed on from the caller.
+        let io = unsafe {
+            self.watch_raw_fd(fd, Interest::READ, move |lp, data, _, _| callback(lp, data))
+        }?;
+        Ok(io.watch)
+    }
+
+    /// Merges this iteration's events per fd, then dispatches each fd once.
+    pub(crate) fn dispatch_io(&mut self, data: &mut D) {
+        // Watches added from here on did not exist when the kernel reported these events:
+        // a callback that closes its fd and watches a new one given the same number must
+        // not see the old fd's readiness (libev guards the same way).
+        let mark = self.next_id;
+        // One dispatch per fd with all its readiness: kqueue (and mio or polling on it)
+        // reports each filter as an event of its own. The per-fd marks are all cleared
+        // before the first callback, so a nested iteration or a caught panic finds none.
+        let mut ready = mem::take(&mut self.ready);
+        for event in &self.events {
+            if let Some(st) = self.fds.get_mut(event.fd) {
+                if st.pending.is_empty() {
+                    ready.push((event.fd, Readiness::NONE));
+                }
+                st.pending |= event.readiness;
+            }
+        }
+        for (fd, readiness) in &mut ready {
+            let st = self
+                .fds
+                .get_mut(*fd)
+                .expect("marked above, no callback since");
+            *readiness = mem::take(&mut st.pending);
+        }
+        for &(fd, readiness) in &ready {
+            self.dispatch_fd(fd, readiness, mark, data);
+        }
+        ready.clear();
+        self.ready = ready;
+        if !self.always_ready.is_empty() {
+            for fd in self.always_ready.clone() {
+                let both = Readiness::READABLE | Readiness::WRITABLE;
+                self.dispatch_fd(fd, both, mark, data);
+            }
+        }
+    }
+}
