@@ -1,0 +1,382 @@
+//! The loop API of issue #11 on every backend: the user's state in callbacks, owned
+//! sources handed back, handles that act in place (interest, pause, resume, timer
+//! restart), the cached time, branding, and errors a caller can match on.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use forkloop::{Backend, Error, Interest, Kind, Loop, Readiness, Timer};
+use rstest::rstest;
+use rstest_reuse::apply;
+
+/// Counts the backend calls a change costs: `register`, `modify`, `deregister`.
+#[derive(Clone, Default)]
+struct Calls(Arc<AtomicUsize>);
+
+impl Calls {
+    fn take(&self) -> usize {
+        self.0.swap(0, Ordering::SeqCst)
+    }
+}
+
+struct Counting {
+    inner: Box<dyn Backend>,
+    calls: Calls,
+}
+
+impl Counting {
+    fn count(&self) {
+        self.calls.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Backend for Counting {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn register(&mut self, fd: i32, interest: Interest) -> std::io::Result<()> {
+        self.count();
+        self.inner.register(fd, interest)
+    }
+    fn modify(&mut self, fd: i32, interest: Interest) -> std::io::Result<()> {
+        self.count();
+        self.inner.modify(fd, interest)
+    }
+    fn deregister(&mut self, fd: i32) -> std::io::Result<()> {
+        self.count();
+        self.inner.deregister(fd)
+    }
+    fn wait(
+        &mut self,
+        events: &mut Vec<forkloop::Event>,
+        timeout: Option<Duration>,
+    ) -> std::io::Result<()> {
+        self.inner.wait(events, timeout)
+    }
+    fn post_fork(
+        &mut self,
+        registrations: &mut dyn Iterator<Item = (i32, Interest)>,
+    ) -> std::io::Result<()> {
+        self.inner.post_fork(registrations)
+    }
+}
+
+fn counting_loop<D>(kind: Kind) -> (Loop<D>, Calls) {
+    let calls = Calls::default();
+    let inner = kind.create().unwrap_or_else(|e| panic!("{kind}: {e}"));
+    let backend = Box::new(Counting {
+        inner,
+        calls: calls.clone(),
+    });
+    (Loop::from_backend(backend).unwrap(), calls)
+}
+
+/// What the watches of a test saw.
+#[derive(Default)]
+struct Seen {
+    reads: u32,
+    writes: u32,
+}
+
+#[apply(backends)]
+fn api_callbacks_change_the_data_lent_to_run_with_no_shared_cells(#[case] kind: Kind) {
+    let mut lp: Loop<Vec<&'static str>> = Loop::with_backend(kind).unwrap();
+    let (a, mut b) = socketpair();
+    lp.watch_io(a, Interest::READ, |lp, log, a, _| {
+        drain(a);
+        log.push("read");
+        lp.later(|lp, log| {
+            log.push("idle");
+            lp.stop(0);
+        });
+    })
+    .unwrap();
+    b.write_all(b"x").unwrap();
+    let mut log = Vec::new();
+    lp.run(&mut log).unwrap();
+    assert_eq!(log, ["read", "idle"]);
+}
+
+#[apply(backends)]
+fn api_a_nested_run_gets_the_same_data(#[case] kind: Kind) {
+    let mut lp: Loop<u32> = Loop::with_backend(kind).unwrap();
+    lp.later(|lp, depth| {
+        *depth += 1;
+        lp.later(|lp, depth| {
+            *depth += 10;
+            lp.stop(1);
+        });
+        assert_eq!(lp.run(depth).unwrap(), 1, "the nested run's stop");
+        lp.stop(2);
+    });
+    let mut depth = 0;
+    assert_eq!(lp.run(&mut depth).unwrap(), 2);
+    assert_eq!(depth, 11);
+}
+
+#[apply(backends)]
+fn api_remove_hands_the_source_back_open_and_unwatched(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    let (a, mut b) = socketpair();
+    let (calls, io) = watch_counting(&mut lp, a, Interest::READ);
+    let mut a = lp.remove(io).expect("the source comes back");
+    assert!(lp.remove(io).is_none(), "removed twice");
+    assert!(!lp.cancel(io), "cancelled after removal");
+    b.write_all(b"x").unwrap();
+    lp.loop_once(Some(U), &mut ()).unwrap();
+    assert_eq!(calls.get(), 0, "no callback after removal");
+    assert_eq!(drain(&mut a), 1, "the socket still works");
+}
+
+#[apply(backends)]
+fn api_a_failed_watch_hands_the_source_back(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    let (a, _b) = socketpair();
+    let fd = a.as_raw_fd();
+    let failed = lp.watch_io(a, Interest::NONE, |_, (), _, _| {});
+    let Err(failed) = failed else {
+        panic!("an empty interest was accepted");
+    };
+    assert!(matches!(failed.error, Error::EmptyInterest(f) if f == fd));
+    assert_eq!(failed.source.as_raw_fd(), fd, "the same socket, still open");
+    // SAFETY: -1 is never open; the loop refuses it before registering anything.
+    let negative = unsafe { lp.watch_raw_fd(-1, Interest::READ, |_, (), _, _| {}) };
+    assert!(matches!(negative, Err(Error::InvalidFd(-1))));
+}
+
+#[apply(backends)]
+fn api_set_interest_changes_what_fires_in_one_backend_call(#[case] kind: Kind) {
+    let (mut lp, calls) = counting_loop::<Seen>(kind);
+    let (a, mut b) = socketpair();
+    let io = lp
+        .watch_io(a, Interest::READ, |_, seen, a, ready| {
+            if ready.contains(Readiness::READABLE) {
+                seen.reads += 1;
+                drain(a);
+            }
+            if ready.contains(Readiness::WRITABLE) {
+                seen.writes += 1;
+            }
+        })
+        .unwrap();
+    calls.take();
+    let mut seen = Seen::default();
+    lp.loop_once(Some(Duration::ZERO), &mut seen).unwrap();
+    assert_eq!(seen.writes, 0, "not watched for writing yet");
+    lp.set_interest(io, Interest::READ | Interest::WRITE)
+        .unwrap();
+    assert_eq!(calls.take(), 1, "one modify");
+    lp.loop_once(Some(U), &mut seen).unwrap();
+    assert_eq!(seen.writes, 1, "a socketpair is writable");
+    lp.set_interest(io, Interest::READ | Interest::WRITE)
+        .unwrap();
+    assert_eq!(calls.take(), 0, "the same interest again costs nothing");
+    lp.set_interest(io, Interest::READ).unwrap();
+    assert_eq!(calls.take(), 1);
+    b.write_all(b"x").unwrap();
+    lp.loop_once(Some(U), &mut seen).unwrap();
+    assert_eq!((seen.reads, seen.writes), (1, 1));
+    assert!(matches!(
+        lp.set_interest(io, Interest::NONE),
+        Err(Error::EmptyInterest(_))
+    ));
+}
+
+#[apply(backends)]
+fn api_pause_and_resume_cost_two_backend_calls_and_keep_the_watch(#[case] kind: Kind) {
+    let (mut lp, calls) = counting_loop::<u32>(kind);
+    let (a, mut b) = socketpair();
+    let io = lp
+        .watch_io(a, Interest::READ, |_, reads, _, _| *reads += 1)
+        .unwrap();
+    calls.take();
+    lp.pause(io).unwrap();
+    lp.pause(io).unwrap();
+    assert_eq!(calls.take(), 1, "pausing twice is one call");
+    b.write_all(b"x").unwrap();
+    let mut reads = 0;
+    lp.loop_once(Some(Duration::from_millis(20)), &mut reads)
+        .unwrap();
+    assert_eq!(
+        reads, 0,
+        "a paused watch does not fire though the fd is readable"
+    );
+    lp.resume(io).unwrap();
+    assert_eq!(calls.take(), 1, "pause + resume: two calls in all");
+    lp.loop_once(Some(U), &mut reads).unwrap();
+    assert_eq!(reads, 1, "resumed, it fires for the byte waiting");
+}
+
+#[apply(backends)]
+fn api_pausing_one_of_two_watches_of_an_fd_keeps_the_other(#[case] kind: Kind) {
+    let (mut lp, calls) = counting_loop::<(u32, u32)>(kind);
+    let (a, mut b) = socketpair();
+    let a = Rc::new(a);
+    let first = lp
+        .watch_io(Rc::clone(&a), Interest::READ, |_, seen, _, _| seen.0 += 1)
+        .unwrap();
+    lp.watch_io(Rc::clone(&a), Interest::READ, |_, seen, _, _| seen.1 += 1)
+        .unwrap();
+    calls.take();
+    lp.pause(first).unwrap();
+    assert_eq!(calls.take(), 0, "the fd's interest is unchanged");
+    b.write_all(b"x").unwrap();
+    let mut seen = (0, 0);
+    lp.loop_once(Some(U), &mut seen).unwrap();
+    assert_eq!(seen, (0, 1));
+}
+
+#[apply(backends)]
+fn api_handles_of_another_loop_are_refused(#[case] kind: Kind) {
+    let mut a = new_loop(kind);
+    let mut b = new_loop(kind);
+    let (s1, _s2) = socketpair();
+    let (_, io) = watch_counting(&mut a, s1, Interest::READ);
+    assert!(matches!(
+        b.set_interest(io, Interest::WRITE),
+        Err(Error::ForeignWatch)
+    ));
+    assert!(matches!(b.pause(io), Err(Error::ForeignWatch)));
+    assert!(b.remove(io).is_none());
+    let timer = a.after(U, |_, ()| {});
+    assert!(!b.restart(timer, U), "another loop's timer");
+    assert!(a.restart(timer, U), "its own loop restarts it");
+    assert!(a.remove(io).is_some(), "the watch is still a's");
+    assert!(matches!(a.pause(io), Err(Error::WatchGone)));
+}
+
+#[apply(backends)]
+fn api_restart_moves_a_pending_timer_and_keeps_its_callback(#[case] kind: Kind) {
+    let mut lp: Loop<Option<Instant>> = Loop::with_backend(kind).unwrap();
+    let token = Box::new(7); // moved into the callback, so it is the same closure that fires
+    let timer = lp.after(Duration::from_millis(10), move |lp, fired| {
+        assert_eq!(*token, 7);
+        *fired = Some(lp.now());
+        lp.stop(0);
+    });
+    let restarted = Instant::now();
+    assert!(lp.restart(timer, 10 * Duration::from_millis(10)));
+    let mut fired = None;
+    lp.run(&mut fired).unwrap();
+    let after = fired.unwrap().duration_since(restarted);
+    assert!(
+        after >= Duration::from_millis(100),
+        "fired {after:?} after the restart, before its new deadline"
+    );
+    assert!(!lp.restart(timer, U), "a fired one-shot is gone");
+}
+
+/// The ticks of a repeating timer, and its handle.
+#[derive(Default)]
+struct Ticks {
+    at: Vec<Instant>,
+    timer: Option<Timer>,
+}
+
+#[apply(backends)]
+fn api_a_repeating_timer_restarted_from_its_callback_waits_the_new_delay(#[case] kind: Kind) {
+    let mut lp: Loop<Ticks> = Loop::with_backend(kind).unwrap();
+    // The first tick restarts its own timer 50 ms out; the interval goes on after that.
+    let timer = lp
+        .every(Duration::from_millis(1), |lp, ticks| {
+            ticks.at.push(lp.now());
+            match ticks.at.len() {
+                1 => assert!(lp.restart(ticks.timer.unwrap(), Duration::from_millis(50))),
+                3 => lp.stop(0),
+                _ => {}
+            }
+        })
+        .unwrap();
+    let mut ticks = Ticks {
+        timer: Some(timer),
+        ..Ticks::default()
+    };
+    lp.run(&mut ticks).unwrap();
+    let restarted = ticks.at[1].duration_since(ticks.at[0]);
+    assert!(
+        restarted >= Duration::from_millis(50),
+        "second tick after {restarted:?}"
+    );
+    let gap = ticks.at[2].duration_since(ticks.at[1]);
+    assert!(
+        gap < Duration::from_millis(45),
+        "the interval goes on: {gap:?}"
+    );
+}
+
+#[apply(backends)]
+fn api_now_is_read_once_per_iteration(#[case] kind: Kind) {
+    let mut lp: Loop<Vec<Instant>> = Loop::with_backend(kind).unwrap();
+    for _ in 0..2 {
+        lp.later(|lp, seen| {
+            seen.push(lp.now());
+            std::thread::sleep(Duration::from_millis(2));
+        });
+    }
+    let mut seen = Vec::new();
+    lp.loop_once(Some(Duration::ZERO), &mut seen).unwrap();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[0], seen[1],
+        "callbacks of one iteration share the time"
+    );
+    let cached = lp.now();
+    assert!(lp.update_now() >= cached + Duration::from_millis(4));
+}
+
+#[apply(backends)]
+fn api_a_timer_armed_in_a_callback_counts_from_the_cached_time(#[case] kind: Kind) {
+    let mut lp: Loop<Option<(Instant, Instant)>> = Loop::with_backend(kind).unwrap();
+    lp.later(|lp, _| {
+        let base = lp.now();
+        lp.after(Duration::from_millis(30), move |lp, out| {
+            *out = Some((base, lp.now()));
+            lp.stop(0);
+        });
+    });
+    let mut out = None;
+    lp.run(&mut out).unwrap();
+    let (base, fired) = out.unwrap();
+    assert!(fired >= base + Duration::from_millis(30));
+}
+
+/// select cannot hold fds at or above FD_SETSIZE: the error says so, as a variant, and
+/// the source comes back.
+#[cfg(feature = "select")]
+#[test]
+fn api_select_refuses_an_fd_above_its_limit_by_variant() {
+    raise_fd_limit(libc::FD_SETSIZE as u64 + 16);
+    let (a, _b) = UnixStream::pair().unwrap();
+    let high = libc::FD_SETSIZE as i32 + 5;
+    // SAFETY: dup2 onto a number this test owns from here on (it is closed below).
+    assert_eq!(unsafe { libc::dup2(a.as_raw_fd(), high) }, high);
+    // SAFETY: dup2 just made `high`, and nothing else owns it.
+    let high = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(high) };
+    let mut lp = new_loop(Kind::Select);
+    let Err(failed) = lp.watch_io(high, Interest::READ, |_, (), _, _| {}) else {
+        panic!("select accepted an fd above FD_SETSIZE");
+    };
+    assert!(
+        matches!(failed.error, Error::FdAboveLimit { backend: "select", limit, .. } if limit == libc::FD_SETSIZE),
+        "{:?}",
+        failed.error
+    );
+    assert!(failed
+        .error
+        .to_string()
+        .contains("use the poll or epoll backend"));
+    let mut back = failed.source;
+    back.set_nonblocking(true).unwrap();
+    assert!(
+        back.read(&mut [0; 1]).is_err(),
+        "the dup is still open and ours"
+    );
+}
