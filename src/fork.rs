@@ -18,6 +18,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+
 use crate::signal::{self, ForkLock};
 use crate::waker::{self, ForkGate};
 use crate::{global, Error, Loop, Result};
@@ -181,11 +183,11 @@ fn flush_std() {
     let _ = std::io::stderr().flush();
 }
 
-fn set_signal_mask(mask: &libc::sigset_t) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain old data; pthread_sigmask fills `old`.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: both pointers are live sigset_t values.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, mask, &mut old) };
+/// Sets this thread's signal mask; returns the one it replaces.
+fn set_signal_mask(mask: &SigSet) -> SigSet {
+    let mut old = SigSet::empty();
+    // Cannot fail: the `how` is valid and both sets are live.
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(mask), Some(&mut old));
     old
 }
 
@@ -227,11 +229,7 @@ impl<D: 'static> Loop<D> {
             }
         }
         note_other_threads();
-        // SAFETY: sigset_t is plain old data; sigfillset initializes it.
-        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `all` is a live sigset_t.
-        unsafe { libc::sigfillset(&mut all) };
-        let old_mask = set_signal_mask(&all);
+        let old_mask = set_signal_mask(&SigSet::all());
         // SAFETY: the child only resets signal dispositions, restores its mask, runs the
         // caller's closure and _exits: it never returns into the parent's frames.
         let pid = unsafe { libc::fork() };
@@ -278,7 +276,10 @@ impl<D: 'static> Loop<D> {
             self.id.pid = std::process::id();
             self.forget_children();
         }
-        if let Err(e) = self.signals_post_fork().and_then(|()| self.wakers_post_fork()) {
+        if let Err(e) = self
+            .signals_post_fork()
+            .and_then(|()| self.wakers_post_fork())
+        {
             // Not current yet: the next use tries again, and finishes the rest.
             self.generation = inherited_in;
             return Err(e);
