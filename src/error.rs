@@ -49,7 +49,9 @@ pub enum Error {
     EmptyInterest(RawFd),
     /// A watched fd was closed behind the loop's back (only fds watched through the
     /// `unsafe` [`Loop::watch_raw_fd`](crate::Loop::watch_raw_fd) can be).
-    #[error("{backend}: fd {fd} was closed while still watched; cancel its watches before closing it")]
+    #[error(
+        "{backend}: fd {fd} was closed while still watched; cancel its watches before closing it"
+    )]
     ClosedWhileWatched {
         /// The backend's name.
         backend: &'static str,
@@ -57,7 +59,9 @@ pub enum Error {
         fd: RawFd,
     },
     /// The fd is above what the backend can hold: select's `FD_SETSIZE`.
-    #[error("{backend}: fd {fd} is at or above its limit of {limit} fds; use the poll or epoll backend")]
+    #[error(
+        "{backend}: fd {fd} is at or above its limit of {limit} fds; use the poll or epoll backend"
+    )]
     FdAboveLimit {
         /// The backend's name.
         backend: &'static str,

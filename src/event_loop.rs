@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::mem::{self, ManuallyDrop};
-use std::panic::{self, AssertUnwindSafe};
 use std::os::fd::RawFd;
+use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use forkloop_backend::{Backend, Event, FdMap, Readiness};

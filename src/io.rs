@@ -89,7 +89,11 @@ pub(crate) fn watch_error(backend: &'static str, fd: RawFd, source: std::io::Err
     match refusal(&source) {
         Some(Refusal::ClosedWhileRegistered) => Error::ClosedWhileWatched { backend, fd },
         Some(Refusal::AboveLimit { limit }) => Error::FdAboveLimit { backend, fd, limit },
-        _ => Error::Watch { backend, fd, source },
+        _ => Error::Watch {
+            backend,
+            fd,
+            source,
+        },
     }
 }
 
@@ -336,7 +340,11 @@ impl<D: 'static> Loop<D> {
         st.raw -= u32::from(watch.raw);
         if let Err(e) = self.refresh_fd(watch.fd) {
             // Closing an fd removes it from epoll/kqueue already; nothing is lost.
-            log::debug!("{}: updating fd {} after a cancel: {e}", self.backend_name(), watch.fd);
+            log::debug!(
+                "{}: updating fd {} after a cancel: {e}",
+                self.backend_name(),
+                watch.fd
+            );
         }
         watch.source
     }

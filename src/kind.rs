@@ -78,7 +78,11 @@ impl Kind {
     /// The best backend compiled in and usable here: epoll > kqueue > poll > select >
     /// mio > polling.
     pub fn best() -> Result<Kind> {
-        let names = Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(",");
+        let names = Kind::ALL
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(",");
         Kind::first_usable(&names)
     }
 

@@ -56,9 +56,9 @@ mod waker;
 
 pub use error::{Error, Result, SignalRefusal};
 pub use event_loop::Loop;
-pub use handle::{Io, LoopId, Timer, Watch};
-pub use io::WatchError;
 pub use fork::ForkOptions;
 pub use forkloop_backend::{Backend, Event, Interest, Readiness};
+pub use handle::{Io, LoopId, Timer, Watch};
+pub use io::WatchError;
 pub use kind::{Kind, BACKEND_ENV};
 pub use waker::{SendError, Waker};

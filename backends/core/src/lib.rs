@@ -252,7 +252,14 @@ pub fn refused(backend: &str, fd: RawFd, refusal: Refusal) -> io::Error {
         Refusal::AboveLimit { .. } => io::ErrorKind::InvalidInput,
     };
     let backend = backend.to_owned();
-    io::Error::new(kind, Refused { backend, fd, refusal })
+    io::Error::new(
+        kind,
+        Refused {
+            backend,
+            fd,
+            refusal,
+        },
+    )
 }
 
 /// The refusal an error from [`refused`] carries, if it is one.
