@@ -8,14 +8,13 @@ mod common;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::rc::Rc;
 use std::time::Duration;
 
 use common::*;
-use forkloop::{ForkOptions, Kind, Loop};
+use forkloop::{Error, ForkOptions, Kind, Loop};
 use rstest::rstest;
 use rstest_reuse::apply;
 
@@ -57,7 +56,7 @@ fn hardening_loop_fds_are_cloexec_not_kept_by_children_and_forks_leak_none(#[cas
     isolated(|| {
         let before = open_fds();
         let mut lp = new_loop(kind);
-        lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        lp.watch_signal(libc::SIGUSR1, |_, (), _| {}).unwrap();
         let created: Vec<i32> = open_fds()
             .into_iter()
             .filter(|fd| !before.contains(fd))
@@ -95,7 +94,7 @@ fn hardening_loop_fds_are_cloexec_not_kept_by_children_and_forks_leak_none(#[cas
         for _ in 0..cycles {
             let pid = lp.fork(ForkOptions::new(), || 0).unwrap();
             let e = exited.clone();
-            lp.watch_process(pid, move |_, _, _| e.set(e.get() + 1))
+            lp.watch_process(pid, move |_, (), _, _| e.set(e.get() + 1))
                 .unwrap();
         }
         assert!(loop_until(&mut lp, Duration::from_secs(60), || exited
@@ -121,7 +120,7 @@ fn hardening_many_short_lived_children_are_all_reaped_and_others_keep_their_stat
         for i in 0..count {
             let pid = lp.fork(ForkOptions::new(), move || (i % 7) as i32).unwrap();
             let r = reported.clone();
-            lp.watch_process(pid, move |_, _, status| {
+            lp.watch_process(pid, move |_, (), _, status| {
                 assert_eq!(status.unwrap().code(), Some((i % 7) as i32));
                 r.set(r.get() + 1);
             })
@@ -130,7 +129,7 @@ fn hardening_many_short_lived_children_are_all_reaped_and_others_keep_their_stat
         assert!(loop_until(&mut lp, Duration::from_secs(60), || reported
             .get()
             == count));
-        lp.loop_once(Some(U)).unwrap();
+        lp.loop_once(Some(U), &mut ()).unwrap();
         assert_eq!(reported.get(), count, "an exit was reported twice");
         let me = std::process::id();
         let left =
@@ -168,7 +167,7 @@ fn hardening_signal_pending_at_fork_is_delivered_once_and_never_spins_the_child(
     isolated(|| {
         let mut lp = new_loop(kind);
         let (calls, c) = counter();
-        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+        lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
             .unwrap();
         // raise() runs the handler before it returns: recorded, not yet dispatched.
         // SAFETY: raise has no memory-safety preconditions.
@@ -177,14 +176,14 @@ fn hardening_signal_pending_at_fork_is_delivered_once_and_never_spins_the_child(
         // second: the parent's pending signal must neither reach it nor make it spin.
         let child = raw_fork(|| {
             let before = cpu_time();
-            lp.loop_once(Some(Duration::from_secs(1))).unwrap();
+            lp.loop_once(Some(Duration::from_secs(1)), &mut ()).unwrap();
             let spent = cpu_time() - before;
             println!("figure: {kind}: child CPU over a 1 s wait with a signal pending at fork: {spent:?}");
             (calls.get() != 0 || spent > Duration::from_millis(100)) as i32
         });
         assert_eq!(exit_code(wait_child(child, Duration::from_secs(20))), 0);
         assert!(loop_until(&mut lp, 50 * U, || calls.get() == 1));
-        lp.loop_once(Some(U)).unwrap();
+        lp.loop_once(Some(U), &mut ()).unwrap();
         assert_eq!(calls.get(), 1, "delivered more than once in the parent");
     });
 }
@@ -193,9 +192,11 @@ fn hardening_signal_pending_at_fork_is_delivered_once_and_never_spins_the_child(
 fn hardening_post_fork_holds_in_a_grandchild_of_a_grandchild(#[case] kind: Kind) {
     isolated(|| {
         let (s1, s2) = socketpair();
+        // Rc: every generation pokes the watched socket and drains it.
+        let s1 = Rc::new(s1);
         let mut lp = new_loop(kind);
-        let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), forkloop::Interest::READ);
-        lp.loop_once(Some(Duration::ZERO)).unwrap();
+        let (reads, _) = watch_counting(&mut lp, s1.clone(), forkloop::Interest::READ);
+        lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
         // Each generation forks the next, then checks the inherited loop still works.
         fn generation(
             lp: &mut forkloop::Loop,
@@ -251,7 +252,7 @@ fn fork_storm_child(lp: &mut Loop, storm: &Rc<Storm>) {
                 std::env::set_var(forkloop::BACKEND_ENV, kind.name());
                 let waited = Loop::with_global(|own| {
                     let (got, g) = counter();
-                    own.watch_signal(libc::SIGUSR1, move |_, _| bump(&g))
+                    own.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&g))
                         .unwrap();
                     loop_until(own, Duration::from_secs(10), || got.get() > 0)
                 });
@@ -264,7 +265,7 @@ fn fork_storm_child(lp: &mut Loop, storm: &Rc<Storm>) {
         .unwrap();
     (&storm.to_flooder).write_all(&pid.to_ne_bytes()).unwrap();
     let storm = storm.clone();
-    lp.watch_process(pid, move |lp, pid, status| {
+    lp.watch_process(pid, move |lp, (), pid, status| {
         let status = status.unwrap();
         *storm.reports.borrow_mut().entry(pid).or_default() += 1;
         let expected = if keep {
@@ -337,14 +338,14 @@ fn hardening_signal_storm_across_forks_never_reaches_the_parent(#[case] kind: Ki
     isolated(|| {
         let mut lp = new_loop(kind);
         let (parent_hits, p) = counter();
-        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&p))
+        lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&p))
             .unwrap();
         let (to_flooder, from_parent) = UnixStream::pair().unwrap();
         let flooder = lp
             .fork(ForkOptions::new(), move || flood(from_parent, 200))
             .unwrap();
         let (flooder_done, f) = counter();
-        lp.watch_process(flooder, move |_, _, status| {
+        lp.watch_process(flooder, move |_, (), _, status| {
             let status = status.unwrap();
             assert!(status.success(), "flooder: {status}");
             bump(&f);
@@ -371,7 +372,7 @@ fn hardening_signal_storm_across_forks_never_reaches_the_parent(#[case] kind: Ki
         assert!(loop_until(&mut lp, Duration::from_secs(5), || flooder_done
             .get()
             == 1));
-        lp.loop_once(Some(U)).unwrap();
+        lp.loop_once(Some(U), &mut ()).unwrap();
         assert_eq!(storm.wrong.borrow().as_slice(), &[] as &[String]);
         let twice = storm.reports.borrow().values().filter(|&&n| n != 1).count();
         assert_eq!(twice, 0, "exits reported more than once");
@@ -409,15 +410,25 @@ fn exhaust_fds() -> Vec<std::fs::File> {
 fn hardening_fd_exhaustion_is_an_error_naming_the_cause_and_recovers(#[case] kind: Kind) {
     isolated(|| {
         let (s1, s2) = socketpair();
+        // Rc: the test pokes the watched socket and drains it at the end.
+        let s1 = Rc::new(s1);
         let mut lp = new_loop(kind);
-        let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), forkloop::Interest::READ);
+        let (reads, _) = watch_counting(&mut lp, s1.clone(), forkloop::Interest::READ);
         let held = exhaust_fds();
         let emfile = |e: forkloop::Error| {
+            // What could not be made (or rebuilt), with the OS's EMFILE as the cause.
+            let cause = match &e {
+                Error::Create { source, .. } | Error::PostFork { source, .. } => {
+                    source.raw_os_error()
+                }
+                _ => None,
+            };
+            assert_eq!(cause, Some(libc::EMFILE), "{kind}: {e:?}");
             let text = e.to_string();
             assert!(text.contains("Too many open files"), "{kind}: {text}");
             text
         };
-        let created = Loop::with_backend(kind);
+        let created: forkloop::Result<Loop> = Loop::with_backend(kind);
         let needs_fd = lp.backend_fd().is_some();
         match created {
             Ok(_) => assert!(!needs_fd, "{kind} built a loop with no fd left"),
@@ -426,13 +437,13 @@ fn hardening_fd_exhaustion_is_an_error_naming_the_cause_and_recovers(#[case] kin
                 emfile(e)
             ),
         }
-        let signal = lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap_err();
+        let signal = lp.watch_signal(libc::SIGUSR1, |_, (), _| {}).unwrap_err();
         println!(
             "figure: {kind}: watch_signal at the fd limit: {}",
             emfile(signal)
         );
         // A child whose backend needs a new kernel object cannot rebuild it.
-        let child = raw_fork(|| match lp.loop_once(Some(Duration::ZERO)) {
+        let child = raw_fork(|| match lp.loop_once(Some(Duration::ZERO), &mut ()) {
             Ok(()) => needs_fd as i32,
             Err(e) => {
                 println!("figure: {kind}: post_fork at the fd limit: {}", emfile(e));
@@ -443,7 +454,7 @@ fn hardening_fd_exhaustion_is_an_error_naming_the_cause_and_recovers(#[case] kin
         // With fds free again, the same loop works and can watch signals.
         drop(held);
         let (got, g) = counter();
-        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&g))
+        lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&g))
             .unwrap();
         // SAFETY: raise has no memory-safety preconditions.
         unsafe { libc::raise(libc::SIGUSR1) };

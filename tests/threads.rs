@@ -124,7 +124,7 @@ fn threads_children_of_a_busy_parent_exit_with_their_value(
             let lp = &mut lp;
             let pid = raw_fork(move || {
                 lp.post_fork().unwrap();
-                lp.loop_once(Some(Duration::ZERO)).unwrap();
+                lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
                 child_work(busy, code)
             });
             slowest = slowest.max(started.elapsed());
@@ -184,14 +184,14 @@ fn threads_holding_stdout_while_watching_a_signal_never_deadlocks_a_fork() {
             let mut rounds = 0u32;
             while !s.load(Ordering::Relaxed) {
                 let _out = std::io::stdout().lock();
-                let mut lp = forkloop::Loop::new().unwrap();
-                let w = lp.watch_signal(libc::SIGUSR2, |_, _| {}).unwrap();
+                let mut lp: forkloop::Loop = forkloop::Loop::new().unwrap();
+                let w = lp.watch_signal(libc::SIGUSR2, |_, (), _| {}).unwrap();
                 lp.cancel(w);
                 rounds += 1;
             }
             rounds
         });
-        let mut lp = forkloop::Loop::new().unwrap();
+        let mut lp: forkloop::Loop = forkloop::Loop::new().unwrap();
         for _ in 0..200 {
             let started = Instant::now();
             let pid = lp.fork(ForkOptions::new(), || 0).unwrap();

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use forkloop::{Kind, Loop, Watch};
+use forkloop::{Error, Kind, Loop, Timer, Watch};
 use rstest::rstest;
 use rstest_reuse::apply;
 
@@ -31,9 +31,11 @@ fn time_until_fired(lp: &mut Loop, fired: &Rc<Cell<u32>>) -> Duration {
 
 #[apply(backends)]
 fn timer_loop_clock_agrees_with_the_system_clock(#[case] kind: Kind) {
-    let lp = new_loop(kind);
-    let (mono, wall) = (lp.now(), SystemTime::now());
+    let mut lp = new_loop(kind);
+    let (mono, wall) = (lp.update_now(), SystemTime::now());
     std::thread::sleep(U);
+    // The loop's time is read when an iteration's wait ends.
+    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
     let mono = lp.now() - mono;
     let wall = wall.elapsed().unwrap();
     let diff = mono.abs_diff(wall);
@@ -44,7 +46,7 @@ fn timer_loop_clock_agrees_with_the_system_clock(#[case] kind: Kind) {
 fn timer_after_fires_after_its_delay_never_before(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let (fired, f) = counter();
-    lp.after(2 * U, move |_| bump(&f));
+    lp.after(2 * U, move |_, ()| bump(&f));
     let elapsed = time_until_fired(&mut lp, &fired);
     assert_between(elapsed, 2 * U, 5 * U / 2);
 }
@@ -55,11 +57,11 @@ fn timer_a_huge_delay_never_fires_and_never_panics(#[case] kind: Kind) {
     let (fired, f) = counter();
     let once = lp.after(Duration::MAX, {
         let f = f.clone();
-        move |_| bump(&f)
+        move |_, ()| bump(&f)
     });
-    let every = lp.every(Duration::MAX, move |_| bump(&f)).unwrap();
-    lp.after(U, |lp| lp.stop(0));
-    assert_eq!(lp.run().unwrap(), 0);
+    let every = lp.every(Duration::MAX, move |_, ()| bump(&f)).unwrap();
+    lp.after(U, |lp, ()| lp.stop(0));
+    assert_eq!(lp.run(&mut ()).unwrap(), 0);
     assert_eq!(fired.get(), 0);
     assert!(lp.cancel(once) && lp.cancel(every));
 }
@@ -69,7 +71,7 @@ fn timer_at_an_absolute_deadline_fires_then(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let (fired, f) = counter();
     let deadline = Instant::now() + 2 * U;
-    lp.at(deadline, move |_| bump(&f));
+    lp.at(deadline, move |_, ()| bump(&f));
     time_until_fired(&mut lp, &fired);
     assert!(Instant::now() >= deadline);
 }
@@ -78,10 +80,10 @@ fn timer_at_an_absolute_deadline_fires_then(#[case] kind: Kind) {
 fn timer_cancelled_right_after_arming_never_fires(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let (fired, f) = counter();
-    let w = lp.after(U / 2, move |_| bump(&f));
+    let w = lp.after(U / 2, move |_, ()| bump(&f));
     assert!(lp.cancel(w));
     let (other, o) = counter();
-    lp.after(U, move |_| bump(&o));
+    lp.after(U, move |_, ()| bump(&o));
     assert!(loop_until(&mut lp, 10 * U, || other.get() > 0));
     assert_eq!(fired.get(), 0);
 }
@@ -90,9 +92,10 @@ fn timer_cancelled_right_after_arming_never_fires(#[case] kind: Kind) {
 fn timer_overdue_makes_a_blocking_once_return_at_once(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let (fired, f) = counter();
-    lp.at(Instant::now() - U, move |_| bump(&f));
+    lp.at(Instant::now() - U, move |_, ()| bump(&f));
     let start = Instant::now();
-    lp.loop_once(Some(Duration::from_secs(10))).unwrap();
+    lp.loop_once(Some(Duration::from_secs(10)), &mut ())
+        .unwrap();
     assert!(start.elapsed() < U, "took {:?}", start.elapsed());
     assert_eq!(fired.get(), 1);
 }
@@ -100,10 +103,10 @@ fn timer_overdue_makes_a_blocking_once_return_at_once(#[case] kind: Kind) {
 #[apply(backends)]
 fn timer_cancelling_itself_in_its_callback_is_harmless(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
-    let me: Rc<Cell<Option<Watch>>> = Rc::new(Cell::new(None));
+    let me: Rc<Cell<Option<Timer>>> = Rc::new(Cell::new(None));
     let m = me.clone();
     let (own, o) = counter();
-    let w = lp.after(U, move |lp| {
+    let w = lp.after(U, move |lp, ()| {
         bump(&o);
         assert!(
             !lp.cancel(m.get().unwrap()),
@@ -112,7 +115,7 @@ fn timer_cancelling_itself_in_its_callback_is_harmless(#[case] kind: Kind) {
     });
     me.set(Some(w));
     let (other, t) = counter();
-    lp.after(2 * U, move |_| bump(&t));
+    lp.after(2 * U, move |_, ()| bump(&t));
     assert!(loop_until(&mut lp, 20 * U, || other.get() > 0));
     assert_eq!((own.get(), other.get()), (1, 1));
 }
@@ -120,11 +123,11 @@ fn timer_cancelling_itself_in_its_callback_is_harmless(#[case] kind: Kind) {
 #[apply(backends)]
 fn timer_repeating_can_cancel_itself_from_its_callback(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
-    let me: Rc<Cell<Option<Watch>>> = Rc::new(Cell::new(None));
+    let me: Rc<Cell<Option<Timer>>> = Rc::new(Cell::new(None));
     let (ticks, t) = counter();
     let m = me.clone();
     let w = lp
-        .every(U / 10, move |lp| {
+        .every(U / 10, move |lp, ()| {
             bump(&t);
             if t.get() == 3 {
                 assert!(lp.cancel(m.get().unwrap()));
@@ -133,7 +136,7 @@ fn timer_repeating_can_cancel_itself_from_its_callback(#[case] kind: Kind) {
         .unwrap();
     me.set(Some(w));
     let (done, d) = counter();
-    lp.after(8 * U, move |_| bump(&d));
+    lp.after(8 * U, move |_, ()| bump(&d));
     assert!(loop_until(&mut lp, 30 * U, || done.get() > 0));
     assert_eq!(ticks.get(), 3);
 }
@@ -142,7 +145,7 @@ fn timer_repeating_can_cancel_itself_from_its_callback(#[case] kind: Kind) {
 fn timer_armed_before_post_fork_fires_after_it(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let (fired, f) = counter();
-    lp.after(U, move |_| bump(&f));
+    lp.after(U, move |_, ()| bump(&f));
     lp.post_fork().unwrap();
     time_until_fired(&mut lp, &fired);
 }
@@ -154,7 +157,7 @@ fn timer_equal_deadlines_fire_in_arming_order(#[case] kind: Kind) {
     let deadline = Instant::now() + U;
     for i in 0..5 {
         let o = order.clone();
-        lp.at(deadline, move |_| o.borrow_mut().push(i));
+        lp.at(deadline, move |_, ()| o.borrow_mut().push(i));
     }
     assert!(loop_until(&mut lp, 20 * U, || order.borrow().len() == 5));
     assert_eq!(*order.borrow(), vec![0, 1, 2, 3, 4]);
@@ -164,9 +167,9 @@ fn timer_equal_deadlines_fire_in_arming_order(#[case] kind: Kind) {
 fn idle_runs_later_never_synchronously(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let (ran, r) = counter();
-    let _handle: Watch = lp.later(move |_| bump(&r));
+    let _handle: Watch = lp.later(move |_, ()| bump(&r));
     assert_eq!(ran.get(), 0);
-    lp.loop_once(Some(Duration::ZERO)).unwrap();
+    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
     assert_eq!(ran.get(), 1);
 }
 
@@ -174,9 +177,10 @@ fn idle_runs_later_never_synchronously(#[case] kind: Kind) {
 fn idle_pending_makes_a_long_once_return_at_once(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let (ran, r) = counter();
-    lp.later(move |_| bump(&r));
+    lp.later(move |_, ()| bump(&r));
     let start = Instant::now();
-    lp.loop_once(Some(Duration::from_secs(10))).unwrap();
+    lp.loop_once(Some(Duration::from_secs(10)), &mut ())
+        .unwrap();
     assert!(start.elapsed() < U, "took {:?}", start.elapsed());
     assert_eq!(ran.get(), 1);
 }
@@ -185,12 +189,12 @@ fn idle_pending_makes_a_long_once_return_at_once(#[case] kind: Kind) {
 fn idle_queued_by_idle_waits_for_the_next_iteration(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let (inner, i) = counter();
-    lp.later(move |lp| {
-        lp.later(move |_| bump(&i));
+    lp.later(move |lp, ()| {
+        lp.later(move |_, ()| bump(&i));
     });
-    lp.loop_once(Some(Duration::ZERO)).unwrap();
+    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
     assert_eq!(inner.get(), 0);
-    lp.loop_once(Some(Duration::ZERO)).unwrap();
+    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
     assert_eq!(inner.get(), 1);
 }
 
@@ -198,10 +202,10 @@ fn idle_queued_by_idle_waits_for_the_next_iteration(#[case] kind: Kind) {
 fn idle_cancelled_no_longer_forces_a_zero_wait(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let (ran, r) = counter();
-    let w = lp.later(move |_| bump(&r));
+    let w = lp.later(move |_, ()| bump(&r));
     assert!(lp.cancel(w));
     let start = Instant::now();
-    lp.loop_once(Some(U)).unwrap();
+    lp.loop_once(Some(U), &mut ()).unwrap();
     assert_between(start.elapsed(), U / 2, 3 * U / 2);
     assert_eq!(ran.get(), 0);
 }
@@ -209,11 +213,11 @@ fn idle_cancelled_no_longer_forces_a_zero_wait(#[case] kind: Kind) {
 #[apply(backends)]
 fn idle_runs_with_a_timer_far_in_the_future(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
-    lp.after(Duration::from_secs(3600), |_| {});
+    lp.after(Duration::from_secs(3600), |_, ()| {});
     let (ran, r) = counter();
-    lp.later(move |_| bump(&r));
+    lp.later(move |_, ()| bump(&r));
     let start = Instant::now();
-    lp.loop_once(None).unwrap();
+    lp.loop_once(None, &mut ()).unwrap();
     assert!(start.elapsed() < U);
     assert_eq!(ran.get(), 1);
 }
@@ -222,7 +226,7 @@ fn idle_runs_with_a_timer_far_in_the_future(#[case] kind: Kind) {
 fn control_once_zero_with_nothing_watched_returns_at_once(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let start = Instant::now();
-    lp.loop_once(Some(Duration::ZERO)).unwrap();
+    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
     assert!(start.elapsed() < U);
 }
 
@@ -230,15 +234,15 @@ fn control_once_zero_with_nothing_watched_returns_at_once(#[case] kind: Kind) {
 fn control_once_with_nothing_watched_sleeps_its_timeout(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let start = Instant::now();
-    lp.loop_once(Some(2 * U)).unwrap();
+    lp.loop_once(Some(2 * U), &mut ()).unwrap();
     assert_between(start.elapsed(), 3 * U / 2, 5 * U / 2);
 }
 
 #[apply(backends)]
 fn control_stop_makes_run_return_its_value(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
-    lp.after(U / 10, |lp| lp.stop(42));
-    assert_eq!(lp.run().unwrap(), 42);
+    lp.after(U / 10, |lp, ()| lp.stop(42));
+    assert_eq!(lp.run(&mut ()).unwrap(), 42);
 }
 
 #[apply(backends)]
@@ -246,12 +250,12 @@ fn control_nested_run_is_stopped_innermost_first(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let inner = Rc::new(Cell::new(None));
     let i = inner.clone();
-    lp.after(U / 10, move |lp| {
-        lp.after(U / 10, |lp| lp.stop(1));
-        i.set(Some(lp.run().unwrap()));
+    lp.after(U / 10, move |lp, data| {
+        lp.after(U / 10, |lp, ()| lp.stop(1));
+        i.set(Some(lp.run(data).unwrap()));
         lp.stop(2);
     });
-    assert_eq!(lp.run().unwrap(), 2);
+    assert_eq!(lp.run(&mut ()).unwrap(), 2);
     assert_eq!(inner.get(), Some(1));
 }
 
@@ -261,14 +265,14 @@ fn control_loop_reports_running_inside_callbacks(#[case] kind: Kind) {
     assert!(!lp.is_running());
     let seen = Rc::new(Cell::new((false, false)));
     let s = seen.clone();
-    lp.later(move |lp| s.set((lp.is_running(), s.get().1)));
-    lp.loop_once(Some(Duration::ZERO)).unwrap();
+    lp.later(move |lp, ()| s.set((lp.is_running(), s.get().1)));
+    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
     let s = seen.clone();
-    lp.after(Duration::ZERO, move |lp| {
+    lp.after(Duration::ZERO, move |lp, ()| {
         s.set((s.get().0, lp.is_running()));
         lp.stop(0);
     });
-    lp.run().unwrap();
+    lp.run(&mut ()).unwrap();
     assert_eq!(seen.get(), (true, true));
     assert!(!lp.is_running());
 }
@@ -276,16 +280,17 @@ fn control_loop_reports_running_inside_callbacks(#[case] kind: Kind) {
 #[apply(backends)]
 fn timer_every_zero_is_an_error_not_a_spin(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
-    let err = lp.every(Duration::ZERO, |_| {}).unwrap_err();
+    let err = lp.every(Duration::ZERO, |_, ()| {}).unwrap_err();
+    assert!(matches!(err, Error::ZeroInterval), "{err}");
     assert!(err.to_string().contains("interval"), "{err}");
     // The shortest interval there is fires at most once per millisecond, never at every
     // iteration (the loop would spin).
     let (fired, f) = counter();
-    lp.every(Duration::from_nanos(1), move |_| bump(&f))
+    lp.every(Duration::from_nanos(1), move |_, ()| bump(&f))
         .unwrap();
     let start = Instant::now();
     while start.elapsed() < U {
-        lp.loop_once(Some(U)).unwrap();
+        lp.loop_once(Some(U), &mut ()).unwrap();
     }
     let most = 2 * start.elapsed().as_millis() as u32;
     assert!(
@@ -299,11 +304,11 @@ fn timer_every_zero_is_an_error_not_a_spin(#[case] kind: Kind) {
 #[apply(backends)]
 fn control_a_stop_outside_run_is_forgotten_when_run_starts(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
-    lp.later(|lp| lp.stop(3));
-    lp.loop_once(Some(Duration::ZERO)).unwrap();
-    lp.after(U, |lp| lp.stop(4));
+    lp.later(|lp, ()| lp.stop(3));
+    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
+    lp.after(U, |lp, ()| lp.stop(4));
     assert_eq!(
-        lp.run().unwrap(),
+        lp.run(&mut ()).unwrap(),
         4,
         "run returned a stop from before it began"
     );
@@ -323,7 +328,7 @@ fn timer_granularity_bounds_the_wake_ups_and_nothing_fires_early(#[case] kind: K
     for i in 0..TIMERS {
         let deadline = start + SPAN * i / TIMERS;
         let (f, e) = (fired.clone(), early.clone());
-        lp.at(deadline, move |lp| {
+        lp.at(deadline, move |lp, ()| {
             f.set(f.get() + 1);
             if lp.now() < deadline {
                 e.set(e.get() + 1);
@@ -333,7 +338,7 @@ fn timer_granularity_bounds_the_wake_ups_and_nothing_fires_early(#[case] kind: K
     let mut iterations = 0u32;
     while fired.get() < TIMERS {
         assert!(start.elapsed() < 50 * U, "only {} fired", fired.get());
-        lp.loop_once(None).unwrap();
+        lp.loop_once(None, &mut ()).unwrap();
         iterations += 1;
     }
     assert_eq!(early.get(), 0, "timers fired before their deadline");
@@ -353,22 +358,22 @@ fn timer_granularity_bounds_the_wake_ups_and_nothing_fires_early(#[case] kind: K
 fn control_run_while_watched_ends_when_the_last_timer_has_fired(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     assert_eq!(
-        lp.run_while_watched().unwrap(),
+        lp.run_while_watched(&mut ()).unwrap(),
         None,
         "nothing watched: at once"
     );
     let (fired, f) = counter();
     let g = f.clone();
-    lp.after(U / 2, move |_| bump(&f));
-    lp.after(U, move |_| bump(&g));
+    lp.after(U / 2, move |_, ()| bump(&f));
+    lp.after(U, move |_, ()| bump(&g));
     let start = Instant::now();
-    assert_eq!(lp.run_while_watched().unwrap(), None);
+    assert_eq!(lp.run_while_watched(&mut ()).unwrap(), None);
     assert_eq!(fired.get(), 2);
     assert!(start.elapsed() >= U, "returned before the last timer");
-    lp.after(U, |lp| lp.stop(7));
-    lp.every(U / 10, |_| {}).unwrap();
+    lp.after(U, |lp, ()| lp.stop(7));
+    lp.every(U / 10, |_, ()| {}).unwrap();
     assert_eq!(
-        lp.run_while_watched().unwrap(),
+        lp.run_while_watched(&mut ()).unwrap(),
         Some(7),
         "a stop ends it first"
     );
@@ -378,18 +383,20 @@ fn control_run_while_watched_ends_when_the_last_timer_has_fired(#[case] kind: Ki
 fn control_run_while_watched_counts_signal_and_child_watches_not_the_loops_own(#[case] kind: Kind) {
     isolated(|| {
         let mut lp = new_loop(kind);
-        let w = lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
-        lp.after(U, move |lp| {
+        let w = lp.watch_signal(libc::SIGUSR1, |_, (), _| {}).unwrap();
+        lp.after(U, move |lp, ()| {
             lp.cancel(w);
         });
         // The signal self-pipe's IO watch stays until the cancel; it is the loop's own.
-        assert_eq!(lp.run_while_watched().unwrap(), None);
+        assert_eq!(lp.run_while_watched(&mut ()).unwrap(), None);
         let pid = lp.fork(forkloop::ForkOptions::new(), || 3).unwrap();
         let status = Rc::new(Cell::new(None));
         let s = status.clone();
-        lp.watch_process(pid, move |_, _, st| s.set(st.ok().and_then(|st| st.code())))
-            .unwrap();
-        assert_eq!(lp.run_while_watched().unwrap(), None);
+        lp.watch_process(pid, move |_, (), _, st| {
+            s.set(st.ok().and_then(|st| st.code()))
+        })
+        .unwrap();
+        assert_eq!(lp.run_while_watched(&mut ()).unwrap(), None);
         assert_eq!(
             status.get(),
             Some(3),
