@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use forkloop::{ForkOptions, Interest, Kind, Loop, Watch};
+use forkloop::{ForkOptions, Interest, Kind, Loop};
 
 fn full() -> bool {
     std::env::var_os("FORKLOOP_BENCH_FULL").is_some()
@@ -21,7 +21,8 @@ fn full() -> bool {
 
 fn kinds() -> Vec<Kind> {
     Kind::ALL
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|k| k.check_available().is_ok())
         .collect()
 }
@@ -65,8 +66,9 @@ fn sockets_fit(n: usize) -> bool {
 }
 
 /// N watched sockets in N/2 connected pairs, non-blocking, and for each socket the fd
-/// whose writes make it readable (its peer): N watched fds cost N fds, not 2N.
-fn sockets(n: usize) -> (Vec<UnixStream>, Vec<RawFd>) {
+/// whose writes make it readable (its peer): N watched fds cost N fds, not 2N. Shared
+/// (`Rc`): each loop's watches own a handle to the same sockets the raw baselines use.
+fn sockets(n: usize) -> (Vec<Rc<UnixStream>>, Vec<RawFd>) {
     let mut ends = Vec::with_capacity(n);
     let mut peers = Vec::with_capacity(n);
     for _ in 0..n.div_ceil(2) {
@@ -74,7 +76,7 @@ fn sockets(n: usize) -> (Vec<UnixStream>, Vec<RawFd>) {
         a.set_nonblocking(true).unwrap();
         b.set_nonblocking(true).unwrap();
         peers.extend([b.as_raw_fd(), a.as_raw_fd()]);
-        ends.extend([a, b]);
+        ends.extend([Rc::new(a), Rc::new(b)]);
     }
     (ends, peers)
 }
@@ -124,24 +126,50 @@ impl Round {
     }
 }
 
-/// A loop with a read watch on every reader; with `timeouts`, each watch also keeps an
-/// idle timer that every event re-arms (as a connection's idle timeout would).
-fn forkloop_setup(kind: Kind, readers: &[UnixStream], round: &Rc<Round>, timeouts: bool) -> Loop {
+/// Whether each read watch keeps an idle timer that every event pushes back (as a
+/// connection's idle timeout would), and how.
+#[derive(Clone, Copy)]
+enum Timeouts {
+    None,
+    /// Cancel the timer and arm a new one: the only way before `Loop::restart`, and the
+    /// historical `event-processing+timeouts` figures (function ids `epoll`, `poll`, …).
+    CancelAndArm,
+    /// Move the pending timer in place with `Loop::restart` (libev's `ev_timer_again`):
+    /// function ids `epoll+restart`, `poll+restart`, … in the same group.
+    Restart,
+}
+
+const IDLE: Duration = Duration::from_secs(600);
+
+/// A loop with a read watch on every reader, each with its idle timer if `timeouts`.
+fn forkloop_setup(
+    kind: Kind,
+    readers: &[Rc<UnixStream>],
+    round: &Rc<Round>,
+    timeouts: Timeouts,
+) -> Loop {
     let mut lp = Loop::with_backend(kind).unwrap();
     for (index, r) in readers.iter().enumerate() {
-        let fd = r.as_raw_fd();
         let round = round.clone();
-        let timer: Rc<Cell<Option<Watch>>> = Rc::new(Cell::new(None));
-        if timeouts {
-            timer.set(Some(lp.after(Duration::from_secs(600), |_| {})));
-        }
-        lp.watch_io(fd, Interest::READ, move |lp, _| {
-            round.on_readable(fd, index);
-            if let Some(old) = timer.take() {
-                lp.cancel(old);
-                timer.set(Some(lp.after(Duration::from_secs(600), |_| {})));
+        let read = move |s: &mut Rc<UnixStream>| round.on_readable(s.as_raw_fd(), index);
+        match timeouts {
+            Timeouts::None => lp.watch_io(r.clone(), Interest::READ, move |_, (), s, _| read(s)),
+            Timeouts::CancelAndArm => {
+                let mut timer = lp.after(IDLE, |_, ()| {});
+                lp.watch_io(r.clone(), Interest::READ, move |lp, (), s, _| {
+                    read(s);
+                    lp.cancel(timer);
+                    timer = lp.after(IDLE, |_, ()| {});
+                })
             }
-        })
+            Timeouts::Restart => {
+                let timer = lp.after(IDLE, |_, ()| {});
+                lp.watch_io(r.clone(), Interest::READ, move |lp, (), s, _| {
+                    read(s);
+                    lp.restart(timer, IDLE);
+                })
+            }
+        }
         .unwrap();
     }
     lp
@@ -173,7 +201,7 @@ const RAW: [&str; 5] = [
     "raw-polling",
 ];
 
-fn raw_setup(name: &str, readers: &[UnixStream]) -> Raw {
+fn raw_setup(name: &str, readers: &[Rc<UnixStream>]) -> Raw {
     let fds = readers.iter().map(AsRawFd::as_raw_fd);
     match name {
         "raw-epoll" => {
@@ -287,11 +315,15 @@ fn grid() -> (Vec<usize>, Vec<usize>) {
 fn event_processing(c: &mut Criterion) {
     raise_fd_limit();
     let (ns, actives) = grid();
-    for timeouts in [false, true] {
-        let name = if timeouts {
-            "event-processing+timeouts"
+    for with_timeouts in [false, true] {
+        let (name, variants): (_, &[(Timeouts, &str)]) = if with_timeouts {
+            let variants = &[
+                (Timeouts::CancelAndArm, ""),
+                (Timeouts::Restart, "+restart"),
+            ];
+            ("event-processing+timeouts", variants)
         } else {
-            "event-processing"
+            ("event-processing", &[(Timeouts::None, "")])
         };
         let mut group = c.benchmark_group(name);
         for &n in ns.iter().filter(|&&n| sockets_fit(n)) {
@@ -305,17 +337,20 @@ fn event_processing(c: &mut Criterion) {
                 });
                 let param = format!("N={n}/A={active}");
                 for kind in kinds().into_iter().filter(|&k| fits(Some(k), n)) {
-                    let mut lp = forkloop_setup(kind, &readers, &round, timeouts);
-                    group.bench_function(BenchmarkId::new(kind.name(), &param), |b| {
-                        b.iter(|| {
-                            round.start(active);
-                            while !round.done(active) {
-                                lp.loop_once(None).unwrap();
-                            }
-                        })
-                    });
+                    for &(timeouts, suffix) in variants {
+                        let mut lp = forkloop_setup(kind, &readers, &round, timeouts);
+                        let id = BenchmarkId::new(format!("{}{suffix}", kind.name()), &param);
+                        group.bench_function(id, |b| {
+                            b.iter(|| {
+                                round.start(active);
+                                while !round.done(active) {
+                                    lp.loop_once(None, &mut ()).unwrap();
+                                }
+                            })
+                        });
+                    }
                 }
-                if !timeouts {
+                if !with_timeouts {
                     for raw_name in RAW
                         .into_iter()
                         .filter(|r| *r != "raw-select" || fits(Some(Kind::Select), n))
@@ -346,10 +381,10 @@ fn setup_per_fd(c: &mut Criterion) {
         for kind in kinds().into_iter().filter(|&k| fits(Some(k), n)) {
             group.bench_function(BenchmarkId::new(kind.name(), n), |b| {
                 b.iter_batched(
-                    || Loop::with_backend(kind).unwrap(),
+                    || Loop::<()>::with_backend(kind).unwrap(),
                     |mut lp| {
                         for r in &readers {
-                            lp.watch_io(r.as_raw_fd(), Interest::READ, |_, _| {})
+                            lp.watch_io(r.clone(), Interest::READ, |_, (), _, _| {})
                                 .unwrap();
                         }
                         lp
@@ -384,15 +419,17 @@ fn timers(c: &mut Criterion) {
         group.bench_function(
             BenchmarkId::new(kind.name(), format!("{count} one-shot")),
             |b| {
-                let mut lp = Loop::with_backend(kind).unwrap();
+                let mut lp: Loop = Loop::with_backend(kind).unwrap();
                 b.iter(|| {
+                    // An Rc, not the loop's `&mut D`: each callback then captures what the
+                    // raw heap's does, so both box the same closure.
                     let fired = Rc::new(Cell::new(0usize));
                     for &d in &delays {
                         let f = fired.clone();
-                        lp.after(d, move |_| f.set(f.get() + 1));
+                        lp.after(d, move |_, ()| f.set(f.get() + 1));
                     }
                     while fired.get() < count {
-                        lp.loop_once(None).unwrap();
+                        lp.loop_once(None, &mut ()).unwrap();
                     }
                 })
             },
@@ -435,11 +472,21 @@ fn timers(c: &mut Criterion) {
     group.throughput(Throughput::Elements(churn));
     for kind in kinds() {
         group.bench_function(BenchmarkId::new(kind.name(), "100000 arm+cancel"), |b| {
-            let mut lp = Loop::with_backend(kind).unwrap();
+            let mut lp: Loop = Loop::with_backend(kind).unwrap();
             b.iter(|| {
                 for &d in &delays[..churn as usize] {
-                    let w = lp.after(d + Duration::from_secs(60), |_| {});
+                    let w = lp.after(d + Duration::from_secs(60), |_, ()| {});
                     lp.cancel(w);
+                }
+            })
+        });
+        // The same deadline changes made in place: one pending timer, moved each time.
+        group.bench_function(BenchmarkId::new(kind.name(), "100000 restart"), |b| {
+            let mut lp: Loop = Loop::with_backend(kind).unwrap();
+            let timer = lp.after(Duration::from_secs(60), |_, ()| {});
+            b.iter(|| {
+                for &d in &delays[..churn as usize] {
+                    assert!(lp.restart(timer, d + Duration::from_secs(60)));
                 }
             })
         });
@@ -450,11 +497,11 @@ fn timers(c: &mut Criterion) {
 fn signals(c: &mut Criterion) {
     let mut group = c.benchmark_group("signal-latency");
     for kind in kinds() {
-        let mut lp = Loop::with_backend(kind).unwrap();
+        let mut lp: Loop = Loop::with_backend(kind).unwrap();
         let got = Rc::new(Cell::new(false));
         let g = got.clone();
         let watch = lp
-            .watch_signal(libc::SIGUSR1, move |_, _| g.set(true))
+            .watch_signal(libc::SIGUSR1, move |_, (), _| g.set(true))
             .unwrap();
         group.bench_function(kind.name(), |b| {
             b.iter(|| {
@@ -462,7 +509,7 @@ fn signals(c: &mut Criterion) {
                 // SAFETY: raise has no memory-safety preconditions.
                 unsafe { libc::raise(libc::SIGUSR1) };
                 while !got.get() {
-                    lp.loop_once(None).unwrap();
+                    lp.loop_once(None, &mut ()).unwrap();
                 }
             })
         });
@@ -472,10 +519,10 @@ fn signals(c: &mut Criterion) {
 }
 
 /// A loop with an idle read watch on each of `sockets`.
-fn loop_watching(kind: Kind, sockets: &[UnixStream]) -> Loop {
+fn loop_watching(kind: Kind, sockets: &[Rc<UnixStream>]) -> Loop {
     let mut lp = Loop::with_backend(kind).unwrap();
     for s in sockets {
-        lp.watch_io(s.as_raw_fd(), Interest::READ, |_, _| {})
+        lp.watch_io(s.clone(), Interest::READ, |_, (), _, _| {})
             .unwrap();
     }
     lp
@@ -495,13 +542,14 @@ fn fork(c: &mut Criterion) {
                     let pid = lp
                         .fork(ForkOptions::new(), || {
                             Loop::with_global(|child| {
-                                child.loop_once(Some(Duration::ZERO)).is_ok() as i32 - 1
+                                let once = child.loop_once(Some(Duration::ZERO), &mut ());
+                                once.is_ok() as i32 - 1
                             })
                             .unwrap_or(1)
                         })
                         .unwrap();
-                    lp.watch_process(pid, |lp, _, _| lp.stop(0)).unwrap();
-                    lp.run().unwrap();
+                    lp.watch_process(pid, |lp, (), _, _| lp.stop(0)).unwrap();
+                    lp.run(&mut ()).unwrap();
                 })
             });
         }
@@ -525,24 +573,24 @@ fn children(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Elements(200));
     for kind in kinds() {
-        let mut lp = Loop::with_backend(kind).unwrap();
+        // The children still to exit: the loop's `&mut D`.
+        let mut lp: Loop<u32> = Loop::with_backend(kind).unwrap();
         group.bench_function(
             BenchmarkId::new(kind.name(), "200 spawned and reaped"),
             |b| {
                 b.iter(|| {
-                    let left = Rc::new(Cell::new(200));
                     for _ in 0..200 {
                         let pid = lp.fork(ForkOptions::new(), || 0).unwrap();
-                        let left = left.clone();
-                        lp.watch_process(pid, move |lp, _, _| {
-                            left.set(left.get() - 1);
-                            if left.get() == 0 {
+                        lp.watch_process(pid, |lp, left, _, _| {
+                            *left -= 1;
+                            if *left == 0 {
                                 lp.stop(0);
                             }
                         })
                         .unwrap();
                     }
-                    lp.run().unwrap();
+                    let mut left = 200;
+                    lp.run(&mut left).unwrap();
                 })
             },
         );

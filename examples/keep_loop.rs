@@ -5,7 +5,6 @@
 //! IO watches and timers survive; the parent's child watches do not.
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -13,18 +12,18 @@ use forkloop::{Interest, Loop};
 
 fn main() -> forkloop::Result<()> {
     let (mut ours, theirs) = UnixStream::pair().expect("socketpair");
-    let mut lp = Loop::new()?;
-    let fd = theirs.as_raw_fd();
-    let read_watch = lp.watch_io(fd, Interest::READ, move |_, _| {
+    let mut lp: Loop = Loop::new()?;
+    // The loop owns `theirs` and lends it to the callback.
+    let read_watch = lp.watch_io(theirs, Interest::READ, |_, (), theirs, _| {
         let mut buf = [0u8; 64];
-        let n = (&theirs).read(&mut buf).unwrap_or(0);
+        let n = theirs.read(&mut buf).unwrap_or(0);
         println!(
             "pid {}: read {:?}",
             std::process::id(),
             String::from_utf8_lossy(&buf[..n])
         );
     })?;
-    let timer = lp.after(Duration::from_millis(100), |lp| {
+    let timer = lp.after(Duration::from_millis(100), |lp, ()| {
         println!(
             "pid {}: the timer armed before the fork fired",
             std::process::id()
@@ -36,7 +35,7 @@ fn main() -> forkloop::Result<()> {
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         // Same loop, same watches, rebuilt for this process on first use.
-        let code = match lp.run() {
+        let code = match lp.run(&mut ()) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("child: {e}");
@@ -47,19 +46,20 @@ fn main() -> forkloop::Result<()> {
         // SAFETY: ends the child without running the parent's destructors.
         unsafe { libc::_exit(code) };
     }
-    // The parent leaves the socket and the timer to the child. On epoll this deregisters
-    // the socket from the instance both processes still share — harmless, because the
-    // child's loop rebuilds from its own tables into an instance of its own.
+    // The parent leaves the socket and the timer to the child: cancelling the watch
+    // closes the parent's copy of the socket. On epoll it first deregisters the socket
+    // from the instance both processes still share — harmless, because the child's loop
+    // rebuilds from its own tables into an instance of its own.
     lp.cancel(read_watch);
     lp.cancel(timer);
     ours.write_all(b"hello, child").expect("write");
-    lp.watch_process(pid, |lp, pid, status| {
+    lp.watch_process(pid, |lp, (), pid, status| {
         match status {
             Ok(status) => println!("parent: child {pid} exited: {status}"),
             Err(e) => println!("parent: child {pid}: {e}"),
         }
         lp.stop(0);
     })?;
-    lp.run()?;
+    lp.run(&mut ())?;
     Ok(())
 }

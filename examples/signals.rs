@@ -6,11 +6,11 @@
 use forkloop::Loop;
 
 fn main() -> forkloop::Result<()> {
-    let mut lp = Loop::new()?;
-    lp.watch_signal(libc::SIGUSR1, |_, sig| {
+    let mut lp: Loop = Loop::new()?;
+    lp.watch_signal(libc::SIGUSR1, |_, (), sig| {
         println!("got signal {sig} in dispatch")
     })?;
-    lp.watch_signal(libc::SIGINT, |lp, _| {
+    lp.watch_signal(libc::SIGINT, |lp, (), _| {
         println!("interrupted");
         lp.stop(130);
     })?;
@@ -18,7 +18,7 @@ fn main() -> forkloop::Result<()> {
         .arg("0.2")
         .spawn()
         .expect("spawning sleep");
-    lp.watch_process(child.id() as libc::pid_t, |lp, pid, status| {
+    lp.watch_process(child.id() as libc::pid_t, |lp, (), pid, status| {
         match status {
             Ok(status) => println!("child {pid} exited: {status}"),
             Err(e) => println!("child {pid}: {e}"), // reaped by other code (ReapedElsewhere)
@@ -27,6 +27,6 @@ fn main() -> forkloop::Result<()> {
     })?;
     // SAFETY: raise has no memory-safety preconditions.
     unsafe { libc::raise(libc::SIGUSR1) };
-    let code = lp.run()?;
+    let code = lp.run(&mut ())?;
     std::process::exit(code);
 }

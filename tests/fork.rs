@@ -3,13 +3,16 @@
 
 mod common;
 
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use forkloop::{ForkOptions, Interest, Kind, Loop, LoopId, BACKEND_ENV};
+use forkloop::{ForkOptions, Interest, Kind, Loop, LoopId, Readiness, BACKEND_ENV};
 use rstest::rstest;
 use rstest_reuse::apply;
 
@@ -68,20 +71,22 @@ fn fork_global_loop_is_fresh_in_every_kind_of_child(#[case] kind: Kind) {
 fn fork_child_cancelling_and_dropping_everything_leaves_the_parent_its_events(#[case] kind: Kind) {
     isolated(|| {
         let (s1, mut s2) = socketpair();
+        // Shared: the loop watches s1 while the parent reads it.
+        let s1 = Rc::new(s1);
         let mut slot = Some(new_loop(kind));
         let (reads, r) = counter();
         let lp = slot.as_mut().unwrap();
         let w = lp
-            .watch_io(s1.as_raw_fd(), Interest::READ, move |_, _| bump(&r))
+            .watch_io(s1.clone(), Interest::READ, move |_, (), _, _| bump(&r))
             .unwrap();
-        lp.loop_once(Some(Duration::ZERO)).unwrap();
+        lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
         // One child cancels before its loop noticed the fork, one after an iteration;
         // both then drop the loop.
         for iterate_first in [false, true] {
             let child = raw_fork(|| {
                 let mut lp = slot.take().unwrap();
                 if iterate_first {
-                    lp.loop_once(Some(Duration::ZERO)).unwrap();
+                    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
                 }
                 (!lp.cancel(w)) as i32
             });
@@ -94,7 +99,7 @@ fn fork_child_cancelling_and_dropping_everything_leaves_the_parent_its_events(#[
                 "parent lost its event"
             );
             let mut buf = [0u8; 8];
-            (&s1).read_exact(&mut buf[..1]).unwrap();
+            (&*s1).read_exact(&mut buf[..1]).unwrap();
         }
     });
 }
@@ -103,19 +108,21 @@ fn fork_child_cancelling_and_dropping_everything_leaves_the_parent_its_events(#[
 fn fork_child_registrations_never_reach_the_parent(#[case] kind: Kind) {
     isolated(|| {
         let mut lp = new_loop(kind);
-        lp.loop_once(Some(Duration::ZERO)).unwrap();
+        lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
         let (mut report_r, mut report_w) = std::io::pipe().unwrap();
         let (mut done_r, mut done_w) = std::io::pipe().unwrap();
         let child = raw_fork(|| {
             let (c1, mut c2) = socketpair(); // first fds allocated after the fork
+            let c1_fd = c1.as_raw_fd();
             let (got, g) = counter();
-            lp.watch_io(c1.as_raw_fd(), Interest::READ, move |_, _| bump(&g))
+            // The loop owns c1 (open until the child exits) and the child never reads it.
+            lp.watch_io(c1, Interest::READ, move |_, (), _, _| bump(&g))
                 .unwrap();
             c2.write_all(b"child's own data").unwrap();
             if !loop_until(&mut lp, 50 * U, || got.get() > 0) {
                 return 2;
             }
-            report_w.write_all(&c1.as_raw_fd().to_ne_bytes()).unwrap();
+            report_w.write_all(&c1_fd.to_ne_bytes()).unwrap();
             let mut buf = [0u8; 1];
             let _ = done_r.read(&mut buf); // keep c1 readable until the parent looked
             0
@@ -130,10 +137,10 @@ fn fork_child_registrations_never_reach_the_parent(#[case] kind: Kind) {
             "precondition: same fd number"
         );
         let (spurious, s) = counter();
-        lp.watch_io(d1.as_raw_fd(), Interest::READ, move |_, _| bump(&s))
+        lp.watch_io(d1, Interest::READ, move |_, (), _, _| bump(&s))
             .unwrap();
         for _ in 0..3 {
-            lp.loop_once(Some(U)).unwrap();
+            lp.loop_once(Some(U), &mut ()).unwrap();
         }
         done_w.write_all(b"!").unwrap();
         exits_with(child, 0);
@@ -150,24 +157,24 @@ fn fork_signals_stay_in_the_process_they_were_sent_to(#[case] kind: Kind) {
     isolated(|| {
         let mut lp = new_loop(kind);
         let (parent_calls, p) = counter();
-        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&p))
+        lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&p))
             .unwrap();
         let (mut ready_r, mut ready_w) = std::io::pipe().unwrap();
         let (go_r, mut go_w) = std::io::pipe().unwrap();
         let child = lp
             .fork(ForkOptions::new(), move || {
-                let mut lp = Loop::with_backend(kind).unwrap();
+                let mut lp: Loop = Loop::with_backend(kind).unwrap();
                 let (calls, c) = counter();
-                lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+                lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
                     .unwrap();
                 let (go, g) = counter();
-                lp.watch_io(go_r.as_raw_fd(), Interest::READ, move |_, _| bump(&g))
+                lp.watch_io(go_r, Interest::READ, move |_, (), _, _| bump(&g))
                     .unwrap();
                 ready_w.write_all(b"r").unwrap();
                 if !loop_until(&mut lp, 50 * U, || go.get() > 0) {
                     return 2;
                 }
-                lp.loop_once(Some(U)).unwrap();
+                lp.loop_once(Some(U), &mut ()).unwrap();
                 if calls.get() != 0 {
                     return 3; // the parent's signal reached the child
                 }
@@ -182,13 +189,13 @@ fn fork_signals_stay_in_the_process_they_were_sent_to(#[case] kind: Kind) {
         unsafe { libc::raise(libc::SIGUSR1) };
         assert!(loop_until(&mut lp, 50 * U, || parent_calls.get() == 1));
         go_w.write_all(b"g").unwrap();
-        let status = std::rc::Rc::new(std::cell::Cell::new(None));
+        let status = Rc::new(Cell::new(None));
         let s = status.clone();
-        lp.watch_process(child, move |_, _, st| s.set(Some(st.unwrap().code())))
+        lp.watch_process(child, move |_, (), _, st| s.set(Some(st.unwrap().code())))
             .unwrap();
         assert!(loop_until(&mut lp, 50 * U, || status.get().is_some()));
         assert_eq!(status.get(), Some(Some(0)));
-        lp.loop_once(Some(U)).unwrap();
+        lp.loop_once(Some(U), &mut ()).unwrap();
         assert_eq!(
             parent_calls.get(),
             1,
@@ -223,8 +230,8 @@ fn fork_child_gets_default_handlers_unless_kept_and_ignored_stays_ignored(#[case
         let mut lp = new_loop(kind);
         // SAFETY: sets a disposition; no code of ours runs in it.
         unsafe { libc::signal(libc::SIGUSR2, libc::SIG_IGN) };
-        lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
-        lp.watch_signal(libc::SIGUSR2, |_, _| {}).unwrap();
+        lp.watch_signal(libc::SIGUSR1, |_, (), _| {}).unwrap();
+        lp.watch_signal(libc::SIGUSR2, |_, (), _| {}).unwrap();
         let handler = |sig| {
             // SAFETY: a null new action only queries the current one.
             unsafe {
@@ -259,12 +266,12 @@ fn fork_parent_timers_never_fire_in_a_loop_fork_child_but_do_in_a_post_fork_chil
     isolated(|| {
         std::env::set_var(BACKEND_ENV, kind.name());
         Loop::with_global(|g| {
-            g.after(U, |_| PARENT_TIMER_FIRED.store(true, Ordering::SeqCst));
+            g.after(U, |_, ()| PARENT_TIMER_FIRED.store(true, Ordering::SeqCst));
             let child = g
                 .fork(ForkOptions::new(), || {
                     Loop::with_global(|fresh| {
                         let start = Instant::now();
-                        fresh.loop_once(Some(3 * U)).unwrap();
+                        fresh.loop_once(Some(3 * U), &mut ()).unwrap();
                         let waited_fully = start.elapsed() >= 3 * U;
                         (!waited_fully || PARENT_TIMER_FIRED.load(Ordering::SeqCst)) as i32
                     })
@@ -287,11 +294,13 @@ fn fork_parent_timers_never_fire_in_a_loop_fork_child_but_do_in_a_post_fork_chil
 fn fork_post_fork_works_again_in_a_grandchild(#[case] kind: Kind) {
     isolated(|| {
         let (s1, s2) = socketpair();
+        // Shared: the loop watches s1 while poke_until drains it.
+        let s1 = Rc::new(s1);
         let mut lp = new_loop(kind);
-        let (reads, _) = watch_counting(&mut lp, s1.as_raw_fd(), Interest::READ);
+        let (reads, _) = watch_counting(&mut lp, s1.clone(), Interest::READ);
         let (ticks, t) = counter();
-        lp.every(U / 10, move |_| bump(&t)).unwrap();
-        lp.loop_once(Some(Duration::ZERO)).unwrap();
+        lp.every(U / 10, move |_, ()| bump(&t)).unwrap();
+        lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
         let mut use_inherited = |depth: u32| {
             let before = (reads.get(), ticks.get());
             let ok = poke_until(&mut lp, &s1, &s2, || {
@@ -323,30 +332,42 @@ fn fork_post_fork_works_again_in_a_grandchild(#[case] kind: Kind) {
 fn fork_a_cancel_in_a_child_before_its_post_fork_holds(#[case] kind: Kind) {
     isolated(|| {
         let (s1, mut s2) = socketpair();
+        // Shared: the child watches the same fd number again after the cancel.
+        let s1: Rc<UnixStream> = Rc::new(s1);
         s2.write_all(b"x").unwrap(); // s1 stays readable: a stale watch would spin
         let mut lp = new_loop(kind);
+        let (reads, r) = counter();
         let watch = lp
-            .watch_io(s1.as_raw_fd(), Interest::READ, |_, _| {})
+            .watch_io(s1.clone(), Interest::READ, move |_, (), _, _| bump(&r))
             .unwrap();
-        lp.loop_once(Some(Duration::ZERO)).unwrap();
+        lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
         let lp = &mut lp;
-        let fd = s1.as_raw_fd();
         let pid = raw_fork(move || {
             // Cancelled before the loop noticed the fork (no post_fork yet).
             assert!(lp.cancel(watch));
+            let reads_at_fork = reads.get();
             let (fired, f) = counter();
-            let again = lp.watch_io(fd, Interest::WRITE, move |_, _| bump(&f));
+            let saw_readable = Rc::new(Cell::new(false));
+            let seen = saw_readable.clone();
+            let again = lp.watch_io(s1, Interest::WRITE, move |_, (), _, ready| {
+                // Only WRITE is asked for: READABLE would mean the read interest is
+                // still registered with the backend (now merged in, not refused).
+                seen.set(seen.get() || ready.contains(Readiness::READABLE));
+                bump(&f)
+            });
             if again.is_err() {
                 return 1; // "already registered": the cancel was lost
             }
             let mut iterations = 0;
             let started = Instant::now();
             while fired.get() == 0 && started.elapsed() < Duration::from_secs(2) {
-                lp.loop_once(Some(Duration::from_millis(100))).unwrap();
+                lp.loop_once(Some(Duration::from_millis(100)), &mut ())
+                    .unwrap();
                 iterations += 1;
             }
             // A write watch fires at once; the cancelled read watch must not be polled.
-            i32::from(fired.get() == 0) * 2 + i32::from(iterations > 5) * 4
+            let stale = reads.get() != reads_at_fork || saw_readable.get();
+            i32::from(fired.get() == 0) * 2 + i32::from(iterations > 5) * 4 + i32::from(stale) * 8
         });
         exits_with(pid, 0);
     });
@@ -356,13 +377,13 @@ fn fork_a_cancel_in_a_child_before_its_post_fork_holds(#[case] kind: Kind) {
 fn fork_a_child_cancelling_an_inherited_signal_watch_keeps_its_loop_working(#[case] kind: Kind) {
     isolated(|| {
         let mut lp = new_loop(kind);
-        let watch = lp.watch_signal(libc::SIGUSR2, |_, _| {}).unwrap();
-        lp.loop_once(Some(Duration::ZERO)).unwrap();
+        let watch = lp.watch_signal(libc::SIGUSR2, |_, (), _| {}).unwrap();
+        lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
         let lp = &mut lp;
         // libuv's fork_close_signal_in_child: the watch's self-pipe goes with the cancel.
         let pid = raw_fork(move || {
             assert!(lp.cancel(watch));
-            match lp.loop_once(Some(Duration::ZERO)) {
+            match lp.loop_once(Some(Duration::ZERO), &mut ()) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("{e}");
@@ -382,7 +403,7 @@ fn fork_a_child_cancelling_an_inherited_signal_watch_keeps_its_loop_working(#[ca
 fn fork_a_failing_pthread_atfork_is_an_error_not_a_panic() {
     const CHILD: &str = "FORKLOOP_ATFORK_FAILS";
     if std::env::var_os(CHILD).is_some() {
-        let err = Loop::new()
+        let err = Loop::<()>::new()
             .err()
             .expect("a loop without fork handlers was built");
         assert!(matches!(err, forkloop::Error::AtFork(_)), "{err}");
@@ -429,9 +450,9 @@ fn fork_a_loop_fork_child_lets_go_of_the_backend_by_its_own_rule_not_by_closing_
     isolated(|| {
         // A backend whose kernel object is not inherited (kqueue): in the child its
         // number may name another file. Here it names a pipe the child still needs.
-        let (keep, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (keep, _peer) = UnixStream::pair().unwrap();
         let number = keep.as_raw_fd();
-        let mut lp = Loop::from_backend(Box::new(Inert {
+        let mut lp: Loop = Loop::from_backend(Box::new(Inert {
             kernel_fd: Some(number),
         }))
         .unwrap();

@@ -39,7 +39,7 @@ fn watch_with_handle(lp: &mut Loop, pid: libc::pid_t) -> (Reports, Watch) {
     let reports: Reports = Rc::default();
     let r = reports.clone();
     let watch = lp
-        .watch_process(pid, move |_, pid, status| {
+        .watch_process(pid, move |_, (), pid, status| {
             r.borrow_mut().push((pid, status))
         })
         .unwrap();
@@ -264,7 +264,7 @@ fn process_killed_child_reports_its_signal(
         let mut lp = new_loop(kind);
         let pid = sleeper();
         let reports = watch(&mut lp, pid);
-        lp.loop_once(Some(U)).unwrap();
+        lp.loop_once(Some(U), &mut ()).unwrap();
         assert!(reports.borrow().is_empty(), "still running");
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -283,7 +283,7 @@ fn process_any_child_watch_sees_every_child_and_reaps_only_in_dispatch(
         let mut lp = new_loop(kind);
         let reports: Reports = Rc::default();
         let r = reports.clone();
-        lp.watch_any_child(move |_, pid, status| r.borrow_mut().push((pid, Ok(status))))
+        lp.watch_any_child(move |_, (), pid, status| r.borrow_mut().push((pid, Ok(status))))
             .unwrap();
         let mut pids: Vec<_> = (0..3).map(|_| raw_fork(|| 0)).collect();
         for &pid in &pids {
@@ -321,7 +321,7 @@ fn process_watch_leaves_other_children_to_their_owners(
 fn process_watch_of_a_stranger_is_an_error(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     for pid in [0, -1, 1] {
-        let err = lp.watch_process(pid, |_, _, _| {}).unwrap_err();
+        let err = lp.watch_process(pid, |_, (), _, _| {}).unwrap_err();
         assert!(matches!(err, Error::NotAChild(p) if p == pid), "{err}");
     }
 }
@@ -342,14 +342,14 @@ fn process_watch_in_a_forked_child_does_not_report_the_parents_children(
             let calls = Rc::new(Cell::new(0));
             let c = calls.clone();
             let own = raw_fork(|| 0);
-            lp.watch_process(own, move |_, _, _| c.set(c.get() + 1))
+            lp.watch_process(own, move |_, (), _, _| c.set(c.get() + 1))
                 .unwrap();
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(sibling, libc::SIGTERM) };
             let ok = loop_until(&mut lp, 50 * U, || calls.get() == 1);
-            lp.loop_once(Some(U)).unwrap();
+            lp.loop_once(Some(U), &mut ()).unwrap();
             let stranger = matches!(
-                lp.watch_process(sibling, |_, _, _| {}),
+                lp.watch_process(sibling, |_, (), _, _| {}),
                 Err(Error::NotAChild(_))
             );
             (!(ok && calls.get() == 1 && stranger && parent_reports.borrow().is_empty())) as i32
@@ -378,7 +378,7 @@ fn process_watch_of_a_child_reaped_elsewhere_ends_and_says_so(
         assert_eq!(exit_code(wait_child(early, Duration::from_secs(20))), 0);
         let late = sleeper();
         let (late_reports, late_watch) = watch_with_handle(&mut lp, late);
-        lp.loop_once(Some(U)).unwrap();
+        lp.loop_once(Some(U), &mut ()).unwrap();
         assert!(late_reports.borrow().is_empty(), "still running");
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(late, libc::SIGTERM) };
@@ -442,7 +442,7 @@ fn process_watch_is_never_told_of_a_process_that_reused_its_pid(#[case] kind: Ki
 #[cfg(all(target_os = "linux", feature = "server"))]
 #[test]
 fn server_graceful_timeout_never_kills_a_worker_that_reused_a_retired_workers_pid() {
-    use forkloop::server::{Config, Request, Responder, Server};
+    use forkloop::server::{Config, Request, Responder, Server, Worker};
 
     const GRACEFUL: Duration = Duration::from_secs(1);
     isolated(|| {
@@ -456,7 +456,7 @@ fn server_graceful_timeout_never_kills_a_worker_that_reused_a_retired_workers_pi
             config.graceful_timeout = GRACEFUL;
             let (e, f) = (exits.clone(), first_pid.clone());
             let f2 = first_pid.clone();
-            let server = Server::new(config, |_: &mut Loop, _: Request, _: Responder| {})
+            let server = Server::new(config, |_: &mut Loop<Worker>, _: Request, _: Responder| {})
                 .after_fork(|slot| {
                     if slot == 1 {
                         // SAFETY: kill has no memory-safety preconditions; pid 1 is
@@ -584,7 +584,7 @@ fn process_any_child_watch_leaves_watched_children_to_their_watches(
         let mut lp = new_loop(kind);
         let any: Reports = Rc::default();
         let r = any.clone();
-        lp.watch_any_child(move |_, pid, status| r.borrow_mut().push((pid, Ok(status))))
+        lp.watch_any_child(move |_, (), pid, status| r.borrow_mut().push((pid, Ok(status))))
             .unwrap();
         let watched = raw_fork(|| 6);
         let own = watch(&mut lp, watched);
@@ -594,7 +594,7 @@ fn process_any_child_watch_leaves_watched_children_to_their_watches(
         assert!(loop_until(&mut lp, 50 * U, || {
             !own.borrow().is_empty() && !any.borrow().is_empty()
         }));
-        lp.loop_once(Some(U)).unwrap();
+        lp.loop_once(Some(U), &mut ()).unwrap();
         assert_eq!(own.borrow().len(), 1);
         assert_eq!(status(&own, 0).code(), Some(6));
         assert_eq!(any.borrow().len(), 1, "{:?}", any.borrow());

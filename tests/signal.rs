@@ -6,7 +6,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use common::*;
-use forkloop::{Error, Kind, Loop};
+use forkloop::{Error, Kind, Loop, SignalRefusal};
 use rstest::rstest;
 use rstest_reuse::apply;
 
@@ -25,13 +25,13 @@ fn disposition(signal: libc::c_int) -> libc::sighandler_t {
 }
 
 /// Iterates until `count` reaches `n`, then once more to show no extra call comes.
-fn expect_calls(lp: &mut Loop, count: &std::rc::Rc<std::cell::Cell<u32>>, n: u32) {
+fn expect_calls(lp: &mut Loop, count: &Rc<Cell<u32>>, n: u32) {
     assert!(
         loop_until(lp, 50 * U, || count.get() >= n),
         "got {} of {n} calls",
         count.get()
     );
-    lp.loop_once(Some(U)).unwrap();
+    lp.loop_once(Some(U), &mut ()).unwrap();
     assert_eq!(count.get(), n, "an extra call arrived");
 }
 
@@ -40,12 +40,12 @@ fn signal_is_deferred_to_dispatch_and_delivered_once_per_kill(#[case] kind: Kind
     isolated(|| {
         let mut lp = new_loop(kind);
         let (calls, c) = counter();
-        lp.watch_signal(libc::SIGTERM, move |_, sig| {
+        lp.watch_signal(libc::SIGTERM, move |_, (), sig| {
             assert_eq!(sig, libc::SIGTERM);
             bump(&c);
         })
         .unwrap();
-        lp.loop_once(Some(U)).unwrap();
+        lp.loop_once(Some(U), &mut ()).unwrap();
         assert_eq!(calls.get(), 0, "no callback before the signal");
         kill_self(libc::SIGTERM);
         assert_eq!(calls.get(), 0, "not called before an iteration");
@@ -63,9 +63,9 @@ fn signal_two_watches_both_run_and_one_survives_the_others_cancel(#[case] kind: 
         let (a, ca) = counter();
         let (b, cb) = counter();
         let wa = lp
-            .watch_signal(libc::SIGUSR1, move |_, _| bump(&ca))
+            .watch_signal(libc::SIGUSR1, move |_, (), _| bump(&ca))
             .unwrap();
-        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&cb))
+        lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&cb))
             .unwrap();
         kill_self(libc::SIGUSR1);
         expect_calls(&mut lp, &a, 1);
@@ -82,17 +82,36 @@ fn signal_unknown_or_uncatchable_is_an_error(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let faults = [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL];
     // Linux: 32 and 33 are glibc's own, 65 is past SIGRTMAX.
-    let linux: &[libc::c_int] = if cfg!(target_os = "linux") {
-        &[32, 33, 65]
+    let (reserved, past_max): (&[libc::c_int], &[libc::c_int]) = if cfg!(target_os = "linux") {
+        (&[32, 33], &[65])
     } else {
-        &[]
+        (&[], &[])
     };
-    let base = [0, -1, 4096, libc::SIGKILL, libc::SIGSTOP];
-    for &sig in base.iter().chain(&faults).chain(linux) {
-        let err = lp.watch_signal(sig, |_, _| {}).unwrap_err();
+    let unknown = [0, -1, 4096];
+    let uncatchable = [libc::SIGKILL, libc::SIGSTOP];
+    let expected = (unknown.iter().chain(past_max))
+        .map(|&sig| (sig, SignalRefusal::Unknown))
+        .chain(
+            uncatchable
+                .iter()
+                .map(|&sig| (sig, SignalRefusal::Uncatchable)),
+        )
+        .chain(faults.iter().map(|&sig| (sig, SignalRefusal::Fault)))
+        .chain(reserved.iter().map(|&sig| (sig, SignalRefusal::Reserved)));
+    for (sig, why) in expected {
+        let err = lp.watch_signal(sig, |_, (), _| {}).unwrap_err();
         assert!(
-            matches!(err, Error::Signal { signal, .. } if signal == sig),
-            "{err}"
+            matches!(
+                err,
+                Error::SignalRefused { signal, refusal } if signal == sig && refusal == why
+            ),
+            "signal {sig}: expected {why:?}, got {err:?}"
+        );
+        // The message names the signal and says why.
+        let message = err.to_string();
+        assert!(
+            message.contains(&sig.to_string()) && message.contains(&why.to_string()),
+            "{message}"
         );
     }
 }
@@ -102,7 +121,7 @@ fn signal_after_post_fork_in_the_same_process_arrives_exactly_once(#[case] kind:
     isolated(|| {
         let mut lp = new_loop(kind);
         let (calls, c) = counter();
-        lp.watch_signal(libc::SIGUSR2, move |_, _| bump(&c))
+        lp.watch_signal(libc::SIGUSR2, move |_, (), _| bump(&c))
             .unwrap();
         lp.post_fork().unwrap();
         lp.post_fork().unwrap();
@@ -117,8 +136,8 @@ fn signal_previous_disposition_is_back_after_the_last_watch_goes(#[case] kind: K
         // SAFETY: sets a disposition; no handler code of ours runs.
         unsafe { libc::signal(libc::SIGUSR1, libc::SIG_IGN) };
         let mut lp = new_loop(kind);
-        let a = lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
-        let b = lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        let a = lp.watch_signal(libc::SIGUSR1, |_, (), _| {}).unwrap();
+        let b = lp.watch_signal(libc::SIGUSR1, |_, (), _| {}).unwrap();
         assert_ne!(disposition(libc::SIGUSR1), libc::SIG_IGN);
         lp.cancel(a);
         assert_ne!(
@@ -128,7 +147,7 @@ fn signal_previous_disposition_is_back_after_the_last_watch_goes(#[case] kind: K
         );
         lp.cancel(b);
         assert_eq!(disposition(libc::SIGUSR1), libc::SIG_IGN);
-        lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        lp.watch_signal(libc::SIGUSR1, |_, (), _| {}).unwrap();
         drop(lp);
         assert_eq!(
             disposition(libc::SIGUSR1),
@@ -148,10 +167,10 @@ fn signal_watched_by_two_loops_reaches_both_and_outlives_either(#[case] kind: Ki
         let (a, ca) = counter();
         let (b, cb) = counter();
         let w = first
-            .watch_signal(libc::SIGUSR1, move |_, _| bump(&ca))
+            .watch_signal(libc::SIGUSR1, move |_, (), _| bump(&ca))
             .unwrap();
         second
-            .watch_signal(libc::SIGUSR1, move |_, _| bump(&cb))
+            .watch_signal(libc::SIGUSR1, move |_, (), _| bump(&cb))
             .unwrap();
         kill_self(libc::SIGUSR1);
         expect_calls(&mut first, &a, 1);
@@ -184,10 +203,10 @@ fn signal_sigchld_reaches_every_loop_that_watches_it(#[case] kind: Kind) {
         let (a, ca) = counter();
         let (b, cb) = counter();
         first
-            .watch_signal(libc::SIGCHLD, move |_, _| bump(&ca))
+            .watch_signal(libc::SIGCHLD, move |_, (), _| bump(&ca))
             .unwrap();
         second
-            .watch_signal(libc::SIGCHLD, move |_, _| bump(&cb))
+            .watch_signal(libc::SIGCHLD, move |_, (), _| bump(&cb))
             .unwrap();
         let pid = raw_fork(|| 3);
         assert!(loop_until(&mut first, 50 * U, || a.get() > 0));
@@ -200,7 +219,7 @@ fn signal_sigchld_reaches_every_loop_that_watches_it(#[case] kind: Kind) {
 fn signal_sigchld_is_installed_with_sa_nocldstop(#[case] kind: Kind) {
     isolated(|| {
         let mut lp = new_loop(kind);
-        lp.watch_signal(libc::SIGCHLD, |_, _| {}).unwrap();
+        lp.watch_signal(libc::SIGCHLD, |_, (), _| {}).unwrap();
         // SAFETY: a null new action only queries the current one into `old`.
         let flags = unsafe {
             let mut old: libc::sigaction = std::mem::zeroed();
@@ -223,16 +242,16 @@ fn signal_after_a_raw_fork_the_inherited_loop_and_a_new_one_both_receive_it(#[ca
     isolated(|| {
         let mut lp = new_loop(kind);
         let (_, c) = counter();
-        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+        lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
             .unwrap();
         let pid = raw_fork(move || {
-            let mut fresh = Loop::with_backend(kind).unwrap();
+            let mut fresh: Loop = Loop::with_backend(kind).unwrap();
             let (new_calls, cn) = counter();
             fresh
-                .watch_signal(libc::SIGUSR1, move |_, _| bump(&cn))
+                .watch_signal(libc::SIGUSR1, move |_, (), _| bump(&cn))
                 .unwrap();
             let (old_calls, co) = counter();
-            lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&co))
+            lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&co))
                 .unwrap(); // the inherited loop's post_fork runs here
             kill_self(libc::SIGUSR1);
             let old = loop_until(&mut lp, 50 * U, || old_calls.get() > 0);
@@ -256,7 +275,7 @@ fn signal_raised_before_a_fork_is_delivered_once_in_the_parent_only(#[case] kind
     isolated(|| {
         let mut lp = new_loop(kind);
         let (calls, c) = counter();
-        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+        lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
             .unwrap();
         // raise() runs the handler on this thread before it returns: the signal is
         // recorded, not yet dispatched, when the process forks.
@@ -264,20 +283,20 @@ fn signal_raised_before_a_fork_is_delivered_once_in_the_parent_only(#[case] kind
         assert_eq!(unsafe { libc::raise(libc::SIGUSR1) }, 0);
         let pid = lp
             .fork(Default::default(), || {
-                let mut child = Loop::new().unwrap();
+                let mut child: Loop = Loop::new().unwrap();
                 let (calls, c) = counter();
                 child
-                    .watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+                    .watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
                     .unwrap();
                 let start = std::time::Instant::now();
-                child.loop_once(Some(U)).unwrap();
+                child.loop_once(Some(U), &mut ()).unwrap();
                 // Neither delivered here nor spinning: the wait took its full timeout.
                 (calls.get() != 0 || start.elapsed() < U / 2) as i32
             })
             .unwrap();
         let status = Rc::new(Cell::new(None));
         let s = status.clone();
-        lp.watch_process(pid, move |_, _, st| s.set(Some(st.unwrap().code())))
+        lp.watch_process(pid, move |_, (), _, st| s.set(Some(st.unwrap().code())))
             .unwrap();
         assert!(loop_until(&mut lp, 50 * U, || status.get().is_some()));
         expect_calls(&mut lp, &calls, 1);
@@ -297,21 +316,21 @@ fn signal_in_a_raw_fork_child_deliveries_go_by_when_each_loop_watched(#[case] ki
     isolated(|| {
         let mut lp = new_loop(kind);
         let (_, c) = counter();
-        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+        lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
             .unwrap();
         let pid = raw_fork(move || {
             kill_self(libc::SIGUSR1); // before any loop of the child subscribes
-            let mut fresh = Loop::with_backend(kind).unwrap();
+            let mut fresh: Loop = Loop::with_backend(kind).unwrap();
             let (new_calls, cn) = counter();
             fresh
-                .watch_signal(libc::SIGUSR1, move |_, _| bump(&cn))
+                .watch_signal(libc::SIGUSR1, move |_, (), _| bump(&cn))
                 .unwrap();
-            fresh.loop_once(Some(U)).unwrap();
+            fresh.loop_once(Some(U), &mut ()).unwrap();
             if new_calls.get() != 0 {
                 return 1; // the new loop got a delivery from before its watch
             }
             let (old_calls, co) = counter();
-            lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&co))
+            lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&co))
                 .unwrap(); // the inherited loop's post_fork runs here
             if !loop_until(&mut lp, 50 * U, || old_calls.get() > 0) {
                 return 2; // the inherited loop lost it to the new one
@@ -331,15 +350,17 @@ fn signal_in_a_raw_fork_child_one_inherited_loops_cancel_leaves_anothers_watch(#
     isolated(|| {
         let mut a = new_loop(kind);
         let mut b = new_loop(kind);
-        let wa = a.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        let wa = a.watch_signal(libc::SIGUSR1, |_, (), _| {}).unwrap();
         let (_, c) = counter();
-        b.watch_signal(libc::SIGUSR1, move |_, _| bump(&c)).unwrap();
+        b.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
+            .unwrap();
         let pid = raw_fork(move || {
             a.cancel(wa); // before any post_fork
             kill_self(libc::SIGUSR1); // the default action would kill the child
             let (calls, c) = counter();
             // B's post_fork runs here: what came since the fork is B's.
-            b.watch_signal(libc::SIGUSR1, move |_, _| bump(&c)).unwrap();
+            b.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
+                .unwrap();
             (!loop_until(&mut b, 50 * U, || calls.get() > 0)) as i32
         });
         let status = wait_child(pid, 100 * U);
@@ -357,7 +378,7 @@ fn signal_dropping_an_inherited_loop_in_a_raw_fork_child_restores_the_dispositio
 ) {
     isolated(|| {
         let mut lp = new_loop(kind);
-        lp.watch_signal(libc::SIGUSR1, |_, _| {}).unwrap();
+        lp.watch_signal(libc::SIGUSR1, |_, (), _| {}).unwrap();
         let pid = raw_fork(move || {
             drop(lp);
             (disposition(libc::SIGUSR1) != libc::SIG_DFL) as i32
@@ -377,23 +398,32 @@ fn signal_a_post_fork_that_failed_is_finished_by_the_next_use(#[case] kind: Kind
     isolated(|| {
         let mut lp = new_loop(kind);
         let (_, c) = counter();
-        lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+        lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
             .unwrap();
         let pid = raw_fork(move || {
             let mut others: Vec<Loop> = Vec::new();
             loop {
-                let mut other = Loop::with_backend(kind).unwrap();
-                if other.watch_signal(libc::SIGUSR2, |_, _| {}).is_err() {
-                    break;
+                let mut other: Loop = Loop::with_backend(kind).unwrap();
+                match other.watch_signal(libc::SIGUSR2, |_, (), _| {}) {
+                    Ok(_) => others.push(other),
+                    Err(Error::TooManySignalLoops(n)) if n == others.len() => break,
+                    Err(e) => {
+                        eprintln!("loop {}: {e:?}", others.len() + 1);
+                        return 3; // not the refusal of a full driver
+                    }
                 }
-                others.push(other);
             }
-            if lp.loop_once(Some(std::time::Duration::ZERO)).is_ok() {
-                return 1; // no slot was left, yet post_fork claimed to succeed
+            match lp.loop_once(Some(std::time::Duration::ZERO), &mut ()) {
+                Err(Error::TooManySignalLoops(_)) => {}
+                Ok(()) => return 1, // no slot was left, yet post_fork claimed to succeed
+                Err(e) => {
+                    eprintln!("{e:?}");
+                    return 3;
+                }
             }
             others.pop(); // a slot is free again
             let (calls, c) = counter();
-            lp.watch_signal(libc::SIGUSR1, move |_, _| bump(&c))
+            lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
                 .unwrap();
             kill_self(libc::SIGUSR1);
             (!loop_until(&mut lp, 50 * U, || calls.get() > 0)) as i32 * 2
@@ -401,7 +431,7 @@ fn signal_a_post_fork_that_failed_is_finished_by_the_next_use(#[case] kind: Kind
         let code = exit_code(wait_child(pid, 100 * U));
         assert_eq!(
             code, 0,
-            "1: the failure went unseen, 2: the signal never arrived"
+            "1: the failure went unseen, 2: the signal never arrived, 3: another error (stderr)"
         );
     });
 }
