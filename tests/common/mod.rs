@@ -4,6 +4,7 @@
 
 use std::cell::Cell;
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -11,7 +12,7 @@ use std::rc::Rc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use forkloop::{Interest, Kind, Loop, Watch};
+use forkloop::{Interest, Io, Kind, Loop};
 use rstest_reuse::template;
 
 /// The timing unit of looptests.md, in its quick mode.
@@ -84,11 +85,16 @@ pub fn drain(s: &mut UnixStream) -> usize {
     total
 }
 
-/// A read watch that counts its calls: `(count, watch)`.
-pub fn watch_counting(lp: &mut Loop, fd: i32, interest: Interest) -> (Rc<Cell<u32>>, Watch) {
+/// A watch of `source` (which it owns: pass an `Rc` or a `try_clone` to keep using the
+/// socket) that counts its calls: `(count, watch)`.
+pub fn watch_counting<S: AsFd + 'static>(
+    lp: &mut Loop,
+    source: S,
+    interest: Interest,
+) -> (Rc<Cell<u32>>, Io<S>) {
     let (count, c) = counter();
-    let watch = lp.watch_io(fd, interest, move |_, _| bump(&c)).unwrap();
-    (count, watch)
+    let watch = lp.watch_io(source, interest, move |_, (), _, _| bump(&c));
+    (count, watch.unwrap())
 }
 
 /// Writes a byte into `peer`, iterates until `done()` (bounded), then drains `ours`:
@@ -113,7 +119,7 @@ pub fn loop_until(lp: &mut Loop, limit: Duration, done: impl Fn() -> bool) -> bo
         if left.is_zero() {
             return false;
         }
-        lp.loop_once(Some(left)).expect("loop_once");
+        lp.loop_once(Some(left), &mut ()).expect("loop_once");
     }
     true
 }
