@@ -4,8 +4,6 @@
 //! own process-global loop and exits. The master reports every exit, and stops early on
 //! Ctrl-C (the workers get SIGTERM).
 
-use std::cell::Cell;
-use std::rc::Rc;
 use std::time::Duration;
 
 use forkloop::{ForkOptions, Loop};
@@ -15,13 +13,13 @@ fn worker(number: u32) -> i32 {
     let result = Loop::with_global(|lp| {
         println!("worker {number}: pid {} on {}", std::process::id(), lp.id());
         let mut ticks = 0;
-        lp.every(Duration::from_millis(100), move |lp| {
+        lp.every(Duration::from_millis(100), move |lp, ()| {
             ticks += 1;
             if ticks == 3 {
                 lp.stop(0);
             }
         })?;
-        lp.run()
+        lp.run(&mut ())
     });
     match result {
         Ok(Ok(code)) => code,
@@ -37,37 +35,37 @@ fn main() -> forkloop::Result<()> {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(2);
-    let mut master = Loop::new()?;
+    // The master's state, lent to its callbacks: how many workers still run.
+    let mut master: Loop<u32> = Loop::new()?;
     println!(
         "master: pid {} on the {} backend",
         std::process::id(),
         master.backend_name()
     );
     let mut pids = Vec::new();
-    let running = Rc::new(Cell::new(workers));
     for number in 1..=workers {
         let pid = master.fork(ForkOptions::new(), move || worker(number))?;
         pids.push(pid);
-        let running = running.clone();
-        master.watch_process(pid, move |lp, pid, status| {
+        master.watch_process(pid, move |lp, running, pid, status| {
             match status {
                 Ok(status) => println!("master: worker {number} (pid {pid}) exited: {status}"),
                 Err(e) => println!("master: worker {number}: {e}"),
             }
-            running.set(running.get() - 1);
-            if running.get() == 0 {
+            *running -= 1;
+            if *running == 0 {
                 lp.stop(0);
             }
         })?;
     }
     let watched = pids.clone();
-    master.watch_signal(libc::SIGINT, move |_, _| {
+    master.watch_signal(libc::SIGINT, move |_, _, _| {
         for &pid in &watched {
             // SAFETY: kill has no memory-safety preconditions.
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
     })?;
-    master.run()?;
+    let mut running = workers;
+    master.run(&mut running)?;
     println!("master: all workers exited");
     Ok(())
 }

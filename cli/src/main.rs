@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use forkloop::server::{Config, Request, Responder, Response, Server};
+use forkloop::server::{Config, Request, Responder, Response, Server, Worker};
 use forkloop::{Kind, Loop};
 
 const SIGNALS: &str = "\
@@ -128,7 +128,7 @@ fn not_allowed(allow: &str) -> Response {
 }
 
 /// The built-in app: `GET /`, `GET /pid`, `POST /echo`, `GET /sleep?ms=N`.
-fn hello(lp: &mut Loop, request: Request, responder: Responder) {
+fn hello(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
     let response = match (request.method.as_str(), request.path()) {
         ("GET" | "HEAD", "/") => Response::text(200, "Hello, World!"),
         ("GET" | "HEAD", "/pid") => Response::text(200, std::process::id().to_string()),
@@ -138,7 +138,7 @@ fn hello(lp: &mut Loop, request: Request, responder: Responder) {
         ("GET", "/sleep") => match request.query("ms").and_then(|ms| ms.parse().ok()) {
             Some(ms) => {
                 // Answered later from the loop: the worker serves others meanwhile.
-                lp.after(Duration::from_millis(ms), move |lp| {
+                lp.after(Duration::from_millis(ms), move |lp, _| {
                     responder.send(lp, Response::text(200, format!("slept {ms} ms")));
                 });
                 return;
@@ -156,7 +156,7 @@ fn hello(lp: &mut Loop, request: Request, responder: Responder) {
 }
 
 /// `--app hostile-responses`: what a buggy handler may write, by path.
-fn hostile(lp: &mut Loop, request: Request, responder: Responder) {
+fn hostile(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
     let ok = |name: &str, value: &str| Response::text(200, "hi").header(name, value);
     let response = match request.path() {
         "/header-crlf" => ok("X-Bad", "a\r\nInjected: 1"),
@@ -174,7 +174,7 @@ fn hostile(lp: &mut Loop, request: Request, responder: Responder) {
         "/no-content" => Response::new(204, ""),
         "/drop" => {
             // Dropped outside the handler call, from the loop's next iteration.
-            lp.later(move |_| drop(responder));
+            lp.later(move |_, _| drop(responder));
             return;
         }
         _ => return hello(lp, request, responder),
@@ -245,14 +245,14 @@ fn main() {
         }
         App::ExitAfterRequest => Server::new(
             config,
-            |lp: &mut Loop, request: Request, responder: Responder| {
+            |lp: &mut Loop<Worker>, request: Request, responder: Responder| {
                 hello(lp, request, responder);
-                lp.after(Duration::ZERO, |_| std::process::exit(3));
+                lp.after(Duration::ZERO, |_, _| std::process::exit(3));
             },
         ),
         App::Panicky => Server::new(
             config,
-            |lp: &mut Loop, request: Request, responder: Responder| match request.path() {
+            |lp: &mut Loop<Worker>, request: Request, responder: Responder| match request.path() {
                 "/panic" => panic!("the handler panics on purpose"),
                 "/block" => loop {
                     std::hint::spin_loop();

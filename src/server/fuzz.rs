@@ -11,7 +11,7 @@
 use std::rc::Rc;
 
 use super::worker::{drive_connection, MAX_PIPELINED};
-use super::{Config, Request, Responder, Response};
+use super::{Config, Request, Responder, Response, Worker};
 use crate::Loop;
 
 /// Header limits small enough that a fuzzer reaches them.
@@ -28,13 +28,13 @@ const CUTS_MARKER: &[u8] = b"\0#cuts\0";
 /// Echoes the body; `/later` answers from the loop's next iteration instead of at once
 /// (so pipelined answers complete out of order); a HEAD answer says so in `X-Head`, as
 /// its `Content-Length` then describes a body that is not sent.
-fn app(lp: &mut Loop, request: Request, responder: Responder) {
+fn app(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
     let mut response = Response::new(200, request.body.clone());
     if request.method == "HEAD" {
         response = response.header("X-Head", "1");
     }
     if request.path() == "/later" {
-        lp.later(move |lp| responder.send(lp, response));
+        lp.later(move |lp, _| responder.send(lp, response));
     } else {
         responder.send(lp, response);
     }

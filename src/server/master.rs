@@ -2,11 +2,14 @@
 //! own loop — `watch_process` for exits, `watch_signal` for TERM/INT/HUP/TTIN/TTOU/USR1,
 //! a pipe per worker for readiness and heartbeats. No hand-written select loop, no
 //! global signal handlers.
+//!
+//! The master's state is the loop's data: a `Loop<Master>`, whose callbacks all get
+//! `&mut Master`. The loop owns the master's end of each worker's pipe (the pipe's
+//! watch is its source).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::listener::Listener;
 use super::worker::{self, WorkerSetup, HEARTBEAT, READY, RECYCLE};
 use super::{Config, Handler, MasterHook, Server, WorkerExitHook};
-use crate::{ForkOptions, Interest, Loop, Watch};
+use crate::{ForkOptions, Interest, Io, Loop, Timer};
 
 /// Why the server could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -75,8 +78,11 @@ type Slot = usize;
 
 struct WorkerInfo {
     pid: libc::pid_t,
-    pipe: UnixStream,
-    pipe_watch: Option<Watch>,
+    /// The watch of the master's end of the worker's pipe, which the loop owns; `None`
+    /// once the worker closed its end (the watch is then gone, and the socket closed).
+    pipe: Option<Io<UnixStream>>,
+    /// The fd number of that end, for the workers forked later to close their copy.
+    pipe_fd: RawFd,
     state: State,
     started: Instant,
     last_heard: Instant,
@@ -84,6 +90,7 @@ struct WorkerInfo {
     replaces: Option<Slot>,
 }
 
+/// The master's state: the data of its `Loop<Master>`.
 struct Master {
     config: Config,
     handler: Rc<dyn Handler>,
@@ -98,13 +105,11 @@ struct Master {
     shutting_down: bool,
     announced: bool,
     crash_streak: u32,
-    respawn_timer: Option<Watch>,
+    respawn_timer: Option<Timer>,
     startup_failures: u32,
     failure: Option<ServerError>,
     backend: &'static str,
 }
-
-type Shared = Rc<RefCell<Master>>;
 
 pub(crate) fn run(server: Server) -> Result<(), ServerError> {
     let config = server.config;
@@ -122,10 +127,10 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
     if let Some((flag, _)) = timeouts.iter().find(|(_, t)| t.is_zero()) {
         return Err(ServerError::Config(format!("{flag} must be more than 0 s")));
     }
-    let mut lp = config.backend.map_or_else(Loop::new, Loop::with_backend)?;
+    let mut lp: Loop<Master> = config.backend.map_or_else(Loop::new, Loop::with_backend)?;
     let pid_file = config.pid_file.clone();
     let addresses = config.listen.clone();
-    let master: Shared = Rc::new(RefCell::new(Master {
+    let mut master = Master {
         target: config.workers,
         config,
         handler: Rc::from(server.handler),
@@ -142,17 +147,17 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
         startup_failures: 0,
         failure: None,
         backend: lp.backend_name(),
-    }));
+    };
     // Signals first: one that arrives from here on is dispatched, not lost — and never
     // kills a master that already wrote its pid file.
-    watch_signals(&master, &mut lp)?;
+    watch_signals(&mut lp)?;
     for address in &addresses {
         let listener = Listener::bind(address).map_err(|source| ServerError::Bind {
             address: address.clone(),
             source,
         });
         match listener {
-            Ok(listener) => master.borrow_mut().listeners.push(listener),
+            Ok(listener) => master.listeners.push(listener),
             Err(e) => {
                 unlink_sockets(&master);
                 return Err(e);
@@ -165,134 +170,127 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
             return Err(e);
         }
     }
-    let result = supervise(&master, &mut lp);
+    let result = supervise(&mut lp, &mut master);
     unlink_sockets(&master);
     if let Some(path) = &pid_file {
         let _ = std::fs::remove_file(path);
     }
     result?;
-    let failure = master.borrow_mut().failure.take();
-    failure.map_or(Ok(()), Err)
+    master.failure.take().map_or(Ok(()), Err)
 }
 
-fn unlink_sockets(master: &Shared) {
-    for listener in &master.borrow().listeners {
+fn unlink_sockets(m: &Master) {
+    for listener in &m.listeners {
         listener.unlink();
     }
 }
 
-fn watch_signals(master: &Shared, lp: &mut Loop) -> Result<(), ServerError> {
+fn watch_signals(lp: &mut Loop<Master>) -> Result<(), ServerError> {
     for signal in [libc::SIGTERM, libc::SIGINT] {
-        let m = master.clone();
-        lp.watch_signal(signal, move |lp, sig| shutdown(&m, lp, sig))?;
+        lp.watch_signal(signal, shutdown)?;
     }
-    let m = master.clone();
-    lp.watch_signal(libc::SIGHUP, move |lp, _| rolling_restart(&m, lp))?;
-    let m = master.clone();
-    lp.watch_signal(libc::SIGTTIN, move |lp, _| {
-        m.borrow_mut().target += 1;
-        log::info!("TTIN: workers: {}", m.borrow().target);
-        reconcile(&m, lp);
+    lp.watch_signal(libc::SIGHUP, |lp, m, _| rolling_restart(lp, m))?;
+    lp.watch_signal(libc::SIGTTIN, |lp, m, _| {
+        m.target += 1;
+        log::info!("TTIN: workers: {}", m.target);
+        reconcile(lp, m);
     })?;
-    let m = master.clone();
-    lp.watch_signal(libc::SIGTTOU, move |lp, _| fewer_workers(&m, lp))?;
-    let m = master.clone();
-    lp.watch_signal(libc::SIGUSR1, move |_, _| {
+    lp.watch_signal(libc::SIGTTOU, |lp, m, _| fewer_workers(lp, m))?;
+    lp.watch_signal(libc::SIGUSR1, |_, m, _| {
         log::info!("USR1: workers reopen the access log");
-        signal_workers(&m, libc::SIGUSR1, |_, _| true);
+        signal_workers(m, libc::SIGUSR1, |_, _| true);
     })?;
     Ok(())
 }
 
-fn supervise(master: &Shared, lp: &mut Loop) -> Result<(), ServerError> {
-    let m = master.clone();
-    let check = (master.borrow().config.heartbeat_timeout / 4).max(Duration::from_millis(50));
-    lp.every(check, move |lp| check_heartbeats(&m, lp))?;
-    reconcile(master, lp);
-    lp.run()?;
+fn supervise(lp: &mut Loop<Master>, m: &mut Master) -> Result<(), ServerError> {
+    let check = (m.config.heartbeat_timeout / 4).max(Duration::from_millis(50));
+    lp.every(check, check_heartbeats)?;
+    reconcile(lp, m);
+    lp.run(m)?;
     Ok(())
 }
 
 /// Forks workers until `target` of them are starting or serving.
-fn reconcile(master: &Shared, lp: &mut Loop) {
+fn reconcile(lp: &mut Loop<Master>, m: &mut Master) {
     loop {
-        let needed = {
-            let m = master.borrow();
-            let active = m
-                .workers
-                .values()
-                .filter(|w| w.state != State::Draining)
-                .count();
-            !m.shutting_down && m.respawn_timer.is_none() && active < m.target
-        };
-        if !needed {
+        let active = m
+            .workers
+            .values()
+            .filter(|w| w.state != State::Draining)
+            .count();
+        if m.shutting_down || m.respawn_timer.is_some() || active >= m.target {
             return;
         }
-        if let Err(e) = spawn(master, lp, None) {
+        if let Err(e) = spawn(lp, m, None) {
             log::error!("forking a worker: {e}; retrying");
-            schedule_respawn(master, lp, Duration::from_millis(500));
+            schedule_respawn(lp, m, Duration::from_millis(500));
             return;
         }
     }
 }
 
-fn spawn(master: &Shared, lp: &mut Loop, replaces: Option<Slot>) -> Result<Slot, ServerError> {
+fn spawn(
+    lp: &mut Loop<Master>,
+    m: &mut Master,
+    replaces: Option<Slot>,
+) -> Result<Slot, ServerError> {
     let (master_end, worker_end) = UnixStream::pair().map_err(|source| crate::Error::Create {
         what: "a worker pipe",
         source,
     })?;
-    let slot = {
-        let mut m = master.borrow_mut();
-        m.next_slot += 1;
-        m.next_slot
-    };
-    if let Some(hook) = &master.borrow().before_fork {
+    m.next_slot += 1;
+    let slot = m.next_slot;
+    if let Some(hook) = &m.before_fork {
         hook(slot);
     }
     let master_pid = std::process::id() as libc::pid_t;
-    let pid = {
-        let mut guard = master.borrow_mut();
-        let m = &mut *guard;
-        let mut worker_end = Some(worker_end);
-        let mut master_end = Some(&master_end);
-        let max_requests = m
-            .config
-            .max_requests
-            .map(|n| n + jitter(m.config.max_requests_jitter));
-        lp.fork(ForkOptions::new(), || {
-            // The child keeps its own pipe end and the listeners, nothing else of the
-            // master's: other workers' pipes would hide the master's death from them.
-            master_end.take();
-            drop(std::mem::take(&mut m.workers));
-            let listeners = std::mem::take(&mut m.listeners);
-            let setup = WorkerSetup {
-                slot,
-                config: &m.config,
-                handler: m.handler.clone(),
-                after_fork: m.after_fork.as_deref(),
-                master: worker_end.take().expect("taken once"),
-                master_pid,
-                max_requests,
-            };
-            worker::run(setup, listeners)
-        })?
-    };
-    let m2 = master.clone();
-    lp.watch_process(pid, move |lp, pid, status| {
-        worker_exited(&m2, lp, slot, pid, status)
+    let max_requests = m
+        .config
+        .max_requests
+        .map(|n| n + jitter(m.config.max_requests_jitter));
+    // Taken (and so closed) only in the child; the parent keeps both until the fork
+    // returns.
+    let mut master_end = Some(master_end);
+    let mut worker_end = Some(worker_end);
+    let pid = lp.fork(ForkOptions::new(), || {
+        // The child keeps its own pipe end and the listeners, nothing else of the
+        // master's: a copy of any worker's master end, this one's included, would hide
+        // the master's death from that worker.
+        drop(master_end.take());
+        close_other_pipes(&m.workers);
+        let listeners = std::mem::take(&mut m.listeners);
+        let setup = WorkerSetup {
+            slot,
+            config: &m.config,
+            handler: Rc::clone(&m.handler),
+            after_fork: m.after_fork.as_deref(),
+            master: worker_end.take().expect("taken once"),
+            master_pid,
+            max_requests,
+        };
+        worker::run(setup, listeners)
     })?;
-    let m2 = master.clone();
-    let pipe_watch = lp.watch_io(master_end.as_raw_fd(), Interest::READ, move |lp, _| {
-        worker_message(&m2, lp, slot)
+    drop(worker_end);
+    let master_end = master_end.expect("taken in the child only");
+    // The fork took a while: a worker's clock starts now, not at the wake-up.
+    let now = lp.update_now();
+    lp.watch_process(pid, move |lp, m, pid, status| {
+        worker_exited(lp, m, slot, pid, status)
     })?;
     master_end.set_nonblocking(true).ok();
-    let now = Instant::now();
-    master.borrow_mut().workers.insert(
+    let pipe_fd = master_end.as_raw_fd();
+    let pipe = lp
+        .watch_io(master_end, Interest::READ, move |lp, m, pipe, _| {
+            worker_message(lp, m, slot, pipe)
+        })
+        .map_err(crate::Error::from)?;
+    m.workers.insert(
         slot,
         WorkerInfo {
             pid,
-            pipe: master_end,
-            pipe_watch: Some(pipe_watch),
+            pipe: Some(pipe),
+            pipe_fd,
             state: State::Starting,
             started: now,
             last_heard: now,
@@ -301,6 +299,21 @@ fn spawn(master: &Shared, lp: &mut Loop, replaces: Option<Slot>) -> Result<Slot,
     );
     log::debug!("worker {slot} forked: pid {pid}");
     Ok(slot)
+}
+
+/// In a new worker, before it runs: closes its copies of the other workers' master
+/// ends, which the master's loop owns (their watches' sources).
+fn close_other_pipes(workers: &HashMap<Slot, WorkerInfo>) {
+    for w in workers.values().filter(|w| w.pipe.is_some()) {
+        // SAFETY: this runs in a `Loop::fork` child. The socket whose number this is
+        // belongs to the master's loop (the live watch `w.pipe` owns it, so the number
+        // is still that socket's here), and that loop is borrowed by `fork` for the
+        // child's whole life and never used or dropped in it: the child `_exit`s from
+        // inside `fork`. So nothing reads, writes or closes this number through its
+        // owner again; closing it releases the child's copy of the socket and nothing
+        // else.
+        unsafe { libc::close(w.pipe_fd) };
+    }
 }
 
 /// A random number in `0..=max`, from the clock (no need for a real RNG here).
@@ -314,25 +327,17 @@ fn jitter(max: u64) -> u64 {
     (nanos ^ (std::process::id() as u64).wrapping_mul(0x9E37_79B9)) % (max + 1)
 }
 
-fn worker_message(master: &Shared, lp: &mut Loop, slot: Slot) {
-    let mut buf = [0u8; 64];
-    let (pid, read) = {
-        let m = master.borrow();
-        let Some(w) = m.workers.get(&slot) else {
-            return;
-        };
-        (w.pid, (&w.pipe).read(&mut buf))
+fn worker_message(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, pipe: &mut UnixStream) {
+    let Some(pid) = m.workers.get(&slot).map(|w| w.pid) else {
+        return;
     };
-    let n = match read {
+    let mut buf = [0u8; 64];
+    let n = match pipe.read(&mut buf) {
         Ok(0) => {
-            // EOF: the worker is gone; its exit arrives through watch_process.
-            let watch = master
-                .borrow_mut()
-                .workers
-                .get_mut(&slot)
-                .and_then(|w| w.pipe_watch.take());
-            if let Some(watch) = watch {
-                lp.cancel(watch);
+            // EOF: the worker is gone; its exit arrives through watch_process. Its
+            // watch ends here, and the socket closes when this callback returns.
+            if let Some(io) = m.workers.get_mut(&slot).and_then(|w| w.pipe.take()) {
+                lp.cancel(io);
             }
             return;
         }
@@ -341,13 +346,12 @@ fn worker_message(master: &Shared, lp: &mut Loop, slot: Slot) {
     };
     for &message in &buf[..n] {
         match message {
-            READY => worker_ready(master, lp, slot),
+            READY => worker_ready(lp, m, slot),
             HEARTBEAT => {}
             RECYCLE => {
-                let recycle = !master.borrow().shutting_down;
-                if recycle {
+                if !m.shutting_down {
                     log::info!("worker {pid} reached --max-requests; replacing it");
-                    if let Err(e) = spawn(master, lp, Some(slot)) {
+                    if let Err(e) = spawn(lp, m, Some(slot)) {
                         log::error!("forking a replacement for {pid}: {e}");
                     }
                 }
@@ -355,39 +359,31 @@ fn worker_message(master: &Shared, lp: &mut Loop, slot: Slot) {
             other => log::warn!("worker {pid} sent an unknown message {other:#x}"),
         }
     }
-    if let Some(w) = master.borrow_mut().workers.get_mut(&slot) {
-        w.last_heard = Instant::now();
+    let now = lp.now();
+    if let Some(w) = m.workers.get_mut(&slot) {
+        w.last_heard = now;
     }
 }
 
-fn worker_ready(master: &Shared, lp: &mut Loop, slot: Slot) {
-    let replaces = {
-        let mut m = master.borrow_mut();
-        let Some(w) = m.workers.get_mut(&slot) else {
-            return;
-        };
-        if w.state != State::Starting {
-            return;
-        }
-        w.state = State::Ready;
-        let replaces = w.replaces.take();
-        m.startup_failures = 0;
-        replaces
+fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
+    let Some(w) = m.workers.get_mut(&slot) else {
+        return;
     };
-    if let Some(old) = replaces {
-        retire(master, lp, old);
+    if w.state != State::Starting {
+        return;
     }
-    let announce = {
-        let m = master.borrow();
-        let ready = m
-            .workers
-            .values()
-            .filter(|w| w.state == State::Ready)
-            .count();
-        !m.announced && ready >= m.target
-    };
-    if announce {
-        let mut m = master.borrow_mut();
+    w.state = State::Ready;
+    let replaces = w.replaces.take();
+    m.startup_failures = 0;
+    if let Some(old) = replaces {
+        retire(lp, m, old);
+    }
+    let ready = m
+        .workers
+        .values()
+        .filter(|w| w.state == State::Ready)
+        .count();
+    if !m.announced && ready >= m.target {
         m.announced = true;
         let addresses: Vec<String> = m.listeners.iter().map(Listener::address).collect();
         log::info!(
@@ -401,28 +397,24 @@ fn worker_ready(master: &Shared, lp: &mut Loop, slot: Slot) {
 }
 
 /// Sends a worker into draining: it stops accepting, finishes, and exits.
-fn retire(master: &Shared, lp: &mut Loop, slot: Slot) {
-    let pid = {
-        let mut m = master.borrow_mut();
-        let Some(w) = m.workers.get_mut(&slot) else {
-            return;
-        };
-        if w.state == State::Draining {
-            return;
-        }
-        w.state = State::Draining;
-        w.pid
+fn retire(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
+    let Some(w) = m.workers.get_mut(&slot) else {
+        return;
     };
-    kill(pid, libc::SIGTERM);
-    let timeout = master.borrow().config.graceful_timeout;
-    let m = master.clone();
+    if w.state == State::Draining {
+        return;
+    }
+    w.state = State::Draining;
+    kill(w.pid, libc::SIGTERM);
     // Keyed by the slot, never by the pid: by the time this fires the worker may be
     // long reaped and its pid given to a later worker.
-    lp.after(timeout, move |_| {
-        let pid = m.borrow().workers.get(&slot).map(|w| w.pid);
-        if let Some(pid) = pid {
-            log::warn!("worker {pid} did not finish within the graceful timeout; killing it");
-            kill(pid, libc::SIGKILL);
+    lp.after(m.config.graceful_timeout, move |_, m| {
+        if let Some(w) = m.workers.get(&slot) {
+            log::warn!(
+                "worker {} did not finish within the graceful timeout; killing it",
+                w.pid
+            );
+            kill(w.pid, libc::SIGKILL);
         }
     });
 }
@@ -437,8 +429,8 @@ fn kill(pid: libc::pid_t, signal: libc::c_int) {
     unsafe { libc::kill(pid, signal) };
 }
 
-fn signal_workers(master: &Shared, signal: libc::c_int, which: impl Fn(Slot, &WorkerInfo) -> bool) {
-    for (&slot, w) in &master.borrow().workers {
+fn signal_workers(m: &Master, signal: libc::c_int, which: impl Fn(Slot, &WorkerInfo) -> bool) {
+    for (&slot, w) in &m.workers {
         if which(slot, w) {
             kill(w.pid, signal);
         }
@@ -446,23 +438,23 @@ fn signal_workers(master: &Shared, signal: libc::c_int, which: impl Fn(Slot, &Wo
 }
 
 fn worker_exited(
-    master: &Shared,
-    lp: &mut Loop,
+    lp: &mut Loop<Master>,
+    m: &mut Master,
     slot: Slot,
     pid: libc::pid_t,
     status: crate::Result<ExitStatus>,
 ) {
-    let Some(info) = master.borrow_mut().workers.remove(&slot) else {
+    let Some(info) = m.workers.remove(&slot) else {
         return;
     };
-    if let Some(watch) = info.pipe_watch {
-        lp.cancel(watch);
+    if let Some(io) = info.pipe {
+        lp.cancel(io); // closes the master's end
     }
     // Its status is lost if other code of the master reaped it first (then the hook,
     // which takes a status, is not called).
     let status = match status {
         Ok(status) => {
-            if let Some(hook) = &master.borrow().on_worker_exit {
+            if let Some(hook) = &m.on_worker_exit {
                 hook(slot, pid, status);
             }
             status.to_string()
@@ -472,12 +464,8 @@ fn worker_exited(
             "its status is lost".to_owned()
         }
     };
-    let (shutting_down, empty) = {
-        let m = master.borrow();
-        (m.shutting_down, m.workers.is_empty())
-    };
-    if shutting_down {
-        if empty {
+    if m.shutting_down {
+        if m.workers.is_empty() {
             lp.stop(0);
         }
         return;
@@ -487,89 +475,81 @@ fn worker_exited(
         return;
     }
     log::warn!("worker {pid} exited unexpectedly: {status}");
-    let lived = info.started.elapsed();
-    let give_up = {
-        let mut m = master.borrow_mut();
-        m.crash_streak = if lived < CRASH_WINDOW {
-            m.crash_streak + 1
-        } else {
-            1
-        };
-        if info.state == State::Starting {
-            m.startup_failures += 1;
-        }
-        (m.startup_failures >= m.config.startup_budget).then_some(m.startup_failures)
+    let lived = lp.now().saturating_duration_since(info.started);
+    m.crash_streak = if lived < CRASH_WINDOW {
+        m.crash_streak + 1
+    } else {
+        1
     };
-    if let Some(attempts) = give_up {
+    if info.state == State::Starting {
+        m.startup_failures += 1;
+    }
+    if m.startup_failures >= m.config.startup_budget {
         let failure = ServerError::Startup {
-            attempts,
+            attempts: m.startup_failures,
             last: status,
         };
         log::error!("{failure}");
-        master.borrow_mut().failure = Some(failure);
-        shutdown(master, lp, libc::SIGTERM);
+        m.failure = Some(failure);
+        shutdown(lp, m, libc::SIGTERM);
         return;
     }
-    let streak = master.borrow().crash_streak;
     // The first crash is replaced at once; a streak backs off exponentially.
-    let delay = match streak {
+    let delay = match m.crash_streak {
         0 | 1 => Duration::ZERO,
         n => (Duration::from_millis(50) * 2u32.saturating_pow(n - 2)).min(MAX_BACKOFF),
     };
     if delay.is_zero() {
-        reconcile(master, lp);
+        reconcile(lp, m);
     } else {
         log::warn!("workers keep crashing; next fork in {delay:?}");
-        schedule_respawn(master, lp, delay);
+        schedule_respawn(lp, m, delay);
     }
 }
 
-fn schedule_respawn(master: &Shared, lp: &mut Loop, delay: Duration) {
-    if master.borrow().respawn_timer.is_some() {
+fn schedule_respawn(lp: &mut Loop<Master>, m: &mut Master, delay: Duration) {
+    if m.respawn_timer.is_some() {
         return;
     }
-    let m = master.clone();
-    let timer = lp.after(delay, move |lp| {
-        m.borrow_mut().respawn_timer = None;
-        reconcile(&m, lp);
+    let timer = lp.after(delay, |lp, m| {
+        m.respawn_timer = None;
+        reconcile(lp, m);
     });
-    master.borrow_mut().respawn_timer = Some(timer);
+    m.respawn_timer = Some(timer);
 }
 
 /// TERM/INT: drain every worker, exit when all are gone; SIGKILL after the graceful
 /// timeout. A second TERM/INT kills them at once.
-fn shutdown(master: &Shared, lp: &mut Loop, signal: libc::c_int) {
-    let again = std::mem::replace(&mut master.borrow_mut().shutting_down, true);
-    if again {
+fn shutdown(lp: &mut Loop<Master>, m: &mut Master, signal: libc::c_int) {
+    if std::mem::replace(&mut m.shutting_down, true) {
         log::warn!("signal {signal} again: killing the workers now");
-        signal_workers(master, libc::SIGKILL, |_, _| true);
+        signal_workers(m, libc::SIGKILL, |_, _| true);
     } else {
         log::info!("signal {signal}: graceful shutdown");
-        let slots: Vec<Slot> = master.borrow().workers.keys().copied().collect();
+        let slots: Vec<Slot> = m.workers.keys().copied().collect();
         for slot in slots {
-            retire(master, lp, slot);
+            retire(lp, m, slot);
         }
     }
-    if let Some(timer) = master.borrow_mut().respawn_timer.take() {
+    if let Some(timer) = m.respawn_timer.take() {
         lp.cancel(timer);
     }
     // The master's listener copies close now, so that once the workers have taken in
     // what is queued and closed theirs, new connections are refused, not queued unserved.
-    unlink_sockets(master);
-    master.borrow_mut().listeners.clear();
-    if master.borrow().workers.is_empty() {
+    unlink_sockets(m);
+    m.listeners.clear();
+    if m.workers.is_empty() {
         lp.stop(0);
     }
 }
 
 /// HUP: a replacement for every serving worker; each old one retires only when its
 /// replacement is ready, so capacity never drops.
-fn rolling_restart(master: &Shared, lp: &mut Loop) {
-    if master.borrow().shutting_down {
+fn rolling_restart(lp: &mut Loop<Master>, m: &mut Master) {
+    if m.shutting_down {
         return;
     }
-    let old: Vec<(Slot, libc::pid_t)> = master
-        .borrow()
+    let old: Vec<(Slot, libc::pid_t)> = m
         .workers
         .iter()
         .filter(|(_, w)| w.state != State::Draining)
@@ -577,39 +557,38 @@ fn rolling_restart(master: &Shared, lp: &mut Loop) {
         .collect();
     log::info!("HUP: replacing workers: {}", old.len());
     for (slot, pid) in old {
-        if let Err(e) = spawn(master, lp, Some(slot)) {
+        if let Err(e) = spawn(lp, m, Some(slot)) {
             log::error!("forking a replacement for {pid}: {e}");
         }
     }
 }
 
 /// TTOU: one worker fewer, never below one.
-fn fewer_workers(master: &Shared, lp: &mut Loop) {
-    let victim = {
-        let mut m = master.borrow_mut();
-        if m.target <= 1 {
-            log::info!("TTOU: already at one worker");
-            return;
-        }
-        m.target -= 1;
-        log::info!("TTOU: workers: {}", m.target);
-        m.workers
-            .iter()
-            .filter(|(_, w)| w.state != State::Draining)
-            .map(|(&slot, _)| slot)
-            .max()
-    };
+fn fewer_workers(lp: &mut Loop<Master>, m: &mut Master) {
+    if m.target <= 1 {
+        log::info!("TTOU: already at one worker");
+        return;
+    }
+    m.target -= 1;
+    log::info!("TTOU: workers: {}", m.target);
+    let victim = m
+        .workers
+        .iter()
+        .filter(|(_, w)| w.state != State::Draining)
+        .map(|(&slot, _)| slot)
+        .max();
     if let Some(slot) = victim {
-        retire(master, lp, slot);
+        retire(lp, m, slot);
     }
 }
 
 /// Kills a worker silent for longer than the heartbeat timeout (or one that never
 /// became ready in that time); its exit is then handled like a crash.
-fn check_heartbeats(master: &Shared, _: &mut Loop) {
-    let timeout = master.borrow().config.heartbeat_timeout;
-    signal_workers(master, libc::SIGKILL, |slot, w| {
-        let stuck = w.state != State::Draining && w.last_heard.elapsed() > timeout;
+fn check_heartbeats(lp: &mut Loop<Master>, m: &mut Master) {
+    let (now, timeout) = (lp.now(), m.config.heartbeat_timeout);
+    signal_workers(m, libc::SIGKILL, |slot, w| {
+        let quiet = now.saturating_duration_since(w.last_heard);
+        let stuck = w.state != State::Draining && quiet > timeout;
         if stuck {
             log::warn!("worker in slot {slot} sent no heartbeat for {timeout:?}; killing it");
         }

@@ -2,13 +2,15 @@
 //!
 //! The master binds the listeners, forks workers through [`Loop::fork`], and supervises
 //! them from its own loop with `watch_process` and `watch_signal`. Each worker serves
-//! connections accepted from the shared listeners on a fresh loop of its own.
+//! connections accepted from the shared listeners on a fresh loop of its own, a
+//! `Loop<Worker>`: handlers get it, and may arm timers and watches on it (whose
+//! callbacks get the opaque [`Worker`] state as their data).
 //!
 //! ```no_run
-//! use forkloop::server::{Config, Request, Responder, Response, Server};
+//! use forkloop::server::{Config, Request, Responder, Response, Server, Worker};
 //! use forkloop::Loop;
 //!
-//! fn app(lp: &mut Loop, request: Request, responder: Responder) {
+//! fn app(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
 //!     responder.send(lp, Response::text(200, format!("you asked for {}", request.target)));
 //! }
 //!
@@ -30,7 +32,7 @@ use std::time::Duration;
 pub use http::{Request, Response};
 pub use listener::Listener;
 pub use master::ServerError;
-pub use worker::Responder;
+pub use worker::{Responder, Worker};
 
 use crate::{Kind, Loop};
 
@@ -38,12 +40,12 @@ use crate::{Kind, Loop};
 /// later from the worker's loop (a timer, another fd) — one slow request never blocks
 /// the worker's other connections. A panic becomes a 500 for that request.
 pub trait Handler: 'static {
-    /// Handles one request.
-    fn call(&self, lp: &mut Loop, request: Request, responder: Responder);
+    /// Handles one request, on the worker's loop.
+    fn call(&self, lp: &mut Loop<Worker>, request: Request, responder: Responder);
 }
 
-impl<F: Fn(&mut Loop, Request, Responder) + 'static> Handler for F {
-    fn call(&self, lp: &mut Loop, request: Request, responder: Responder) {
+impl<F: Fn(&mut Loop<Worker>, Request, Responder) + 'static> Handler for F {
+    fn call(&self, lp: &mut Loop<Worker>, request: Request, responder: Responder) {
         self(lp, request, responder)
     }
 }

@@ -1,22 +1,29 @@
 //! A worker: serves HTTP/1.1 connections accepted from the shared listeners on a fresh
 //! loop, reports to the master over its pipe (ready, heartbeats, recycle requests), and
 //! drains on SIGTERM.
+//!
+//! The worker's state is its loop's data: a `Loop<Worker>`, whose callbacks all get
+//! `&mut Worker`. The loop owns the sockets — each listener and each connection's
+//! stream is the source of its watch — so a connection's socket is read and written in
+//! its watch's callback only. What happens elsewhere (an answer sent from a timer, a
+//! timeout's 408) changes the connection's state, and the watch then also waits for
+//! room to write (`set_interest`), whose callback writes it out. Each connection has
+//! one timer, restarted in place whenever the timeout it needs changes.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::http::{Limits, Parsed, Parser, Request, Response, CONTINUE};
 use super::listener::{Listener, Stream};
 use super::{Config, Handler};
 use crate::id_map::IdMap;
-use crate::{Interest, Loop, Watch};
+use crate::{Interest, Io, Loop, Readiness, Timer, Waker};
 
 /// Messages a worker sends its master, one byte each.
 pub(crate) const READY: u8 = b'R';
@@ -32,10 +39,14 @@ const DRAIN_GRACE: Duration = Duration::from_millis(100);
 /// Unsent response bytes past which a connection parses no more requests until the
 /// client reads: a client that pipelines and never reads cannot grow the worker.
 const MAX_UNSENT: usize = 256 * 1024;
-/// How long a finished connection keeps discarding the peer's input (see `linger`).
+/// How long a finished connection keeps discarding the peer's input (see
+/// `Conn::start_lingering`).
 const LINGER: Duration = Duration::from_secs(2);
 /// After EMFILE/ENFILE, accepting pauses this long instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The interval of a connection's timer, which never fires by itself: it is restarted
+/// to the timeout the connection needs.
+const PARKED: Duration = Duration::MAX;
 
 /// What a worker needs from the master, borrowed across the fork.
 pub(crate) struct WorkerSetup<'a> {
@@ -52,54 +63,75 @@ pub(crate) struct WorkerSetup<'a> {
 /// dropped unsent answers 500 (at once if dropped during the handler call, else in the
 /// loop's next iteration).
 pub struct Responder {
-    worker: Weak<RefCell<Worker>>,
-    unanswered: Rc<Unanswered>,
+    outbox: Rc<Outbox>,
     conn: u64,
     seq: u64,
     sent: bool,
 }
 
-/// Requests whose responders were dropped unsent. Kept apart from the worker, so that
-/// a drop can always record itself, even while the worker is borrowed; and with a
-/// socketpair whose readable end wakes the worker's loop to answer them.
-struct Unanswered {
-    queue: RefCell<Vec<(u64, u64)>>,
-    wake: UnixStream,
-    woken: UnixStream,
+/// A request's answer on its way to its connection; `None` for a responder dropped
+/// unsent, which owes a 500.
+struct Answer {
+    conn: u64,
+    seq: u64,
+    response: Option<Response>,
 }
 
-impl Unanswered {
-    fn new() -> io::Result<Unanswered> {
-        let (wake, woken) = UnixStream::pair()?;
-        wake.set_nonblocking(true)?;
-        woken.set_nonblocking(true)?;
-        Ok(Unanswered {
-            queue: RefCell::new(Vec::new()),
-            wake,
-            woken,
-        })
+/// How answers reach the worker's state, which a [`Responder`] does not have (it gets
+/// only the loop). Shared by the worker and its responders.
+struct Outbox {
+    /// Whether a handler call is running: its answers wait in `held`, which the worker
+    /// takes in as soon as the call returns.
+    in_call: Cell<bool>,
+    held: Cell<Vec<Answer>>,
+    /// For a responder dropped unsent outside a handler call: its `Drop` has no loop at
+    /// hand, so it wakes the loop (from the loop's own thread) with its 500.
+    dropped: Waker<Answer>,
+}
+
+impl Outbox {
+    /// Keeps `answer` for the worker while a handler call runs; else hands it back.
+    fn hold(&self, answer: Answer) -> Option<Answer> {
+        if !self.in_call.get() {
+            return Some(answer);
+        }
+        let mut held = self.held.take();
+        held.push(answer);
+        self.held.set(held);
+        None
     }
 }
 
 impl Responder {
     /// Sends `response` for this request.
-    pub fn send(mut self, lp: &mut Loop, response: Response) {
+    pub fn send(mut self, lp: &mut Loop<Worker>, response: Response) {
         self.sent = true;
-        if let Some(worker) = self.worker.upgrade() {
-            complete(&worker, lp, self.conn, self.seq, response);
+        let answer = Answer {
+            conn: self.conn,
+            seq: self.seq,
+            response: Some(response),
+        };
+        if let Some(answer) = self.outbox.hold(answer) {
+            // From a callback of the app's (a timer, another fd): taken in at the end
+            // of this iteration.
+            lp.later(move |lp, w| complete(lp, w, answer, None));
         }
     }
 }
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        if !self.sent && self.worker.strong_count() > 0 {
-            self.unanswered
-                .queue
-                .borrow_mut()
-                .push((self.conn, self.seq));
-            // A full socket already holds a wake-up: nothing is lost by ignoring that.
-            let _ = (&self.unanswered.wake).write(&[1]);
+        if self.sent {
+            return;
+        }
+        let answer = Answer {
+            conn: self.conn,
+            seq: self.seq,
+            response: None,
+        };
+        if let Some(answer) = self.outbox.hold(answer) {
+            // Refused only once the loop is gone, and its connections with it.
+            let _ = self.outbox.dropped.send(answer);
         }
     }
 }
@@ -135,8 +167,16 @@ enum TimerKind {
     Linger,
 }
 
+/// One connection's state. Its socket is not here: the loop owns it, as the source of
+/// the connection's watch `io`.
 struct Conn {
-    stream: Stream,
+    io: Io<Stream>,
+    /// What `io` waits for now (nothing: paused).
+    watching: Interest,
+    /// Restarted in place to the timeout the connection needs (see `set_timer`).
+    timer: Timer,
+    /// The timeout `timer` counts; `None`: none, and a firing is ignored.
+    timer_kind: Option<TimerKind>,
     peer: String,
     parser: Parser,
     slots: VecDeque<Slot>,
@@ -144,9 +184,6 @@ struct Conn {
     /// Encoded responses; `out[sent..]` is still to be written.
     out: Vec<u8>,
     sent: usize,
-    read: Option<Watch>,
-    write: Option<Watch>,
-    timer: Option<(TimerKind, Watch)>,
     /// Input came since the last request was parsed (see `Conn::request_begun`).
     sent_since_request: bool,
     /// When the parser last made progress: the body timeout counts from it.
@@ -154,7 +191,7 @@ struct Conn {
     /// When a write last took bytes: the send timeout counts from it.
     last_write: Instant,
     /// Requests were left unparsed because the pipeline or the unsent output was full;
-    /// `flush` resumes parsing once both have room.
+    /// `drive` resumes parsing once both have room.
     held_back: bool,
     /// No more requests are parsed: refused input, or the peer's EOF with no complete
     /// request left in the buffer.
@@ -163,7 +200,7 @@ struct Conn {
     /// is read.
     peer_closed: bool,
     /// Everything is answered and our side shut down; the peer's input is discarded
-    /// until its EOF (see `linger`).
+    /// until its EOF (see `Conn::start_lingering`).
     lingering: bool,
 }
 
@@ -192,12 +229,156 @@ impl Conn {
         let queued: usize = self.slots.iter().map(Slot::len).sum();
         self.out.len() - self.sent + queued
     }
+
+    /// Everything is answered and written, and no more requests will be read.
+    fn finished(&self) -> bool {
+        self.out.is_empty() && self.no_more_requests && self.slots.is_empty()
+    }
+
+    /// What the watch waits for: input while the connection can take more — not after
+    /// the peer's EOF or a refusal, and not while its parser is full (pipelined requests
+    /// held back), where a level-triggered watch on unread input would spin; room to
+    /// write while output waits, and while a finished connection waits for its callback
+    /// to wind it down.
+    fn wants(&self) -> Interest {
+        let read = self.lingering
+            || (!self.peer_closed && !self.no_more_requests && self.parser.room() > 0);
+        let write = !self.out.is_empty() || (self.finished() && !self.lingering);
+        let mut wants = Interest::NONE;
+        if read {
+            wants |= Interest::READ;
+        }
+        if write {
+            wants |= Interest::WRITE;
+        }
+        wants
+    }
+
+    /// Changes what the watch waits for, in place: one syscall at most, none if the
+    /// interest stays.
+    fn watch_for(&mut self, lp: &mut Loop<Worker>, wanted: Interest) -> crate::Result<()> {
+        if wanted == self.watching {
+            return Ok(());
+        }
+        if wanted.is_empty() {
+            lp.pause(self.io)?;
+        } else {
+            lp.set_interest(self.io, wanted)?;
+            if self.watching.is_empty() {
+                lp.resume(self.io)?;
+            }
+        }
+        self.watching = wanted;
+        Ok(())
+    }
+
+    /// Reads what the socket has, as far as the parser has room (all of it while
+    /// lingering, discarded).
+    fn read_input(&mut self, stream: &mut Stream) {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let room = if self.lingering {
+                buf.len()
+            } else {
+                self.parser.room().min(buf.len())
+            };
+            if room == 0 {
+                break;
+            }
+            match stream.read(&mut buf[..room]) {
+                Ok(0) => {
+                    self.peer_closed = true;
+                    break;
+                }
+                Ok(n) => {
+                    if !self.lingering {
+                        self.parser.feed(&buf[..n]);
+                        self.sent_since_request = true;
+                    }
+                    if n < room {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.peer_closed = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Moves the ready responses at the front of the queue into the output, in order,
+    /// up to one that says `Connection: close`.
+    fn queue_ready(&mut self) {
+        if self.sent > 0 && matches!(self.slots.front(), Some(Slot::Ready { .. })) {
+            self.out.drain(..self.sent);
+            self.sent = 0;
+        }
+        while let Some(Slot::Ready { .. }) = self.slots.front() {
+            let Some(Slot::Ready { bytes, close }) = self.slots.pop_front() else {
+                unreachable!()
+            };
+            self.first_seq += 1;
+            self.out.extend_from_slice(&bytes);
+            if close {
+                self.no_more_requests = true;
+                self.slots.clear();
+                break;
+            }
+        }
+    }
+
+    /// Writes as much of the output as the socket takes; an error if it broke.
+    fn write_out(&mut self, stream: &mut Stream, now: Instant) -> io::Result<()> {
+        let mut wrote = false;
+        while self.sent < self.out.len() {
+            match stream.write(&self.out[self.sent..]) {
+                Ok(n) => {
+                    self.sent += n;
+                    wrote = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        } else if wrote {
+            // Only output left waiting has a send timeout to count from here.
+            self.last_write = now;
+        }
+        Ok(())
+    }
+
+    /// A finished connection: closing with the peer's input unread (a refused request's
+    /// rest, requests pipelined after a close) would make the kernel send a reset,
+    /// which can destroy the response before the client reads it; so then, unless the
+    /// peer has closed its side, ours is shut down and its input discarded until its EOF
+    /// or for `LINGER` at most (nginx's lingering close). Returns whether it lingers;
+    /// if not, it is to be closed.
+    fn start_lingering(&mut self, stream: &mut Stream) -> bool {
+        // Reading stops once no more requests are taken, so input may wait in the kernel.
+        let unread = !self.peer_closed && (self.parser.buffered() > 0 || stream.has_unread_input());
+        self.lingering = unread && stream.shutdown_write().is_ok();
+        self.lingering
+    }
 }
 
-pub(crate) struct Worker {
+/// A worker's state: the data of its loop, a `Loop<Worker>`, which every callback of
+/// that loop gets as `&mut Worker` — a handler's own timers and watches too. Opaque:
+/// an app reaches its requests' connections only through their [`Responder`]s.
+pub struct Worker {
     conns: IdMap<u64, Conn>,
+    /// Connections are numbered, never reusing a number in the worker's life: a
+    /// responder may outlive its connection, and an fd number (or a watch's place) is
+    /// soon given to another, whose client must not get the stale answer.
     next_conn: u64,
-    listeners: Vec<(Listener, Option<Watch>)>,
+    /// The listeners' watches (the loop owns the listeners); empty once draining.
+    listeners: Vec<Io<Listener>>,
     draining: bool,
     served: u64,
     max_requests: Option<u64>,
@@ -208,12 +389,12 @@ pub(crate) struct Worker {
     date: (u64, String),
     access_log: Option<File>,
     access_log_path: Option<std::path::PathBuf>,
-    master: UnixStream,
+    /// Written from anywhere (ready, heartbeats, recycle) and watched for the master's
+    /// EOF: shared with its watch.
+    master: Rc<UnixStream>,
     handler: Rc<dyn Handler>,
-    unanswered: Rc<Unanswered>,
+    outbox: Rc<Outbox>,
 }
-
-type Shared = Rc<RefCell<Worker>>;
 
 /// The worker's main; its return value is the process's exit status.
 pub(crate) fn run(setup: WorkerSetup<'_>, listeners: Vec<Listener>) -> i32 {
@@ -268,18 +449,25 @@ fn die_with_master(master_pid: libc::pid_t) -> io::Result<()> {
 }
 
 impl Worker {
+    /// A worker with no listeners yet, for `lp`, where responders dropped unsent wake it.
     fn new(
+        lp: &mut Loop<Worker>,
         config: &Config,
         handler: Rc<dyn Handler>,
-        master: UnixStream,
-        listeners: Vec<Listener>,
+        master: Rc<UnixStream>,
         max_requests: Option<u64>,
-    ) -> io::Result<Shared> {
+    ) -> crate::Result<Worker> {
+        let (dropped, _) = lp.waker(|lp, w, answer| complete(lp, w, answer, None))?;
+        let outbox = Outbox {
+            in_call: Cell::new(false),
+            held: Cell::default(),
+            dropped,
+        };
         let access_log = config.access_log.as_deref().map(open_log).transpose();
-        Ok(Rc::new(RefCell::new(Worker {
+        Ok(Worker {
             conns: IdMap::default(),
             next_conn: 0,
-            listeners: listeners.into_iter().map(|l| (l, None)).collect(),
+            listeners: Vec::new(),
             draining: false,
             served: 0,
             max_requests,
@@ -298,61 +486,57 @@ impl Worker {
             access_log_path: config.access_log.clone(),
             master,
             handler,
-            unanswered: Rc::new(Unanswered::new()?),
-        })))
+            outbox: Rc::new(outbox),
+        })
     }
 }
 
-fn serve(lp: &mut Loop, setup: WorkerSetup<'_>, listeners: Vec<Listener>) -> crate::Result<i32> {
+fn serve(
+    lp: &mut Loop<Worker>,
+    setup: WorkerSetup<'_>,
+    listeners: Vec<Listener>,
+) -> crate::Result<i32> {
     let config = setup.config;
-    let worker = Worker::new(
-        config,
-        setup.handler,
-        setup.master,
-        listeners,
-        setup.max_requests,
-    )
-    .map_err(|source| crate::Error::Create {
-        what: "the worker's wake-up socketpair",
-        source,
-    })?;
-
-    let w = worker.clone();
-    lp.watch_signal(libc::SIGTERM, move |lp, _| drain(&w, lp))?;
-    let w = worker.clone();
-    lp.watch_signal(libc::SIGUSR1, move |_, _| reopen_log(&w))?;
-    worker
-        .borrow()
+    setup
         .master
         .set_nonblocking(true)
         .map_err(|source| crate::Error::Create {
             what: "the master pipe",
             source,
         })?;
-    let master_fd = worker.borrow().master.as_raw_fd();
-    let w = worker.clone();
-    lp.watch_io(master_fd, Interest::READ, move |lp, _| {
+    let master = Rc::new(setup.master);
+    let mut worker = Worker::new(
+        lp,
+        config,
+        setup.handler,
+        Rc::clone(&master),
+        setup.max_requests,
+    )?;
+
+    lp.watch_signal(libc::SIGTERM, |lp, w, _| drain(lp, w))?;
+    lp.watch_signal(libc::SIGUSR1, |_, w, _| reopen_log(w))?;
+    lp.watch_io(master, Interest::READ, |lp, _, master, _| {
         let mut buf = [0u8; 16];
-        let alive = matches!(
-            io::Read::read(&mut &w.borrow().master, &mut buf),
-            Ok(1..) | Err(_)
-        );
+        let alive = matches!((&**master).read(&mut buf), Ok(1..) | Err(_));
         if !alive {
             log::warn!("worker {}: the master is gone; exiting", std::process::id());
             lp.stop(1);
         }
     })?;
-    let w = worker.clone();
     let beat = (config.heartbeat_timeout / 4).max(Duration::from_millis(50));
-    lp.every(beat, move |_| tell_master(&w, HEARTBEAT))?;
-    watch_unanswered(&worker, lp)?;
-    start_accepting(&worker, lp)?;
+    lp.every(beat, |_, w| tell_master(w, HEARTBEAT))?;
+    for listener in listeners {
+        let io = lp.watch_io(listener, Interest::READ, |lp, w, listener, _| {
+            accept(lp, w, listener, ACCEPT_BATCH)
+        })?;
+        worker.listeners.push(io);
+    }
     tell_master(&worker, READY);
-    let code = lp.run()?;
+    let code = lp.run(&mut worker)?;
     // Leave nothing half-open behind.
-    let ids: Vec<u64> = worker.borrow().conns.keys().copied().collect();
+    let ids: Vec<u64> = worker.conns.keys().copied().collect();
     for id in ids {
-        close(&worker, lp, id);
+        close(lp, &mut worker, id);
     }
     Ok(code)
 }
@@ -364,75 +548,49 @@ fn open_log(path: &std::path::Path) -> io::Result<File> {
         .open(path)
 }
 
-fn reopen_log(worker: &Shared) {
-    let mut w = worker.borrow_mut();
-    if let Some(path) = w.access_log_path.clone() {
-        match open_log(&path) {
+fn reopen_log(w: &mut Worker) {
+    if let Some(path) = &w.access_log_path {
+        match open_log(path) {
             Ok(file) => w.access_log = Some(file),
             Err(e) => log::error!("reopening the access log {}: {e}", path.display()),
         }
     }
 }
 
-/// Responders dropped unsent outside a handler call wake the loop to answer 500.
-fn watch_unanswered(worker: &Shared, lp: &mut Loop) -> crate::Result<()> {
-    let fd = worker.borrow().unanswered.woken.as_raw_fd();
-    let w = worker.clone();
-    lp.watch_io(fd, Interest::READ, move |lp, _| {
-        let unanswered = w.borrow().unanswered.clone();
-        let mut buf = [0u8; 64];
-        while matches!((&unanswered.woken).read(&mut buf), Ok(1..)) {}
-        answer_unanswered(&w, lp);
-    })?;
-    Ok(())
-}
-
-fn tell_master(worker: &Shared, message: u8) {
-    let w = worker.borrow();
+fn tell_master(w: &Worker, message: u8) {
     // Non-blocking is not needed: one byte into a socket buffer the master drains.
-    let _ = (&w.master).write(&[message]);
+    let _ = (&*w.master).write(&[message]);
 }
 
-fn start_accepting(worker: &Shared, lp: &mut Loop) -> crate::Result<()> {
-    let count = worker.borrow().listeners.len();
-    for index in 0..count {
-        let fd = worker.borrow().listeners[index].0.as_raw_fd();
-        let w = worker.clone();
-        let watch = lp.watch_io(fd, Interest::READ, move |lp, _| {
-            accept(&w, lp, index, ACCEPT_BATCH)
-        })?;
-        worker.borrow_mut().listeners[index].1 = Some(watch);
-    }
-    Ok(())
-}
-
-fn stop_accepting(worker: &Shared, lp: &mut Loop) {
-    let watches: Vec<Watch> = worker
-        .borrow_mut()
-        .listeners
-        .iter_mut()
-        .filter_map(|(_, w)| w.take())
-        .collect();
-    for watch in watches {
-        lp.cancel(watch);
+/// Out of fds: the listeners' watches wait for nothing for a moment, instead of
+/// spinning on listeners that stay readable.
+fn pause_accepting(lp: &mut Loop<Worker>, w: &Worker) {
+    for &io in &w.listeners {
+        if let Err(e) = lp.pause(io) {
+            log::debug!("pausing a listener: {e}");
+        }
     }
 }
 
-fn accept(worker: &Shared, lp: &mut Loop, index: usize, batch: usize) {
+fn resume_accepting(lp: &mut Loop<Worker>, w: &Worker) {
+    for &io in &w.listeners {
+        if let Err(e) = lp.resume(io) {
+            log::error!("resuming a listener: {e}");
+        }
+    }
+}
+
+fn accept(lp: &mut Loop<Worker>, w: &mut Worker, listener: &Listener, batch: usize) {
     for _ in 0..batch {
-        let accepted = worker.borrow().listeners[index].0.accept();
-        match accepted {
-            Ok((stream, peer)) => add_conn(worker, lp, stream, peer),
+        match listener.accept() {
+            Ok((stream, peer)) => add_conn(lp, w, stream, peer),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                // Out of fds: stop accepting for a moment instead of spinning on a
-                // listener that stays readable.
                 log::warn!("accept: {e}; pausing accepts for {ACCEPT_BACKOFF:?}");
-                stop_accepting(worker, lp);
-                let w = worker.clone();
-                lp.after(ACCEPT_BACKOFF, move |lp| {
-                    if !w.borrow().draining {
-                        let _ = start_accepting(&w, lp);
+                pause_accepting(lp, w);
+                lp.after(ACCEPT_BACKOFF, |lp, w| {
+                    if !w.draining {
+                        resume_accepting(lp, w);
                     }
                 });
                 return;
@@ -445,475 +603,333 @@ fn accept(worker: &Shared, lp: &mut Loop, index: usize, batch: usize) {
     }
 }
 
-fn add_conn(worker: &Shared, lp: &mut Loop, stream: Stream, peer: String) {
-    let id = {
-        let mut w = worker.borrow_mut();
-        w.next_conn += 1;
-        w.next_conn
+fn add_conn(lp: &mut Loop<Worker>, w: &mut Worker, stream: Stream, peer: String) {
+    w.next_conn += 1;
+    let id = w.next_conn;
+    let watched = lp.watch_io(stream, Interest::READ, move |lp, w, stream, ready| {
+        on_ready(lp, w, id, stream, ready)
+    });
+    let io = match watched {
+        Ok(io) => io,
+        Err(e) => {
+            // The socket closes with `e`.
+            log::error!("watching connection {id}: {}", e.error);
+            return;
+        }
     };
-    let limits = worker.borrow().limits;
+    let timer = match lp.every(PARKED, move |lp, w| on_timeout(lp, w, id)) {
+        Ok(timer) => timer,
+        Err(e) => {
+            log::error!("a timer for connection {id}: {e}");
+            lp.cancel(io);
+            return;
+        }
+    };
+    let now = lp.now();
     let conn = Conn {
-        stream,
+        io,
+        watching: Interest::READ,
+        timer,
+        timer_kind: None,
         peer,
-        parser: Parser::new(limits),
+        parser: Parser::new(w.limits),
         slots: VecDeque::new(),
         first_seq: 0,
         out: Vec::new(),
         sent: 0,
-        read: None,
-        write: None,
-        timer: None,
         sent_since_request: false,
-        last_progress: Instant::now(),
-        last_write: Instant::now(),
+        last_progress: now,
+        last_write: now,
         held_back: false,
         no_more_requests: false,
         peer_closed: false,
         lingering: false,
     };
-    worker.borrow_mut().conns.insert(id, conn);
-    update_reading(worker, lp, id);
-    set_timer(worker, lp, id);
+    w.conns.insert(id, conn);
+    set_timer(lp, w, id);
 }
 
-fn on_readable(worker: &Shared, lp: &mut Loop, id: u64) {
-    let mut buf = [0u8; 16 * 1024];
-    let (lingering, ended) = {
-        let mut w = worker.borrow_mut();
+/// The connection's watch fired: the one place its socket is read and written.
+fn on_ready(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: &mut Stream, ready: Readiness) {
+    let Some(conn) = w.conns.get_mut(&id) else {
+        return;
+    };
+    let input = Readiness::READABLE | Readiness::HANGUP | Readiness::ERROR;
+    if conn.watching.contains(Interest::READ) && ready.intersects(input) {
+        let lingering = conn.lingering;
+        conn.read_input(stream);
+        if lingering {
+            if conn.peer_closed {
+                close(lp, w, id);
+            }
+            return;
+        }
+        // A half-closed client still gets answers to what it sent: `process` marks the
+        // connection done once no complete request is left, and `drive` closes it.
+        process(lp, w, id, Some(stream));
+    }
+    drive(lp, w, id, Some(stream));
+}
+
+/// Parses and dispatches every complete request the connection has buffered. With its
+/// socket (in its callback), each answer given at once is written at once, before the
+/// next request is parsed; without, answers wait for `drive`.
+fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, mut stream: Option<&mut Stream>) {
+    loop {
+        let now = lp.now();
         let Some(conn) = w.conns.get_mut(&id) else {
             return;
         };
-        let lingering = conn.lingering;
-        loop {
-            let room = if lingering {
-                buf.len()
-            } else {
-                conn.parser.room().min(buf.len())
-            };
-            if room == 0 {
+        if conn.no_more_requests {
+            break;
+        }
+        if conn.slots.len() >= MAX_PIPELINED || conn.unsent() >= MAX_UNSENT {
+            conn.held_back = true;
+            break;
+        }
+        let progress = conn.parser.progress();
+        let parsed = conn.parser.next();
+        // Only a body still awaited has a timeout to count from here.
+        if conn.parser.progress() != progress && conn.parser.reading_body() {
+            conn.last_progress = now;
+        }
+        let request = match parsed {
+            Ok(None) => {
+                conn.no_more_requests = conn.peer_closed;
                 break;
             }
-            match conn.stream.read(&mut buf[..room]) {
-                Ok(0) => {
-                    conn.peer_closed = true;
-                    break;
-                }
-                Ok(n) => {
-                    if !lingering {
-                        conn.parser.feed(&buf[..n]);
-                        conn.sent_since_request = true;
-                    }
-                    if n < room {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    conn.peer_closed = true;
-                    break;
-                }
+            Ok(Some(Parsed::Continue)) => {
+                conn.slots.push_back(Slot::Ready {
+                    bytes: CONTINUE.to_vec(),
+                    close: false,
+                });
+                continue;
             }
-        }
-        (lingering, conn.peer_closed)
-    };
-    if lingering {
-        if ended {
-            close(worker, lp, id);
-        }
-        return;
-    }
-    // A half-closed client still gets answers to what it sent: `process` marks the
-    // connection done once no complete request is left, and `flush` closes it.
-    process(worker, lp, id);
-}
-
-/// Parses and dispatches every complete request the connection has buffered.
-fn process(worker: &Shared, lp: &mut Loop, id: u64) {
-    loop {
-        let request = {
-            let mut guard = worker.borrow_mut();
-            let w = &mut *guard;
+            Ok(Some(Parsed::Request(request))) => {
+                conn.sent_since_request = false;
+                let line = w.access_log_path.is_some().then(|| {
+                    format!(
+                        "{} {} HTTP/1.{}",
+                        request.method, request.target, request.minor_version
+                    )
+                });
+                // A keep-alive timeout of zero turns keep-alive off.
+                let keep_alive =
+                    request.keep_alive && !w.draining && !w.keepalive_timeout.is_zero();
+                let head = request.method == "HEAD";
+                conn.slots.push_back(Slot::Pending {
+                    head,
+                    keep_alive,
+                    line,
+                });
+                // RFC 9112 §9.6: nothing after a request that closes is processed.
+                conn.no_more_requests |= !keep_alive;
+                // The request's timeout is over: `set_timer` picks the next afresh.
+                conn.timer_kind = None;
+                let seq = conn.first_seq + conn.slots.len() as u64 - 1;
+                (request, seq)
+            }
+            Err(refusal) => {
+                log::debug!("{}: refused: {}", conn.peer, refusal.why);
+                answer_and_close(w, id, refusal.status, refusal.why);
+                break;
+            }
+        };
+        dispatch(lp, w, id, request);
+        if let Some(stream) = stream.as_deref_mut() {
+            let now = lp.now();
             let Some(conn) = w.conns.get_mut(&id) else {
                 return;
             };
-            if conn.no_more_requests {
-                break;
+            conn.queue_ready();
+            if conn.write_out(stream, now).is_err() {
+                close(lp, w, id);
+                return;
             }
-            if conn.slots.len() >= MAX_PIPELINED || conn.unsent() >= MAX_UNSENT {
-                conn.held_back = true;
-                break;
-            }
-            let progress = conn.parser.progress();
-            let parsed = conn.parser.next();
-            // Only a body still awaited has a timeout to count from here.
-            if conn.parser.progress() != progress && conn.parser.reading_body() {
-                conn.last_progress = Instant::now();
-            }
-            match parsed {
-                Ok(None) => {
-                    conn.no_more_requests = conn.peer_closed;
-                    break;
-                }
-                Ok(Some(Parsed::Continue)) => {
-                    conn.slots.push_back(Slot::Ready {
-                        bytes: CONTINUE.to_vec(),
-                        close: false,
-                    });
-                    continue;
-                }
-                Ok(Some(Parsed::Request(request))) => {
-                    conn.sent_since_request = false;
-                    let line = w.access_log_path.is_some().then(|| {
-                        format!(
-                            "{} {} HTTP/1.{}",
-                            request.method, request.target, request.minor_version
-                        )
-                    });
-                    // A keep-alive timeout of zero turns keep-alive off.
-                    let keep_alive =
-                        request.keep_alive && !w.draining && !w.keepalive_timeout.is_zero();
-                    let head = request.method == "HEAD";
-                    conn.slots.push_back(Slot::Pending {
-                        head,
-                        keep_alive,
-                        line,
-                    });
-                    // RFC 9112 §9.6: nothing after a request that closes is processed.
-                    conn.no_more_requests |= !keep_alive;
-                    let seq = conn.first_seq + conn.slots.len() as u64 - 1;
-                    (request, seq)
-                }
-                Err(refusal) => {
-                    log::debug!("{}: refused: {}", conn.peer, refusal.why);
-                    answer_and_close(w, id, refusal.status, refusal.why);
-                    break;
-                }
-            }
-        };
-        cancel_timer(worker, lp, id);
-        dispatch(worker, lp, id, request);
+        }
     }
-    update_reading(worker, lp, id);
-    flush(worker, lp, id);
 }
 
-fn dispatch(worker: &Shared, lp: &mut Loop, id: u64, (request, seq): (Request, u64)) {
-    let handler = worker.borrow().handler.clone();
+fn dispatch(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, (request, seq): (Request, u64)) {
     let responder = Responder {
-        worker: Rc::downgrade(worker),
-        unanswered: worker.borrow().unanswered.clone(),
+        outbox: Rc::clone(&w.outbox),
         conn: id,
         seq,
         sent: false,
     };
-    let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler.call(lp, request, responder)));
+    let outer = w.outbox.in_call.replace(true);
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| w.handler.call(lp, request, responder)));
+    w.outbox.in_call.set(outer);
     if outcome.is_err() {
         log::error!("a handler panicked; answering 500");
     }
-    answer_unanswered(worker, lp);
-    let mut w = worker.borrow_mut();
+    // What the handler answered (or dropped: a 500) goes into its slot at once.
+    for answer in w.outbox.held.take() {
+        complete(lp, w, answer, Some(id));
+    }
     w.served += 1;
     if w.max_requests.is_some_and(|max| w.served == max) {
-        drop(w);
-        tell_master(worker, RECYCLE);
+        tell_master(w, RECYCLE);
     }
 }
 
-/// A responder dropped unsent (by a panic, or by a handler that lost it) owes a 500.
-fn answer_unanswered(worker: &Shared, lp: &mut Loop) {
-    let unanswered = worker.borrow().unanswered.clone();
-    let queue = std::mem::take(&mut *unanswered.queue.borrow_mut());
-    for (conn, seq) in queue {
-        log::error!("connection {conn}: a responder was dropped unsent; answering 500");
-        complete(
-            worker,
-            lp,
-            conn,
-            seq,
-            Response::text(500, "Internal Server Error\n"),
-        );
+/// Fills an answer's slot, then brings its connection up to date — unless it is
+/// `current`, the connection whose requests are being processed, which does so itself.
+fn complete(lp: &mut Loop<Worker>, w: &mut Worker, answer: Answer, current: Option<u64>) {
+    let Answer {
+        conn: id,
+        seq,
+        response,
+    } = answer;
+    let response = response.unwrap_or_else(|| {
+        log::error!("connection {id}: a responder was dropped unsent; answering 500");
+        Response::text(500, "Internal Server Error\n")
+    });
+    if fill(w, id, seq, response) && current != Some(id) {
+        drive(lp, w, id, None);
     }
 }
 
-/// Fills a pending slot with its response and writes what can go out.
-fn complete(worker: &Shared, lp: &mut Loop, id: u64, seq: u64, response: Response) {
-    {
-        let mut guard = worker.borrow_mut();
-        let w = &mut *guard;
-        let Some(conn) = w.conns.get_mut(&id) else {
-            return;
-        };
-        let Some(index) = seq.checked_sub(conn.first_seq).map(|i| i as usize) else {
-            return;
-        };
-        let Some(slot @ Slot::Pending { .. }) = conn.slots.get_mut(index) else {
-            return;
-        };
-        let Slot::Pending {
-            head,
-            keep_alive,
-            line,
-        } = std::mem::replace(
-            slot,
-            Slot::Ready {
-                bytes: Vec::new(),
-                close: false,
-            },
-        )
-        else {
-            unreachable!()
-        };
-        // Draining: only the last request in the queue closes the connection, so that
-        // every request already handed to the app is answered.
-        let keep_alive = keep_alive && !(w.draining && index + 1 == conn.slots.len());
-        let date = http_date(&mut w.date);
-        let mut bytes = Vec::with_capacity(response.body.len() + 160);
-        let (status, length, keep_alive) = match response.encode(&mut bytes, head, keep_alive, date)
-        {
-            Ok(keep_alive) => (response.status, response.body.len(), keep_alive),
-            Err(why) => {
-                log::error!(
-                    "{}: the handler's response is invalid ({why}); answering 500",
-                    conn.peer
-                );
-                let fallback = Response::text(500, "Internal Server Error\n");
-                // The server's own response always encodes.
-                let keep_alive = fallback.encode(&mut bytes, head, keep_alive, date);
-                (500, fallback.body.len(), keep_alive.unwrap_or(false))
-            }
-        };
-        if let (Some(log), Some(line)) = (&mut w.access_log, line) {
-            let _ = writeln!(
-                log,
-                "{} - - [{date}] \"{line}\" {status} {length}",
+/// Encodes `response` into connection `id`'s pending slot `seq`; whether there was one.
+fn fill(w: &mut Worker, id: u64, seq: u64, response: Response) -> bool {
+    let Some(conn) = w.conns.get_mut(&id) else {
+        return false;
+    };
+    let Some(index) = seq.checked_sub(conn.first_seq).map(|i| i as usize) else {
+        return false;
+    };
+    let Some(slot @ Slot::Pending { .. }) = conn.slots.get_mut(index) else {
+        return false;
+    };
+    let Slot::Pending {
+        head,
+        keep_alive,
+        line,
+    } = std::mem::replace(
+        slot,
+        Slot::Ready {
+            bytes: Vec::new(),
+            close: false,
+        },
+    )
+    else {
+        unreachable!()
+    };
+    // Draining: only the last request in the queue closes the connection, so that
+    // every request already handed to the app is answered.
+    let keep_alive = keep_alive && !(w.draining && index + 1 == conn.slots.len());
+    let date = http_date(&mut w.date);
+    let mut bytes = Vec::with_capacity(response.body.len() + 160);
+    let (status, length, keep_alive) = match response.encode(&mut bytes, head, keep_alive, date) {
+        Ok(keep_alive) => (response.status, response.body.len(), keep_alive),
+        Err(why) => {
+            log::error!(
+                "{}: the handler's response is invalid ({why}); answering 500",
                 conn.peer
             );
+            let fallback = Response::text(500, "Internal Server Error\n");
+            // The server's own response always encodes.
+            let keep_alive = fallback.encode(&mut bytes, head, keep_alive, date);
+            (500, fallback.body.len(), keep_alive.unwrap_or(false))
         }
-        conn.slots[index] = Slot::Ready {
-            bytes,
-            close: !keep_alive,
-        };
+    };
+    if let (Some(log), Some(line)) = (&mut w.access_log, line) {
+        let _ = writeln!(
+            log,
+            "{} - - [{date}] \"{line}\" {status} {length}",
+            conn.peer
+        );
     }
-    flush(worker, lp, id);
+    conn.slots[index] = Slot::Ready {
+        bytes,
+        close: !keep_alive,
+    };
+    true
 }
 
-/// Writes every ready response at the front of the queue, in order; closes the
-/// connection after one that says `Connection: close`.
-fn flush(worker: &Shared, lp: &mut Loop, id: u64) {
-    let ((failed, finished), want_write, resume) = {
-        let mut w = worker.borrow_mut();
-        let Some(conn) = w.conns.get_mut(&id) else {
+/// Brings connection `id` up to date after a change: moves its ready responses into the
+/// output; given its socket (in its callback), writes what the socket takes, and once
+/// everything is answered and written, lingers or closes (after a `Connection: close`
+/// response); then sets what its watch waits for — room to write while output waits
+/// for the callback — and its timer.
+fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&mut Stream>) {
+    let now = lp.now();
+    let Some(conn) = w.conns.get_mut(&id) else {
+        return;
+    };
+    conn.queue_ready();
+    let mut resume = false;
+    if let Some(stream) = stream {
+        if conn.write_out(stream, now).is_err() {
+            close(lp, w, id);
             return;
-        };
-        if conn.sent > 0 && matches!(conn.slots.front(), Some(Slot::Ready { .. })) {
-            conn.out.drain(..conn.sent);
-            conn.sent = 0;
         }
-        while let Some(Slot::Ready { .. }) = conn.slots.front() {
-            let Some(Slot::Ready { bytes, close }) = conn.slots.pop_front() else {
-                unreachable!()
-            };
-            conn.first_seq += 1;
-            conn.out.extend_from_slice(&bytes);
-            if close {
-                conn.no_more_requests = true;
-                conn.slots.clear();
-                break;
-            }
+        if conn.finished() && !conn.lingering && !conn.start_lingering(stream) {
+            close(lp, w, id);
+            return;
         }
-        let (mut failed, mut wrote) = (false, false);
-        while conn.sent < conn.out.len() {
-            match conn.stream.write(&conn.out[conn.sent..]) {
-                Ok(n) => {
-                    conn.sent += n;
-                    wrote = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
-            }
-        }
-        if conn.sent == conn.out.len() {
-            conn.out.clear();
-            conn.sent = 0;
-        } else if wrote {
-            // Only output left waiting has a send timeout to count from here.
-            conn.last_write = Instant::now();
-        }
-        let done = conn.out.is_empty();
-        let finished = done && conn.no_more_requests && conn.slots.is_empty();
-        let resume = conn.held_back
+        // Pipelined requests were held back while the queue or the output was full.
+        // (Only here: elsewhere the output cannot shrink.)
+        resume = conn.held_back
             && !conn.no_more_requests
             && conn.slots.len() < MAX_PIPELINED
             && conn.unsent() < MAX_UNSENT;
         conn.held_back &= !resume;
-        ((failed, finished), !done && conn.write.is_none(), resume)
-    };
-    if failed {
-        close(worker, lp, id);
+    } else if conn.finished() && !conn.lingering && conn.peer_closed {
+        close(lp, w, id); // the peer's EOF came: no input to linger for
         return;
     }
-    if finished {
-        linger(worker, lp, id);
-        return;
-    }
-    if want_write
-        && !watch_conn(worker, lp, id, Interest::WRITE, on_writable, |c| {
-            &mut c.write
-        })
-    {
+    if let Err(e) = conn.watch_for(lp, conn.wants()) {
+        log::error!("watching connection {id}: {e}");
+        close(lp, w, id);
         return;
     }
     if resume {
-        // Pipelined requests were held back while the queue or the output was full.
-        let w = worker.clone();
-        lp.later(move |lp| process(&w, lp, id));
+        lp.later(move |lp, w| {
+            process(lp, w, id, None);
+            drive(lp, w, id, None);
+        });
     }
-    set_timer(worker, lp, id);
+    set_timer(lp, w, id);
 }
 
-/// Takes one of a connection's watches out (`which` picks it) and cancels it.
-fn cancel_watch(worker: &Shared, lp: &mut Loop, id: u64, which: fn(&mut Conn) -> Option<Watch>) {
-    let watch = worker.borrow_mut().conns.get_mut(&id).and_then(which);
-    if let Some(watch) = watch {
-        lp.cancel(watch);
-    }
-}
-
-fn on_writable(worker: &Shared, lp: &mut Loop, id: u64) {
-    cancel_watch(worker, lp, id, |c| c.write.take());
-    flush(worker, lp, id);
-}
-
-/// Everything is written and no more requests will be read. Closing with the peer's
-/// input unread (a refused request's rest, requests pipelined after a close) would make
-/// the kernel send a reset, which can destroy the response before the client reads it;
-/// so then, unless the peer has closed its side, ours is shut down and its input
-/// discarded until its EOF or for `LINGER` at most (nginx's lingering close).
-fn linger(worker: &Shared, lp: &mut Loop, id: u64) {
-    let lingering = {
-        let mut w = worker.borrow_mut();
-        let Some(conn) = w.conns.get_mut(&id) else {
-            return;
-        };
-        if conn.lingering {
-            return;
-        }
-        // Reading stops once no more requests are taken, so input may wait in the kernel.
-        let unread =
-            !conn.peer_closed && (conn.parser.buffered() > 0 || conn.stream.has_unread_input());
-        conn.lingering = unread && conn.stream.shutdown_write().is_ok();
-        conn.lingering
-    };
-    if lingering {
-        update_reading(worker, lp, id);
-        set_timer(worker, lp, id);
-    } else {
-        close(worker, lp, id);
-    }
-}
-
-/// Watches a connection for input only while it can take more: not after the peer's
-/// EOF or a refusal, and not while its parser is full (pipelined requests held back),
-/// where a level-triggered watch on unread input would spin.
-fn update_reading(worker: &Shared, lp: &mut Loop, id: u64) {
-    let (wanted, watching) = {
-        let w = worker.borrow();
-        let Some(conn) = w.conns.get(&id) else {
-            return;
-        };
-        let wanted = conn.lingering
-            || (!conn.peer_closed && !conn.no_more_requests && conn.parser.room() > 0);
-        (wanted, conn.read.is_some())
-    };
-    match (wanted, watching) {
-        (true, false) => {
-            watch_conn(worker, lp, id, Interest::READ, on_readable, |c| &mut c.read);
-        }
-        (false, true) => cancel_watch(worker, lp, id, |c| c.read.take()),
-        _ => {}
-    }
-}
-
-/// Adds one of a connection's watches (`slot` picks which) calling `on_ready`; a
-/// connection that cannot be watched is closed. Returns whether it was watched.
-fn watch_conn(
-    worker: &Shared,
-    lp: &mut Loop,
-    id: u64,
-    interest: Interest,
-    on_ready: fn(&Shared, &mut Loop, u64),
-    slot: fn(&mut Conn) -> &mut Option<Watch>,
-) -> bool {
-    let Some(fd) = worker.borrow().conns.get(&id).map(|c| c.stream.as_raw_fd()) else {
-        return false;
-    };
-    let w = worker.clone();
-    match lp.watch_io(fd, interest, move |lp, _| on_ready(&w, lp, id)) {
-        Ok(watch) => {
-            *slot(worker.borrow_mut().conns.get_mut(&id).expect("live")) = Some(watch);
-            true
-        }
-        Err(e) => {
-            log::error!("watching connection {id}: {e}");
-            close(worker, lp, id);
-            false
-        }
-    }
-}
-
-fn cancel_timer(worker: &Shared, lp: &mut Loop, id: u64) {
-    cancel_watch(worker, lp, id, |c| c.timer.take().map(|(_, watch)| watch));
-}
-
-/// Arms the timer a connection needs: the send timeout while output waits for the
+/// Sets the timeout a connection needs: the send timeout while output waits for the
 /// client to read it; then, waiting for a request, the header timeout while a head is
 /// incomplete (or none has come on a new connection), the body timeout while a body is
-/// read, else the keep-alive one.
-fn set_timer(worker: &Shared, lp: &mut Loop, id: u64) {
-    let (wanted, current) = {
-        let w = worker.borrow();
-        let Some(conn) = w.conns.get(&id) else { return };
-        let waiting = conn.slots.is_empty() && conn.out.is_empty() && !conn.no_more_requests;
-        let wanted = if conn.lingering {
-            Some((TimerKind::Linger, LINGER))
-        } else if !conn.out.is_empty() {
-            Some((TimerKind::Send, w.body_timeout))
-        } else if !waiting {
-            None
-        } else if conn.parser.reading_body() {
-            Some((TimerKind::Body, w.body_timeout))
-        } else if conn.request_begun() || conn.first_seq == 0 {
-            Some((TimerKind::Header, w.header_timeout))
-        } else {
-            // A connection that goes idle during a drain gets the drain's grace only.
-            let idle = if w.draining {
-                DRAIN_GRACE
-            } else {
-                w.keepalive_timeout
-            };
-            Some((TimerKind::Idle, idle))
-        };
-        (wanted, conn.timer.map(|(kind, _)| kind))
+/// read, else the keep-alive one. A timeout that stays keeps its deadline.
+fn set_timer(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
+    let Some(conn) = w.conns.get_mut(&id) else {
+        return;
     };
-    if wanted.map(|(k, _)| k) == current {
+    let waiting = conn.slots.is_empty() && conn.out.is_empty() && !conn.no_more_requests;
+    let wanted = if conn.lingering {
+        Some((TimerKind::Linger, LINGER))
+    } else if !conn.out.is_empty() || conn.finished() {
+        Some((TimerKind::Send, w.body_timeout))
+    } else if !waiting {
+        None
+    } else if conn.parser.reading_body() {
+        Some((TimerKind::Body, w.body_timeout))
+    } else if conn.request_begun() || conn.first_seq == 0 {
+        Some((TimerKind::Header, w.header_timeout))
+    } else {
+        // A connection that goes idle during a drain gets the drain's grace only.
+        let idle = if w.draining {
+            DRAIN_GRACE
+        } else {
+            w.keepalive_timeout
+        };
+        Some((TimerKind::Idle, idle))
+    };
+    let kind = wanted.map(|(kind, _)| kind);
+    if kind == conn.timer_kind {
         return;
     }
-    cancel_timer(worker, lp, id);
-    if let Some((kind, after)) = wanted {
-        arm_timer(worker, lp, id, kind, after);
-    }
-}
-
-fn arm_timer(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind, after: Duration) {
-    let w = worker.clone();
-    let watch = lp.after(after, move |lp| on_timeout(&w, lp, id, kind));
-    if let Some(conn) = worker.borrow_mut().conns.get_mut(&id) {
-        conn.timer = Some((kind, watch));
+    conn.timer_kind = kind;
+    // None: the timer stays where it is, and its firing is ignored (cheaper than
+    // moving it away for every request).
+    if let Some((_, after)) = wanted {
+        lp.restart(conn.timer, after);
     }
 }
 
@@ -921,44 +937,33 @@ fn arm_timer(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind, after: Du
 /// body timeout counts from the parser's last progress, so a body that keeps coming,
 /// however slowly, is read to its end, and the send timeout from the last write that
 /// took bytes. A stalled send and the other timeouts close the connection.
-fn on_timeout(worker: &Shared, lp: &mut Loop, id: u64, kind: TimerKind) {
-    enum Then {
-        Answer,
-        Rearm(Duration),
-        Close,
-    }
-    let then = {
-        let mut guard = worker.borrow_mut();
-        let w = &mut *guard;
-        let Some(conn) = w.conns.get_mut(&id) else {
-            return;
-        };
-        conn.timer = None;
-        let quiet = match kind {
-            TimerKind::Send => conn.last_write.elapsed(),
-            _ => conn.last_progress.elapsed(),
-        };
-        let then = match kind {
-            TimerKind::Header if conn.parser.buffered() > 0 => Then::Answer,
-            TimerKind::Body | TimerKind::Send if quiet < w.body_timeout => {
-                Then::Rearm(w.body_timeout - quiet)
-            }
-            TimerKind::Body => Then::Answer,
-            _ => Then::Close,
-        };
-        if let Then::Answer = then {
-            let why = match kind {
-                TimerKind::Body => "request body timed out",
-                _ => "request head timed out",
-            };
-            answer_and_close(w, id, 408, why);
-        }
-        then
+fn on_timeout(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
+    let now = lp.now();
+    let Some(conn) = w.conns.get_mut(&id) else {
+        return;
     };
-    match then {
-        Then::Answer => flush(worker, lp, id),
-        Then::Rearm(after) => arm_timer(worker, lp, id, kind, after),
-        Then::Close => close(worker, lp, id),
+    let Some(kind) = conn.timer_kind.take() else {
+        return; // no timeout was wanted
+    };
+    let since = match kind {
+        TimerKind::Send => conn.last_write,
+        _ => conn.last_progress,
+    };
+    let quiet = now.saturating_duration_since(since);
+    match kind {
+        TimerKind::Header if conn.parser.buffered() > 0 => {
+            answer_and_close(w, id, 408, "request head timed out");
+            drive(lp, w, id, None);
+        }
+        TimerKind::Body | TimerKind::Send if quiet < w.body_timeout => {
+            conn.timer_kind = Some(kind);
+            lp.restart(conn.timer, w.body_timeout - quiet);
+        }
+        TimerKind::Body => {
+            answer_and_close(w, id, 408, "request body timed out");
+            drive(lp, w, id, None);
+        }
+        _ => close(lp, w, id),
     }
 }
 
@@ -981,18 +986,13 @@ fn answer_and_close(w: &mut Worker, id: u64, status: u16, why: &str) {
     }
 }
 
-fn close(worker: &Shared, lp: &mut Loop, id: u64) {
-    let Some(conn) = worker.borrow_mut().conns.remove(&id) else {
+fn close(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
+    let Some(conn) = w.conns.remove(&id) else {
         return;
     };
-    for watch in [conn.read, conn.write].into_iter().flatten() {
-        lp.cancel(watch);
-    }
-    if let Some((_, watch)) = conn.timer {
-        lp.cancel(watch);
-    }
-    drop(conn.stream);
-    let w = worker.borrow();
+    // The loop drops the socket, closing it: at once, or when its callback returns.
+    lp.cancel(conn.io);
+    lp.cancel(conn.timer);
     if w.draining && w.conns.is_empty() {
         lp.stop(0);
     }
@@ -1003,31 +1003,28 @@ fn close(worker: &Shared, lp: &mut Loop, id: u64) {
 /// `Connection: close`, and exit when no connection is left. Idle keep-alive
 /// connections close after a short grace: a request a client sent just before it could
 /// see the close is still answered, instead of failing in flight.
-fn drain(worker: &Shared, lp: &mut Loop) {
-    if worker.borrow().draining {
+fn drain(lp: &mut Loop<Worker>, w: &mut Worker) {
+    if w.draining {
         return;
     }
-    worker.borrow_mut().draining = true;
-    stop_accepting(worker, lp);
+    w.draining = true;
+    let listeners: Vec<Listener> = std::mem::take(&mut w.listeners)
+        .into_iter()
+        .filter_map(|io| lp.remove(io))
+        .collect();
     // Connections the kernel already queued are taken in and answered before this
     // worker's listener copies close: the last close of a listener resets its queue.
-    let count = worker.borrow().listeners.len();
-    for index in 0..count {
-        accept(worker, lp, index, usize::MAX);
+    for listener in &listeners {
+        accept(lp, w, listener, usize::MAX);
     }
-    worker.borrow_mut().listeners.clear();
-    let idle: Vec<u64> = worker
-        .borrow()
-        .conns
-        .iter()
-        .filter(|(_, c)| c.is_idle_keep_alive())
-        .map(|(&id, _)| id)
-        .collect();
-    for id in idle {
-        cancel_timer(worker, lp, id);
-        arm_timer(worker, lp, id, TimerKind::Idle, DRAIN_GRACE);
+    drop(listeners);
+    for conn in w.conns.values_mut() {
+        if conn.is_idle_keep_alive() {
+            conn.timer_kind = Some(TimerKind::Idle);
+            lp.restart(conn.timer, DRAIN_GRACE);
+        }
     }
-    if worker.borrow().conns.is_empty() {
+    if w.conns.is_empty() {
         lp.stop(0);
     }
 }
@@ -1049,15 +1046,15 @@ fn http_date(cache: &mut (u64, String)) -> &str {
 fn one_connection(
     config: &Config,
     handler: Rc<dyn Handler>,
-) -> io::Result<(Loop, Shared, UnixStream)> {
+) -> io::Result<(Loop<Worker>, Worker, UnixStream)> {
     let mut lp = Loop::new().map_err(io::Error::other)?;
     let (master, _master_end) = UnixStream::pair()?;
-    let worker = Worker::new(config, handler, master, Vec::new(), None)?;
-    watch_unanswered(&worker, &mut lp).map_err(io::Error::other)?;
+    let mut worker =
+        Worker::new(&mut lp, config, handler, Rc::new(master), None).map_err(io::Error::other)?;
     let (client, server) = UnixStream::pair()?;
     client.set_nonblocking(true)?;
     server.set_nonblocking(true)?;
-    add_conn(&worker, &mut lp, Stream::Unix(server), "test".into());
+    add_conn(&mut lp, &mut worker, Stream::Unix(server), "test".into());
     Ok((lp, worker, client))
 }
 
@@ -1073,31 +1070,31 @@ pub(crate) fn drive_connection(
     handler: Rc<dyn Handler>,
     chunks: &[&[u8]],
 ) -> io::Result<(Vec<u8>, usize)> {
-    let (mut lp, worker, mut client) = one_connection(config, handler)?;
+    let (mut lp, mut worker, mut client) = one_connection(config, handler)?;
     let (mut output, mut peak) = (Vec::new(), 0);
-    let mut step = |lp: &mut Loop, client: &mut UnixStream| -> io::Result<bool> {
-        lp.loop_once(Some(Duration::ZERO))
-            .map_err(io::Error::other)?;
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match io::Read::read(client, &mut buf) {
-                Ok(0) => break,
-                Ok(n) => output.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+    let mut step =
+        |lp: &mut Loop<Worker>, worker: &mut Worker, client: &mut UnixStream| -> io::Result<bool> {
+            lp.loop_once(Some(Duration::ZERO), worker)
+                .map_err(io::Error::other)?;
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match io::Read::read(client, &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => output.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
             }
-        }
-        let w = worker.borrow();
-        let open = w.conns.values().next();
-        if let Some(conn) = open {
-            peak = peak.max(conn.parser.held() + conn.sent + conn.unsent());
-        }
-        Ok(open.is_some())
-    };
+            let open = worker.conns.values().next();
+            if let Some(conn) = open {
+                peak = peak.max(conn.parser.held() + conn.sent + conn.unsent());
+            }
+            Ok(open.is_some())
+        };
     for chunk in chunks {
         let (mut rest, mut blocked) = (*chunk, 0);
         // Only while the connection is open: a write to a closed one raises SIGPIPE.
-        while !rest.is_empty() && step(&mut lp, &mut client)? {
+        while !rest.is_empty() && step(&mut lp, &mut worker, &mut client)? {
             match client.write(rest) {
                 Ok(n) => rest = &rest[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && blocked < 1000 => blocked += 1,
@@ -1112,7 +1109,7 @@ pub(crate) fn drive_connection(
     }
     let _ = client.shutdown(std::net::Shutdown::Write);
     for _ in 0..1000 {
-        if !step(&mut lp, &mut client)? {
+        if !step(&mut lp, &mut worker, &mut client)? {
             return Ok((output, peak));
         }
     }
@@ -1125,41 +1122,66 @@ pub(crate) fn drive_connection(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_responder_dropped_while_the_worker_is_borrowed_still_answers_500() {
-        let kept: Rc<RefCell<Option<Responder>>> = Rc::default();
+    /// A worker serving one connection whose handler keeps each responder in `kept`,
+    /// after the client sent one request and the handler ran.
+    fn kept_responder() -> (Loop<Worker>, Worker, UnixStream, Responder) {
+        let kept: Rc<Cell<Option<Responder>>> = Rc::default();
         let stash = kept.clone();
-        let handler = move |_: &mut Loop, _: Request, responder: Responder| {
-            *stash.borrow_mut() = Some(responder);
+        let handler = move |_: &mut Loop<Worker>, _: Request, responder: Responder| {
+            stash.set(Some(responder));
         };
-        let (mut lp, worker, mut client) =
+        let (mut lp, mut worker, mut client) =
             one_connection(&Config::default(), Rc::new(handler)).unwrap();
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
         for _ in 0..100 {
-            if kept.borrow().is_some() {
-                break;
+            if let Some(responder) = kept.take() {
+                return (lp, worker, client, responder);
             }
-            lp.loop_once(Some(Duration::from_millis(10))).unwrap();
+            lp.loop_once(Some(Duration::from_millis(10)), &mut worker)
+                .unwrap();
         }
-        let responder = kept.borrow_mut().take().expect("the handler ran");
-        {
-            let _busy = worker.borrow_mut();
-            drop(responder);
-        }
+        panic!("the handler never ran");
+    }
+
+    /// Runs the worker until the client has read a response ending in `end`.
+    fn reply(
+        lp: &mut Loop<Worker>,
+        worker: &mut Worker,
+        client: &mut UnixStream,
+        end: &str,
+    ) -> String {
         let mut reply = Vec::new();
         for _ in 0..100 {
-            lp.loop_once(Some(Duration::from_millis(10))).unwrap();
+            lp.loop_once(Some(Duration::from_millis(10)), worker)
+                .unwrap();
             let mut buf = [0u8; 4096];
             if let Ok(n) = client.read(&mut buf) {
                 reply.extend_from_slice(&buf[..n]);
             }
-            if reply.ends_with(b"Internal Server Error\n") {
+            if reply.ends_with(end.as_bytes()) {
                 break;
             }
         }
-        let reply = String::from_utf8_lossy(&reply);
+        String::from_utf8_lossy(&reply).into_owned()
+    }
+
+    #[test]
+    fn a_responder_dropped_outside_its_handler_call_still_answers_500() {
+        let (mut lp, mut worker, mut client, responder) = kept_responder();
+        drop(responder); // outside any callback: the waker brings the 500 in
+        let reply = reply(&mut lp, &mut worker, &mut client, "Internal Server Error\n");
         assert!(reply.starts_with("HTTP/1.1 500 "), "{reply:?}");
+    }
+
+    #[test]
+    fn an_answer_sent_outside_its_connections_callback_is_written() {
+        let (mut lp, mut worker, mut client, responder) = kept_responder();
+        responder.send(&mut lp, Response::text(200, "later\n"));
+        let reply = reply(&mut lp, &mut worker, &mut client, "later\n");
+        assert!(reply.starts_with("HTTP/1.1 200 "), "{reply:?}");
+        let conn = worker.conns.values().next().expect("kept alive");
+        assert_eq!(conn.watching, Interest::READ, "no longer waits to write");
     }
 }
