@@ -435,9 +435,10 @@ impl<D: 'static> Loop<D> {
             match self.timers.take(id, seq) {
                 Some(TimerCallback::Once(callback)) => callback(self, data),
                 Some(TimerCallback::Every(mut callback, interval)) => {
-                    callback(self, data);
+                    let called = guarded(|| callback(self, data));
                     let callback = TimerCallback::Every(callback, interval);
                     self.timers.rearm(id, seq, deadline, now, callback);
+                    resume(called);
                 }
                 None => {}
             }
@@ -456,6 +457,18 @@ impl<D: 'static> Loop<D> {
             callback(self, data);
         }
     }
+}
+
+/// Runs a callback its watch lent out, so that the caller can put it back even if it
+/// panics: a panic the caller of `run` catches leaves every watch whole. Pass the
+/// result to [`resume`] once the callback is back.
+pub(crate) fn guarded<R>(call: impl FnOnce() -> R) -> std::thread::Result<R> {
+    panic::catch_unwind(AssertUnwindSafe(call))
+}
+
+/// The callback's result, or its panic, going on.
+pub(crate) fn resume<R>(result: std::thread::Result<R>) -> R {
+    result.unwrap_or_else(|payload| panic::resume_unwind(payload))
 }
 
 impl<D: 'static> Drop for Loop<D> {

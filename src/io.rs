@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use forkloop_backend::{refusal, Interest, Readiness, Refusal};
 use smallvec::SmallVec;
 
+use crate::event_loop::{guarded, resume};
 use crate::handle::{Io, Watch, WatchKind};
 use crate::{Error, Loop, Result};
 
@@ -84,11 +85,12 @@ pub(crate) fn fires(interest: Interest, ready: Readiness) -> bool {
         || (interest.contains(Interest::HANGUP) && ready.intersects(problem))
 }
 
-/// The loop's error for what a backend said about `fd`.
+/// The loop's error for what a backend said about `fd` (or about the fd its refusal
+/// names, for a wait).
 pub(crate) fn watch_error(backend: &'static str, fd: RawFd, source: std::io::Error) -> Error {
     match refusal(&source) {
-        Some(Refusal::ClosedWhileRegistered) => Error::ClosedWhileWatched { backend, fd },
-        Some(Refusal::AboveLimit { limit }) => Error::FdAboveLimit { backend, fd, limit },
+        Some((fd, Refusal::ClosedWhileRegistered)) => Error::ClosedWhileWatched { backend, fd },
+        Some((fd, Refusal::AboveLimit { limit })) => Error::FdAboveLimit { backend, fd, limit },
         _ => Error::Watch {
             backend,
             fd,
@@ -404,10 +406,11 @@ impl<D: 'static> Loop<D> {
             let Some(mut source) = watch.source.take() else {
                 continue; // running further up the stack (nested run)
             };
-            source.ready(self, data, ready);
+            let called = guarded(|| source.ready(self, data, ready));
             if let Some(watch) = self.io.get_mut(id) {
                 watch.source = Some(source);
             }
+            resume(called);
         }
     }
 

@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 use crate::slab::Slab;
 use crate::Loop;
 
+type OnceCallback<D> = Box<dyn FnOnce(&mut Loop<D>, &mut D)>;
+type EveryCallback<D> = Box<dyn FnMut(&mut Loop<D>, &mut D)>;
+
 pub(crate) enum TimerCallback<D: 'static> {
-    Once(Box<dyn FnOnce(&mut Loop<D>, &mut D)>),
-    Every(Box<dyn FnMut(&mut Loop<D>, &mut D)>, Duration),
+    Once(OnceCallback<D>),
+    Every(EveryCallback<D>, Duration),
 }
 
 /// A live timer: `seq` names the arming its heap entry belongs to.

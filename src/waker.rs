@@ -14,10 +14,12 @@
 //! before the fork are the parent's to take). In a `Loop::fork` child the loop is never
 //! rebuilt, so its wakers belong to nobody and refuse every value.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::event_loop::{guarded, resume};
 use crate::handle::{Watch, WatchKind};
 use crate::id_map::IdMap;
 use crate::{fork, sys, Error, Loop, Result};
@@ -204,13 +206,16 @@ impl<T> Control for Shared<T> {
 trait Inbox<D> {
     /// Runs the callback for every value queued.
     fn deliver(&mut self, lp: &mut Loop<D>, data: &mut D);
+    /// Values taken from the queue are still to be delivered (a callback panicked).
+    fn undelivered(&self) -> bool;
 }
 
 struct Channel<T, F> {
     shared: Arc<Shared<T>>,
     callback: F,
-    /// Reused between drains.
-    batch: Vec<T>,
+    /// The values taken from the queue and not yet delivered: a callback that panics
+    /// leaves the rest here for the next delivery.
+    batch: VecDeque<T>,
 }
 
 impl<D, T, F> Inbox<D> for Channel<T, F>
@@ -222,14 +227,16 @@ where
             let _gate = enter();
             let mut state = self.shared.lock();
             state.woken = false;
-            std::mem::swap(&mut state.queue, &mut self.batch);
+            self.batch.extend(state.queue.drain(..));
         }
         // Outside the gate: a callback may fork.
-        let mut batch = std::mem::take(&mut self.batch);
-        for value in batch.drain(..) {
+        while let Some(value) = self.batch.pop_front() {
             (self.callback)(lp, data, value);
         }
-        self.batch = batch;
+    }
+
+    fn undelivered(&self) -> bool {
+        !self.batch.is_empty()
     }
 }
 
@@ -306,7 +313,7 @@ impl<D: 'static> Loop<D> {
         let inbox = Box::new(Channel {
             shared: Arc::clone(&shared),
             callback,
-            batch: Vec::new(),
+            batch: VecDeque::new(),
         });
         let inbox = Some(inbox as Box<dyn Inbox<D>>);
         let control = Arc::clone(&shared) as Arc<dyn Control>;
@@ -336,10 +343,16 @@ impl<D: 'static> Loop<D> {
         let Some(mut inbox) = entry.inbox.take() else {
             return; // running further up the stack (nested run)
         };
-        inbox.deliver(self, data);
+        let called = guarded(|| inbox.deliver(self, data));
+        let undelivered = inbox.undelivered();
         if let Some(entry) = self.wakers.entries.get_mut(&id) {
             entry.inbox = Some(inbox);
+            if undelivered {
+                // The pipe is drained already: the values behind a panic go next iteration.
+                self.later(move |lp, data| lp.deliver(id, data));
+            }
         }
+        resume(called);
     }
 
     pub(crate) fn cancel_waker(&mut self, id: u64) -> bool {

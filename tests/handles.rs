@@ -380,3 +380,45 @@ fn api_select_refuses_an_fd_above_its_limit_by_variant() {
         "the dup is still open and ours"
     );
 }
+
+/// A panic the caller of `run` catches leaves every watch whole: the repeating timer
+/// and the waker whose callbacks panicked go on, and the waker's later values arrive.
+#[apply(backends)]
+fn api_a_caught_panic_leaves_timers_and_wakers_whole(#[case] kind: Kind) {
+    let mut lp: Loop<Vec<u32>> = Loop::with_backend(kind).unwrap();
+    lp.every(Duration::from_millis(1), |_, seen| {
+        seen.push(0);
+        if seen.len() == 1 {
+            panic!("the first tick panics");
+        }
+    })
+    .unwrap();
+    let (waker, _watch) = lp
+        .waker(|_, seen: &mut Vec<u32>, value| {
+            if value == 1 {
+                panic!("value 1 panics");
+            }
+            seen.push(value);
+        })
+        .unwrap();
+    let mut seen = Vec::new();
+    let run = |lp: &mut Loop<Vec<u32>>, seen: &mut Vec<u32>| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            lp.loop_once(Some(U), seen).unwrap()
+        }))
+    };
+    assert!(run(&mut lp, &mut seen).is_err(), "the timer's first tick");
+    for value in 1..=3 {
+        waker.send(value).unwrap();
+    }
+    assert!(run(&mut lp, &mut seen).is_err(), "value 1");
+    let deadline = Instant::now() + 50 * U;
+    while !(seen.contains(&3) && seen.iter().filter(|&&v| v == 0).count() >= 3) {
+        assert!(Instant::now() < deadline, "after the panics: {seen:?}");
+        run(&mut lp, &mut seen).unwrap();
+    }
+    assert!(
+        seen.contains(&2),
+        "the value queued behind the panic: {seen:?}"
+    );
+}

@@ -458,10 +458,6 @@ fn select_refuses_fds_beyond_fd_setsize() {
     not(feature = "poll"),
     ignore = "poll backend not compiled in (feature `poll`)"
 )]
-#[cfg_attr(
-    feature = "poll",
-    ignore = "library bug (#11 port): the wait's ClosedWhileWatched names fd -1, not the closed fd"
-)]
 fn fd_closed_while_watched_is_an_error_naming_it() {
     // Isolated: another test thread could reuse the closed fd number.
     isolated(|| {
@@ -718,12 +714,14 @@ fn io_a_nested_iteration_dispatches_an_fd_the_outer_one_reported(#[case] kind: K
 fn io_a_caught_panic_in_a_callback_leaves_the_other_fds_dispatched(#[case] kind: Kind) {
     let mut lp = new_loop(kind);
     let ((a, _a_peer), (b, _b_peer)) = (readable_pair(), readable_pair());
-    // Rc: the test holds A open, so that what is tested is the dispatch after a panic.
-    // (An owned source is dropped by the unwind today, closing its fd under a watch that
-    // stays registered: poll and select then fail every wait. Reported in #11's port.)
-    let a = Rc::new(a);
-    lp.watch_io(a.clone(), Interest::READ, |_, (), _, _| {
-        panic!("a callback panics")
+    // Owned by its watch: the unwind must put the source back, not drop it (closing its
+    // fd under a watch that stays registered would fail every later wait on poll).
+    let a_fd = a.as_raw_fd();
+    let mut first = true;
+    lp.watch_io(a, Interest::READ, move |_, (), _, _| {
+        if std::mem::take(&mut first) {
+            panic!("a callback panics, once")
+        }
     })
     .unwrap();
     let (b_calls, c) = counter();
@@ -737,6 +735,12 @@ fn io_a_caught_panic_in_a_callback_leaves_the_other_fds_dispatched(#[case] kind:
     assert!(
         caught.is_err(),
         "A is readable, so its callback ran and panicked"
+    );
+    // SAFETY: F_GETFD only reads the flags of whatever `a_fd` names.
+    let open = unsafe { libc::fcntl(a_fd, libc::F_GETFD) } >= 0;
+    assert!(
+        open,
+        "the panicking watch's source was dropped by the unwind"
     );
     let before = b_calls.get();
     assert!(

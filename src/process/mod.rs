@@ -28,6 +28,7 @@ use std::process::ExitStatus;
 
 use smallvec::SmallVec;
 
+use crate::event_loop::{guarded, resume};
 use crate::handle::{Watch, WatchKind};
 use crate::id_map::IdMap;
 use crate::{Error, Loop, Result};
@@ -421,10 +422,11 @@ impl<D: 'static> Loop<D> {
             let Some(mut callback) = slot.take() else {
                 continue; // running further up the stack
             };
-            callback(self, data, pid, status);
+            let called = guarded(|| callback(self, data, pid, status));
             if let Some(ProcessWatch::Any(slot)) = self.children.watches.get_mut(&id) {
                 *slot = Some(callback);
             }
+            resume(called);
         }
     }
 

@@ -13,6 +13,7 @@ pub(crate) use driver::{
     forget_claims, forget_parent, lock_for_fork, reset_handlers_in_child, ForkLock,
 };
 
+use crate::event_loop::{guarded, resume};
 use crate::handle::{Watch, WatchKind};
 use crate::id_map::IdMap;
 use crate::{fork, sys, Error, Loop, Result};
@@ -245,10 +246,11 @@ impl<D: 'static> Loop<D> {
                 let Some(mut callback) = watch.and_then(|w| w.callback.take()) else {
                     continue;
                 };
-                callback(self, data, signal);
+                let called = guarded(|| callback(self, data, signal));
                 if let Some(watch) = self.signals.watches.get_mut(&id) {
                     watch.callback = Some(callback);
                 }
+                resume(called);
             }
         }
     }

@@ -262,10 +262,10 @@ pub fn refused(backend: &str, fd: RawFd, refusal: Refusal) -> io::Error {
     )
 }
 
-/// The refusal an error from [`refused`] carries, if it is one.
-pub fn refusal(error: &io::Error) -> Option<Refusal> {
+/// The fd and refusal an error from [`refused`] carries, if it is one.
+pub fn refusal(error: &io::Error) -> Option<(RawFd, Refusal)> {
     let refused = error.get_ref()?.downcast_ref::<Refused>()?;
-    Some(refused.refusal)
+    Some((refused.fd, refused.refusal))
 }
 
 /// The error for a registered fd that was closed behind the loop's back.
