@@ -18,9 +18,11 @@ step "clippy, all targets, all features"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 # -p forkloop: at the root, `cargo test` also builds the CLI package, which turns on
-# the native backend; the library's own defaults are tested alone here.
-step "tests: the library's default features (poll, select, server)"
-cargo test -p forkloop
+# the native backend; the library's own defaults are tested alone here. The server is
+# opt-in, so it is added here to run its tests on the portable backends (the
+# all-features step runs them again on epoll).
+step "tests: the library's default features (poll, select) plus server"
+cargo test -p forkloop --features server
 
 for feature in poll select epoll mio polling; do
   step "tests: --no-default-features --features $feature"
