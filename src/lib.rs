@@ -24,6 +24,8 @@
 //!
 //! See the README for the backend table, the fork contract and how to choose a backend.
 #![deny(unsafe_op_in_unsafe_fn)]
+// docs.rs (nightly) marks the items a feature gates.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(not(any(
     feature = "poll",
@@ -47,6 +49,7 @@ mod io;
 mod kind;
 mod process;
 #[cfg(feature = "server")]
+#[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod server;
 mod signal;
 mod slab;
