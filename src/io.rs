@@ -21,6 +21,8 @@ pub(crate) trait Source<D> {
     fn ready(&mut self, lp: &mut Loop<D>, data: &mut D, readiness: Readiness);
     /// The source, for [`Loop::remove`] to downcast back to `S`.
     fn into_source(self: Box<Self>) -> Box<dyn Any>;
+    /// The source, for [`Loop::source_mut`].
+    fn source_mut(&mut self) -> &mut dyn Any;
 }
 
 struct Entry<S, F> {
@@ -39,6 +41,10 @@ where
 
     fn into_source(self: Box<Self>) -> Box<dyn Any> {
         Box::new(self.source)
+    }
+
+    fn source_mut(&mut self) -> &mut dyn Any {
+        &mut self.source
     }
 }
 
@@ -329,6 +335,15 @@ impl<D: 'static> Loop<D> {
         let source = self.cancel_io(io.watch.id)?;
         let source = source.into_source().downcast::<S>();
         Some(*source.expect("an Io<S> handle names a watch whose source is an S"))
+    }
+
+    /// The source watch `io` owns, to use it outside the watch's callback: to write an
+    /// answer a timer produced at once, say. `None` if the watch is gone, belongs to
+    /// another loop, or is the one whose callback is running (which has the source).
+    pub fn source_mut<S: 'static>(&mut self, io: Io<S>) -> Option<&mut S> {
+        let watch = self.io_watch(io).ok()?;
+        let source = watch.source.as_mut()?.source_mut().downcast_mut::<S>();
+        Some(source.expect("an Io<S> handle names a watch whose source is an S"))
     }
 
     /// Removes watch `id` from the tables; its boxed source, unless its callback runs.
