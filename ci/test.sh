@@ -21,7 +21,8 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 # the native backend; the library's own defaults are tested alone here. The server is
 # opt-in, so it is added here to run its tests on the portable backends (the
 # all-features step runs them again on epoll).
-step "tests: the library's default features (poll, select) plus server"
+# `cargo test` runs the doctests too: every major public item has a runnable example.
+step "tests and doctests: the library's default features (poll, select) plus server"
 cargo test -p forkloop --features server
 
 for feature in poll select epoll mio polling; do

@@ -114,6 +114,36 @@ impl<D: 'static> Loop<D> {
 
     /// A loop on a backend built by the caller (compile-time choice, or one of your own).
     /// Fails only if forkloop's fork handlers cannot be registered (out of memory).
+    ///
+    /// ```
+    /// use std::io;
+    /// use std::os::fd::RawFd;
+    /// use std::time::Duration;
+    /// use forkloop::{Backend, Event, Interest, Kind, Loop};
+    ///
+    /// /// A backend of one's own: here one that counts the waits of another.
+    /// struct Counted(Box<dyn Backend>, u32);
+    ///
+    /// impl Backend for Counted {
+    ///     fn name(&self) -> &'static str { "counted" }
+    ///     fn register(&mut self, fd: RawFd, i: Interest) -> io::Result<()> { self.0.register(fd, i) }
+    ///     fn modify(&mut self, fd: RawFd, i: Interest) -> io::Result<()> { self.0.modify(fd, i) }
+    ///     fn deregister(&mut self, fd: RawFd) -> io::Result<()> { self.0.deregister(fd) }
+    ///     fn wait(&mut self, events: &mut Vec<Event>, t: Option<Duration>) -> io::Result<()> {
+    ///         self.1 += 1;
+    ///         self.0.wait(events, t)
+    ///     }
+    ///     fn post_fork(&mut self, r: &mut dyn Iterator<Item = (RawFd, Interest)>) -> io::Result<()> {
+    ///         self.0.post_fork(r)
+    ///     }
+    /// }
+    ///
+    /// let mut lp: Loop = Loop::from_backend(Box::new(Counted(Kind::best()?.create()?, 0)))?;
+    /// lp.after(Duration::from_millis(1), |lp, ()| lp.stop(0));
+    /// lp.run(&mut ())?;
+    /// assert_eq!(lp.backend_name(), "counted");
+    /// # Ok::<(), forkloop::Error>(())
+    /// ```
     pub fn from_backend(backend: Box<dyn Backend>) -> Result<Loop<D>> {
         fork::init()?;
         Ok(Loop {
@@ -283,6 +313,24 @@ impl<D: 'static> Loop<D> {
     /// read. A repeating timer goes on every interval from then. Returns whether the
     /// timer was still pending (a one-shot that fired, or a cancelled timer, is not;
     /// neither is another loop's).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use forkloop::{Loop, Timer};
+    ///
+    /// // An idle timeout pushed back on every "read": it fires once, 5 ms after the last.
+    /// let mut lp: Loop<Option<Timer>> = Loop::new()?;
+    /// let timeout = lp.after(Duration::from_millis(5), |lp, _| lp.stop(1));
+    /// lp.every(Duration::from_millis(1), |lp, timeout| {
+    ///     if let Some(timer) = *timeout {
+    ///         lp.restart(timer, Duration::from_millis(5)); // no new closure, no allocation
+    ///     }
+    /// })?;
+    /// let mut timeout = Some(timeout);
+    /// lp.after(Duration::from_millis(20), |_, timeout: &mut Option<Timer>| *timeout = None);
+    /// assert_eq!(lp.run(&mut timeout)?, 1);
+    /// # Ok::<(), forkloop::Error>(())
+    /// ```
     pub fn restart(&mut self, timer: Timer, delay: Duration) -> bool {
         if timer.0.owner != self.id.serial {
             return false;

@@ -109,6 +109,18 @@ pub(crate) fn generation() -> u64 {
 }
 
 /// Options for [`Loop::fork`].
+///
+/// ```
+/// use forkloop::{Error, ForkOptions, Loop};
+///
+/// let mut lp: Loop = Loop::new()?;
+/// // Refused while another thread lives: the child could then do anything it likes.
+/// let strict = ForkOptions::new().single_threaded(true).keep_signals(false);
+/// let helper = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(100)));
+/// assert!(matches!(lp.fork(strict, || 0), Err(Error::NotSingleThreaded { .. })));
+/// helper.join().unwrap();
+/// # Ok::<(), forkloop::Error>(())
+/// ```
 #[derive(Clone, Debug, Default)]
 pub struct ForkOptions {
     keep_signals: bool,
@@ -216,6 +228,18 @@ impl<D: 'static> Loop<D> {
     /// `Mutex`es, `std::env` (its lock), a logger writing to a file through a lock of
     /// its own, a runtime. The first fork from a multi-threaded process says so once at
     /// debug level.
+    ///
+    /// ```
+    /// use forkloop::{ForkOptions, Loop};
+    ///
+    /// let mut lp: Loop = Loop::new()?;
+    /// let pid = lp.fork(ForkOptions::new(), || 7)?;
+    /// lp.watch_process(pid, |lp, (), _, status| {
+    ///     lp.stop(status.ok().and_then(|s| s.code()).unwrap_or(-1))
+    /// })?;
+    /// assert_eq!(lp.run(&mut ())?, 7);
+    /// # Ok::<(), forkloop::Error>(())
+    /// ```
     pub fn fork(
         &mut self,
         options: ForkOptions,
@@ -264,6 +288,31 @@ impl<D: 'static> Loop<D> {
     /// — in a child — the parent's child watches dropped. IO watches, timers, idle
     /// callbacks, signal watches and wakers survive. Runs automatically before the loop next touches its backend in a
     /// process other than the one that last built it; idempotent.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use forkloop::Loop;
+    ///
+    /// let mut lp: Loop = Loop::new()?;
+    /// lp.after(Duration::from_millis(1), |lp, ()| lp.stop(5));
+    /// // A raw fork, as a daemonizing library does: the child uses the inherited loop.
+    /// // SAFETY: the child only runs the loop and `_exit`s.
+    /// match unsafe { libc::fork() } {
+    ///     0 => {
+    ///         lp.post_fork().expect("a kernel object of the child's own"); // or any use of lp
+    ///         let code = lp.run(&mut ()).unwrap_or(1);
+    ///         // SAFETY: ends the child without running the parent's destructors.
+    ///         unsafe { libc::_exit(code) }
+    ///     }
+    ///     pid => {
+    ///         lp.watch_process(pid, |lp, (), _, status| {
+    ///             lp.stop(status.ok().and_then(|s| s.code()).unwrap_or(-1))
+    ///         })?;
+    ///         assert_eq!(lp.run(&mut ())?, 5);
+    ///     }
+    /// }
+    /// # Ok::<(), forkloop::Error>(())
+    /// ```
     pub fn post_fork(&mut self) -> Result<()> {
         init()?;
         if let Err(source) = self.rebuild_backend() {

@@ -70,6 +70,18 @@ impl Loop<()> {
     /// gets a fresh loop, never the parent's. Callbacks receive the loop directly, so a
     /// nested `with_global` is not needed and is refused, as is a call from a thread
     /// other than the owner.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use forkloop::Loop;
+    ///
+    /// let code = Loop::with_global(|lp| {
+    ///     lp.after(Duration::from_millis(1), |lp, ()| lp.stop(4));
+    ///     lp.run(&mut ())
+    /// })??;
+    /// assert_eq!(code, 4);
+    /// # Ok::<(), forkloop::Error>(())
+    /// ```
     pub fn with_global<R>(f: impl FnOnce(&mut Loop) -> R) -> Result<R> {
         fork::init()?;
         claim_for_this_thread()?;

@@ -286,6 +286,28 @@ impl<D: 'static> Loop<D> {
     /// Changes what the watch waits for, in place: at most one syscall (`epoll_ctl`),
     /// and none if the fd's registered interest does not change. An empty interest is
     /// refused; [`Loop::pause`] waits for nothing.
+    ///
+    /// ```
+    /// use std::os::unix::net::UnixStream;
+    /// use forkloop::{Interest, Loop, Readiness};
+    ///
+    /// // Watch for WRITE only while output is pending, as a server does.
+    /// let mut lp: Loop<Vec<Readiness>> = Loop::new()?;
+    /// let (a, _b) = UnixStream::pair()?;
+    /// let io = lp.watch_io(a, Interest::READ, |lp, seen, _a, ready| {
+    ///     seen.push(ready);
+    ///     lp.stop(0);
+    /// })?;
+    /// lp.set_interest(io, Interest::READ | Interest::WRITE)?; // one epoll_ctl
+    /// let mut seen = Vec::new();
+    /// lp.run(&mut seen)?;
+    /// assert!(seen[0].contains(Readiness::WRITABLE));
+    /// lp.pause(io)?; // waits for nothing, keeps the watch and its source
+    /// lp.resume(io)?;
+    /// let a: UnixStream = lp.remove(io).expect("the source comes back");
+    /// # drop(a);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn set_interest<S>(&mut self, io: Io<S>, interest: Interest) -> Result<()> {
         let watch = self.io_watch(io)?;
         if interest.is_empty() {

@@ -12,6 +12,22 @@ use crate::{Error, Result};
 pub const BACKEND_ENV: &str = "FORKLOOP_BACKEND";
 
 /// The backends forkloop knows, whether or not they are compiled in.
+///
+/// ```
+/// use forkloop::{Kind, Loop};
+///
+/// // Every backend compiled in and usable here, best first.
+/// let usable: Vec<Kind> = Kind::ALL
+///     .iter()
+///     .copied()
+///     .filter(|k| k.check_available().is_ok())
+///     .collect();
+/// assert_eq!(usable.first().copied(), Some(Kind::best()?));
+/// // What FORKLOOP_BACKEND=poll,select would choose: the first usable of the list.
+/// let lp: Loop = Loop::with_backend(Kind::first_usable("poll,select")?)?;
+/// assert!(["poll", "select"].contains(&lp.backend_name()));
+/// # Ok::<(), forkloop::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Kind {

@@ -128,6 +128,18 @@ impl<D: 'static> Loop<D> {
     /// catches SIGCHLD and calls `waitpid(pid)`: a child reaped elsewhere still ends the
     /// watch with `ReapedElsewhere` at the loop's next pass, but a new child of this
     /// process that got the pid before that pass is taken for the watched one.
+    ///
+    /// ```
+    /// use forkloop::Loop;
+    ///
+    /// let child = std::process::Command::new("sh").args(["-c", "exit 3"]).spawn()?;
+    /// let mut lp: Loop = Loop::new()?;
+    /// lp.watch_process(child.id() as libc::pid_t, |lp, (), _pid, status| {
+    ///     lp.stop(status.ok().and_then(|s| s.code()).unwrap_or(-1));
+    /// })?;
+    /// assert_eq!(lp.run(&mut ())?, 3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn watch_process(
         &mut self,
         pid: libc::pid_t,

@@ -101,6 +101,23 @@ impl<D: 'static> Loop<D> {
     /// uncatchable signal is an error. When the process's last watch of a signal is
     /// cancelled, the disposition from before the first one is restored. SIGCHLD is
     /// installed with `SA_NOCLDSTOP`: stopped and continued children do not wake a loop.
+    ///
+    /// ```
+    /// use forkloop::Loop;
+    ///
+    /// let mut lp: Loop<u32> = Loop::new()?;
+    /// lp.watch_signal(libc::SIGUSR1, |lp, seen, signal| {
+    ///     assert_eq!(signal, libc::SIGUSR1);
+    ///     *seen += 1;
+    ///     lp.stop(0);
+    /// })?;
+    /// // SAFETY: sends SIGUSR1 to this process, which now catches it.
+    /// unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
+    /// let mut seen = 0;
+    /// lp.run(&mut seen)?;
+    /// assert_eq!(seen, 1);
+    /// # Ok::<(), forkloop::Error>(())
+    /// ```
     pub fn watch_signal(
         &mut self,
         signal: libc::c_int,
