@@ -50,12 +50,14 @@ fn to_event(reg: Registration) -> polling::Event {
 }
 
 fn add(poller: &Poller, fd: RawFd, reg: Registration) -> io::Result<()> {
-    // SAFETY: polling asks that the fd be deleted before it is closed, so that the poller
-    // never acts on a number that names another file by then: I/O safety, as polling's
-    // epoll and kqueue keep no memory tied to the fd. The loop deletes every fd before it
-    // forgets its watch. A user who closes a watched fd behind the loop's back breaks
-    // that (the loop's docs forbid it); the key's tag then tells that fd's stale events
-    // from a new fd's, and nothing unsound follows. A type-enforced rule is issue #11.
+    // SAFETY: polling asks that the fd be deleted before it is closed. forkloop's loop
+    // owns the source of every watch (`Loop::watch_io` takes it by value) and drops it
+    // only after its deregister (cancel and remove deregister first; the loop's Drop
+    // drops this backend before the sources), so the compiler enforces that for safe
+    // code. The other fds are the loop's own (self-pipes, pidfds), cancelled before they
+    // close, and `Loop::watch_raw_fd`, whose `unsafe` contract makes the caller promise
+    // the same. Even when that promise is broken, polling's epoll and kqueue keep no
+    // memory tied to the fd: a stale event is told apart by its key's tag.
     unsafe { poller.add_with_mode(fd, to_event(reg), PollMode::Level) }
 }
 
