@@ -5,7 +5,7 @@
 //! may share an fd (through `Rc<S>`, a `&'static`, or raw fds); the loop registers the
 //! union of their interests once and changes it with one syscall when a watch changes.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 
@@ -69,6 +69,9 @@ pub(crate) struct IoWatch<D: 'static> {
     interest: Interest,
     paused: bool,
     raw: bool,
+    /// The type of the source, which an `Io<S>` handle must name to reach the watch: a
+    /// slot's generation can wrap, a type check cannot be fooled.
+    source_type: TypeId,
     /// `None` while the callback runs, so a nested `run` cannot re-enter it.
     source: Option<Box<dyn Source<D>>>,
 }
@@ -267,6 +270,7 @@ impl<D: 'static> Loop<D> {
             interest,
             paused: false,
             raw,
+            source_type: TypeId::of::<S>(),
             source,
         });
         let st = self.fds.get_mut(fd).expect("added above");
@@ -276,11 +280,13 @@ impl<D: 'static> Loop<D> {
     }
 
     /// The live IO watch `io` names in this loop.
-    fn io_watch<S>(&mut self, io: Io<S>) -> Result<&mut IoWatch<D>> {
+    fn io_watch<S: 'static>(&mut self, io: Io<S>) -> Result<&mut IoWatch<D>> {
         if io.watch.owner != self.id.serial {
             return Err(Error::ForeignWatch);
         }
-        self.io.get_mut(io.watch.id).ok_or(Error::WatchGone)
+        let watch = self.io.get_mut(io.watch.id);
+        let watch = watch.filter(|w| w.source_type == TypeId::of::<S>());
+        watch.ok_or(Error::WatchGone)
     }
 
     /// Changes what the watch waits for, in place: at most one syscall (`epoll_ctl`),
@@ -308,7 +314,7 @@ impl<D: 'static> Loop<D> {
     /// # drop(a);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn set_interest<S>(&mut self, io: Io<S>, interest: Interest) -> Result<()> {
+    pub fn set_interest<S: 'static>(&mut self, io: Io<S>, interest: Interest) -> Result<()> {
         let watch = self.io_watch(io)?;
         if interest.is_empty() {
             return Err(Error::EmptyInterest(watch.fd));
@@ -324,16 +330,16 @@ impl<D: 'static> Loop<D> {
 
     /// Stops the watch's callback until [`Loop::resume`], keeping the watch and its
     /// source: one syscall at most (none if other watches of the fd want the same).
-    pub fn pause<S>(&mut self, io: Io<S>) -> Result<()> {
+    pub fn pause<S: 'static>(&mut self, io: Io<S>) -> Result<()> {
         self.set_paused(io, true)
     }
 
     /// Undoes [`Loop::pause`]: one syscall at most.
-    pub fn resume<S>(&mut self, io: Io<S>) -> Result<()> {
+    pub fn resume<S: 'static>(&mut self, io: Io<S>) -> Result<()> {
         self.set_paused(io, false)
     }
 
-    fn set_paused<S>(&mut self, io: Io<S>, paused: bool) -> Result<()> {
+    fn set_paused<S: 'static>(&mut self, io: Io<S>, paused: bool) -> Result<()> {
         let watch = self.io_watch(io)?;
         if watch.paused == paused {
             return Ok(());
@@ -351,12 +357,10 @@ impl<D: 'static> Loop<D> {
     /// another loop, or is the one whose callback is running: its source is then dropped
     /// when the callback returns.
     pub fn remove<S: 'static>(&mut self, io: Io<S>) -> Option<S> {
-        if io.watch.owner != self.id.serial {
-            return None;
-        }
+        self.io_watch(io).ok()?;
         let source = self.cancel_io(io.watch.id)?;
         let source = source.into_source().downcast::<S>();
-        Some(*source.expect("an Io<S> handle names a watch whose source is an S"))
+        Some(*source.expect("io_watch checked the source type"))
     }
 
     /// The source watch `io` owns, to use it outside the watch's callback: to write an
@@ -365,7 +369,7 @@ impl<D: 'static> Loop<D> {
     pub fn source_mut<S: 'static>(&mut self, io: Io<S>) -> Option<&mut S> {
         let watch = self.io_watch(io).ok()?;
         let source = watch.source.as_mut()?.source_mut().downcast_mut::<S>();
-        Some(source.expect("an Io<S> handle names a watch whose source is an S"))
+        Some(source.expect("io_watch checked the source type"))
     }
 
     /// Removes watch `id` from the tables; its boxed source, unless its callback runs.
