@@ -4,11 +4,14 @@
 //!
 //! The worker's state is its loop's data: a `Loop<Worker>`, whose callbacks all get
 //! `&mut Worker`. The loop owns the sockets — each listener and each connection's
-//! stream is the source of its watch — so a connection's socket is read and written in
-//! its watch's callback only. What happens elsewhere (an answer sent from a timer, a
-//! timeout's 408) changes the connection's state, and the watch then also waits for
-//! room to write (`set_interest`), whose callback writes it out. Each connection has
-//! one timer, restarted in place whenever the timeout it needs changes.
+//! stream is the source of its watch. A connection's socket is read in its watch's
+//! callback, which gets it. Output is written as soon as it exists, by `Conn::flush`
+//! (from `drive`, and from `process` between pipelined requests): with the socket the
+//! callback has, or, for output produced elsewhere (an answer sent from a timer, an
+//! idle or a waker callback, a timeout's 408), with the socket the loop lends
+//! (`Loop::source_mut`). Only output the socket does not take at once makes the watch
+//! also wait for room to write (`set_interest`). Each connection has one timer,
+//! restarted in place whenever the timeout it needs changes.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
@@ -112,8 +115,8 @@ impl Responder {
             response: Some(response),
         };
         if let Some(answer) = self.outbox.hold(answer) {
-            // From a callback of the app's (a timer, another fd): taken in at the end
-            // of this iteration.
+            // From a callback of the app's (a timer, another fd): taken in, and
+            // written, at the end of this iteration.
             lp.later(move |lp, w| complete(lp, w, answer, None));
         }
     }
@@ -239,7 +242,7 @@ impl Conn {
     /// the peer's EOF or a refusal, and not while its parser is full (pipelined requests
     /// held back), where a level-triggered watch on unread input would spin; room to
     /// write while output waits, and while a finished connection waits for its callback
-    /// to wind it down.
+    /// to wind it down (only if `drive` could not: see `socket`).
     fn wants(&self) -> Interest {
         let read = self.lingering
             || (!self.peer_closed && !self.no_more_requests && self.parser.room() > 0);
@@ -327,6 +330,17 @@ impl Conn {
                 self.slots.clear();
                 break;
             }
+        }
+    }
+
+    /// Moves the ready responses into the output and writes what the socket takes, if
+    /// at hand (else the output waits for the watch to report room); an error if the
+    /// socket broke.
+    fn flush(&mut self, stream: Option<&mut Stream>, now: Instant) -> io::Result<()> {
+        self.queue_ready();
+        match stream {
+            Some(stream) => self.write_out(stream, now),
+            None => Ok(()),
         }
     }
 
@@ -649,7 +663,7 @@ fn add_conn(lp: &mut Loop<Worker>, w: &mut Worker, stream: Stream, peer: String)
     set_timer(lp, w, id);
 }
 
-/// The connection's watch fired: the one place its socket is read and written.
+/// The connection's watch fired: the one place its socket is read.
 fn on_ready(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: &mut Stream, ready: Readiness) {
     let Some(conn) = w.conns.get_mut(&id) else {
         return;
@@ -671,9 +685,20 @@ fn on_ready(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: &mut Stream,
     drive(lp, w, id, Some(stream));
 }
 
-/// Parses and dispatches every complete request the connection has buffered. With its
-/// socket (in its callback), each answer given at once is written at once, before the
-/// next request is parsed; without, answers wait for `drive`.
+/// The connection's socket: `given` by its watch's callback, which holds it; elsewhere
+/// the loop lends it. `None` only while that callback runs further up the stack (a
+/// handler that runs the loop itself): then output waits for the watch to report room.
+fn socket<'a>(
+    lp: &'a mut Loop<Worker>,
+    io: Io<Stream>,
+    given: Option<&'a mut Stream>,
+) -> Option<&'a mut Stream> {
+    given.or_else(|| lp.source_mut(io))
+}
+
+/// Parses and dispatches every complete request the connection has buffered; each
+/// answer given at once is written at once, before the next request is parsed.
+/// `stream`: the socket, when the connection's callback (which holds it) calls.
 fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, mut stream: Option<&mut Stream>) {
     loop {
         let now = lp.now();
@@ -736,16 +761,14 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, mut stream: Option<&m
             }
         };
         dispatch(lp, w, id, request);
-        if let Some(stream) = stream.as_deref_mut() {
-            let now = lp.now();
-            let Some(conn) = w.conns.get_mut(&id) else {
-                return;
-            };
-            conn.queue_ready();
-            if conn.write_out(stream, now).is_err() {
-                close(lp, w, id);
-                return;
-            }
+        let now = lp.now();
+        let Some(conn) = w.conns.get_mut(&id) else {
+            return;
+        };
+        let socket = socket(lp, conn.io, stream.as_deref_mut());
+        if conn.flush(socket, now).is_err() {
+            close(lp, w, id);
+            return;
         }
     }
 }
@@ -847,38 +870,33 @@ fn fill(w: &mut Worker, id: u64, seq: u64, response: Response) -> bool {
     true
 }
 
-/// Brings connection `id` up to date after a change: moves its ready responses into the
-/// output; given its socket (in its callback), writes what the socket takes, and once
-/// everything is answered and written, lingers or closes (after a `Connection: close`
-/// response); then sets what its watch waits for — room to write while output waits
-/// for the callback — and its timer.
+/// Brings connection `id` up to date after a change, wherever it happened: moves its
+/// ready responses into the output and writes what the socket takes (`stream`: the
+/// socket, when the connection's callback calls), and once everything is answered and
+/// written, lingers or closes (after a `Connection: close` response); then sets what its
+/// watch waits for — room to write only while output is left — and its timer.
 fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&mut Stream>) {
     let now = lp.now();
     let Some(conn) = w.conns.get_mut(&id) else {
         return;
     };
-    conn.queue_ready();
-    let mut resume = false;
-    if let Some(stream) = stream {
-        if conn.write_out(stream, now).is_err() {
-            close(lp, w, id);
-            return;
-        }
-        if conn.finished() && !conn.lingering && !conn.start_lingering(stream) {
-            close(lp, w, id);
-            return;
-        }
-        // Pipelined requests were held back while the queue or the output was full.
-        // (Only here: elsewhere the output cannot shrink.)
-        resume = conn.held_back
-            && !conn.no_more_requests
-            && conn.slots.len() < MAX_PIPELINED
-            && conn.unsent() < MAX_UNSENT;
-        conn.held_back &= !resume;
-    } else if conn.finished() && !conn.lingering && conn.peer_closed {
-        close(lp, w, id); // the peer's EOF came: no input to linger for
+    let mut stream = socket(lp, conn.io, stream);
+    if conn.flush(stream.as_deref_mut(), now).is_err() {
+        close(lp, w, id);
         return;
     }
+    if let Some(stream) = stream.filter(|_| conn.finished() && !conn.lingering) {
+        if !conn.start_lingering(stream) {
+            close(lp, w, id);
+            return;
+        }
+    }
+    // Pipelined requests were held back while the queue or the output was full.
+    let resume = conn.held_back
+        && !conn.no_more_requests
+        && conn.slots.len() < MAX_PIPELINED
+        && conn.unsent() < MAX_UNSENT;
+    conn.held_back &= !resume;
     if let Err(e) = conn.watch_for(lp, conn.wants()) {
         log::error!("watching connection {id}: {e}");
         close(lp, w, id);
@@ -1167,6 +1185,15 @@ mod tests {
         String::from_utf8_lossy(&reply).into_owned()
     }
 
+    /// What the client can read now, without waiting.
+    fn read_now(client: &mut UnixStream) -> String {
+        let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = client.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
     #[test]
     fn a_responder_dropped_outside_its_handler_call_still_answers_500() {
         let (mut lp, mut worker, mut client, responder) = kept_responder();
@@ -1183,5 +1210,57 @@ mod tests {
         assert!(reply.starts_with("HTTP/1.1 200 "), "{reply:?}");
         let conn = worker.conns.values().next().expect("kept alive");
         assert_eq!(conn.watching, Interest::READ, "no longer waits to write");
+    }
+
+    #[test]
+    fn a_deferred_answer_is_written_in_the_iteration_that_gives_it() {
+        // Sent outside a handler call, an answer comes in through an idle callback;
+        // dropped unsent outside one, through a waker's. Either writes at once, with the
+        // socket the loop lends: one iteration, and the watch never waits to write.
+        for send in [true, false] {
+            let (mut lp, mut worker, mut client, responder) = kept_responder();
+            let (status, body) = if send {
+                responder.send(&mut lp, Response::text(200, "later\n"));
+                ("HTTP/1.1 200 ", "later\n")
+            } else {
+                drop(responder);
+                ("HTTP/1.1 500 ", "Internal Server Error\n")
+            };
+            lp.loop_once(Some(Duration::from_secs(1)), &mut worker)
+                .unwrap();
+            let reply = read_now(&mut client);
+            assert!(
+                reply.starts_with(status) && reply.ends_with(body),
+                "{reply:?}"
+            );
+            let conn = worker.conns.values().next().expect("kept alive");
+            assert_eq!(conn.watching, Interest::READ);
+        }
+    }
+
+    #[test]
+    fn a_timeouts_408_is_written_by_its_timer() {
+        let config = Config {
+            header_timeout: Duration::from_millis(50),
+            ..Config::default()
+        };
+        let handler = |_: &mut Loop<Worker>, _: Request, _: Responder| {};
+        let (mut lp, mut worker, mut client) = one_connection(&config, Rc::new(handler)).unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        lp.loop_once(Some(Duration::from_secs(1)), &mut worker)
+            .unwrap(); // reads the partial head
+        assert_eq!(read_now(&mut client), "");
+        // Waits for the header timeout, whose timer writes the 408 and winds down.
+        lp.loop_once(Some(Duration::from_secs(1)), &mut worker)
+            .unwrap();
+        let reply = read_now(&mut client);
+        assert!(reply.starts_with("HTTP/1.1 408 "), "{reply:?}");
+        let conn = worker
+            .conns
+            .values()
+            .next()
+            .expect("lingers for the rest of the request");
+        assert!(conn.lingering);
+        assert_eq!(conn.watching, Interest::READ);
     }
 }
