@@ -14,7 +14,7 @@ fn main() -> forkloop::Result<()> {
     let (mut ours, theirs) = UnixStream::pair().expect("socketpair");
     let mut lp: Loop = Loop::new()?;
     // The loop owns `theirs` and lends it to the callback.
-    let read_watch = lp.watch_io(theirs, Interest::READ, |_, (), theirs, _| {
+    let read_watch = lp.watch_io(theirs, Interest::READ, |_, (), mut theirs, _| {
         let mut buf = [0u8; 64];
         let n = theirs.read(&mut buf).unwrap_or(0);
         println!(

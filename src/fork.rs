@@ -12,17 +12,18 @@
 //! atfork handlers; call [`Loop::post_fork`] by hand after those.
 
 use std::cell::RefCell;
+use std::ffi::OsString;
 use std::io::{StderrLock, StdoutLock, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 
 use crate::signal::{self, ForkLock};
 use crate::waker::{self, ForkGate};
-use crate::{global, Error, Loop, Result};
+use crate::{global, Error, Loop, Result, BACKEND_ENV};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 /// Whether the atfork handlers are registered; `REGISTERING` serializes the first time.
@@ -30,8 +31,31 @@ static REGISTERED: AtomicBool = AtomicBool::new(false);
 static REGISTERING: Mutex<()> = Mutex::new(());
 
 /// What the forking thread holds across fork(2): Rust's stdout and stderr locks, the
-/// signal driver's lock and the wakers' gate.
-type Held = (StdoutLock<'static>, StderrLock<'static>, ForkLock, ForkGate);
+/// signal driver's lock, the wakers' gate, and the snapshot of `FORKLOOP_BACKEND`.
+type Held = (
+    StdoutLock<'static>,
+    StderrLock<'static>,
+    ForkLock,
+    ForkGate,
+    MutexGuard<'static, Option<OsString>>,
+);
+
+/// `FORKLOOP_BACKEND` as it was at the last fork, for [`backend_env`] in a child.
+static BACKEND_AT_FORK: Mutex<Option<OsString>> = Mutex::new(None);
+
+/// The value of `FORKLOOP_BACKEND` the default backend choice follows: the environment
+/// in a process that never forked, and in a forked child its value at the fork, read
+/// by the atfork handler. A child never reads the environment here: `std::env` takes a
+/// lock that another thread of the parent may have held at the fork (a `set_var`).
+pub(crate) fn backend_env() -> Option<OsString> {
+    if generation() == 0 {
+        return std::env::var_os(BACKEND_ENV);
+    }
+    BACKEND_AT_FORK
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
 
 thread_local! {
     static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
@@ -48,14 +72,23 @@ thread_local! {
 /// would wait for itself: fork from a handler only what execs or `_exit`s at once, and
 /// through a raw syscall, which runs no atfork handlers.
 extern "C" fn before_fork() {
+    // First, before any lock: it may wait for a thread that writes the environment. In
+    // a child the environment is not safe to read, and the snapshot carries over.
+    let backend = (generation() == 0).then(|| std::env::var_os(BACKEND_ENV));
     let mut out = std::io::stdout().lock();
     let _ = out.flush();
     let err = std::io::stderr().lock();
     let driver = signal::lock_for_fork();
     let wakers = waker::lock_for_fork();
+    let mut snapshot = BACKEND_AT_FORK
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(backend) = backend {
+        *snapshot = backend;
+    }
     // `try_with`: a thread forking while it exits has no thread-locals left; it then
     // forks without the locks, as it would have without forkloop.
-    let _ = HELD.try_with(|held| *held.borrow_mut() = Some((out, err, driver, wakers)));
+    let _ = HELD.try_with(|held| *held.borrow_mut() = Some((out, err, driver, wakers, snapshot)));
 }
 
 /// Releases what `before_fork` took: in the child, the only thread is the one that took

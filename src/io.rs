@@ -21,6 +21,8 @@ pub(crate) trait Source<D> {
     fn ready(&mut self, lp: &mut Loop<D>, data: &mut D, readiness: Readiness);
     /// The source, for [`Loop::remove`] to downcast back to `S`.
     fn into_source(self: Box<Self>) -> Box<dyn Any>;
+    /// The source, for [`Loop::source`].
+    fn source(&self) -> &dyn Any;
     /// The source, for [`Loop::source_mut`].
     fn source_mut(&mut self) -> &mut dyn Any;
 }
@@ -33,14 +35,18 @@ struct Entry<S, F> {
 impl<D, S, F> Source<D> for Entry<S, F>
 where
     S: 'static,
-    F: FnMut(&mut Loop<D>, &mut D, &mut S, Readiness),
+    F: FnMut(&mut Loop<D>, &mut D, &S, Readiness),
 {
     fn ready(&mut self, lp: &mut Loop<D>, data: &mut D, readiness: Readiness) {
-        (self.callback)(lp, data, &mut self.source, readiness)
+        (self.callback)(lp, data, &self.source, readiness)
     }
 
     fn into_source(self: Box<Self>) -> Box<dyn Any> {
         Box::new(self.source)
+    }
+
+    fn source(&self) -> &dyn Any {
+        &self.source
     }
 
     fn source_mut(&mut self) -> &mut dyn Any {
@@ -146,7 +152,12 @@ impl<D: 'static> Loop<D> {
     /// Watches `source` for `interest` and owns it until the watch is removed, which
     /// hands it back ([`Loop::remove`]); cancelling or dropping the loop drops it.
     /// `callback` runs at every iteration in which the fd is ready for the interest
-    /// (level-triggered), with the source. A read watch also fires on hangup and on a
+    /// (level-triggered), with `&S`: std implements `Read` and `Write` for `&TcpStream`,
+    /// `&UnixStream` and `&File`, and a shared reference cannot replace the source and
+    /// so close its fd under the registration. The loop does not make the source
+    /// non-blocking (that would change it for every other holder of the file, such as a
+    /// terminal's stdin): set it yourself, or a read the kernel cannot satisfy blocks the
+    /// whole loop. A read watch also fires on hangup and on a
     /// pending error (reading then tells which); a write watch likewise.
     ///
     /// ```
@@ -156,7 +167,8 @@ impl<D: 'static> Loop<D> {
     ///
     /// let mut lp: Loop<Vec<u8>> = Loop::new()?;
     /// let (mut a, b) = UnixStream::pair()?;
-    /// lp.watch_io(b, Interest::READ, |lp, got, b, _ready| {
+    /// // `b` is `&UnixStream`, which std's `Read` takes by `mut` binding.
+    /// lp.watch_io(b, Interest::READ, |lp, got, mut b, _ready| {
     ///     let mut buf = [0; 16];
     ///     let n = b.read(&mut buf).unwrap();
     ///     got.extend_from_slice(&buf[..n]);
@@ -172,7 +184,7 @@ impl<D: 'static> Loop<D> {
         &mut self,
         source: S,
         interest: Interest,
-        callback: impl FnMut(&mut Loop<D>, &mut D, &mut S, Readiness) + 'static,
+        callback: impl FnMut(&mut Loop<D>, &mut D, &S, Readiness) + 'static,
     ) -> std::result::Result<Io<S>, WatchError<S>> {
         let fd = source.as_fd().as_raw_fd();
         if let Err(error) = self.add_fd(fd, interest, false) {
@@ -194,12 +206,15 @@ impl<D: 'static> Loop<D> {
         &mut self,
         fd: RawFd,
         interest: Interest,
-        callback: impl FnMut(&mut Loop<D>, &mut D, &mut RawFd, Readiness) + 'static,
+        callback: impl FnMut(&mut Loop<D>, &mut D, RawFd, Readiness) + 'static,
     ) -> Result<Io<RawFd>> {
         if fd < 0 {
             return Err(Error::InvalidFd(fd));
         }
         self.add_fd(fd, interest, true)?;
+        let mut callback = callback;
+        let callback =
+            move |lp: &mut Loop<D>, data: &mut D, fd: &RawFd, ready| callback(lp, data, *fd, ready);
         Ok(self.insert_io(fd, interest, true, fd, callback))
     }
 
@@ -260,7 +275,7 @@ impl<D: 'static> Loop<D> {
         interest: Interest,
         raw: bool,
         source: S,
-        callback: impl FnMut(&mut Loop<D>, &mut D, &mut S, Readiness) + 'static,
+        callback: impl FnMut(&mut Loop<D>, &mut D, &S, Readiness) + 'static,
     ) -> Io<S> {
         let serial = self.next_id();
         let source = Some(Box::new(Entry { source, callback }) as Box<dyn Source<D>>);
@@ -280,13 +295,18 @@ impl<D: 'static> Loop<D> {
     }
 
     /// The live IO watch `io` names in this loop.
-    fn io_watch<S: 'static>(&mut self, io: Io<S>) -> Result<&mut IoWatch<D>> {
+    fn io_watch<S: 'static>(&self, io: Io<S>) -> Result<&IoWatch<D>> {
         if io.watch.owner != self.id.serial {
             return Err(Error::ForeignWatch);
         }
-        let watch = self.io.get_mut(io.watch.id);
+        let watch = self.io.get(io.watch.id);
         let watch = watch.filter(|w| w.source_type == TypeId::of::<S>());
         watch.ok_or(Error::WatchGone)
+    }
+
+    fn io_watch_mut<S: 'static>(&mut self, io: Io<S>) -> Result<&mut IoWatch<D>> {
+        self.io_watch(io)?;
+        Ok(self.io.get_mut(io.watch.id).expect("found above"))
     }
 
     /// Changes what the watch waits for, in place: at most one syscall (`epoll_ctl`),
@@ -315,7 +335,7 @@ impl<D: 'static> Loop<D> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn set_interest<S: 'static>(&mut self, io: Io<S>, interest: Interest) -> Result<()> {
-        let watch = self.io_watch(io)?;
+        let watch = self.io_watch_mut(io)?;
         if interest.is_empty() {
             return Err(Error::EmptyInterest(watch.fd));
         }
@@ -340,7 +360,7 @@ impl<D: 'static> Loop<D> {
     }
 
     fn set_paused<S: 'static>(&mut self, io: Io<S>, paused: bool) -> Result<()> {
-        let watch = self.io_watch(io)?;
+        let watch = self.io_watch_mut(io)?;
         if watch.paused == paused {
             return Ok(());
         }
@@ -364,12 +384,33 @@ impl<D: 'static> Loop<D> {
     }
 
     /// The source watch `io` owns, to use it outside the watch's callback: to write an
-    /// answer a timer produced at once, say. `None` if the watch is gone, belongs to
+    /// answer a timer produced at once, say (std implements `Read` and `Write` for
+    /// `&TcpStream`, `&UnixStream` and `&File`). `None` if the watch is gone, belongs to
     /// another loop, or is the one whose callback is running (which has the source).
-    pub fn source_mut<S: 'static>(&mut self, io: Io<S>) -> Option<&mut S> {
-        let watch = self.io_watch(io).ok()?;
-        let source = watch.source.as_mut()?.source_mut().downcast_mut::<S>();
-        Some(source.expect("io_watch checked the source type"))
+    pub fn source<S: 'static>(&self, io: Io<S>) -> Option<&S> {
+        let source = self.io_watch(io).ok()?.source.as_ref()?.source();
+        Some(
+            source
+                .downcast_ref::<S>()
+                .expect("io_watch checked the source type"),
+        )
+    }
+
+    /// The source, mutably, as [`Loop::source`] gives it.
+    ///
+    /// # Safety
+    ///
+    /// The source must keep its fd: replacing it (`*source = other`), or closing its
+    /// fd, while the watch lives breaks what the loop relies on, as closing a raw fd
+    /// behind its back does (see [`Loop::watch_raw_fd`]). Callbacks get `&S` for that
+    /// reason (calloop's `NoIoDrop` makes the same choice).
+    pub unsafe fn source_mut<S: 'static>(&mut self, io: Io<S>) -> Option<&mut S> {
+        let source = self.io_watch_mut(io).ok()?.source.as_mut()?.source_mut();
+        Some(
+            source
+                .downcast_mut::<S>()
+                .expect("io_watch checked the source type"),
+        )
     }
 
     /// Removes watch `id` from the tables; its boxed source, unless its callback runs.

@@ -114,9 +114,13 @@ impl Kind {
     }
 
     /// The backend `FORKLOOP_BACKEND` asks for, or the best one if it is unset or empty.
+    /// In a forked child the variable is taken as it was at the fork (the environment's
+    /// lock is not safe there; see the fork contract), so a `set_var` in the child does
+    /// not change it.
     pub fn from_env() -> Result<Kind> {
-        match std::env::var(BACKEND_ENV) {
-            Ok(value) if !value.trim().is_empty() => Kind::first_usable(&value),
+        let value = crate::fork::backend_env();
+        match value.as_ref().and_then(|v| v.to_str()) {
+            Some(value) if !value.trim().is_empty() => Kind::first_usable(value),
             _ => Kind::best(),
         }
     }

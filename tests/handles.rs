@@ -424,23 +424,23 @@ fn api_a_caught_panic_leaves_timers_and_wakers_whole(#[case] kind: Kind) {
 }
 
 #[apply(backends)]
-fn api_source_mut_reaches_the_source_outside_its_callback_only(#[case] kind: Kind) {
+fn api_source_reaches_the_source_outside_its_callback_only(#[case] kind: Kind) {
     let mut lp: Loop<Option<forkloop::Io<UnixStream>>> = Loop::with_backend(kind).unwrap();
     let (a, mut b) = socketpair();
     let io = lp
         .watch_io(a, Interest::READ, |lp, me, _, _| {
-            assert!(lp.source_mut(me.unwrap()).is_none(), "the callback has it");
+            assert!(lp.source(me.unwrap()).is_none(), "the callback has it");
             lp.stop(0);
         })
         .unwrap();
-    lp.source_mut(io).unwrap().write_all(b"answer").unwrap();
+    lp.source(io).unwrap().write_all(b"answer").unwrap();
     let mut got = [0; 6];
     b.set_nonblocking(false).unwrap();
     b.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"answer");
     b.write_all(b"x").unwrap();
     lp.run(&mut Some(io)).unwrap();
-    assert!(new_loop(kind).source_mut(io).is_none(), "another loop's");
+    assert!(new_loop(kind).source(io).is_none(), "another loop's");
     lp.cancel(io);
-    assert!(lp.source_mut(io).is_none(), "gone");
+    assert!(lp.source(io).is_none(), "gone");
 }

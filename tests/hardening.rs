@@ -248,15 +248,13 @@ fn fork_storm_child(lp: &mut Loop, storm: &Rc<Storm>) {
     let pid = lp
         .fork(ForkOptions::new().keep_signals(keep), move || {
             if keep {
-                // The global loop is never dropped, so SIGUSR1 stays caught until _exit.
-                std::env::set_var(forkloop::BACKEND_ENV, kind.name());
-                let waited = Loop::with_global(|own| {
-                    let (got, g) = counter();
-                    own.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&g))
-                        .unwrap();
-                    loop_until(own, Duration::from_secs(10), || got.get() > 0)
-                });
-                (waited.ok() != Some(true)) as i32
+                // Leaked, never dropped, so SIGUSR1 stays caught until _exit.
+                let own = Box::leak(Box::new(new_loop(kind)));
+                let (got, g) = counter();
+                own.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&g))
+                    .unwrap();
+                let waited = loop_until(own, Duration::from_secs(10), || got.get() > 0);
+                (!waited) as i32
             } else {
                 std::thread::sleep(Duration::from_secs(10));
                 3

@@ -164,7 +164,7 @@ type Pair = Rc<Cell<Option<(Watch, Watch)>>>;
 fn cancel_both<S>(
     calls: &Rc<Cell<u32>>,
     pair: &Pair,
-) -> impl FnMut(&mut Loop, &mut (), &mut S, Readiness) {
+) -> impl FnMut(&mut Loop, &mut (), &S, Readiness) {
     let (calls, pair) = (calls.clone(), pair.clone());
     move |lp, (), _, _| {
         bump(&calls);

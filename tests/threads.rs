@@ -203,3 +203,43 @@ fn threads_holding_stdout_while_watching_a_signal_never_deadlocks_a_fork() {
         println!("figure: 200 forks beside {rounds} watch/cancel rounds under the stdout lock");
     });
 }
+
+/// Another thread writes the environment without pause (its lock is held at some
+/// forks) while every child builds the process-global loop, which follows
+/// `FORKLOOP_BACKEND`: the child takes the value the atfork handler read, never the
+/// environment's lock, so no child hangs, and each gets the backend the parent named.
+#[apply(backends)]
+fn threads_a_child_building_the_global_loop_beside_a_set_var_thread_never_hangs(
+    #[case] kind: Kind,
+) {
+    isolated(|| {
+        std::env::set_var(forkloop::BACKEND_ENV, kind.name());
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    std::env::set_var("FORKLOOP_TEST_NOISE", i.to_string());
+                }
+            })
+        };
+        let mut lp = new_loop(kind);
+        // All forked first, then waited for: the forks come faster than one per child.
+        let pids: Vec<_> = (0..FORKS)
+            .map(|_| {
+                lp.fork(ForkOptions::new(), || {
+                    let name = forkloop::Loop::with_global(|g| g.backend_name());
+                    i32::from(name.ok() != Some(kind.name()))
+                })
+                .unwrap()
+            })
+            .collect();
+        for pid in pids {
+            assert_eq!(exit_code(wait_child(pid, CHILD_LIMIT)), 0, "{kind}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+    });
+}

@@ -327,7 +327,7 @@ fn jitter(max: u64) -> u64 {
     (nanos ^ (std::process::id() as u64).wrapping_mul(0x9E37_79B9)) % (max + 1)
 }
 
-fn worker_message(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, pipe: &mut UnixStream) {
+fn worker_message(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, mut pipe: &UnixStream) {
     let Some(pid) = m.workers.get(&slot).map(|w| w.pid) else {
         return;
     };

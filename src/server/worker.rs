@@ -277,7 +277,7 @@ impl Conn {
 
     /// Reads what the socket has, as far as the parser has room (all of it while
     /// lingering, discarded).
-    fn read_input(&mut self, stream: &mut Stream) {
+    fn read_input(&mut self, stream: &Stream) {
         let mut buf = [0u8; 16 * 1024];
         loop {
             let room = if self.lingering {
@@ -336,7 +336,7 @@ impl Conn {
     /// Moves the ready responses into the output and writes what the socket takes, if
     /// at hand (else the output waits for the watch to report room); an error if the
     /// socket broke.
-    fn flush(&mut self, stream: Option<&mut Stream>, now: Instant) -> io::Result<()> {
+    fn flush(&mut self, stream: Option<&Stream>, now: Instant) -> io::Result<()> {
         self.queue_ready();
         match stream {
             Some(stream) => self.write_out(stream, now),
@@ -345,7 +345,7 @@ impl Conn {
     }
 
     /// Writes as much of the output as the socket takes; an error if it broke.
-    fn write_out(&mut self, stream: &mut Stream, now: Instant) -> io::Result<()> {
+    fn write_out(&mut self, stream: &Stream, now: Instant) -> io::Result<()> {
         let mut wrote = false;
         while self.sent < self.out.len() {
             match stream.write(&self.out[self.sent..]) {
@@ -374,7 +374,7 @@ impl Conn {
     /// peer has closed its side, ours is shut down and its input discarded until its EOF
     /// or for `LINGER` at most (nginx's lingering close). Returns whether it lingers;
     /// if not, it is to be closed.
-    fn start_lingering(&mut self, stream: &mut Stream) -> bool {
+    fn start_lingering(&mut self, stream: &Stream) -> bool {
         // Reading stops once no more requests are taken, so input may wait in the kernel.
         let unread = !self.peer_closed && (self.parser.buffered() > 0 || stream.has_unread_input());
         self.lingering = unread && stream.shutdown_write().is_ok();
@@ -664,7 +664,7 @@ fn add_conn(lp: &mut Loop<Worker>, w: &mut Worker, stream: Stream, peer: String)
 }
 
 /// The connection's watch fired: the one place its socket is read.
-fn on_ready(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: &mut Stream, ready: Readiness) {
+fn on_ready(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: &Stream, ready: Readiness) {
     let Some(conn) = w.conns.get_mut(&id) else {
         return;
     };
@@ -689,17 +689,17 @@ fn on_ready(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: &mut Stream,
 /// the loop lends it. `None` only while that callback runs further up the stack (a
 /// handler that runs the loop itself): then output waits for the watch to report room.
 fn socket<'a>(
-    lp: &'a mut Loop<Worker>,
+    lp: &'a Loop<Worker>,
     io: Io<Stream>,
-    given: Option<&'a mut Stream>,
-) -> Option<&'a mut Stream> {
-    given.or_else(|| lp.source_mut(io))
+    given: Option<&'a Stream>,
+) -> Option<&'a Stream> {
+    given.or_else(|| lp.source(io))
 }
 
 /// Parses and dispatches every complete request the connection has buffered; each
 /// answer given at once is written at once, before the next request is parsed.
 /// `stream`: the socket, when the connection's callback (which holds it) calls.
-fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, mut stream: Option<&mut Stream>) {
+fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Stream>) {
     loop {
         let now = lp.now();
         let Some(conn) = w.conns.get_mut(&id) else {
@@ -765,7 +765,7 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, mut stream: Option<&m
         let Some(conn) = w.conns.get_mut(&id) else {
             return;
         };
-        let socket = socket(lp, conn.io, stream.as_deref_mut());
+        let socket = socket(lp, conn.io, stream);
         if conn.flush(socket, now).is_err() {
             close(lp, w, id);
             return;
@@ -875,13 +875,13 @@ fn fill(w: &mut Worker, id: u64, seq: u64, response: Response) -> bool {
 /// socket, when the connection's callback calls), and once everything is answered and
 /// written, lingers or closes (after a `Connection: close` response); then sets what its
 /// watch waits for — room to write only while output is left — and its timer.
-fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&mut Stream>) {
+fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Stream>) {
     let now = lp.now();
     let Some(conn) = w.conns.get_mut(&id) else {
         return;
     };
-    let mut stream = socket(lp, conn.io, stream);
-    if conn.flush(stream.as_deref_mut(), now).is_err() {
+    let stream = socket(lp, conn.io, stream);
+    if conn.flush(stream, now).is_err() {
         close(lp, w, id);
         return;
     }

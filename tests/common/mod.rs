@@ -76,7 +76,7 @@ pub fn socketpair() -> (UnixStream, UnixStream) {
 }
 
 /// Reads whatever is there without blocking.
-pub fn drain(s: &mut UnixStream) -> usize {
+pub fn drain(mut s: &UnixStream) -> usize {
     let mut buf = [0u8; 4096];
     let mut total = 0;
     while let Ok(n @ 1..) = s.read(&mut buf) {
