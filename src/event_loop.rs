@@ -355,16 +355,14 @@ impl<D: 'static> Loop<D> {
     pub fn run(&mut self, data: &mut D) -> Result<i32> {
         self.stop = None;
         self.run_depth += 1;
-        let result = loop {
-            if let Err(e) = self.loop_once(None, data) {
-                break Err(e);
-            }
+        let result = guarded(|| loop {
+            self.loop_once(None, data)?;
             if let Some(value) = self.stop.take() {
                 break Ok(value);
             }
-        };
+        });
         self.run_depth -= 1;
-        result
+        resume(result)
     }
 
     /// Runs iterations while any watch of the user's is active — IO, timer, idle, signal,
@@ -387,19 +385,17 @@ impl<D: 'static> Loop<D> {
     pub fn run_while_watched(&mut self, data: &mut D) -> Result<Option<i32>> {
         self.stop = None;
         self.run_depth += 1;
-        let result = loop {
+        let result = guarded(|| loop {
             if !self.has_user_watches() {
                 break Ok(None);
             }
-            if let Err(e) = self.loop_once(None, data) {
-                break Err(e);
-            }
+            self.loop_once(None, data)?;
             if let Some(value) = self.stop.take() {
                 break Ok(Some(value));
             }
-        };
+        });
         self.run_depth -= 1;
-        result
+        resume(result)
     }
 
     /// Whether any watch the user made is active (what keeps `run_while_watched` going).
@@ -479,16 +475,23 @@ impl<D: 'static> Loop<D> {
         let now = self.now;
         let mut due = mem::take(&mut self.due);
         self.timers.pop_due(now, &mut due);
-        for &(deadline, seq, id) in &due {
-            match self.timers.take(id, seq) {
-                Some(TimerCallback::Once(callback)) => callback(self, data),
+        for (i, &(deadline, seq, id)) in due.iter().enumerate() {
+            let called = match self.timers.take(id, seq) {
+                Some(TimerCallback::Once(callback)) => guarded(|| callback(self, data)),
                 Some(TimerCallback::Every(mut callback, interval)) => {
                     let called = guarded(|| callback(self, data));
                     let callback = TimerCallback::Every(callback, interval);
                     self.timers.rearm(id, seq, deadline, now, callback);
-                    resume(called);
+                    called
                 }
-                None => {}
+                None => Ok(()),
+            };
+            if called.is_err() {
+                // The rest of the batch is due still: back on the heap, not lost.
+                for &(deadline, seq, id) in &due[i + 1..] {
+                    self.timers.requeue(deadline, seq, id);
+                }
+                resume(called);
             }
         }
         due.clear();
@@ -524,13 +527,16 @@ impl<D: 'static> Drop for Loop<D> {
         self.wakers.close_all();
         if !self.backend_is_current() {
             // Inherited from the parent and never rebuilt: its kernel objects are the
-            // parent's (or numbers reused by this process). Abandon them; its claims on
-            // signals end, as this process no longer watches them through it.
+            // parent's (or numbers reused by this process). Let go of them by the
+            // backend's own rule; its claims on signals end, as this process no longer
+            // watches them through it.
+            self.abandon_backend();
             self.release_signals();
             return;
         }
-        self.release_signals();
+        // The backend first: the sources and pipes it has registered close after it.
         // SAFETY: the backend is dropped exactly once, here, in the process that owns it.
         unsafe { ManuallyDrop::drop(&mut self.backend) };
+        self.release_signals();
     }
 }

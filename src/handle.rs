@@ -29,8 +29,9 @@ pub(crate) enum WatchKind {
 /// resume, and give the source back ([`Loop::remove`](crate::Loop::remove)).
 pub struct Io<S> {
     pub(crate) watch: Watch,
-    /// `fn() -> S`: the handle neither owns an `S` nor stops being `Send`/`Sync`.
-    source: PhantomData<fn() -> S>,
+    /// `fn(S) -> S`: the handle neither owns an `S` nor stops being `Send`/`Sync`, and it
+    /// is invariant in `S`, so it never coerces to a type its watch's source is not.
+    source: PhantomData<fn(S) -> S>,
 }
 
 impl<S> Io<S> {

@@ -8,6 +8,7 @@
 use std::any::{Any, TypeId};
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::rc::Rc;
 
 use forkloop_backend::{refusal, Interest, Readiness, Refusal};
 use smallvec::SmallVec;
@@ -78,8 +79,25 @@ pub(crate) struct IoWatch<D: 'static> {
     /// The type of the source, which an `Io<S>` handle must name to reach the watch: a
     /// slot's generation can wrap, a type check cannot be fooled.
     source_type: TypeId,
-    /// `None` while the callback runs, so a nested `run` cannot re-enter it.
-    source: Option<Box<dyn Source<D>>>,
+    handler: Handler<D>,
+}
+
+enum Handler<D: 'static> {
+    /// A watch of the user's: `None` while its callback runs, so that a nested `run`
+    /// cannot re-enter it.
+    Source(Option<Box<dyn Source<D>>>),
+    /// The loop's own (self-pipes, pidfds): shared, so a nested `run` runs it too and
+    /// a pipe is drained even while an outer call of its callback is on the stack.
+    Internal(Rc<dyn Fn(&mut Loop<D>, &mut D)>),
+}
+
+impl<D: 'static> Handler<D> {
+    fn source(&self) -> Option<&dyn Source<D>> {
+        match self {
+            Handler::Source(source) => source.as_deref(),
+            Handler::Internal(_) => None,
+        }
+    }
 }
 
 impl<D: 'static> IoWatch<D> {
@@ -229,6 +247,9 @@ impl<D: 'static> Loop<D> {
         match self.fds.get_mut(fd) {
             Some(st) => {
                 let wanted = st.interest | interest;
+                if st.always_ready && st.interest.is_empty() {
+                    self.always_ready.push(fd); // all its watches were paused
+                }
                 // A raw fd may have been closed behind the loop's back, and its number
                 // given to another file: epoll refuses any change to it (ENOENT), so it
                 // is asked even with the interest unchanged. Owned sources hold theirs
@@ -277,21 +298,34 @@ impl<D: 'static> Loop<D> {
         source: S,
         callback: impl FnMut(&mut Loop<D>, &mut D, &S, Readiness) + 'static,
     ) -> Io<S> {
-        let serial = self.next_id();
         let source = Some(Box::new(Entry { source, callback }) as Box<dyn Source<D>>);
+        let handler = Handler::Source(source);
+        let id = self.insert_watch(fd, interest, raw, TypeId::of::<S>(), handler);
+        Io::new(self.handle(WatchKind::Io, id))
+    }
+
+    fn insert_watch(
+        &mut self,
+        fd: RawFd,
+        interest: Interest,
+        raw: bool,
+        source_type: TypeId,
+        handler: Handler<D>,
+    ) -> u64 {
+        let serial = self.next_id();
         let id = self.io.insert(IoWatch {
             serial,
             fd,
             interest,
             paused: false,
             raw,
-            source_type: TypeId::of::<S>(),
-            source,
+            source_type,
+            handler,
         });
         let st = self.fds.get_mut(fd).expect("added above");
         st.watches.push(id);
         st.raw += u32::from(raw);
-        Io::new(self.handle(WatchKind::Io, id))
+        id
     }
 
     /// The live IO watch `io` names in this loop.
@@ -388,7 +422,7 @@ impl<D: 'static> Loop<D> {
     /// `&TcpStream`, `&UnixStream` and `&File`). `None` if the watch is gone, belongs to
     /// another loop, or is the one whose callback is running (which has the source).
     pub fn source<S: 'static>(&self, io: Io<S>) -> Option<&S> {
-        let source = self.io_watch(io).ok()?.source.as_ref()?.source();
+        let source = self.io_watch(io).ok()?.handler.source()?.source();
         Some(
             source
                 .downcast_ref::<S>()
@@ -405,7 +439,10 @@ impl<D: 'static> Loop<D> {
     /// behind its back does (see [`Loop::watch_raw_fd`]). Callbacks get `&S` for that
     /// reason (calloop's `NoIoDrop` makes the same choice).
     pub unsafe fn source_mut<S: 'static>(&mut self, io: Io<S>) -> Option<&mut S> {
-        let source = self.io_watch_mut(io).ok()?.source.as_mut()?.source_mut();
+        let Handler::Source(Some(source)) = &mut self.io_watch_mut(io).ok()?.handler else {
+            return None;
+        };
+        let source = source.source_mut();
         Some(
             source
                 .downcast_mut::<S>()
@@ -430,7 +467,10 @@ impl<D: 'static> Loop<D> {
                 watch.fd
             );
         }
-        watch.source
+        match watch.handler {
+            Handler::Source(source) => source,
+            Handler::Internal(_) => None,
+        }
     }
 
     /// Brings the backend's registration of `fd` in line with its watches: registered
@@ -451,7 +491,14 @@ impl<D: 'static> Loop<D> {
         st.interest = wanted;
         if gone {
             self.fds.remove(fd);
-            self.always_ready.retain(|&f| f != fd);
+        }
+        if always_ready && wanted.is_empty() != before.is_empty() {
+            // Only a regular file something waits for keeps the loop from blocking.
+            if wanted.is_empty() {
+                self.always_ready.retain(|&f| f != fd);
+            } else {
+                self.always_ready.push(fd);
+            }
         }
         if wanted == before || always_ready || !current {
             return Ok(());
@@ -485,14 +532,26 @@ impl<D: 'static> Loop<D> {
             if !fires(watch.wants(), ready) {
                 continue;
             }
-            let Some(mut source) = watch.source.take() else {
-                continue; // running further up the stack (nested run)
-            };
-            let called = guarded(|| source.ready(self, data, ready));
-            if let Some(watch) = self.io.get_mut(id) {
-                watch.source = Some(source);
+            match &mut watch.handler {
+                Handler::Internal(callback) => Rc::clone(callback)(self, data),
+                Handler::Source(source) => {
+                    let Some(mut source) = source.take() else {
+                        continue; // running further up the stack (nested run)
+                    };
+                    let called = guarded(|| source.ready(self, data, ready));
+                    if let Some(IoWatch {
+                        handler: Handler::Source(slot),
+                        ..
+                    }) = self.io.get_mut(id)
+                    {
+                        *slot = Some(source);
+                    }
+                    resume(called);
+                }
             }
-            resume(called);
+            if !self.backend_is_current() {
+                return; // a raw fork in the callback: the rest is the parent's
+            }
         }
     }
 
@@ -504,14 +563,12 @@ impl<D: 'static> Loop<D> {
     pub(crate) unsafe fn watch_internal(
         &mut self,
         fd: RawFd,
-        callback: impl FnMut(&mut Loop<D>, &mut D) + 'static,
+        callback: impl Fn(&mut Loop<D>, &mut D) + 'static,
     ) -> Result<Watch> {
-        let mut callback = callback;
-        // SAFETY: passed on from the caller.
-        let io = unsafe {
-            self.watch_raw_fd(fd, Interest::READ, move |lp, data, _, _| callback(lp, data))
-        }?;
-        Ok(io.watch)
+        self.add_fd(fd, Interest::READ, true)?;
+        let handler = Handler::Internal(Rc::new(callback));
+        let id = self.insert_watch(fd, Interest::READ, true, TypeId::of::<()>(), handler);
+        Ok(self.handle(WatchKind::Io, id))
     }
 
     /// Merges this iteration's events per fd, then dispatches each fd once.
@@ -541,10 +598,13 @@ impl<D: 'static> Loop<D> {
         }
         for &(fd, readiness) in &ready {
             self.dispatch_fd(fd, readiness, mark, data);
+            if !self.backend_is_current() {
+                break; // a raw fork in a callback: the rest is the parent's
+            }
         }
         ready.clear();
         self.ready = ready;
-        if !self.always_ready.is_empty() {
+        if !self.always_ready.is_empty() && self.backend_is_current() {
             for fd in self.always_ready.clone() {
                 let both = Readiness::READABLE | Readiness::WRITABLE;
                 self.dispatch_fd(fd, both, mark, data);

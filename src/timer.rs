@@ -26,6 +26,8 @@ struct Timer<D: 'static> {
     seq: u64,
     /// A repeating timer's callback is `None` while it runs.
     callback: Option<TimerCallback<D>>,
+    /// Came due again in a nested run while its callback ran: `rearm` fires it next.
+    due_while_running: bool,
 }
 
 /// Timers in a slab (no hashing on arm, fire or cancel), ordered by a heap of
@@ -54,6 +56,7 @@ impl<D: 'static> Timers<D> {
         let key = self.slab.insert(Timer {
             seq,
             callback: Some(callback),
+            due_while_running: false,
         });
         self.heap.push(Reverse((deadline, seq, key)));
         key
@@ -138,8 +141,19 @@ impl<D: 'static> Timers<D> {
         let timer = self.slab.get_mut(key).filter(|t| t.seq == seq)?;
         match timer.callback {
             Some(TimerCallback::Every(..)) => timer.callback.take(),
-            _ => self.slab.remove(key)?.callback,
+            // Only a repeating timer's callback is ever out: it runs further up the
+            // stack, and this arming came due in a nested run.
+            None => {
+                timer.due_while_running = true;
+                None
+            }
+            Some(TimerCallback::Once(_)) => self.slab.remove(key)?.callback,
         }
+    }
+
+    /// Puts an entry of a due batch back on the heap (the batch was cut short).
+    pub(crate) fn requeue(&mut self, deadline: Instant, seq: u64, key: u64) {
+        self.heap.push(Reverse((deadline, seq, key)));
     }
 
     /// Puts a repeating timer back, unless its callback cancelled it. The next deadline
@@ -165,8 +179,10 @@ impl<D: 'static> Timers<D> {
             return;
         };
         timer.callback = Some(callback);
-        if timer.seq != seq {
-            return;
+        if std::mem::take(&mut timer.due_while_running) {
+            next = now;
+        } else if timer.seq != seq {
+            return; // restarted by its callback, which chose the deadline
         }
         self.next_seq += 1;
         timer.seq = self.next_seq;

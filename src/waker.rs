@@ -183,12 +183,17 @@ trait Control {
 
 impl<T> Control for Shared<T> {
     fn rebind(&self, wake: OwnedFd, generation: u64) {
-        let _gate = enter();
-        let mut state = self.lock();
-        state.queue.clear();
-        state.wake = Some(wake);
-        state.generation = generation;
-        state.woken = false;
+        let parents = {
+            let _gate = enter();
+            let mut state = self.lock();
+            state.wake = Some(wake);
+            state.generation = generation;
+            state.woken = false;
+            std::mem::take(&mut state.queue)
+        };
+        // The parent's values: the parent delivers them, and their Drop (a flush, an
+        // unlink) must not run here too.
+        std::mem::forget(parents);
     }
 
     fn close(&self) {
@@ -223,15 +228,21 @@ where
     F: FnMut(&mut Loop<D>, &mut D, T),
 {
     fn deliver(&mut self, lp: &mut Loop<D>, data: &mut D) {
-        {
+        let generation = {
             let _gate = enter();
             let mut state = self.shared.lock();
             state.woken = false;
             self.batch.extend(state.queue.drain(..));
-        }
+            state.generation
+        };
         // Outside the gate: a callback may fork.
         while let Some(value) = self.batch.pop_front() {
             (self.callback)(lp, data, value);
+            if fork::generation() != generation {
+                // A raw fork in the callback: the rest is the parent's to deliver.
+                std::mem::forget(std::mem::take(&mut self.batch));
+                return;
+            }
         }
     }
 
@@ -249,6 +260,8 @@ struct Entry<D: 'static> {
     control: Arc<dyn Control>,
     /// `None` while its callbacks run.
     inbox: Option<Box<dyn Inbox<D>>>,
+    /// A nested run drained the pipe while the callbacks ran: deliver again after.
+    again: bool,
 }
 
 /// One loop's wakers.
@@ -323,6 +336,7 @@ impl<D: 'static> Loop<D> {
             generation: fork::generation(),
             control,
             inbox,
+            again: false,
         };
         self.wakers.entries.insert(id, entry);
         Ok((Waker { shared }, self.handle(WatchKind::Waker, id)))
@@ -341,14 +355,16 @@ impl<D: 'static> Loop<D> {
         };
         sys::drain(&entry.read);
         let Some(mut inbox) = entry.inbox.take() else {
-            return; // running further up the stack (nested run)
+            entry.again = true; // running further up the stack (nested run)
+            return;
         };
         let called = guarded(|| inbox.deliver(self, data));
         let undelivered = inbox.undelivered();
         if let Some(entry) = self.wakers.entries.get_mut(&id) {
             entry.inbox = Some(inbox);
-            if undelivered {
-                // The pipe is drained already: the values behind a panic go next iteration.
+            if std::mem::take(&mut entry.again) || undelivered {
+                // The pipe is drained already: the values sent during the callbacks, or
+                // behind a panic, go at the next iteration.
                 self.later(move |lp, data| lp.deliver(id, data));
             }
         }

@@ -444,3 +444,125 @@ fn api_source_reaches_the_source_outside_its_callback_only(#[case] kind: Kind) {
     lp.cancel(io);
     assert!(lp.source(io).is_none(), "gone");
 }
+
+/// A panic in a one-shot timer does not lose the rest of its batch, and leaves the loop
+/// not running.
+#[apply(backends)]
+fn api_a_caught_panic_in_a_timer_keeps_the_rest_of_its_batch(#[case] kind: Kind) {
+    let mut lp: Loop<u32> = Loop::with_backend(kind).unwrap();
+    let at = Instant::now();
+    lp.at(at, |_, _| panic!("the first one-shot panics"));
+    lp.at(at, |lp, fired| {
+        *fired += 1;
+        lp.stop(0);
+    });
+    let mut fired = 0;
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lp.run(&mut fired)));
+    assert!(caught.is_err());
+    assert!(!lp.is_running(), "run's depth is restored by the unwind");
+    assert_eq!(
+        lp.run(&mut fired).unwrap(),
+        0,
+        "the second timer still fires"
+    );
+    assert_eq!(fired, 1);
+}
+
+/// A paused regular-file watch (always ready on epoll) does not keep the loop awake.
+#[apply(backends)]
+fn api_a_paused_regular_file_lets_the_loop_block(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    let file = std::fs::File::open("/proc/self/stat").unwrap();
+    let (calls, io) = watch_counting(&mut lp, file, Interest::READ);
+    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
+    assert!(calls.get() >= 1, "a regular file is always readable");
+    lp.pause(io).unwrap();
+    let start = Instant::now();
+    lp.loop_once(Some(Duration::from_millis(50)), &mut ())
+        .unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(45),
+        "did not block"
+    );
+    lp.resume(io).unwrap();
+    let before = calls.get();
+    lp.loop_once(Some(U), &mut ()).unwrap();
+    assert!(calls.get() > before, "resumed");
+}
+
+/// A repeating timer that restarts itself and then runs a nested iteration in which
+/// that arming comes due is not lost: it fires again after its callback returns.
+#[apply(backends)]
+fn api_a_repeating_timer_due_during_its_own_nested_run_goes_on(#[case] kind: Kind) {
+    let mut lp: Loop<Ticks> = Loop::with_backend(kind).unwrap();
+    let timer = lp
+        .every(Duration::from_millis(1), |lp, ticks| {
+            ticks.at.push(lp.now());
+            if ticks.at.len() == 1 {
+                lp.restart(ticks.timer.unwrap(), Duration::ZERO);
+                lp.loop_once(Some(Duration::from_millis(5)), ticks).unwrap();
+            } else if ticks.at.len() == 3 {
+                lp.stop(0);
+            }
+        })
+        .unwrap();
+    let mut ticks = Ticks {
+        timer: Some(timer),
+        ..Ticks::default()
+    };
+    let deadline = Instant::now() + 50 * U;
+    while ticks.at.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the timer stopped after {} ticks",
+            ticks.at.len()
+        );
+        lp.loop_once(Some(U), &mut ticks).unwrap();
+    }
+}
+
+/// A nested run inside a waker's callback neither spins nor loses what is sent
+/// meanwhile.
+#[apply(backends)]
+fn api_a_nested_run_in_a_waker_callback_does_not_spin(#[case] kind: Kind) {
+    let mut lp: Loop<(Vec<u32>, u32)> = Loop::with_backend(kind).unwrap();
+    let (waker, _watch) = lp
+        .waker(|lp, (got, iterations): &mut (Vec<u32>, u32), value: u32| {
+            got.push(value);
+            if value == 0 {
+                let mut inner = (Vec::new(), 0);
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_millis(50) {
+                    lp.loop_once(Some(Duration::from_millis(10)), &mut inner)
+                        .unwrap();
+                    *iterations += 1;
+                }
+                got.extend(inner.0);
+            }
+        })
+        .unwrap();
+    waker.send(0).unwrap();
+    let sender = {
+        let waker = waker.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            waker.send(1).unwrap();
+        })
+    };
+    let mut state = (Vec::new(), 0);
+    let deadline = Instant::now() + 50 * U;
+    while !state.0.contains(&1) {
+        assert!(
+            Instant::now() < deadline,
+            "value 1 never arrived: {:?}",
+            state.0
+        );
+        lp.loop_once(Some(U), &mut state).unwrap();
+    }
+    sender.join().unwrap();
+    assert!(
+        state.1 < 20,
+        "{} nested iterations in 50 ms: a spin",
+        state.1
+    );
+}

@@ -4,6 +4,7 @@ mod common;
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::time::Instant;
 
 use common::*;
 use forkloop::{Error, Kind, Loop, SignalRefusal};
@@ -433,5 +434,36 @@ fn signal_a_post_fork_that_failed_is_finished_by_the_next_use(#[case] kind: Kind
             code, 0,
             "1: the failure went unseen, 2: the signal never arrived, 3: another error (stderr)"
         );
+    });
+}
+
+/// A caught panic in one signal watch's callback does not cost the other watches of
+/// the signal their call for that delivery.
+#[apply(backends)]
+fn signal_a_caught_panic_leaves_the_other_watches_their_delivery(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp: Loop<u32> = Loop::with_backend(kind).unwrap();
+        let mut first = true;
+        lp.watch_signal(libc::SIGUSR1, move |_, _, _| {
+            if std::mem::take(&mut first) {
+                panic!("the first watch panics once");
+            }
+        })
+        .unwrap();
+        lp.watch_signal(libc::SIGUSR1, |_, calls, _| *calls += 1)
+            .unwrap();
+        // SAFETY: raises a signal this process now catches.
+        unsafe { libc::raise(libc::SIGUSR1) };
+        let mut calls = 0;
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            lp.loop_once(Some(U), &mut calls)
+        }));
+        assert!(caught.is_err(), "the first watch ran and panicked");
+        let deadline = Instant::now() + 50 * U;
+        while calls == 0 {
+            assert!(Instant::now() < deadline, "the second watch never ran");
+            lp.loop_once(Some(U), &mut calls).unwrap();
+        }
+        assert_eq!(calls, 1, "once for the one delivery");
     });
 }

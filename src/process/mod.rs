@@ -421,8 +421,17 @@ impl<D: 'static> Loop<D> {
                 ended.push((one.callback, result));
             }
         }
-        for (callback, result) in ended {
-            callback(self, data, pid, result);
+        let mut ended = ended.into_iter();
+        while let Some((callback, result)) = ended.next() {
+            let called = guarded(|| callback(self, data, pid, result));
+            if called.is_err() {
+                // The child is reaped: the other watches of it hear next, not never.
+                for (callback, result) in ended {
+                    self.later(move |lp, data| callback(lp, data, pid, result));
+                }
+                resume(called);
+                return;
+            }
         }
     }
 

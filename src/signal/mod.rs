@@ -22,6 +22,9 @@ type SignalCallback<D> = Box<dyn FnMut(&mut Loop<D>, &mut D, libc::c_int)>;
 
 struct SignalWatch<D: 'static> {
     signal: libc::c_int,
+    /// The driver's delivery count this watch has been called for: a watch skipped
+    /// (its callback ran further up the stack, or an earlier one panicked) catches up.
+    seen: u64,
     /// `None` while it runs.
     callback: Option<SignalCallback<D>>,
 }
@@ -153,13 +156,17 @@ impl<D: 'static> Loop<D> {
             .get_mut(&signal)
             .expect("claimed above");
         claimed.watches.push(id);
-        if claimed.seen != driver::count(signal) {
+        let seen = claimed.seen;
+        if seen != driver::count(signal) {
             self.wake_self(); // kept across a fork, and delivered since
         }
         let callback = Some(Box::new(callback) as _);
-        self.signals
-            .watches
-            .insert(id, SignalWatch { signal, callback });
+        let watch = SignalWatch {
+            signal,
+            seen,
+            callback,
+        };
+        self.signals.watches.insert(id, watch);
         Ok(self.handle(WatchKind::Signal, id))
     }
 
@@ -251,23 +258,34 @@ impl<D: 'static> Loop<D> {
         let signals: SmallVec<[libc::c_int; 8]> = self.signals.claimed.keys().copied().collect();
         for signal in signals {
             let count = driver::count(signal);
-            let ids = match self.signals.claimed.get_mut(&signal) {
-                Some(claimed) if claimed.seen != count => {
-                    claimed.seen = count;
-                    claimed.watches.clone()
-                }
-                _ => continue,
+            let Some(claimed) = self.signals.claimed.get_mut(&signal) else {
+                continue;
             };
-            for id in ids {
+            claimed.seen = count;
+            for id in claimed.watches.clone() {
                 let watch = self.signals.watches.get_mut(&id);
-                let Some(mut callback) = watch.and_then(|w| w.callback.take()) else {
+                let Some(watch) = watch.filter(|w| w.seen != count) else {
                     continue;
                 };
+                let Some(mut callback) = watch.callback.take() else {
+                    continue; // running further up the stack; it catches up after
+                };
+                watch.seen = count;
                 let called = guarded(|| callback(self, data, signal));
-                if let Some(watch) = self.signals.watches.get_mut(&id) {
-                    watch.callback = Some(callback);
+                let Some(watch) = self.signals.watches.get_mut(&id) else {
+                    resume(called);
+                    continue;
+                };
+                watch.callback = Some(callback);
+                if called.is_err() || watch.seen != driver::count(signal) {
+                    // Watches not called yet (a panic), or a delivery a nested run
+                    // drained the pipe of while this callback ran: the next iteration.
+                    self.wake_self();
                 }
                 resume(called);
+                if !self.backend_is_current() {
+                    return; // a raw fork in the callback: the rest is the parent's
+                }
             }
         }
     }
@@ -296,9 +314,15 @@ impl<D: 'static> Loop<D> {
         let mut pending = false;
         for signal in stale {
             let claimed = self.signals.claimed.get_mut(&signal).expect("listed above");
-            claimed.seen = driver::subscribe(signal, slot, driver::Start::SinceFork);
+            let seen = driver::subscribe(signal, slot, driver::Start::SinceFork);
+            claimed.seen = seen;
             claimed.subscribed = generation;
-            pending |= claimed.seen != driver::count(signal);
+            for id in &claimed.watches {
+                if let Some(watch) = self.signals.watches.get_mut(id) {
+                    watch.seen = seen;
+                }
+            }
+            pending |= seen != driver::count(signal);
         }
         if pending {
             self.wake_self();
