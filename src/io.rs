@@ -88,8 +88,10 @@ enum Handler<D: 'static> {
     Source(Option<Box<dyn Source<D>>>),
     /// The loop's own (self-pipes, pidfds): shared, so a nested `run` runs it too and
     /// a pipe is drained even while an outer call of its callback is on the stack.
-    Internal(Rc<dyn Fn(&mut Loop<D>, &mut D)>),
+    Internal(InternalCallback<D>),
 }
+
+type InternalCallback<D> = Rc<dyn Fn(&mut Loop<D>, &mut D)>;
 
 impl<D: 'static> Handler<D> {
     fn source(&self) -> Option<&dyn Source<D>> {
