@@ -107,7 +107,7 @@ pub fn poke_until(
 ) -> bool {
     (&*peer).write_all(b"x").unwrap();
     let ok = loop_until(lp, 50 * U, done);
-    drain(&mut ours.try_clone().unwrap());
+    drain(ours);
     ok
 }
 
