@@ -23,7 +23,9 @@ type IdleCallback<D> = Box<dyn FnOnce(&mut Loop<D>, &mut D)>;
 
 /// An event loop on one backend, with callbacks that get `&mut D`: the user's state,
 /// lent to [`Loop::run`] (calloop's model), so ordinary single-loop code needs no
-/// `Rc<RefCell<…>>`. Single-threaded by contract (`!Send`): callbacks get the loop
+/// `Rc<RefCell<…>>`. `D` is `'static` (callbacks are boxed closures over it): lend
+/// owned state, not borrowed (calloop's `EventLoop<'l, Data>` lifts that, at the cost
+/// of a lifetime on every type). Single-threaded by contract (`!Send`): callbacks get the loop
 /// mutably and may add and cancel watches of every kind; other threads reach it through
 /// a [`Waker`](crate::Waker).
 ///
@@ -309,8 +311,9 @@ impl<D: 'static> Loop<D> {
     }
 
     /// Moves a pending timer's next firing to `delay` after [`Loop::now`], keeping its
-    /// callback (libev's `ev_timer_again`): what a per-connection timeout does on every
-    /// read. A repeating timer goes on every interval from then. Returns whether the
+    /// callback (libev's `ev_timer_again`): what a per-connection idle timeout does on
+    /// every read and every write that makes progress (restarting on reads alone would
+    /// cut off a client slowly reading a large answer). A repeating timer goes on every interval from then. Returns whether the
     /// timer was still pending (a one-shot that fired, or a cancelled timer, is not;
     /// neither is another loop's).
     ///

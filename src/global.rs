@@ -69,7 +69,10 @@ impl Loop<()> {
     /// yet (with [`Loop::new`], so `FORKLOOP_BACKEND` applies). After any fork the child
     /// gets a fresh loop, never the parent's. Callbacks receive the loop directly, so a
     /// nested `with_global` is not needed and is refused, as is a call from a thread
-    /// other than the owner.
+    /// other than the owner: the first thread that calls it owns it for the life of
+    /// the process (even after that thread ends), and in a forked child the forking
+    /// thread does. The global loop carries no user state (`Loop<()>`): give a
+    /// `Loop<D>` of your own a `D`.
     ///
     /// ```
     /// use std::time::Duration;

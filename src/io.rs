@@ -135,6 +135,9 @@ pub(crate) fn watch_error(backend: &'static str, fd: RawFd, source: std::io::Err
 }
 
 /// A failed [`Loop::watch_io`]: the error, and the source, handed back unharmed.
+/// `?` converts it into [`Error`] (dropping the source); it is `Send` and `Sync` only if
+/// `S` is, so for `anyhow` or `Box<dyn Error + Send + Sync>` with an `Rc` source, write
+/// `.map_err(|e| e.error)?`.
 pub struct WatchError<S> {
     /// What went wrong.
     pub error: Error,

@@ -144,7 +144,12 @@ impl<T> std::error::Error for SendError<T> {}
 
 impl<T: Send> Waker<T> {
     /// Queues `value` for the loop's callback and wakes the loop. Never blocks on the
-    /// loop (only, for a moment, on other senders, and on a fork in progress).
+    /// loop (only, for a moment, on other senders, and on a fork in progress). Not
+    /// async-signal-safe (it locks and allocates): from a signal handler, use
+    /// [`Loop::watch_signal`] instead.
+    ///
+    /// A waker's watch keeps [`Loop::run_while_watched`] going until it is cancelled,
+    /// even once every `Waker` is dropped.
     pub fn send(&self, value: T) -> std::result::Result<(), SendError<T>> {
         let _gate = enter();
         let mut state = self.shared.lock();
