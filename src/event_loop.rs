@@ -75,6 +75,9 @@ pub struct Loop<D: 'static = ()> {
     pub(crate) wakers: Wakers<D>,
     /// The time cached at the iteration's wake-up (libev's `ev_now`).
     now: Instant,
+    /// The fork generation the current dispatch began in: a raw fork inside a callback
+    /// makes it stale, and the child then runs none of the rest (the parent's).
+    dispatch_generation: u64,
     run_depth: usize,
     dispatching: bool,
     stop: Option<i32>,
@@ -166,6 +169,7 @@ impl<D: 'static> Loop<D> {
             children: Children::default(),
             wakers: Wakers::default(),
             now: Instant::now(),
+            dispatch_generation: fork::generation(),
             run_depth: 0,
             dispatching: false,
             stop: None,
@@ -438,20 +442,33 @@ impl<D: 'static> Loop<D> {
         }
         self.update_now();
         let outer = mem::replace(&mut self.dispatching, true);
-        // The flag is put back even if a callback panics and the caller catches it.
+        let outer_generation = mem::replace(&mut self.dispatch_generation, fork::generation());
+        // The flags are put back even if a callback panics and the caller catches it.
         let dispatched = panic::catch_unwind(AssertUnwindSafe(|| {
             self.dispatch_io(data);
-            if self.children.recheck {
+            if self.children.recheck && !self.forked_in_dispatch() {
                 self.reap_children(data);
             }
-            self.fire_timers(data);
-            self.run_idle(data);
+            if !self.forked_in_dispatch() {
+                self.fire_timers(data);
+            }
+            if !self.forked_in_dispatch() {
+                self.run_idle(data);
+            }
         }));
         self.dispatching = outer;
+        self.dispatch_generation = outer_generation;
         if let Err(payload) = dispatched {
             panic::resume_unwind(payload);
         }
         Ok(())
+    }
+
+    /// Whether a callback of this dispatch forked (a raw `fork`; `Loop::fork` children
+    /// never return): this process is then the child, and what is left to dispatch was
+    /// the parent's, even after a `post_fork` in the callback.
+    pub(crate) fn forked_in_dispatch(&self) -> bool {
+        fork::generation() != self.dispatch_generation
     }
 
     fn wait_timeout(&mut self, requested: Option<Duration>) -> Option<Duration> {
@@ -482,19 +499,22 @@ impl<D: 'static> Loop<D> {
             let called = match self.timers.take(id, seq) {
                 Some(TimerCallback::Once(callback)) => guarded(|| callback(self, data)),
                 Some(TimerCallback::Every(mut callback, interval)) => {
+                    let serial = self.id.serial;
                     let called = guarded(|| callback(self, data));
+                    let callback = take_back(serial, self.id.serial, callback);
                     let callback = TimerCallback::Every(callback, interval);
                     self.timers.rearm(id, seq, deadline, now, callback);
                     called
                 }
                 None => Ok(()),
             };
-            if called.is_err() {
+            if called.is_err() || self.forked_in_dispatch() {
                 // The rest of the batch is due still: back on the heap, not lost.
                 for &(deadline, seq, id) in &due[i + 1..] {
                     self.timers.requeue(deadline, seq, id);
                 }
                 resume(called);
+                break;
             }
         }
         due.clear();
@@ -509,6 +529,9 @@ impl<D: 'static> Loop<D> {
             }
             let callback = entry.remove();
             callback(self, data);
+            if self.forked_in_dispatch() {
+                break;
+            }
         }
     }
 }
@@ -518,6 +541,19 @@ impl<D: 'static> Loop<D> {
 /// result to [`resume`] once the callback is back.
 pub(crate) fn guarded<R>(call: impl FnOnce() -> R) -> std::thread::Result<R> {
     panic::catch_unwind(AssertUnwindSafe(call))
+}
+
+/// Takes back what a watch lent its callback, after the callback: from the same loop.
+/// A callback that swapped the loop behind its `&mut Loop` (`mem::replace`) would put
+/// it into another loop's tables, where a source could land on a watch of another fd
+/// and close that one under its registration: that is a bug in the program, and a
+/// panic, with what was lent leaked rather than dropped.
+pub(crate) fn take_back<T>(serial: u64, lp_serial: u64, lent: T) -> T {
+    if serial != lp_serial {
+        std::mem::forget(lent);
+        panic!("a forkloop callback replaced the loop it was called on (mem::replace or swap of its &mut Loop)");
+    }
+    lent
 }
 
 /// The callback's result, or its panic, going on.

@@ -40,21 +40,26 @@ type Held = (
     MutexGuard<'static, Option<OsString>>,
 );
 
-/// `FORKLOOP_BACKEND` as it was at the last fork, for [`backend_env`] in a child.
-static BACKEND_AT_FORK: Mutex<Option<OsString>> = Mutex::new(None);
+/// `FORKLOOP_BACKEND` as forkloop last read it, for [`backend_env`] in a child.
+static BACKEND_SEEN: Mutex<Option<OsString>> = Mutex::new(None);
+
+fn backend_seen() -> MutexGuard<'static, Option<OsString>> {
+    BACKEND_SEEN.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// The value of `FORKLOOP_BACKEND` the default backend choice follows: the environment
-/// in a process that never forked, and in a forked child its value at the fork, read
-/// by the atfork handler. A child never reads the environment here: `std::env` takes a
-/// lock that another thread of the parent may have held at the fork (a `set_var`).
+/// in a process that has not forked since forkloop's first use, and in a forked child
+/// the value forkloop last read before the fork (every `Loop::new`, and the process's
+/// first loop, read it). A child never reads the environment: `std::env` takes a lock
+/// that another thread of the parent may have held at the fork (a `set_var`), and the
+/// atfork handler must not take it either (`Command::spawn` forks while holding it).
 pub(crate) fn backend_env() -> Option<OsString> {
-    if generation() == 0 {
-        return std::env::var_os(BACKEND_ENV);
+    if generation() != 0 {
+        return backend_seen().clone();
     }
-    BACKEND_AT_FORK
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone()
+    let value = std::env::var_os(BACKEND_ENV);
+    *backend_seen() = value.clone();
+    value
 }
 
 thread_local! {
@@ -72,20 +77,12 @@ thread_local! {
 /// would wait for itself: fork from a handler only what execs or `_exit`s at once, and
 /// through a raw syscall, which runs no atfork handlers.
 extern "C" fn before_fork() {
-    // First, before any lock: it may wait for a thread that writes the environment. In
-    // a child the environment is not safe to read, and the snapshot carries over.
-    let backend = (generation() == 0).then(|| std::env::var_os(BACKEND_ENV));
     let mut out = std::io::stdout().lock();
     let _ = out.flush();
     let err = std::io::stderr().lock();
     let driver = signal::lock_for_fork();
     let wakers = waker::lock_for_fork();
-    let mut snapshot = BACKEND_AT_FORK
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if let Some(backend) = backend {
-        *snapshot = backend;
-    }
+    let snapshot = backend_seen();
     // `try_with`: a thread forking while it exits has no thread-locals left; it then
     // forks without the locks, as it would have without forkloop.
     let _ = HELD.try_with(|held| *held.borrow_mut() = Some((out, err, driver, wakers, snapshot)));
@@ -133,6 +130,7 @@ pub(crate) fn init() -> Result<()> {
         return Err(Error::AtFork(std::io::Error::from_raw_os_error(rc)));
     }
     REGISTERED.store(true, Ordering::Release);
+    backend_env(); // so that a child of this process knows it without the environment
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use std::rc::Rc;
 use forkloop_backend::{refusal, Interest, Readiness, Refusal};
 use smallvec::SmallVec;
 
-use crate::event_loop::{guarded, resume};
+use crate::event_loop::{guarded, resume, take_back};
 use crate::handle::{Io, Watch, WatchKind};
 use crate::{Error, Loop, Result};
 
@@ -543,7 +543,9 @@ impl<D: 'static> Loop<D> {
                     let Some(mut source) = source.take() else {
                         continue; // running further up the stack (nested run)
                     };
+                    let serial = self.id.serial;
                     let called = guarded(|| source.ready(self, data, ready));
+                    let source = take_back(serial, self.id.serial, source);
                     if let Some(IoWatch {
                         handler: Handler::Source(slot),
                         ..
@@ -554,7 +556,7 @@ impl<D: 'static> Loop<D> {
                     resume(called);
                 }
             }
-            if !self.backend_is_current() {
+            if self.forked_in_dispatch() {
                 return; // a raw fork in the callback: the rest is the parent's
             }
         }
@@ -603,14 +605,17 @@ impl<D: 'static> Loop<D> {
         }
         for &(fd, readiness) in &ready {
             self.dispatch_fd(fd, readiness, mark, data);
-            if !self.backend_is_current() {
+            if self.forked_in_dispatch() {
                 break; // a raw fork in a callback: the rest is the parent's
             }
         }
         ready.clear();
         self.ready = ready;
-        if !self.always_ready.is_empty() && self.backend_is_current() {
+        if !self.always_ready.is_empty() {
             for fd in self.always_ready.clone() {
+                if self.forked_in_dispatch() {
+                    break;
+                }
                 let both = Readiness::READABLE | Readiness::WRITABLE;
                 self.dispatch_fd(fd, both, mark, data);
             }

@@ -26,8 +26,9 @@ struct Timer<D: 'static> {
     seq: u64,
     /// A repeating timer's callback is `None` while it runs.
     callback: Option<TimerCallback<D>>,
-    /// Came due again in a nested run while its callback ran: `rearm` fires it next.
-    due_while_running: bool,
+    /// The arming that came due in a nested run while the callback ran: `rearm` fires
+    /// it next, unless the callback restarted the timer after that.
+    due_while_running: Option<u64>,
 }
 
 /// Timers in a slab (no hashing on arm, fire or cancel), ordered by a heap of
@@ -56,7 +57,7 @@ impl<D: 'static> Timers<D> {
         let key = self.slab.insert(Timer {
             seq,
             callback: Some(callback),
-            due_while_running: false,
+            due_while_running: None,
         });
         self.heap.push(Reverse((deadline, seq, key)));
         key
@@ -144,7 +145,7 @@ impl<D: 'static> Timers<D> {
             // Only a repeating timer's callback is ever out: it runs further up the
             // stack, and this arming came due in a nested run.
             None => {
-                timer.due_while_running = true;
+                timer.due_while_running = Some(seq);
                 None
             }
             Some(TimerCallback::Once(_)) => self.slab.remove(key)?.callback,
@@ -179,7 +180,7 @@ impl<D: 'static> Timers<D> {
             return;
         };
         timer.callback = Some(callback);
-        if std::mem::take(&mut timer.due_while_running) {
+        if timer.due_while_running.take() == Some(timer.seq) {
             next = now;
         } else if timer.seq != seq {
             return; // restarted by its callback, which chose the deadline

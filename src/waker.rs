@@ -19,7 +19,7 @@ use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use crate::event_loop::{guarded, resume};
+use crate::event_loop::{guarded, resume, take_back};
 use crate::handle::{Watch, WatchKind};
 use crate::id_map::IdMap;
 use crate::{fork, sys, Error, Loop, Result};
@@ -202,13 +202,18 @@ impl<T> Control for Shared<T> {
     }
 
     fn close(&self) {
-        let queued = {
+        let (queued, inherited) = {
             let _gate = enter();
             let mut state = self.lock();
             state.wake = None;
-            std::mem::take(&mut state.queue)
+            let inherited = state.generation != fork::generation();
+            (std::mem::take(&mut state.queue), inherited)
         };
-        drop(queued); // user code (T's Drop) runs outside the locks
+        if inherited {
+            std::mem::forget(queued); // the parent's values: their Drop is the parent's
+        } else {
+            drop(queued); // user code (T's Drop) runs outside the locks
+        }
     }
 }
 
@@ -218,6 +223,8 @@ trait Inbox<D> {
     fn deliver(&mut self, lp: &mut Loop<D>, data: &mut D);
     /// Values taken from the queue are still to be delivered (a callback panicked).
     fn undelivered(&self) -> bool;
+    /// In a child: the values taken from the queue before the fork are the parent's.
+    fn forget_undelivered(&mut self);
 }
 
 struct Channel<T, F> {
@@ -253,6 +260,10 @@ where
 
     fn undelivered(&self) -> bool {
         !self.batch.is_empty()
+    }
+
+    fn forget_undelivered(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.batch));
     }
 }
 
@@ -363,7 +374,9 @@ impl<D: 'static> Loop<D> {
             entry.again = true; // running further up the stack (nested run)
             return;
         };
+        let serial = self.id.serial;
         let called = guarded(|| inbox.deliver(self, data));
+        let inbox = take_back(serial, self.id.serial, inbox);
         let undelivered = inbox.undelivered();
         if let Some(entry) = self.wakers.entries.get_mut(&id) {
             entry.inbox = Some(inbox);
@@ -401,6 +414,9 @@ impl<D: 'static> Loop<D> {
             let old = std::mem::replace(&mut entry.io, io);
             let old_read = std::mem::replace(&mut entry.read, read);
             entry.control.rebind(wake, generation);
+            if let Some(inbox) = &mut entry.inbox {
+                inbox.forget_undelivered();
+            }
             entry.generation = generation;
             self.cancel(old);
             drop(old_read); // after its watch is gone

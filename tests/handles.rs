@@ -566,3 +566,33 @@ fn api_a_nested_run_in_a_waker_callback_does_not_spin(#[case] kind: Kind) {
         state.1
     );
 }
+
+/// A callback that swaps the loop it was called on (safe code can: it holds `&mut
+/// Loop`) is a panic, never a source put into the other loop's tables, where it would
+/// close a watched fd under its registration.
+#[apply(backends)]
+fn api_a_callback_that_swaps_its_loop_panics_and_closes_no_watched_fd(#[case] kind: Kind) {
+    let mut lp: Loop<Option<Loop<()>>> = Loop::with_backend(kind).unwrap();
+    let mut other: Loop<Option<Loop<()>>> = Loop::with_backend(kind).unwrap();
+    let (b, _b_peer) = socketpair();
+    let b_fd = b.as_raw_fd();
+    other.watch_io(b, Interest::READ, |_, _, _, _| {}).unwrap();
+    let (a, mut a_peer) = socketpair();
+    let spare = std::cell::Cell::new(Some(other));
+    lp.watch_io(a, Interest::READ, move |lp, _, _, _| {
+        if let Some(other) = spare.take() {
+            let _old = std::mem::replace(lp, other);
+        }
+    })
+    .unwrap();
+    a_peer.write_all(b"x").unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lp.loop_once(Some(U), &mut None)
+    }));
+    assert!(caught.is_err(), "the swap is refused with a panic");
+    // SAFETY: F_GETFD only reads the flags of whatever `b_fd` names.
+    assert!(
+        unsafe { libc::fcntl(b_fd, libc::F_GETFD) } >= 0,
+        "the other loop's fd is open"
+    );
+}

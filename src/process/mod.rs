@@ -28,7 +28,7 @@ use std::process::ExitStatus;
 
 use smallvec::SmallVec;
 
-use crate::event_loop::{guarded, resume};
+use crate::event_loop::{guarded, resume, take_back};
 use crate::handle::{Watch, WatchKind};
 use crate::id_map::IdMap;
 use crate::{Error, Loop, Result};
@@ -281,7 +281,13 @@ impl<D: 'static> Loop<D> {
     pub(crate) fn reap_children(&mut self, data: &mut D) {
         self.children.recheck = false;
         if !self.children.any.is_empty() {
-            self.reap_any(data);
+            let reaped = guarded(|| self.reap_any(data));
+            if reaped.is_err() {
+                // A callback panicked: other exited children may wait unreaped, and
+                // their SIGCHLD is counted already. Another pass next iteration.
+                self.children.recheck = true;
+            }
+            resume(reaped);
             return;
         }
         let mut pids: SmallVec<[libc::pid_t; 8]> = self
@@ -443,7 +449,9 @@ impl<D: 'static> Loop<D> {
             let Some(mut callback) = slot.take() else {
                 continue; // running further up the stack
             };
+            let serial = self.id.serial;
             let called = guarded(|| callback(self, data, pid, status));
+            let callback = take_back(serial, self.id.serial, callback);
             if let Some(ProcessWatch::Any(slot)) = self.children.watches.get_mut(&id) {
                 *slot = Some(callback);
             }

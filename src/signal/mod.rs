@@ -13,7 +13,7 @@ pub(crate) use driver::{
     forget_claims, forget_parent, lock_for_fork, reset_handlers_in_child, ForkLock,
 };
 
-use crate::event_loop::{guarded, resume};
+use crate::event_loop::{guarded, resume, take_back};
 use crate::handle::{Watch, WatchKind};
 use crate::id_map::IdMap;
 use crate::{fork, sys, Error, Loop, Result};
@@ -261,29 +261,35 @@ impl<D: 'static> Loop<D> {
             let Some(claimed) = self.signals.claimed.get_mut(&signal) else {
                 continue;
             };
-            claimed.seen = count;
+            // Counts only grow; a nested run may have dispatched past `count` already.
+            claimed.seen = claimed.seen.max(count);
             for id in claimed.watches.clone() {
                 let watch = self.signals.watches.get_mut(&id);
-                let Some(watch) = watch.filter(|w| w.seen != count) else {
+                let Some(watch) = watch.filter(|w| w.seen < count) else {
                     continue;
                 };
                 let Some(mut callback) = watch.callback.take() else {
                     continue; // running further up the stack; it catches up after
                 };
                 watch.seen = count;
+                let serial = self.id.serial;
                 let called = guarded(|| callback(self, data, signal));
+                let callback = take_back(serial, self.id.serial, callback);
                 let Some(watch) = self.signals.watches.get_mut(&id) else {
+                    if called.is_err() {
+                        self.wake_self(); // the watches after this one
+                    }
                     resume(called);
                     continue;
                 };
                 watch.callback = Some(callback);
-                if called.is_err() || watch.seen != driver::count(signal) {
+                if called.is_err() || watch.seen < driver::count(signal) {
                     // Watches not called yet (a panic), or a delivery a nested run
                     // drained the pipe of while this callback ran: the next iteration.
                     self.wake_self();
                 }
                 resume(called);
-                if !self.backend_is_current() {
+                if self.forked_in_dispatch() {
                     return; // a raw fork in the callback: the rest is the parent's
                 }
             }
