@@ -94,6 +94,9 @@ enum App {
     Hello,
     /// Panics in every worker at start-up.
     CrashAtStart,
+    /// The first `--workers` workers start; every later one (a reload's, a
+    /// replacement's) panics at start-up.
+    CrashAfterTheFirst,
     /// Answers one request, then exits the worker.
     ExitAfterRequest,
     /// The built-in app, plus `GET /panic`, whose handler panics, and `GET /block`,
@@ -242,6 +245,20 @@ fn main() {
         }
         App::CrashAtStart => {
             Server::new(config, hello).after_fork(|_| panic!("the app failed to start"))
+        }
+        App::CrashAfterTheFirst => {
+            static FORKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let first = config.workers;
+            Server::new(config, hello)
+                .before_fork(|_| {
+                    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                })
+                .after_fork(move |_| {
+                    // The master's count, as copied into this child at the fork.
+                    if FORKS.load(std::sync::atomic::Ordering::Relaxed) > first {
+                        panic!("the new code fails to start")
+                    }
+                })
         }
         App::ExitAfterRequest => Server::new(
             config,

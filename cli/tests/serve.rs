@@ -247,6 +247,25 @@ fn an_app_that_cannot_start_makes_the_master_give_up_with_a_clear_message() {
     println!("figure: an app that panics at start-up: {forks} forks, then the master exited with {status}");
 }
 
+/// A reload whose new workers all fail to start must not take the healthy old ones
+/// down: with five workers, five failures in a row used to exhaust the start-up budget
+/// and shut the whole server down.
+#[test]
+fn a_reload_whose_workers_cannot_start_keeps_the_old_workers_serving() {
+    let mut server = start(&["--app", "crash-after-the-first", "--workers", "5"]);
+    server.signal(libc::SIGHUP);
+    server.wait_for_count("keeps serving", 5);
+    assert_eq!(
+        get(&server.addr, "/").0,
+        200,
+        "the old workers still answer"
+    );
+    let log = server.drain_log().join("\n");
+    assert!(!log.contains("giving up"), "the master gave up:\n{log}");
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit().success());
+}
+
 #[test]
 fn workers_that_exit_after_each_request_are_replaced_with_backoff_not_a_storm() {
     let mut server = start(&["--app", "exit-after-request", "--workers", "1"]);

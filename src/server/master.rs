@@ -107,6 +107,9 @@ struct Master {
     crash_streak: u32,
     respawn_timer: Option<Timer>,
     startup_failures: u32,
+    /// Some worker has become ready: from then on, workers that fail to start (a
+    /// reload's) leave the ready ones serving instead of giving up.
+    ever_ready: bool,
     failure: Option<ServerError>,
     backend: &'static str,
 }
@@ -145,6 +148,7 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
         crash_streak: 0,
         respawn_timer: None,
         startup_failures: 0,
+        ever_ready: false,
         failure: None,
         backend: lp.backend_name(),
     };
@@ -375,6 +379,7 @@ fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
     w.state = State::Ready;
     let replaces = w.replaces.take();
     m.startup_failures = 0;
+    m.ever_ready = true;
     if let Some(old) = replaces {
         retire(lp, m, old);
     }
@@ -483,8 +488,20 @@ fn worker_exited(
     };
     if info.state == State::Starting {
         m.startup_failures += 1;
+        let old = info.replaces.and_then(|old| m.workers.get(&old));
+        if let Some(old) = old {
+            log::error!(
+                "a new worker exited before becoming ready ({status}): the reload failed, \
+                 and worker {} keeps serving",
+                old.pid
+            );
+        }
     }
-    if m.startup_failures >= m.config.startup_budget {
+    if m.ever_ready && m.startup_failures >= m.config.startup_budget {
+        // The workers that are ready keep serving; what failed is a reload, not the
+        // server. Counting starts again, so the next attempt gets a full budget.
+        m.startup_failures = 0;
+    } else if m.startup_failures >= m.config.startup_budget {
         let failure = ServerError::Startup {
             attempts: m.startup_failures,
             last: status,
