@@ -151,7 +151,7 @@ fn forkloop_setup(
     let mut lp = Loop::with_backend(kind).unwrap();
     for (index, r) in readers.iter().enumerate() {
         let round = round.clone();
-        let read = move |s: &mut Rc<UnixStream>| round.on_readable(s.as_raw_fd(), index);
+        let read = move |s: &Rc<UnixStream>| round.on_readable(s.as_raw_fd(), index);
         match timeouts {
             Timeouts::None => lp.watch_io(r.clone(), Interest::READ, move |_, (), s, _| read(s)),
             Timeouts::CancelAndArm => {
