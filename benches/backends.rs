@@ -1,6 +1,8 @@
 //! Every compiled-in backend side by side with raw baselines (`cargo bench --all-features`
 //! for all six; see BENCHMARKS.md). `FORKLOOP_BENCH_FULL=1` runs the full grid with
 //! longer measurements; the default keeps `cargo bench` well under 15 minutes.
+//! `FORKLOOP_BENCH_CLOCK=cpu` measures the bench thread's CPU time instead of wall time
+//! (see [`Clock`]).
 //! The raw epoll baseline makes this file Linux-only, like the machines it runs on.
 #![cfg(target_os = "linux")]
 
@@ -12,11 +14,72 @@ use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Throughput};
 use forkloop::{ForkOptions, Interest, Kind, Loop};
 
 fn full() -> bool {
     std::env::var_os("FORKLOOP_BENCH_FULL").is_some()
+}
+
+/// What the benches measure: wall-clock time (criterion's own clock), or, with
+/// `FORKLOOP_BENCH_CLOCK=cpu`, the bench thread's CPU time, user and system. On a
+/// shared machine the CPU clock does not count the time the thread waits for its core
+/// while other processes run, so side-by-side rows drift less. It does not count a
+/// blocking wait either: it suits the groups whose iterations never block (event
+/// processing, timers, interest: the events they wait for are already pending), not
+/// fork-round-trip or children, whose work is in other processes.
+struct Clock {
+    id: libc::clockid_t,
+}
+
+type Criterion = criterion::Criterion<Clock>;
+
+impl Clock {
+    fn from_env() -> Clock {
+        let cpu = std::env::var("FORKLOOP_BENCH_CLOCK").is_ok_and(|c| c == "cpu");
+        let id = if cpu {
+            libc::CLOCK_THREAD_CPUTIME_ID
+        } else {
+            libc::CLOCK_MONOTONIC // what Instant reads
+        };
+        Clock { id }
+    }
+
+    fn read(&self) -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes the live timespec; both clock ids exist on Linux.
+        unsafe { libc::clock_gettime(self.id, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+}
+
+impl Measurement for Clock {
+    type Intermediate = Duration;
+    type Value = Duration;
+
+    fn start(&self) -> Duration {
+        self.read()
+    }
+    fn end(&self, start: Duration) -> Duration {
+        self.read().saturating_sub(start)
+    }
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+    fn to_f64(&self, value: &Duration) -> f64 {
+        value.as_nanos() as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        static WALL: WallTime = WallTime;
+        WALL.formatter()
+    }
 }
 
 fn kinds() -> Vec<Kind> {
@@ -178,6 +241,9 @@ fn forkloop_setup(
 /// The raw baselines: the same work over the syscall or crate directly.
 enum Raw {
     Epoll(RawFd, Vec<libc::epoll_event>),
+    /// raw-epoll with an idle deadline per fd, restarted on every event (the baseline of
+    /// `event-processing+timeouts`).
+    EpollHeap(RawFd, Vec<libc::epoll_event>, IdleHeap),
     Poll(Vec<libc::pollfd>),
     Select(Vec<RawFd>),
     Mio(mio::Poll, mio::Events),
@@ -186,11 +252,77 @@ enum Raw {
 
 impl Drop for Raw {
     fn drop(&mut self) {
-        if let Raw::Epoll(epfd, _) = self {
+        if let Raw::Epoll(epfd, _) | Raw::EpollHeap(epfd, _, _) = self {
             // SAFETY: the epoll fd this baseline created; nothing else closes it.
             unsafe { libc::close(*epfd) };
         }
     }
+}
+
+/// The idle timeouts of `raw-epoll+heap`, as a C programmer would write them: a plain
+/// binary heap of `(deadline, fd index)` and each fd's current deadline. Restarting a
+/// timeout pushes a new entry and records the new deadline; an entry that is not its
+/// fd's current deadline is stale and dropped when it reaches the top (lazy deletion).
+/// Once stale entries outnumber the live ones (the same bound forkloop's timers keep,
+/// src/timer.rs), the heap is filtered down to the live entries, so memory stays bounded.
+struct IdleHeap {
+    heap: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// `None` once the fd's timeout fired.
+    deadlines: Vec<Option<Instant>>,
+}
+
+impl IdleHeap {
+    fn new(n: usize) -> IdleHeap {
+        let mut idle = IdleHeap {
+            heap: BinaryHeap::with_capacity(n),
+            deadlines: vec![None; n],
+        };
+        let deadline = Instant::now() + IDLE;
+        for i in 0..n {
+            idle.restart(i, deadline);
+        }
+        idle
+    }
+
+    fn restart(&mut self, i: usize, deadline: Instant) {
+        self.deadlines[i] = Some(deadline);
+        self.heap.push(Reverse((deadline, i)));
+        if self.heap.len() > 2 * self.deadlines.len() + 1024 {
+            let deadlines = &self.deadlines;
+            self.heap.retain(|&Reverse((d, i))| deadlines[i] == Some(d));
+        }
+    }
+
+    /// The nearest live deadline, dropping stale entries found on top.
+    fn next(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((d, i))) = self.heap.peek() {
+            if self.deadlines[i] == Some(d) {
+                return Some(d);
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    /// Fires the timeouts due at `now` (in the bench none is: IDLE is ten minutes).
+    fn expire(&mut self, now: Instant) {
+        while let Some(d) = self.next() {
+            if d > now {
+                break;
+            }
+            let Reverse((_, i)) = self.heap.pop().expect("peeked");
+            self.deadlines[i] = None;
+        }
+    }
+}
+
+/// The epoll_wait timeout for a deadline: whole milliseconds, rounded up (as forkloop
+/// rounds its timer waits).
+fn wait_ms(deadline: Option<Instant>) -> i32 {
+    deadline.map_or(-1, |d| {
+        let ns = d.saturating_duration_since(Instant::now()).as_nanos();
+        ns.div_ceil(1_000_000).min(i32::MAX as u128) as i32
+    })
 }
 
 const RAW: [&str; 5] = [
@@ -201,21 +333,32 @@ const RAW: [&str; 5] = [
     "raw-polling",
 ];
 
+/// An epoll instance with a read registration per fd (its index as the key), and an
+/// event buffer.
+fn epoll_setup(fds: impl Iterator<Item = RawFd>) -> (RawFd, Vec<libc::epoll_event>) {
+    // SAFETY: plain syscalls on fds the bench owns.
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    for (i, fd) in fds.enumerate() {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: i as u64,
+        };
+        // SAFETY: as above.
+        unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    }
+    (epfd, vec![libc::epoll_event { events: 0, u64: 0 }; 256])
+}
+
 fn raw_setup(name: &str, readers: &[Rc<UnixStream>]) -> Raw {
     let fds = readers.iter().map(AsRawFd::as_raw_fd);
     match name {
         "raw-epoll" => {
-            // SAFETY: plain syscalls on fds the bench owns.
-            let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-            for (i, fd) in fds.enumerate() {
-                let mut ev = libc::epoll_event {
-                    events: libc::EPOLLIN as u32,
-                    u64: i as u64,
-                };
-                // SAFETY: as above.
-                unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
-            }
-            Raw::Epoll(epfd, vec![libc::epoll_event { events: 0, u64: 0 }; 256])
+            let (epfd, events) = epoll_setup(fds);
+            Raw::Epoll(epfd, events)
+        }
+        "raw-epoll+heap" => {
+            let (epfd, events) = epoll_setup(fds);
+            Raw::EpollHeap(epfd, events, IdleHeap::new(readers.len()))
         }
         "raw-poll" => Raw::Poll(
             fds.map(|fd| libc::pollfd {
@@ -261,6 +404,22 @@ fn raw_once(raw: &mut Raw, readers: &[RawFd], round: &Round) {
                 let i = ev.u64 as usize;
                 round.on_readable(readers[i], i);
             }
+        }
+        Raw::EpollHeap(epfd, events, idle) => {
+            // Two clock reads per iteration, as the loop makes: one for the wait's
+            // timeout, one after it for the deadlines the events restart.
+            let timeout = wait_ms(idle.next());
+            // SAFETY: the buffer is a live Vec of its length.
+            let n = unsafe {
+                libc::epoll_wait(*epfd, events.as_mut_ptr(), events.len() as i32, timeout)
+            };
+            let now = Instant::now();
+            for ev in &events[..n.max(0) as usize] {
+                let i = ev.u64 as usize;
+                round.on_readable(readers[i], i);
+                idle.restart(i, now + IDLE);
+            }
+            idle.expire(now);
         }
         Raw::Poll(fds) => {
             // SAFETY: the array is a live Vec of its length.
@@ -350,21 +509,23 @@ fn event_processing(c: &mut Criterion) {
                         });
                     }
                 }
-                if !with_timeouts {
-                    for raw_name in RAW
-                        .into_iter()
+                let raws: Vec<&str> = if with_timeouts {
+                    vec!["raw-epoll+heap"]
+                } else {
+                    RAW.into_iter()
                         .filter(|r| *r != "raw-select" || fits(Some(Kind::Select), n))
-                    {
-                        let mut raw = raw_setup(raw_name, &readers);
-                        group.bench_function(BenchmarkId::new(raw_name, &param), |b| {
-                            b.iter(|| {
-                                round.start(active);
-                                while !round.done(active) {
-                                    raw_once(&mut raw, &reader_fds, &round);
-                                }
-                            })
-                        });
-                    }
+                        .collect()
+                };
+                for raw_name in raws {
+                    let mut raw = raw_setup(raw_name, &readers);
+                    group.bench_function(BenchmarkId::new(raw_name, &param), |b| {
+                        b.iter(|| {
+                            round.start(active);
+                            while !round.done(active) {
+                                raw_once(&mut raw, &reader_fds, &round);
+                            }
+                        })
+                    });
                 }
             }
         }
@@ -494,6 +655,93 @@ fn timers(c: &mut Criterion) {
     group.finish();
 }
 
+/// One change to an IO watch, against the `epoll_ctl` calls it stands for on epoll:
+/// `set_interest toggle` flips READ ↔ READ|WRITE (one iteration is one change, one
+/// `EPOLL_CTL_MOD`), `pause+resume` is `DEL` then `ADD`, and `cancel+watch_io`, the
+/// re-registration those two replace, is `DEL` then `ADD` and a new watch. Nothing
+/// waits: the row is the change alone. The raw baseline makes the same calls on one
+/// registered fd (its DEL+ADD is measured once per row). poll and select change a
+/// table entry, and their `register` (on resume, in watch_io) checks that the fd is
+/// open: one `fcntl`.
+fn interest(c: &mut Criterion) {
+    const TOGGLE: &str = "set_interest toggle";
+    const PAUSE: &str = "pause+resume";
+    const REWATCH: &str = "cancel+watch_io";
+    let mut group = c.benchmark_group("interest");
+    // A socketpair end is writable: WRITE interest is ready at once, as for a
+    // connection with room in its send buffer.
+    let (a, _peer) = UnixStream::pair().unwrap();
+    let a = Rc::new(a);
+    for kind in kinds() {
+        let mut lp: Loop = Loop::with_backend(kind).unwrap();
+        let mut io = lp
+            .watch_io(a.clone(), Interest::READ, |_, (), _, _| {})
+            .unwrap();
+        let mut both = false;
+        group.bench_function(BenchmarkId::new(kind.name(), TOGGLE), |b| {
+            b.iter(|| {
+                both = !both;
+                let interest = if both {
+                    Interest::READ | Interest::WRITE
+                } else {
+                    Interest::READ
+                };
+                lp.set_interest(io, interest).unwrap();
+            })
+        });
+        lp.set_interest(io, Interest::READ).unwrap();
+        group.bench_function(BenchmarkId::new(kind.name(), PAUSE), |b| {
+            b.iter(|| {
+                lp.pause(io).unwrap();
+                lp.resume(io).unwrap();
+            })
+        });
+        group.bench_function(BenchmarkId::new(kind.name(), REWATCH), |b| {
+            b.iter(|| {
+                lp.cancel(io);
+                io = lp
+                    .watch_io(a.clone(), Interest::READ, |_, (), _, _| {})
+                    .unwrap();
+            })
+        });
+    }
+    let fd = a.as_raw_fd();
+    let (epfd, _) = epoll_setup([fd].into_iter());
+    let ctl = |op, events: libc::c_int| {
+        let mut ev = libc::epoll_event {
+            events: events as u32,
+            u64: 0,
+        };
+        // SAFETY: a live epoll_event, on the bench's own epoll instance and socket.
+        let rc = unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) };
+        assert_eq!(rc, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+    };
+    let mut both = false;
+    group.bench_function(BenchmarkId::new("raw-epoll", TOGGLE), |b| {
+        b.iter(|| {
+            both = !both;
+            let events = if both {
+                libc::EPOLLIN | libc::EPOLLOUT
+            } else {
+                libc::EPOLLIN
+            };
+            ctl(libc::EPOLL_CTL_MOD, events);
+        })
+    });
+    ctl(libc::EPOLL_CTL_MOD, libc::EPOLLIN);
+    for name in [PAUSE, REWATCH] {
+        group.bench_function(BenchmarkId::new("raw-epoll", name), |b| {
+            b.iter(|| {
+                ctl(libc::EPOLL_CTL_DEL, 0);
+                ctl(libc::EPOLL_CTL_ADD, libc::EPOLLIN);
+            })
+        });
+    }
+    // SAFETY: the epoll fd made above; nothing else closes it.
+    unsafe { libc::close(epfd) };
+    group.finish();
+}
+
 fn signals(c: &mut Criterion) {
     let mut group = c.benchmark_group("signal-latency");
     for kind in kinds() {
@@ -600,7 +848,8 @@ fn children(c: &mut Criterion) {
 
 fn config() -> Criterion {
     let quick = !full();
-    Criterion::default()
+    criterion::Criterion::default()
+        .with_measurement(Clock::from_env())
         .warm_up_time(Duration::from_millis(if quick { 300 } else { 2000 }))
         .measurement_time(Duration::from_millis(if quick { 1000 } else { 5000 }))
         .sample_size(if quick { 20 } else { 100 })
@@ -609,6 +858,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = event_processing, setup_per_fd, timers, signals, fork, children
+    targets = event_processing, setup_per_fd, timers, interest, signals, fork, children
 }
 criterion_main!(benches);

@@ -3,7 +3,8 @@
 event-processing chart (docs/event-processing.png).
 
     cargo bench --all-features --bench backends
-    python3 ci/bench-report.py > /tmp/tables.md    # needs matplotlib (pip install matplotlib)
+    python3 ci/bench-report.py > /tmp/tables.md    # the chart needs matplotlib (pip install
+                                                   # matplotlib); without it, tables only
 """
 import json
 import pathlib
@@ -78,6 +79,36 @@ def ratios(rows):
     return "\n".join(out) + "\n"
 
 
+def paired(rows, pairs):
+    """`forkloop / baseline` medians for (forkloop function, baseline function) pairs of
+    one group, one column per parameter."""
+    values = sorted({v for _, v in rows}, key=natural)
+    out = ["| forkloop / baseline | " + " | ".join(values) + " |",
+           "|---|" + "---|" * len(values)]
+    for ours, base in pairs:
+        cells = []
+        for v in values:
+            if (ours, v) in rows and (base, v) in rows:
+                cells.append(f"{rows[(ours, v)][0] / rows[(base, v)][0]:.2f}×")
+            else:
+                cells.append("—")
+        if any(c != "—" for c in cells):
+            out.append(f"| {ours} / {base} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+# Issue #11's ratios: the group, its title, and the (forkloop, baseline) pairs.
+BACKENDS = ("epoll", "mio", "poll", "polling", "select", "kqueue")
+ISSUE_11 = (
+    ("event-processing+timeouts", "restarting a per-fd timeout on each event",
+     [("epoll+restart", "raw-epoll+heap"), ("epoll", "raw-epoll+heap")]),
+    ("timers", "one-shot timers, arm plus fire",
+     [(b, "raw-mio-heap") for b in BACKENDS]),
+    ("interest", "one change to an IO watch",
+     [(b, "raw-epoll") for b in ("epoll", "mio", "polling")]),
+)
+
+
 def chart(rows):
     import matplotlib
     matplotlib.use("Agg")
@@ -115,8 +146,15 @@ def main():
     if "event-processing" in results:
         print("### event processing: forkloop / raw baseline (median)\n")
         print(ratios(results["event-processing"]))
-        chart(results["event-processing"])
-        print(f"chart written to {CHART.relative_to(ROOT)}", file=sys.stderr)
+        try:
+            chart(results["event-processing"])
+            print(f"chart written to {CHART.relative_to(ROOT)}", file=sys.stderr)
+        except ImportError:
+            print("no matplotlib: chart not redrawn", file=sys.stderr)
+    for group, title, pairs in ISSUE_11:
+        if group in results:
+            print(f"### {group}: {title}, forkloop / baseline (median)\n")
+            print(paired(results[group], pairs))
 
 
 if __name__ == "__main__":
