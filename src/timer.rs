@@ -5,9 +5,15 @@
 //! Cancelled timers stay in the heap until they reach its top, or until dead entries
 //! outnumber live ones, when the heap is rebuilt — so churn (arm, cancel, arm …, as a
 //! connection timeout does) costs O(log n) per operation and bounded memory.
+//!
+//! A restart to a later deadline (a connection's idle timeout pushed back on every read,
+//! the usual restart) leaves the timer's heap entry where it is and records the new
+//! deadline in the timer; the entry moves there only when it reaches the top of the
+//! heap, so a timeout restarted on every event costs no heap work until its first
+//! deadline comes. Only a restart to an earlier deadline pushes a new entry.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::binary_heap::{BinaryHeap, PeekMut};
 use std::time::{Duration, Instant};
 
 use crate::slab::Slab;
@@ -21,9 +27,15 @@ pub(crate) enum TimerCallback<D: 'static> {
     Every(EveryCallback<D>, Duration),
 }
 
-/// A live timer: `seq` names the arming its heap entry belongs to.
+/// A live timer: `seq` names its current arming (what orders equal deadlines, and what
+/// a due batch checks), due at `deadline`. `queued` names the arming of its one live
+/// heap entry (0: none, while it is in a due batch): that entry is due no later than
+/// `deadline`, and earlier only if the timer was restarted to a later deadline since
+/// it was queued (`queued != seq`), when it moves on reaching the top (`Timers::top`).
 struct Timer<D: 'static> {
     seq: u64,
+    queued: u64,
+    deadline: Instant,
     /// A repeating timer's callback is `None` while it runs.
     callback: Option<TimerCallback<D>>,
     /// The arming that came due in a nested run while the callback ran: `rearm` fires
@@ -56,6 +68,8 @@ impl<D: 'static> Timers<D> {
         let seq = self.next_seq;
         let key = self.slab.insert(Timer {
             seq,
+            queued: seq,
+            deadline,
             callback: Some(callback),
             due_while_running: None,
         });
@@ -63,8 +77,10 @@ impl<D: 'static> Timers<D> {
         key
     }
 
-    /// Moves a live timer to `deadline`: a new heap entry, the old one dead from now on
-    /// (the callback stays where it is). Whether the timer was live.
+    /// Moves a live timer to `deadline`, a new arming (the callback stays where it is).
+    /// Later than its current deadline, its heap entry stays and moves when it reaches
+    /// the top; earlier (or with no entry queued, in a due batch), a new entry is pushed
+    /// and the old one is dead from now on. Whether the timer was live.
     pub(crate) fn restart(&mut self, key: u64, deadline: Instant) -> bool {
         self.next_seq += 1;
         let seq = self.next_seq;
@@ -72,8 +88,13 @@ impl<D: 'static> Timers<D> {
             return false;
         };
         timer.seq = seq;
-        self.heap.push(Reverse((deadline, seq, key)));
-        self.compact();
+        let postpone = timer.queued != 0 && deadline >= timer.deadline;
+        timer.deadline = deadline;
+        if !postpone {
+            timer.queued = seq;
+            self.heap.push(Reverse((deadline, seq, key)));
+            self.compact();
+        }
         true
     }
 
@@ -82,14 +103,32 @@ impl<D: 'static> Timers<D> {
         if self.heap.len() > 2 * self.slab.len() + 1024 {
             let slab = &self.slab;
             self.heap
-                .retain(|Reverse((_, seq, key))| slab.get(*key).is_some_and(|t| t.seq == *seq));
+                .retain(|Reverse((_, seq, key))| slab.get(*key).is_some_and(|t| t.queued == *seq));
         }
     }
 
-    /// Whether a heap entry is the live arming of its timer (not cancelled, fired or
-    /// re-armed since).
-    fn is_current(&self, seq: u64, key: u64) -> bool {
-        self.slab.get(key).is_some_and(|t| t.seq == seq)
+    /// The earliest live heap entry, left on top: dead entries found there (cancelled,
+    /// fired, or restarted earlier since) are dropped, and a postponed one moves to its
+    /// timer's deadline, until the top is an entry due when its timer is.
+    fn top(&mut self) -> Option<(Instant, u64, u64)> {
+        while let Some(mut top) = self.heap.peek_mut() {
+            let Reverse((deadline, seq, key)) = *top;
+            match self.slab.get_mut(key) {
+                Some(timer) if timer.queued == seq => {
+                    if timer.seq == seq {
+                        return Some((deadline, seq, key));
+                    }
+                    // Replacing the top sifts it down once (PeekMut), cheaper than a
+                    // pop and a push.
+                    timer.queued = timer.seq;
+                    *top = Reverse((timer.deadline, timer.seq, key));
+                }
+                _ => {
+                    PeekMut::pop(top);
+                }
+            }
+        }
+        None
     }
 
     pub(crate) fn cancel(&mut self, key: u64) -> bool {
@@ -108,29 +147,24 @@ impl<D: 'static> Timers<D> {
         self.slab.len()
     }
 
-    /// The nearest live deadline; drops cancelled entries found on top of the heap.
+    /// The nearest live deadline.
     pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
-        while let Some(&Reverse((deadline, seq, key))) = self.heap.peek() {
-            if self.is_current(seq, key) {
-                return Some(deadline);
-            }
-            self.heap.pop();
-        }
-        None
+        self.top().map(|(deadline, _, _)| deadline)
     }
 
     /// Moves the deadlines, arming numbers and keys of live timers due at `now` into
     /// `due`, earliest first. Timers armed by their callbacks are not in this batch, so a timer
     /// re-arming itself with a zero delay cannot keep one iteration busy forever.
     pub(crate) fn pop_due(&mut self, now: Instant, due: &mut Vec<(Instant, u64, u64)>) {
-        while let Some(&Reverse((deadline, seq, key))) = self.heap.peek() {
+        while let Some((deadline, seq, key)) = self.top() {
             if deadline > now {
                 break;
             }
             self.heap.pop();
-            if self.is_current(seq, key) {
-                due.push((deadline, seq, key));
+            if let Some(timer) = self.slab.get_mut(key) {
+                timer.queued = 0; // a restart from the batch pushes a new entry
             }
+            due.push((deadline, seq, key));
         }
     }
 
@@ -152,9 +186,13 @@ impl<D: 'static> Timers<D> {
         }
     }
 
-    /// Puts an entry of a due batch back on the heap (the batch was cut short).
+    /// Puts an entry of a due batch back on the heap (the batch was cut short), unless
+    /// its timer was cancelled or restarted since.
     pub(crate) fn requeue(&mut self, deadline: Instant, seq: u64, key: u64) {
-        self.heap.push(Reverse((deadline, seq, key)));
+        if let Some(timer) = self.slab.get_mut(key).filter(|t| t.seq == seq) {
+            timer.queued = seq;
+            self.heap.push(Reverse((deadline, seq, key)));
+        }
     }
 
     /// Puts a repeating timer back, unless its callback cancelled it. The next deadline
@@ -187,6 +225,8 @@ impl<D: 'static> Timers<D> {
         }
         self.next_seq += 1;
         timer.seq = self.next_seq;
+        timer.queued = timer.seq;
+        timer.deadline = next;
         self.heap.push(Reverse((next, timer.seq, key)));
     }
 }
@@ -238,5 +278,84 @@ mod tests {
             timers.heap.len()
         );
         assert_eq!(timers.slab.capacity(), 1, "one place, reused");
+    }
+
+    /// The keys of the timers due at `at`, in firing order.
+    fn due_at(timers: &mut Timers<()>, at: Instant) -> Vec<u64> {
+        let mut due = Vec::new();
+        timers.pop_due(at, &mut due);
+        due.iter().map(|&(_, _, key)| key).collect()
+    }
+
+    #[test]
+    fn a_later_restart_moves_the_entry_only_when_it_reaches_the_top() {
+        let mut timers = Timers::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let k = timers.insert(t0 + ms(10), once());
+        for i in 1..=100_000 {
+            assert!(timers.restart(k, t0 + ms(10) + Duration::from_nanos(i)));
+        }
+        assert_eq!(timers.heap.len(), 1, "pushed back 100,000 times, one entry");
+        let last = t0 + ms(10) + Duration::from_nanos(100_000);
+        assert_eq!(
+            timers.next_deadline(),
+            Some(last),
+            "the wait is for the last"
+        );
+        assert!(due_at(&mut timers, last - Duration::from_nanos(1)).is_empty());
+        assert_eq!(due_at(&mut timers, last), [k]);
+    }
+
+    #[test]
+    fn an_earlier_restart_fires_then_and_once() {
+        let mut timers = Timers::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let k = timers.insert(t0 + ms(20), once());
+        timers.restart(k, t0 + ms(10)); // earlier: a new entry, the old one dead
+        assert_eq!(timers.next_deadline(), Some(t0 + ms(10)));
+        timers.restart(k, t0 + ms(30)); // later again: postponed
+        assert_eq!(timers.next_deadline(), Some(t0 + ms(30)));
+        assert!(due_at(&mut timers, t0 + ms(29)).is_empty());
+        let mut due = Vec::new();
+        timers.pop_due(t0 + ms(40), &mut due);
+        let [(deadline, seq, key)] = due[..] else {
+            panic!("{} entries due, not one", due.len());
+        };
+        assert_eq!((deadline, key), (t0 + ms(30), k));
+        assert!(timers.take(k, seq).is_some() && timers.is_empty());
+        assert_eq!(timers.next_deadline(), None, "no entry left alive");
+    }
+
+    #[test]
+    fn equal_deadlines_fire_in_arming_order_a_restart_counting_as_one() {
+        let mut timers = Timers::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let a = timers.insert(t0 + ms(10), once());
+        let b = timers.insert(t0 + ms(20), once());
+        timers.restart(a, t0 + ms(20)); // postponed, armed after b
+        let c = timers.insert(t0 + ms(20), once());
+        assert_eq!(due_at(&mut timers, t0 + ms(20)), [b, a, c]);
+    }
+
+    #[test]
+    fn a_restart_from_its_due_batch_is_a_new_entry() {
+        let mut timers = Timers::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let k = timers.insert(t0, once());
+        let mut due = Vec::new();
+        timers.pop_due(t0, &mut due);
+        assert_eq!(due.len(), 1);
+        // An earlier callback of the batch pushes it back: it no longer fires in it.
+        assert!(timers.restart(k, t0 + ms(10)));
+        assert!(timers.take(k, due[0].1).is_none());
+        assert_eq!(timers.next_deadline(), Some(t0 + ms(10)));
+        // A batch cut short puts back only what is still due as it was.
+        timers.requeue(due[0].0, due[0].1, k);
+        assert_eq!(timers.heap.len(), 1, "the restarted arming is not requeued");
+        assert_eq!(due_at(&mut timers, t0 + ms(10)), [k]);
     }
 }
