@@ -274,6 +274,58 @@ fn api_restart_moves_a_pending_timer_and_keeps_its_callback(#[case] kind: Kind) 
     assert!(!lp.restart(timer, U), "a fired one-shot is gone");
 }
 
+/// An idle timeout pushed back on every event, as a connection's is on every read.
+#[derive(Default)]
+struct Idle {
+    timeout: Option<Timer>,
+    pushed_back: usize,
+    last_push: Option<Instant>,
+    fired: Vec<Instant>,
+}
+
+#[apply(backends)]
+fn api_a_timeout_pushed_back_on_every_event_fires_once_after_the_last(#[case] kind: Kind) {
+    let mut lp: Loop<Idle> = Loop::with_backend(kind).unwrap();
+    let idle = Duration::from_millis(30);
+    let timeout = lp.after(idle, |lp, idle| {
+        idle.fired.push(lp.now());
+        lp.stop(0);
+    });
+    // Twenty events 1 ms apart, each pushing the timeout 30 ms past itself: it must not
+    // fire between them, and fires once, 30 ms after the last.
+    lp.every(Duration::from_millis(1), move |lp, idle| {
+        if idle.pushed_back < 20 {
+            assert!(lp.restart(idle.timeout.unwrap(), Duration::from_millis(30)));
+            idle.pushed_back += 1;
+            idle.last_push = Some(lp.now());
+        }
+    })
+    .unwrap();
+    let mut state = Idle {
+        timeout: Some(timeout),
+        ..Idle::default()
+    };
+    lp.run(&mut state).unwrap();
+    assert_eq!(state.pushed_back, 20);
+    let [fired] = state.fired[..] else {
+        panic!("fired {} times", state.fired.len());
+    };
+    let after = fired.duration_since(state.last_push.unwrap());
+    assert!(after >= idle, "fired {after:?} after the last push");
+    // Pushed back, then brought forward: the earlier deadline holds.
+    let brought_forward = Instant::now();
+    assert!(!lp.restart(timeout, U), "a fired timeout is gone");
+    let timer = lp.after(Duration::from_secs(60), |lp, idle| {
+        idle.fired.push(lp.now());
+        lp.stop(0);
+    });
+    assert!(lp.restart(timer, Duration::from_secs(120)));
+    assert!(lp.restart(timer, Duration::from_millis(5)));
+    lp.run(&mut state).unwrap();
+    assert_eq!(state.fired.len(), 2);
+    assert!(state.fired[1].duration_since(brought_forward) < Duration::from_secs(30));
+}
+
 /// The ticks of a repeating timer, and its handle.
 #[derive(Default)]
 struct Ticks {
