@@ -53,6 +53,9 @@ mod process;
 pub mod server;
 mod signal;
 mod slab;
+#[cfg(feature = "supervisor")]
+#[cfg_attr(docsrs, doc(cfg(feature = "supervisor")))]
+pub mod supervisor;
 mod sys;
 mod timer;
 mod waker;

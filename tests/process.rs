@@ -451,9 +451,9 @@ fn server_graceful_timeout_never_kills_a_worker_that_reused_a_retired_workers_pi
             let exits: Exits = Rc::default();
             let first_pid = Rc::new(Cell::new(0));
             let mut config = Config::default();
-            config.listen = vec!["127.0.0.1:0".into()];
-            config.workers = 1;
-            config.graceful_timeout = GRACEFUL;
+            config.supervisor.listen = vec!["127.0.0.1:0".into()];
+            config.supervisor.workers = 1;
+            config.supervisor.graceful_timeout = GRACEFUL;
             let (e, f) = (exits.clone(), first_pid.clone());
             let f2 = first_pid.clone();
             let server = Server::new(config, |_: &mut Loop<Worker>, _: Request, _: Responder| {})

@@ -199,21 +199,22 @@ fn main() {
         .init();
     let Command::Serve(args) = Cli::parse().command;
     let mut config = Config::default();
-    config.listen = args.listen;
+    let supervisor = &mut config.supervisor;
+    supervisor.listen = args.listen;
     if let Some(workers) = args.workers {
-        config.workers = workers;
+        supervisor.workers = workers;
     }
-    config.backend = args.backend;
-    config.graceful_timeout = args.graceful_timeout;
-    config.heartbeat_timeout = args.heartbeat_timeout;
+    supervisor.backend = args.backend;
+    supervisor.graceful_timeout = args.graceful_timeout;
+    supervisor.heartbeat_timeout = args.heartbeat_timeout;
+    supervisor.max_requests = args.max_requests;
+    supervisor.max_requests_jitter = args.max_requests_jitter;
+    supervisor.pid_file = args.pid_file;
     config.header_timeout = args.header_timeout;
     config.body_timeout = args.body_timeout;
     config.keepalive_timeout = args.keepalive_timeout;
     config.max_body_size = args.max_body_size;
     config.max_header_size = args.max_header_size as usize;
-    config.max_requests = args.max_requests;
-    config.max_requests_jitter = args.max_requests_jitter;
-    config.pid_file = args.pid_file;
     config.access_log = args.access_log;
     let server = match args.app {
         App::Hello => Server::new(config, hello),
@@ -248,7 +249,7 @@ fn main() {
         }
         App::CrashAfterTheFirst => {
             static FORKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-            let first = config.workers;
+            let first = config.supervisor.workers;
             Server::new(config, hello)
                 .before_fork(|_| {
                     FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

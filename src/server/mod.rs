@@ -1,10 +1,10 @@
-//! A prefork HTTP/1.1 server on forkloop.
+//! A prefork HTTP/1.1 server on forkloop: the app of the [`supervisor`]
+//! that `forkloop serve` runs.
 //!
-//! The master binds the listeners, forks workers through [`Loop::fork`], and supervises
-//! them from its own loop with `watch_process` and `watch_signal`. Each worker serves
-//! connections accepted from the shared listeners on a fresh loop of its own, a
-//! `Loop<Worker>`: handlers get it, and may arm timers and watches on it (whose
-//! callbacks get the opaque [`Worker`] state as their data).
+//! The supervisor's master binds the listeners, forks the workers and supervises them.
+//! Each worker serves connections accepted from the shared listeners on a fresh loop of
+//! its own, a `Loop<Worker>`: handlers get it, and may arm timers and watches on it
+//! (whose callbacks get the opaque [`Worker`] state as their data).
 //!
 //! ```no_run
 //! use forkloop::server::{Config, Request, Responder, Response, Server, Worker};
@@ -15,26 +15,25 @@
 //! }
 //!
 //! let mut config = Config::default();
-//! config.listen = vec!["127.0.0.1:8080".into()];
+//! config.supervisor.listen = vec!["127.0.0.1:8080".into()];
 //! Server::new(config, app).run().unwrap();
 //! ```
 
 #[doc(hidden)]
 pub mod fuzz;
 mod http;
-mod listener;
-mod master;
+mod stream;
 mod worker;
 
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::Duration;
 
 pub use http::{Request, Response};
-pub use listener::Listener;
-pub use master::ServerError;
 pub use worker::{Responder, Worker};
 
-use crate::{Kind, Loop};
+use crate::supervisor::{self, Supervisor, SupervisorError};
+use crate::Loop;
 
 /// An HTTP application: answers each request through its [`Responder`], at once or
 /// later from the worker's loop (a timer, another fd) — one slow request never blocks
@@ -55,16 +54,10 @@ impl<F: Fn(&mut Loop<Worker>, Request, Responder) + 'static> Handler for F {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
-    /// `host:port` or `unix:/path`; several listeners are served by every worker.
-    pub listen: Vec<String>,
-    /// Number of workers.
-    pub workers: usize,
-    /// The backend of every loop; `None` for `FORKLOOP_BACKEND` or the best compiled in.
-    pub backend: Option<Kind>,
-    /// How long a draining worker may take before the master kills it.
-    pub graceful_timeout: Duration,
-    /// A worker silent for this long is killed and replaced.
-    pub heartbeat_timeout: Duration,
+    /// The supervisor's part: listeners, workers, timeouts, recycling, the pid file.
+    /// Its `backend` is every loop's, the workers' too; its `max_requests` counts
+    /// requests.
+    pub supervisor: supervisor::Config,
     /// A request head must arrive within this, counted from the accept on a new
     /// connection and from the first byte of each later request; else 408 and close
     /// (a new connection that sent nothing is closed without an answer).
@@ -81,50 +74,37 @@ pub struct Config {
     /// Largest request head accepted (else 431; a request line alone longer than this
     /// gets 414). Also bounds a chunked body's trailer section.
     pub max_header_size: usize,
-    /// Recycle a worker after this many requests (plus up to `max_requests_jitter`).
-    pub max_requests: Option<u64>,
-    /// Random extra requests per worker, so workers do not recycle all at once.
-    pub max_requests_jitter: u64,
-    /// Written atomically at start, refused if it names a live process, removed at exit.
-    pub pid_file: Option<PathBuf>,
     /// Requests are logged here, one line each; reopened on SIGUSR1.
     pub access_log: Option<PathBuf>,
-    /// Workers exiting before they become ready, in a row, before the master gives up.
-    pub startup_budget: u32,
 }
 
 impl Default for Config {
     fn default() -> Config {
         Config {
-            listen: vec!["127.0.0.1:8080".into()],
-            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            backend: None,
-            graceful_timeout: Duration::from_secs(30),
-            heartbeat_timeout: Duration::from_secs(30),
+            supervisor: supervisor::Config {
+                listen: vec!["127.0.0.1:8080".into()],
+                ..supervisor::Config::default()
+            },
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             max_body_size: 1024 * 1024,
             max_header_size: 16 * 1024,
-            max_requests: None,
-            max_requests_jitter: 0,
-            pid_file: None,
             access_log: None,
-            startup_budget: 5,
         }
     }
 }
 
-pub(crate) type MasterHook = Box<dyn Fn(usize)>;
-pub(crate) type WorkerExitHook = Box<dyn Fn(usize, libc::pid_t, std::process::ExitStatus)>;
+type ExitHook = Box<dyn Fn(usize, libc::pid_t, std::process::ExitStatus)>;
 
 /// The server: configure it, then [`Server::run`] the master until it shuts down.
 pub struct Server {
     config: Config,
     handler: Box<dyn Handler>,
-    before_fork: Option<MasterHook>,
-    after_fork: Option<MasterHook>,
-    on_worker_exit: Option<WorkerExitHook>,
+    listeners: Vec<supervisor::Listener>,
+    before_fork: Option<Box<dyn Fn(usize)>>,
+    after_fork: Option<Box<dyn Fn(usize)>>,
+    on_worker_exit: Option<ExitHook>,
 }
 
 impl Server {
@@ -133,10 +113,18 @@ impl Server {
         Server {
             config,
             handler: Box::new(handler),
+            listeners: Vec::new(),
             before_fork: None,
             after_fork: None,
             on_worker_exit: None,
         }
+    }
+
+    /// A listener bound elsewhere, served before the `listen` addresses; see
+    /// [`Supervisor::listener`].
+    pub fn listener(mut self, listener: impl Into<supervisor::Listener>) -> Server {
+        self.listeners.push(listener.into());
+        self
     }
 
     /// Runs in the master before each worker is forked, with the worker's slot number.
@@ -164,7 +152,38 @@ impl Server {
 
     /// Binds the listeners, forks the workers and supervises them until a TERM or INT
     /// (graceful) or a fatal error.
-    pub fn run(self) -> Result<(), ServerError> {
-        master::run(self)
+    pub fn run(self) -> Result<(), SupervisorError> {
+        let config = self.config;
+        if config.supervisor.listen.is_empty() && self.listeners.is_empty() {
+            return Err(SupervisorError::Config("no --listen address".into()));
+        }
+        let timeouts = [
+            ("--header-timeout", config.header_timeout),
+            ("--body-timeout", config.body_timeout),
+        ];
+        if let Some((flag, _)) = timeouts.iter().find(|(_, t)| t.is_zero()) {
+            return Err(SupervisorError::Config(format!(
+                "{flag} must be more than 0 s"
+            )));
+        }
+        let handler: Rc<dyn Handler> = Rc::from(self.handler);
+        let after_fork = self.after_fork;
+        let settings = config.clone();
+        let mut supervisor = Supervisor::new(config.supervisor, move |context| {
+            if let Some(hook) = &after_fork {
+                hook(context.slot);
+            }
+            worker::run(context, &settings, handler)
+        });
+        for listener in self.listeners {
+            supervisor = supervisor.listener(listener);
+        }
+        if let Some(hook) = self.before_fork {
+            supervisor = supervisor.before_fork(hook);
+        }
+        if let Some(hook) = self.on_worker_exit {
+            supervisor = supervisor.on_worker_exit(hook);
+        }
+        supervisor.run()
     }
 }

@@ -1,6 +1,6 @@
 //! A worker: serves HTTP/1.1 connections accepted from the shared listeners on a fresh
-//! loop, reports to the master over its pipe (ready, heartbeats, recycle requests), and
-//! drains on SIGTERM.
+//! loop, reports to the master over its link (ready, heartbeats, recycle requests), and
+//! drains when the supervisor's drain fd becomes readable (SIGTERM).
 //!
 //! The worker's state is its loop's data: a `Loop<Worker>`, whose callbacks all get
 //! `&mut Worker`. The loop owns the sockets — each listener and each connection's
@@ -16,22 +16,18 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::http::{Limits, Parsed, Parser, Request, Response, CONTINUE};
-use super::listener::{Listener, Stream};
+use super::stream::Stream;
 use super::{Config, Handler};
 use crate::id_map::IdMap;
+use crate::supervisor::{Listener, MasterLink, WorkerContext};
 use crate::{Interest, Io, Loop, Readiness, Timer, Waker};
-
-/// Messages a worker sends its master, one byte each.
-pub(crate) const READY: u8 = b'R';
-pub(crate) const HEARTBEAT: u8 = b'H';
-pub(crate) const RECYCLE: u8 = b'M';
 
 /// Requests answered per connection before the next is parsed (pipelining depth).
 pub(crate) const MAX_PIPELINED: usize = 32;
@@ -50,17 +46,6 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The interval of a connection's timer, which never fires by itself: it is restarted
 /// to the timeout the connection needs.
 const PARKED: Duration = Duration::MAX;
-
-/// What a worker needs from the master, borrowed across the fork.
-pub(crate) struct WorkerSetup<'a> {
-    pub slot: usize,
-    pub config: &'a Config,
-    pub handler: Rc<dyn Handler>,
-    pub after_fork: Option<&'a dyn Fn(usize)>,
-    pub master: UnixStream,
-    pub master_pid: libc::pid_t,
-    pub max_requests: Option<u64>,
-}
 
 /// Answers one request. Send exactly once, now or later from the loop; a responder
 /// dropped unsent answers 500 (at once if dropped during the handler call, else in the
@@ -403,63 +388,23 @@ pub struct Worker {
     date: (u64, String),
     access_log: Option<File>,
     access_log_path: Option<std::path::PathBuf>,
-    /// Written from anywhere (ready, heartbeats, recycle) and watched for the master's
-    /// EOF: shared with its watch.
-    master: Rc<UnixStream>,
+    link: MasterLink,
     handler: Rc<dyn Handler>,
     outbox: Rc<Outbox>,
 }
 
 /// The worker's main; its return value is the process's exit status.
-pub(crate) fn run(setup: WorkerSetup<'_>, listeners: Vec<Listener>) -> i32 {
-    if let Err(e) = die_with_master(setup.master_pid) {
-        eprintln!("forkloop worker {}: {e}", setup.slot);
-        return 1;
-    }
-    // Ctrl-C on the process group is for the master, which drains us with TERM.
-    // SAFETY: sets a disposition; no handler code runs.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-    if let Some(hook) = setup.after_fork {
-        hook(setup.slot);
-    }
-    let mut lp = match setup
-        .config
+pub(crate) fn run(context: WorkerContext, config: &Config, handler: Rc<dyn Handler>) -> i32 {
+    let slot = context.slot;
+    let served = config
+        .supervisor
         .backend
         .map_or_else(Loop::new, Loop::with_backend)
-    {
-        Ok(lp) => lp,
-        Err(e) => {
-            eprintln!("forkloop worker {}: {e}", setup.slot);
-            return 1;
-        }
-    };
-    match serve(&mut lp, setup, listeners) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("forkloop worker: {e}");
-            1
-        }
-    }
-}
-
-/// Linux: the kernel sends SIGKILL when the master dies. Elsewhere EOF on the master
-/// pipe does the job alone.
-fn die_with_master(master_pid: libc::pid_t) -> io::Result<()> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        // SAFETY: PR_SET_PDEATHSIG takes a signal number; no pointers.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    // The master may have died before prctl: then we have been re-parented already.
-    // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } != master_pid {
-        return Err(io::Error::other(
-            "the master exited before this worker started",
-        ));
-    }
-    Ok(())
+        .and_then(|mut lp| serve(&mut lp, context, config, handler));
+    served.unwrap_or_else(|e| {
+        eprintln!("forkloop worker {slot}: {e}");
+        1
+    })
 }
 
 impl Worker {
@@ -468,7 +413,7 @@ impl Worker {
         lp: &mut Loop<Worker>,
         config: &Config,
         handler: Rc<dyn Handler>,
-        master: Rc<UnixStream>,
+        link: MasterLink,
         max_requests: Option<u64>,
     ) -> crate::Result<Worker> {
         let (dropped, _) = lp.waker(|lp, w, answer| complete(lp, w, answer, None))?;
@@ -498,7 +443,7 @@ impl Worker {
                 None
             }),
             access_log_path: config.access_log.clone(),
-            master,
+            link,
             handler,
             outbox: Rc::new(outbox),
         })
@@ -507,45 +452,33 @@ impl Worker {
 
 fn serve(
     lp: &mut Loop<Worker>,
-    setup: WorkerSetup<'_>,
-    listeners: Vec<Listener>,
+    context: WorkerContext,
+    config: &Config,
+    handler: Rc<dyn Handler>,
 ) -> crate::Result<i32> {
-    let config = setup.config;
-    setup
-        .master
-        .set_nonblocking(true)
-        .map_err(|source| crate::Error::Create {
-            what: "the master pipe",
-            source,
-        })?;
-    let master = Rc::new(setup.master);
-    let mut worker = Worker::new(
-        lp,
-        config,
-        setup.handler,
-        Rc::clone(&master),
-        setup.max_requests,
-    )?;
-
-    lp.watch_signal(libc::SIGTERM, |lp, w, _| drain(lp, w))?;
+    let WorkerContext {
+        listeners,
+        link,
+        drain: drain_fd,
+        max_requests,
+        ..
+    } = context;
+    let mut worker = Worker::new(lp, config, handler, link.clone(), max_requests)?;
+    lp.watch_io(drain_fd, Interest::READ, |lp, w, _, _| drain(lp, w))?;
     lp.watch_signal(libc::SIGUSR1, |_, w, _| reopen_log(w))?;
-    lp.watch_io(master, Interest::READ, |lp, _, master, _| {
-        let mut buf = [0u8; 16];
-        let alive = matches!((&**master).read(&mut buf), Ok(1..) | Err(_));
-        if !alive {
-            log::warn!("worker {}: the master is gone; exiting", std::process::id());
-            lp.stop(1);
-        }
+    // The master writes nothing: the link is readable only at its EOF.
+    lp.watch_io(link.clone(), Interest::READ, |lp, _, _, _| {
+        log::warn!("worker {}: the master is gone; exiting", std::process::id());
+        lp.stop(1);
     })?;
-    let beat = (config.heartbeat_timeout / 4).max(Duration::from_millis(50));
-    lp.every(beat, |_, w| tell_master(w, HEARTBEAT))?;
+    link.beat_on(lp)?;
     for listener in listeners {
         let io = lp.watch_io(listener, Interest::READ, |lp, w, listener, _| {
             accept(lp, w, listener, ACCEPT_BATCH)
         })?;
         worker.listeners.push(io);
     }
-    tell_master(&worker, READY);
+    let _ = link.ready();
     let code = lp.run(&mut worker)?;
     // Leave nothing half-open behind.
     let ids: Vec<u64> = worker.conns.keys().copied().collect();
@@ -571,11 +504,6 @@ fn reopen_log(w: &mut Worker) {
     }
 }
 
-fn tell_master(w: &Worker, message: u8) {
-    // Non-blocking is not needed: one byte into a socket buffer the master drains.
-    let _ = (&*w.master).write(&[message]);
-}
-
 /// Out of fds: the listeners' watches wait for nothing for a moment, instead of
 /// spinning on listeners that stay readable.
 fn pause_accepting(lp: &mut Loop<Worker>, w: &Worker) {
@@ -596,7 +524,7 @@ fn resume_accepting(lp: &mut Loop<Worker>, w: &Worker) {
 
 fn accept(lp: &mut Loop<Worker>, w: &mut Worker, listener: &Listener, batch: usize) {
     for _ in 0..batch {
-        match listener.accept() {
+        match Stream::accept(listener) {
             Ok((stream, peer)) => add_conn(lp, w, stream, peer),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
@@ -792,7 +720,7 @@ fn dispatch(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, (request, seq): (Req
     }
     w.served += 1;
     if w.max_requests.is_some_and(|max| w.served == max) {
-        tell_master(w, RECYCLE);
+        let _ = w.link.recycle();
     }
 }
 
@@ -1066,9 +994,9 @@ fn one_connection(
     handler: Rc<dyn Handler>,
 ) -> io::Result<(Loop<Worker>, Worker, UnixStream)> {
     let mut lp = Loop::new().map_err(io::Error::other)?;
-    let (master, _master_end) = UnixStream::pair()?;
-    let mut worker =
-        Worker::new(&mut lp, config, handler, Rc::new(master), None).map_err(io::Error::other)?;
+    let (link, _master_end) = UnixStream::pair()?;
+    let link = MasterLink::new(link, Duration::MAX);
+    let mut worker = Worker::new(&mut lp, config, handler, link, None).map_err(io::Error::other)?;
     let (client, server) = UnixStream::pair()?;
     client.set_nonblocking(true)?;
     server.set_nonblocking(true)?;
@@ -1139,6 +1067,7 @@ pub(crate) fn drive_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     /// A worker serving one connection whose handler keeps each responder in `kept`,
     /// after the client sent one request and the handler ran.

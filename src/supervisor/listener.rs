@@ -1,27 +1,30 @@
-//! Listening sockets (TCP and Unix) and the streams they accept.
+//! Listening sockets: those the master binds from `--listen` addresses, and those
+//! handed in already bound.
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::io;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
 /// Connections a listener queues before the kernel refuses more.
 const BACKLOG: i32 = 1024;
 
-/// A bound, non-blocking listening socket shared by all workers.
+/// A listening socket every worker serves, as the std type it is, non-blocking.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Listener {
-    /// `host:port`.
+    /// A TCP listener (`host:port`).
     Tcp(TcpListener),
-    /// `unix:/path`.
-    Unix(UnixListener, PathBuf),
+    /// A Unix stream listener (`unix:/path`).
+    Unix(UnixListener),
 }
 
 impl Listener {
-    /// Binds `host:port` or `unix:/path`. A Unix socket file left by a dead server is
-    /// replaced; a live one, or a file at that path that is not a socket, is an error.
+    /// Binds `host:port` or `unix:/path`, non-blocking. A Unix socket file left by a
+    /// dead server is replaced; a live one, or a file at that path that is not a
+    /// socket, is an error.
     pub fn bind(address: &str) -> io::Result<Listener> {
         let listener = match address.strip_prefix("unix:") {
             Some("") => {
@@ -30,14 +33,18 @@ impl Listener {
                     "unix: needs a path, as in unix:/run/app.sock",
                 ))
             }
-            Some(path) => bind_unix(PathBuf::from(path))?,
+            Some(path) => Listener::Unix(bind_unix(PathBuf::from(path))?),
             None => Listener::Tcp(bind_tcp(address)?),
         };
-        match &listener {
-            Listener::Tcp(l) => l.set_nonblocking(true)?,
-            Listener::Unix(l, _) => l.set_nonblocking(true)?,
-        }
+        listener.set_nonblocking()?;
         Ok(listener)
+    }
+
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l) => l.set_nonblocking(true),
+        }
     }
 
     /// The bound address as `--listen` takes it (the real port if 0 was asked for).
@@ -46,31 +53,29 @@ impl Listener {
             Listener::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|_| "?".into(), |a| a.to_string()),
-            Listener::Unix(_, path) => format!("unix:{}", path.display()),
-        }
-    }
-
-    pub(crate) fn accept(&self) -> io::Result<(Stream, String)> {
-        match self {
-            Listener::Tcp(l) => {
-                let (stream, peer) = l.accept()?;
-                stream.set_nonblocking(true)?;
-                stream.set_nodelay(true)?;
-                Ok((Stream::Tcp(stream), peer.ip().to_string()))
-            }
-            Listener::Unix(l, _) => {
-                let (stream, _) = l.accept()?;
-                stream.set_nonblocking(true)?;
-                Ok((Stream::Unix(stream), "unix".into()))
+            Listener::Unix(l) => {
+                let path = l
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(Into::into));
+                path.map_or_else(
+                    || "unix:?".into(),
+                    |p: PathBuf| format!("unix:{}", p.display()),
+                )
             }
         }
     }
+}
 
-    /// Removes a Unix socket's file (the master does so at exit, never a worker).
-    pub(crate) fn unlink(&self) {
-        if let Listener::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path);
-        }
+impl From<TcpListener> for Listener {
+    fn from(listener: TcpListener) -> Listener {
+        Listener::Tcp(listener)
+    }
+}
+
+impl From<UnixListener> for Listener {
+    fn from(listener: UnixListener) -> Listener {
+        Listener::Unix(listener)
     }
 }
 
@@ -78,7 +83,7 @@ impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
             Listener::Tcp(l) => l.as_fd(),
-            Listener::Unix(l, _) => l.as_fd(),
+            Listener::Unix(l) => l.as_fd(),
         }
     }
 }
@@ -86,6 +91,62 @@ impl AsFd for Listener {
 impl AsRawFd for Listener {
     fn as_raw_fd(&self) -> RawFd {
         self.as_fd().as_raw_fd()
+    }
+}
+
+/// A listener of the master's, and the socket file it removes at exit (one it bound
+/// from `unix:/path`; never a handed-in one's).
+#[derive(Debug)]
+pub(crate) struct Bound {
+    pub listener: Listener,
+    pub unlink: Option<PathBuf>,
+}
+
+impl Bound {
+    /// Binds a `--listen` address.
+    pub fn bind(address: &str) -> io::Result<Bound> {
+        let listener = Listener::bind(address)?;
+        let unlink = address.strip_prefix("unix:").map(PathBuf::from);
+        Ok(Bound { listener, unlink })
+    }
+
+    /// A listener bound elsewhere, made non-blocking.
+    pub fn handed_in(listener: Listener) -> io::Result<Bound> {
+        listener.set_nonblocking()?;
+        Ok(Bound {
+            listener,
+            unlink: None,
+        })
+    }
+
+    /// At shutdown, before the workers drain: the kernel completes no new connection
+    /// on this socket from then on, and keeps those it already queued, which the
+    /// draining workers take in before they close their copies. So the last copy's
+    /// close resets no connection whose client already sent its request; a client
+    /// connecting later is refused once the socket is closed (its SYN is dropped until
+    /// then). Linux only, through a socket filter that drops every packet reaching the
+    /// listener (the queued connections' sockets have no filter). Elsewhere, a
+    /// connection completed between the last worker's last `accept` and its `close` is
+    /// reset.
+    pub fn refuse_new_connections(&self) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Listener::Tcp(listener) = &self.listener {
+            // BPF_RET | BPF_K with k = 0: keep 0 bytes of each packet, i.e. drop it.
+            const DROP: socket2::SockFilter = socket2::SockFilter::new(0x06, 0, 0, 0);
+            if let Err(e) = socket2::SockRef::from(listener).attach_filter(&[DROP]) {
+                log::warn!(
+                    "{}: cannot stop new connections: {e}",
+                    self.listener.address()
+                );
+            }
+        }
+    }
+
+    /// Removes the socket file the master bound (at exit, never from a worker).
+    pub fn unlink(&self) {
+        if let Some(path) = &self.unlink {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -110,7 +171,7 @@ fn bind_tcp(address: &str) -> io::Result<TcpListener> {
 /// Binds a Unix socket at `path`. A socket file no server answers on (left by a dead
 /// one) is replaced; anything else at `path` — a live socket, a regular file, a
 /// directory, a symlink — is an error naming it, and is never removed.
-fn bind_unix(path: PathBuf) -> io::Result<Listener> {
+fn bind_unix(path: PathBuf) -> io::Result<UnixListener> {
     match std::fs::symlink_metadata(&path) {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(io::Error::new(
@@ -146,10 +207,7 @@ fn bind_unix(path: PathBuf) -> io::Result<Listener> {
     let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
     socket.bind(&socket2::SockAddr::unix(&path)?)?;
     socket.listen(BACKLOG)?;
-    Ok(Listener::Unix(
-        UnixListener::from(std::os::fd::OwnedFd::from(socket)),
-        path,
-    ))
+    Ok(UnixListener::from(OwnedFd::from(socket)))
 }
 
 /// Connects to the Unix socket at `path` without blocking: `Ok` if a server accepted
@@ -162,70 +220,6 @@ fn probe_unix(path: &std::path::Path) -> io::Result<()> {
     match socket.connect(&socket2::SockAddr::unix(path)?) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
         other => other,
-    }
-}
-
-/// An accepted connection.
-pub(crate) enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Stream {
-    /// Reads through a shared reference, as std's `Read for &TcpStream` does: the loop
-    /// lends its sources only so.
-    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&*s).read(buf),
-            Stream::Unix(s) => (&*s).read(buf),
-        }
-    }
-
-    pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&*s).write(buf),
-            Stream::Unix(s) => (&*s).write(buf),
-        }
-    }
-
-    /// Whether the peer sent bytes this side has not read: closing now would make the
-    /// kernel answer them with a reset.
-    pub(crate) fn has_unread_input(&self) -> bool {
-        let mut byte = 0u8;
-        // SAFETY: receives into one live byte; MSG_PEEK leaves the data queued and
-        // MSG_DONTWAIT never blocks.
-        let peeked = unsafe {
-            libc::recv(
-                self.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        peeked > 0
-    }
-
-    /// Sends EOF to the peer; reading stays possible.
-    pub(crate) fn shutdown_write(&self) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
-            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
-        }
-    }
-}
-
-impl AsFd for Stream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Stream::Tcp(s) => s.as_fd(),
-            Stream::Unix(s) => s.as_fd(),
-        }
-    }
-}
-
-impl AsRawFd for Stream {
-    fn as_raw_fd(&self) -> RawFd {
-        self.as_fd().as_raw_fd()
     }
 }
 

@@ -13,18 +13,17 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::listener::Listener;
-use super::worker::{self, WorkerSetup, HEARTBEAT, READY, RECYCLE};
-use super::{Config, Handler, MasterHook, Server, WorkerExitHook};
+use super::listener::Bound;
+use super::worker::{become_worker, Birth, HEARTBEAT, READY, RECYCLE};
+use super::{Config, ExitHook, ForkHook, Supervisor, WorkerFn};
 use crate::{ForkOptions, Interest, Io, Loop, Timer};
 
-/// Why the server could not start or had to stop.
+/// Why the supervisor could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ServerError {
+pub enum SupervisorError {
     /// The configuration cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -93,11 +92,12 @@ struct WorkerInfo {
 /// The master's state: the data of its `Loop<Master>`.
 struct Master {
     config: Config,
-    handler: Rc<dyn Handler>,
-    before_fork: Option<MasterHook>,
-    after_fork: Option<MasterHook>,
-    on_worker_exit: Option<WorkerExitHook>,
-    listeners: Vec<Listener>,
+    /// Run by each worker, in its child (where it is taken from the child's copy of
+    /// this state); never in the master.
+    worker: Option<WorkerFn>,
+    before_fork: Option<ForkHook>,
+    on_worker_exit: Option<ExitHook>,
+    listeners: Vec<Bound>,
     /// Every worker not yet reaped (an entry leaves when its exit is reported).
     workers: HashMap<Slot, WorkerInfo>,
     target: usize,
@@ -110,25 +110,21 @@ struct Master {
     /// Some worker has become ready: from then on, workers that fail to start (a
     /// reload's) leave the ready ones serving instead of giving up.
     ever_ready: bool,
-    failure: Option<ServerError>,
+    failure: Option<SupervisorError>,
     backend: &'static str,
 }
 
-pub(crate) fn run(server: Server) -> Result<(), ServerError> {
-    let config = server.config;
+pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
+    let config = supervisor.config;
     if config.workers == 0 {
-        return Err(ServerError::Config("--workers must be at least 1".into()));
+        return Err(SupervisorError::Config(
+            "--workers must be at least 1".into(),
+        ));
     }
-    if config.listen.is_empty() {
-        return Err(ServerError::Config("no --listen address".into()));
-    }
-    let timeouts = [
-        ("--header-timeout", config.header_timeout),
-        ("--body-timeout", config.body_timeout),
-        ("--heartbeat-timeout", config.heartbeat_timeout),
-    ];
-    if let Some((flag, _)) = timeouts.iter().find(|(_, t)| t.is_zero()) {
-        return Err(ServerError::Config(format!("{flag} must be more than 0 s")));
+    if config.heartbeat_timeout.is_zero() {
+        return Err(SupervisorError::Config(
+            "--heartbeat-timeout must be more than 0 s".into(),
+        ));
     }
     let mut lp: Loop<Master> = config.backend.map_or_else(Loop::new, Loop::with_backend)?;
     let pid_file = config.pid_file.clone();
@@ -136,10 +132,9 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
     let mut master = Master {
         target: config.workers,
         config,
-        handler: Rc::from(server.handler),
-        before_fork: server.before_fork,
-        after_fork: server.after_fork,
-        on_worker_exit: server.on_worker_exit,
+        worker: Some(supervisor.worker),
+        before_fork: supervisor.before_fork,
+        on_worker_exit: supervisor.on_worker_exit,
         listeners: Vec::new(),
         workers: HashMap::new(),
         next_slot: 0,
@@ -155,13 +150,19 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
     // Signals first: one that arrives from here on is dispatched, not lost — and never
     // kills a master that already wrote its pid file.
     watch_signals(&mut lp)?;
+    for listener in supervisor.listeners {
+        let address = listener.address();
+        let bound = Bound::handed_in(listener)
+            .map_err(|source| SupervisorError::Bind { address, source })?;
+        master.listeners.push(bound);
+    }
     for address in &addresses {
-        let listener = Listener::bind(address).map_err(|source| ServerError::Bind {
+        let bound = Bound::bind(address).map_err(|source| SupervisorError::Bind {
             address: address.clone(),
             source,
         });
-        match listener {
-            Ok(listener) => master.listeners.push(listener),
+        match bound {
+            Ok(bound) => master.listeners.push(bound),
             Err(e) => {
                 unlink_sockets(&master);
                 return Err(e);
@@ -184,12 +185,12 @@ pub(crate) fn run(server: Server) -> Result<(), ServerError> {
 }
 
 fn unlink_sockets(m: &Master) {
-    for listener in &m.listeners {
-        listener.unlink();
+    for bound in &m.listeners {
+        bound.unlink();
     }
 }
 
-fn watch_signals(lp: &mut Loop<Master>) -> Result<(), ServerError> {
+fn watch_signals(lp: &mut Loop<Master>) -> Result<(), SupervisorError> {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         lp.watch_signal(signal, shutdown)?;
     }
@@ -201,18 +202,23 @@ fn watch_signals(lp: &mut Loop<Master>) -> Result<(), ServerError> {
     })?;
     lp.watch_signal(libc::SIGTTOU, |lp, m, _| fewer_workers(lp, m))?;
     lp.watch_signal(libc::SIGUSR1, |_, m, _| {
-        log::info!("USR1: workers reopen the access log");
+        log::info!("USR1: forwarded to the workers");
         signal_workers(m, libc::SIGUSR1, |_, _| true);
     })?;
     Ok(())
 }
 
-fn supervise(lp: &mut Loop<Master>, m: &mut Master) -> Result<(), ServerError> {
-    let check = (m.config.heartbeat_timeout / 4).max(Duration::from_millis(50));
+fn supervise(lp: &mut Loop<Master>, m: &mut Master) -> Result<(), SupervisorError> {
+    let check = heartbeat_interval(&m.config);
     lp.every(check, check_heartbeats)?;
     reconcile(lp, m);
     lp.run(m)?;
     Ok(())
+}
+
+/// How often workers beat, and the master checks on them: a quarter of the timeout.
+fn heartbeat_interval(config: &Config) -> Duration {
+    (config.heartbeat_timeout / 4).max(Duration::from_millis(50))
 }
 
 /// Forks workers until `target` of them are starting or serving.
@@ -238,7 +244,7 @@ fn spawn(
     lp: &mut Loop<Master>,
     m: &mut Master,
     replaces: Option<Slot>,
-) -> Result<Slot, ServerError> {
+) -> Result<Slot, SupervisorError> {
     let (master_end, worker_end) = UnixStream::pair().map_err(|source| crate::Error::Create {
         what: "a worker pipe",
         source,
@@ -263,17 +269,25 @@ fn spawn(
         // the master's death from that worker.
         drop(master_end.take());
         close_other_pipes(&m.workers);
-        let listeners = std::mem::take(&mut m.listeners);
-        let setup = WorkerSetup {
+        let birth = Birth {
             slot,
-            config: &m.config,
-            handler: Rc::clone(&m.handler),
-            after_fork: m.after_fork.as_deref(),
-            master: worker_end.take().expect("taken once"),
+            listeners: std::mem::take(&mut m.listeners)
+                .into_iter()
+                .map(|bound| bound.listener)
+                .collect(),
+            link: worker_end.take().expect("taken once"),
             master_pid,
+            heartbeat_interval: heartbeat_interval(&m.config),
             max_requests,
         };
-        worker::run(setup, listeners)
+        let worker = m.worker.take().expect("the master never runs a worker");
+        match become_worker(birth) {
+            Ok(context) => worker(context),
+            Err(e) => {
+                eprintln!("forkloop worker {slot}: {e}");
+                1
+            }
+        }
     })?;
     drop(worker_end);
     let master_end = master_end.expect("taken in the child only");
@@ -377,6 +391,7 @@ fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
         return;
     }
     w.state = State::Ready;
+    log::debug!("worker {} (slot {slot}) ready", w.pid);
     let replaces = w.replaces.take();
     m.startup_failures = 0;
     m.ever_ready = true;
@@ -390,10 +405,14 @@ fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
         .count();
     if !m.announced && ready >= m.target {
         m.announced = true;
-        let addresses: Vec<String> = m.listeners.iter().map(Listener::address).collect();
+        let addresses: Vec<String> = m.listeners.iter().map(|b| b.listener.address()).collect();
+        let listening = if addresses.is_empty() {
+            String::new()
+        } else {
+            format!("listening on {} with ", addresses.join(", "))
+        };
         log::info!(
-            "ready: listening on {} with workers: {}, on the {} backend (master pid {})",
-            addresses.join(", "),
+            "ready: {listening}workers: {}, on the {} backend (master pid {})",
             m.target,
             m.backend,
             std::process::id()
@@ -502,7 +521,7 @@ fn worker_exited(
         // server. Counting starts again, so the next attempt gets a full budget.
         m.startup_failures = 0;
     } else if m.startup_failures >= m.config.startup_budget {
-        let failure = ServerError::Startup {
+        let failure = SupervisorError::Startup {
             attempts: m.startup_failures,
             last: status,
         };
@@ -538,6 +557,10 @@ fn schedule_respawn(lp: &mut Loop<Master>, m: &mut Master, delay: Duration) {
 /// TERM/INT: drain every worker, exit when all are gone; SIGKILL after the graceful
 /// timeout. A second TERM/INT kills them at once.
 fn shutdown(lp: &mut Loop<Master>, m: &mut Master, signal: libc::c_int) {
+    // Before any worker drains: see `refuse_new_connections`.
+    for bound in &m.listeners {
+        bound.refuse_new_connections();
+    }
     if std::mem::replace(&mut m.shutting_down, true) {
         log::warn!("signal {signal} again: killing the workers now");
         signal_workers(m, libc::SIGKILL, |_, _| true);
@@ -599,23 +622,32 @@ fn fewer_workers(lp: &mut Loop<Master>, m: &mut Master) {
     }
 }
 
-/// Kills a worker silent for longer than the heartbeat timeout (or one that never
-/// became ready in that time); its exit is then handled like a crash.
+/// Kills a worker silent for longer than the heartbeat timeout, or not ready within
+/// it; its exit is then handled like a crash.
 fn check_heartbeats(lp: &mut Loop<Master>, m: &mut Master) {
     let (now, timeout) = (lp.now(), m.config.heartbeat_timeout);
     signal_workers(m, libc::SIGKILL, |slot, w| {
-        let quiet = now.saturating_duration_since(w.last_heard);
-        let stuck = w.state != State::Draining && quiet > timeout;
-        if stuck {
-            log::warn!("worker in slot {slot} sent no heartbeat for {timeout:?}; killing it");
+        let quiet = now.saturating_duration_since(w.last_heard) > timeout;
+        let late = now.saturating_duration_since(w.started) > timeout;
+        let why = match w.state {
+            State::Draining => None,
+            State::Starting if late => Some("was not ready within"),
+            _ if quiet => Some("sent no heartbeat for"),
+            _ => None,
+        };
+        if let Some(why) = why {
+            log::warn!(
+                "worker {} (slot {slot}) {why} {timeout:?}; killing it",
+                w.pid
+            );
         }
-        stuck
+        why.is_some()
     });
 }
 
 /// Writes the pid file atomically; refuses one that names a live process.
-fn write_pid_file(path: &Path) -> Result<(), ServerError> {
-    let error = |reason: String| ServerError::PidFile {
+fn write_pid_file(path: &Path) -> Result<(), SupervisorError> {
+    let error = |reason: String| SupervisorError::PidFile {
         path: path.to_owned(),
         reason,
     };

@@ -1,6 +1,8 @@
 //! Runs `forkloop serve` as a real process and talks HTTP to it.
 #![allow(dead_code)] // each test crate uses a different part
 
+pub mod load;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
@@ -21,7 +23,19 @@ pub struct Server {
 
 /// Starts `forkloop serve` on an ephemeral port with `args`, and waits for its ready line.
 pub fn start(args: &[&str]) -> Server {
-    let mut server = spawn(args);
+    ready(spawn(args))
+}
+
+/// Starts another program under forkloop's supervisor (an example, see [`example`])
+/// with `args`, and waits for its ready line.
+pub fn start_program(program: &std::path::Path, args: &[&str]) -> Server {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    ready(spawn_command(cmd))
+}
+
+/// Waits for the master's ready line, and takes the first listener's address from it.
+fn ready(mut server: Server) -> Server {
     let line = server.wait_for("ready: listening on");
     let addr = line
         .split("listening on ")
@@ -40,6 +54,26 @@ pub fn binary() -> std::ffi::OsString {
     std::env::var_os("FORKLOOP_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_forkloop").into())
 }
 
+/// An example of the forkloop package, as this build made it: cargo builds them with
+/// the workspace's tests (`cargo test --workspace --all-features`, or nextest), not
+/// with this package's alone.
+pub fn example(name: &str) -> std::path::PathBuf {
+    let test = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<test> -> target/<profile>/examples/<name>
+    let profile = test
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
+    let path = profile.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the workspace's tests (cargo test --workspace --all-features), \
+         or build it first (cargo build --all-features --example {name})",
+        path.display()
+    );
+    path
+}
+
 /// Starts `forkloop serve` without waiting for it to become ready.
 pub fn spawn(args: &[&str]) -> Server {
     let mut cmd = Command::new(binary());
@@ -50,15 +84,20 @@ pub fn spawn(args: &[&str]) -> Server {
     if !args.contains(&"--workers") {
         cmd.args(["--workers", "2"]);
     }
+    cmd.args(args);
+    spawn_command(cmd)
+}
+
+/// Runs `cmd` in a process group of its own, its stderr read line by line.
+pub fn spawn_command(mut cmd: Command) -> Server {
     let mut child = cmd
-        .args(args)
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
-        .expect("spawning forkloop serve");
+        .expect("spawning the server");
     let stderr = child.stderr.take().unwrap();
     let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {

@@ -1,0 +1,207 @@
+//! A prefork supervisor for any app: forkloop's own HTTP server, a tokio or axum app,
+//! or blocking code.
+//!
+//! The master binds the listeners (or takes them already bound), forks the workers
+//! through [`Loop::fork`](crate::Loop::fork), and supervises them from a forkloop loop
+//! of its own. It never builds an async runtime, so each worker can build its own after
+//! the fork, as tokio requires. A worker is any `FnOnce(WorkerContext) -> i32`; it runs
+//! in the forked child, and what it returns is the child's exit status.
+//!
+//! ```no_run
+//! use std::io::Write;
+//! use std::time::{Duration, Instant};
+//! use forkloop::supervisor::{Config, Listener, Supervisor, WorkerContext};
+//!
+//! // Blocking code: answers each connection with this worker's pid, and drains on TERM.
+//! fn worker(ctx: WorkerContext) -> i32 {
+//!     let WorkerContext { listeners, link, drain, .. } = ctx;
+//!     let Some(Listener::Tcp(listener)) = listeners.into_iter().next() else {
+//!         return 1;
+//!     };
+//!     link.ready().unwrap();
+//!     let mut beat = Instant::now();
+//!     while !drain.is_draining() {
+//!         match listener.accept() {
+//!             Ok((mut client, _)) => {
+//!                 let _ = writeln!(client, "{}", std::process::id());
+//!             }
+//!             Err(_) => std::thread::sleep(Duration::from_millis(5)), // none queued
+//!         }
+//!         if beat.elapsed() >= link.heartbeat_interval() {
+//!             let _ = link.heartbeat();
+//!             beat = Instant::now();
+//!         }
+//!     }
+//!     0
+//! }
+//!
+//! let mut config = Config::default();
+//! config.listen = vec!["127.0.0.1:7000".into()];
+//! Supervisor::new(config, worker).run().unwrap();
+//! ```
+//!
+//! # What the supervisor does
+//!
+//! - It forks `workers` workers and keeps that many serving: one that exits or is
+//!   killed is replaced at once, and a crash loop backs off (50 ms doubling to 5 s).
+//!   Workers that exit before they become ready, `startup_budget` times in a row, make
+//!   the master give up with [`SupervisorError::Startup`], unless some worker has been
+//!   ready before: then what failed is a reload, and the ready workers keep serving.
+//! - A worker silent for `heartbeat_timeout` (or not ready within it) is killed and
+//!   replaced.
+//! - In each child, before the worker's function runs: on Linux the kernel is asked to
+//!   kill the worker if the master dies; `SIGINT` is ignored (Ctrl-C reaches the whole
+//!   process group, and is the master's); `SIGUSR1` is ignored unless the worker
+//!   watches it; `SIGTERM` makes [`WorkerContext::drain`] readable.
+//! - Signals to the master: `TERM`/`INT` drain every worker and exit once all are gone
+//!   (a second one kills them at once); `HUP` forks a replacement for every worker, and
+//!   drains each old one only once its replacement is ready; `TTIN`/`TTOU` add or
+//!   retire a worker (never below one); `USR1` is forwarded to every worker.
+//! - A worker that asks to be recycled ([`MasterLink::recycle`]) is replaced the way
+//!   `HUP` replaces it.
+//! - A draining worker still running after `graceful_timeout` is killed.
+//!
+//! # What a worker must do
+//!
+//! 1. Serve the [`WorkerContext::listeners`] (they are non-blocking, shared by every
+//!    worker), then call [`MasterLink::ready`]. Nothing counts it as serving before.
+//! 2. Call [`MasterLink::heartbeat`] at least every
+//!    [`MasterLink::heartbeat_interval`], from the code that serves (a forkloop loop
+//!    does it with [`MasterLink::beat_on`]; a tokio app from a task on its runtime), so
+//!    that a stuck worker is found.
+//! 3. When [`WorkerContext::drain`] becomes readable: stop accepting, finish what is in
+//!    flight, and return (0) within the graceful timeout.
+//! 4. Optionally, count its work and call [`MasterLink::recycle`] at
+//!    [`WorkerContext::max_requests`].
+//!
+//! # The protocol, for a worker in any runtime
+//!
+//! The link is a Unix stream socket (one per worker). The worker writes one byte per
+//! message: `R` (ready), `H` (heartbeat), `M` (recycle); the master reads them all and
+//! counts any byte as a sign of life. The master writes nothing; its end closes when it
+//! dies, which makes the link readable at EOF. The master drains a worker with
+//! `SIGTERM`, and kills it with `SIGKILL` (heartbeat missed, graceful timeout over, or
+//! a second `TERM` to the master).
+//!
+//! # Fork safety
+//!
+//! The worker runs inside a [`Loop::fork`](crate::Loop::fork) child, which gives it the
+//! fork contract of the README: the master's loop is never touched there, and locks
+//! held by the master's other threads at the fork (stdout, stderr, the loop's own) are
+//! released. The drain's `SIGTERM` handler is `signal-hook`'s; a master that registered
+//! `signal-hook` handlers of its own from several threads should not: its registry's
+//! lock could be copied held into the child.
+
+mod listener;
+mod master;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use listener::Listener;
+pub use master::SupervisorError;
+pub use worker::{Drain, MasterLink, WorkerContext};
+
+use crate::Kind;
+
+/// How the supervisor runs. `Config::default()`: no listeners of its own, one worker
+/// per CPU, the best backend compiled in.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// `host:port` or `unix:/path` addresses the master binds (a Unix socket's file is
+    /// removed at exit), served by every worker after those handed in with
+    /// [`Supervisor::listener`].
+    pub listen: Vec<String>,
+    /// Number of workers.
+    pub workers: usize,
+    /// The master's loop backend; `None` for `FORKLOOP_BACKEND` or the best compiled in.
+    pub backend: Option<Kind>,
+    /// How long a draining worker may take before the master kills it.
+    pub graceful_timeout: Duration,
+    /// A worker silent for this long (or not ready within it) is killed and replaced.
+    pub heartbeat_timeout: Duration,
+    /// Each worker's [`WorkerContext::max_requests`]: recycle after this many requests
+    /// (plus up to `max_requests_jitter`).
+    pub max_requests: Option<u64>,
+    /// Random extra requests per worker, so workers do not recycle all at once.
+    pub max_requests_jitter: u64,
+    /// Written atomically at start, refused if it names a live process, removed at exit.
+    pub pid_file: Option<PathBuf>,
+    /// Workers exiting before they become ready, in a row, before the master gives up.
+    pub startup_budget: u32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: Vec::new(),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            backend: None,
+            graceful_timeout: Duration::from_secs(30),
+            heartbeat_timeout: Duration::from_secs(30),
+            max_requests: None,
+            max_requests_jitter: 0,
+            pid_file: None,
+            startup_budget: 5,
+        }
+    }
+}
+
+type WorkerFn = Box<dyn FnOnce(WorkerContext) -> i32>;
+type ForkHook = Box<dyn Fn(usize)>;
+type ExitHook = Box<dyn Fn(usize, libc::pid_t, std::process::ExitStatus)>;
+
+/// The master: configure it, then [`Supervisor::run`] it until it shuts down.
+pub struct Supervisor {
+    config: Config,
+    listeners: Vec<Listener>,
+    worker: WorkerFn,
+    before_fork: Option<ForkHook>,
+    on_worker_exit: Option<ExitHook>,
+}
+
+impl Supervisor {
+    /// A supervisor whose workers each run `worker` (in the forked child: the master
+    /// never calls it).
+    pub fn new(config: Config, worker: impl FnOnce(WorkerContext) -> i32 + 'static) -> Supervisor {
+        Supervisor {
+            config,
+            listeners: Vec::new(),
+            worker: Box::new(worker),
+            before_fork: None,
+            on_worker_exit: None,
+        }
+    }
+
+    /// A listener bound elsewhere (by the app, or handed over by systemd), served by
+    /// every worker; made non-blocking. The master never removes its socket file.
+    pub fn listener(mut self, listener: impl Into<Listener>) -> Supervisor {
+        self.listeners.push(listener.into());
+        self
+    }
+
+    /// Runs in the master before each worker is forked, with the worker's slot.
+    pub fn before_fork(mut self, hook: impl Fn(usize) + 'static) -> Supervisor {
+        self.before_fork = Some(Box::new(hook));
+        self
+    }
+
+    /// Runs in the master when a worker exits, with its slot, pid and status. Not run
+    /// for a worker whose status other code of the master took first (a `waitpid(-1)`
+    /// of its own): that is logged as a warning, and the worker is replaced as usual.
+    pub fn on_worker_exit(
+        mut self,
+        hook: impl Fn(usize, libc::pid_t, std::process::ExitStatus) + 'static,
+    ) -> Supervisor {
+        self.on_worker_exit = Some(Box::new(hook));
+        self
+    }
+
+    /// Binds the listeners, forks the workers and supervises them until a `TERM` or
+    /// `INT` (graceful) or a fatal error.
+    pub fn run(self) -> Result<(), SupervisorError> {
+        master::run(self)
+    }
+}

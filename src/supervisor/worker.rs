@@ -1,0 +1,214 @@
+//! The worker's side of the supervisor: what a worker process gets (its
+//! [`WorkerContext`]), and how the master's child becomes one before the app runs.
+
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+use super::Listener;
+use crate::{Loop, Timer};
+
+/// The messages of the link, worker to master, one byte each.
+pub(crate) const READY: u8 = b'R';
+pub(crate) const HEARTBEAT: u8 = b'H';
+pub(crate) const RECYCLE: u8 = b'M';
+
+/// What a worker process gets from its supervisor: the app's `FnOnce(WorkerContext) ->
+/// i32` runs with it in the forked child, and its return value is the child's exit
+/// status. Take it apart and move each piece where it is used.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct WorkerContext {
+    /// The worker's slot: a number never reused in the master's life.
+    pub slot: usize,
+    /// The listeners to serve, each shared with every other worker (the kernel hands
+    /// each connection to one accepting worker). Non-blocking.
+    pub listeners: Vec<Listener>,
+    /// The way to the master: ready, heartbeats, recycling.
+    pub link: MasterLink,
+    /// Readable once the worker must drain.
+    pub drain: Drain,
+    /// How many requests (or jobs: whatever the app counts) this worker should serve
+    /// before it asks to be recycled, jitter included; `None` for no limit. The
+    /// supervisor does not count: the app calls [`MasterLink::recycle`].
+    pub max_requests: Option<u64>,
+}
+
+/// The worker's end of its link to the master, a Unix stream socket. Clone it into any
+/// thread or task: it is `Send + Sync`, and each message is one byte, written whole.
+///
+/// Writes fail with `BrokenPipe` once the master is gone (forkloop's programs ignore
+/// `SIGPIPE`, as every Rust binary does by default), and the link becomes readable at
+/// EOF: a worker that watches it learns of its master's death even where the kernel
+/// does not tell it (on Linux the kernel kills the workers of a dead master).
+#[derive(Clone, Debug)]
+pub struct MasterLink {
+    socket: Arc<UnixStream>,
+    heartbeat_interval: Duration,
+}
+
+impl MasterLink {
+    pub(crate) fn new(socket: UnixStream, heartbeat_interval: Duration) -> MasterLink {
+        MasterLink {
+            socket: Arc::new(socket),
+            heartbeat_interval,
+        }
+    }
+
+    /// Tells the master this worker serves. Until then it is starting: not counted as
+    /// serving, and the worker it replaces (on HUP or recycling) keeps serving. A worker
+    /// that is not ready within the heartbeat timeout is killed.
+    pub fn ready(&self) -> io::Result<()> {
+        self.send(READY)
+    }
+
+    /// One heartbeat. Send one at least every [`MasterLink::heartbeat_interval`], from
+    /// the code that does the work (the event loop's thread, not a thread of its own),
+    /// so that a stuck worker stops beating and is replaced.
+    pub fn heartbeat(&self) -> io::Result<()> {
+        self.send(HEARTBEAT)
+    }
+
+    /// Asks to be replaced: the master forks a new worker, and drains this one once the
+    /// new one is ready (the overlap path of HUP). This worker serves on until then.
+    pub fn recycle(&self) -> io::Result<()> {
+        self.send(RECYCLE)
+    }
+
+    /// How often to beat: a quarter of the master's heartbeat timeout.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
+    }
+
+    /// Beats every [`MasterLink::heartbeat_interval`] from a forkloop loop: a timer
+    /// whose callback runs on the loop's thread, so a loop stuck in a callback stops
+    /// beating. Cancel it with [`Loop::cancel`].
+    pub fn beat_on<D: 'static>(&self, lp: &mut Loop<D>) -> crate::Result<Timer> {
+        let link = self.clone();
+        lp.every(self.heartbeat_interval, move |_, _| {
+            let _ = link.heartbeat();
+        })
+    }
+
+    fn send(&self, message: u8) -> io::Result<()> {
+        // A one-byte write to a stream socket is whole or not at all, and blocks only
+        // on a buffer the master has not read for some 100,000 messages.
+        (&*self.socket).write_all(&[message])
+    }
+}
+
+impl AsFd for MasterLink {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+/// Readable once the worker must drain: stop accepting, finish what is in flight, and
+/// return from the worker's function within the master's graceful timeout (then it is
+/// killed). It stays readable from then on; nothing needs to read it.
+///
+/// It is the read end of a pipe that a `SIGTERM` handler writes to (through
+/// `signal-hook`, whose registry chains handlers: an app that also watches `SIGTERM`
+/// with tokio's `signal` module gets it too). The master drains a worker with
+/// `SIGTERM`, and so can an operator.
+///
+/// With tokio, wait on it with `AsyncFd::register_with_interest(drain, Interest::READABLE)`
+/// and `.readable().await` (examples/axum_prefork.rs); with a forkloop
+/// loop, watch it with `watch_io(drain, Interest::READ, …)`; in blocking code, call
+/// [`Drain::wait`] in a thread, or [`Drain::is_draining`] between jobs.
+#[derive(Debug)]
+pub struct Drain {
+    fd: OwnedFd,
+}
+
+impl Drain {
+    /// A pipe whose read end becomes readable at the first `SIGTERM`.
+    fn on_sigterm() -> io::Result<Drain> {
+        let (read, write) = crate::sys::pipe()?;
+        signal_hook::low_level::pipe::register(libc::SIGTERM, write)?;
+        Ok(Drain { fd: read })
+    }
+
+    /// Whether the drain has begun (the fd is readable now).
+    pub fn is_draining(&self) -> bool {
+        self.poll(PollTimeout::ZERO)
+    }
+
+    /// Blocks until the drain begins.
+    pub fn wait(&self) {
+        while !self.poll(PollTimeout::NONE) {}
+    }
+
+    fn poll(&self, timeout: PollTimeout) -> bool {
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        // EINTR (a signal, the drain's own included) counts as not readable yet: the
+        // caller asks again.
+        nix::poll::poll(&mut fds, timeout).is_ok_and(|n| n > 0)
+    }
+}
+
+impl AsFd for Drain {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Drain {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// What the master hands a new worker, in the child.
+pub(crate) struct Birth {
+    pub slot: usize,
+    pub listeners: Vec<Listener>,
+    pub link: UnixStream,
+    pub master_pid: libc::pid_t,
+    pub heartbeat_interval: Duration,
+    pub max_requests: Option<u64>,
+}
+
+/// Makes the forked child a worker: it dies with the master, leaves Ctrl-C to the
+/// master, survives a forwarded `SIGUSR1` it does not watch, and drains on `SIGTERM`.
+pub(crate) fn become_worker(birth: Birth) -> io::Result<WorkerContext> {
+    die_with_master(birth.master_pid)?;
+    for signal in [libc::SIGINT, libc::SIGUSR1] {
+        // SIGINT: Ctrl-C reaches the whole process group, and is for the master, which
+        // drains the workers with SIGTERM. SIGUSR1: the master forwards it to every
+        // worker, whose default action would be to die of it. A watch of either (a
+        // forkloop loop's, tokio's) replaces this.
+        // SAFETY: sets a disposition; no handler code runs.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
+    }
+    Ok(WorkerContext {
+        slot: birth.slot,
+        listeners: birth.listeners,
+        link: MasterLink::new(birth.link, birth.heartbeat_interval),
+        drain: Drain::on_sigterm()?,
+        max_requests: birth.max_requests,
+    })
+}
+
+/// Linux: the kernel sends SIGKILL when the master dies. Elsewhere the link's EOF
+/// tells a worker that watches it.
+fn die_with_master(master_pid: libc::pid_t) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // SAFETY: PR_SET_PDEATHSIG takes a signal number; no pointers.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // The master may have died before prctl: then we have been re-parented already.
+    if nix::unistd::getppid().as_raw() != master_pid {
+        return Err(io::Error::other(
+            "the master exited before this worker started",
+        ));
+    }
+    Ok(())
+}
