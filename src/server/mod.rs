@@ -30,7 +30,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 pub use http::{Request, Response};
-pub use worker::{Responder, Worker};
+pub use worker::{RemoteResponder, Responder, Worker};
 
 use crate::supervisor::{self, Supervisor, SupervisorError};
 use crate::Loop;

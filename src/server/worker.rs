@@ -47,9 +47,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// to the timeout the connection needs.
 const PARKED: Duration = Duration::MAX;
 
-/// Answers one request. Send exactly once, now or later from the loop; a responder
-/// dropped unsent answers 500 (at once if dropped during the handler call, else in the
-/// loop's next iteration).
+/// Answers one request. Send exactly once, now or later from the loop, or from another
+/// thread through [`Responder::into_remote`]; a responder dropped unsent answers 500 (at
+/// once if dropped during the handler call, else in the loop's next iteration).
 pub struct Responder {
     outbox: Rc<Outbox>,
     conn: u64,
@@ -72,9 +72,10 @@ struct Outbox {
     /// takes in as soon as the call returns.
     in_call: Cell<bool>,
     held: Cell<Vec<Answer>>,
-    /// For a responder dropped unsent outside a handler call: its `Drop` has no loop at
-    /// hand, so it wakes the loop (from the loop's own thread) with its 500.
-    dropped: Waker<Answer>,
+    /// For an answer that comes without the loop at hand: a [`RemoteResponder`]'s
+    /// (from any thread), or the 500 of a responder dropped unsent outside a handler
+    /// call. It wakes the loop, which writes the answer in the iteration that wakes.
+    remote: Waker<Answer>,
 }
 
 impl Outbox {
@@ -105,6 +106,55 @@ impl Responder {
             lp.later(move |lp, w| complete(lp, w, answer, None));
         }
     }
+
+    /// This responder as one that is `Send`: hand it, with the request, to another
+    /// thread (a pool for blocking work, a client of another service), and answer from
+    /// there. The answer wakes the worker's loop through its cross-thread waker, and is
+    /// written in the iteration that wakes; the loop goes on serving the worker's other
+    /// connections (and beating its heartbeat) meanwhile.
+    pub fn into_remote(mut self) -> RemoteResponder {
+        self.sent = true; // the remote responder owes the answer now
+        RemoteResponder {
+            remote: self.outbox.remote.clone(),
+            conn: self.conn,
+            seq: self.seq,
+            sent: false,
+        }
+    }
+}
+
+/// A [`Responder`] for another thread ([`Responder::into_remote`]). Send exactly once;
+/// dropped unsent, it answers 500.
+pub struct RemoteResponder {
+    remote: Waker<Answer>,
+    conn: u64,
+    seq: u64,
+    sent: bool,
+}
+
+impl RemoteResponder {
+    /// Sends `response` for this request, from any thread. If the worker is gone (its
+    /// loop, and the connection with it), the answer is dropped.
+    pub fn send(mut self, response: Response) {
+        self.sent = true;
+        self.deliver(Some(response));
+    }
+
+    fn deliver(&self, response: Option<Response>) {
+        let _ = self.remote.send(Answer {
+            conn: self.conn,
+            seq: self.seq,
+            response,
+        });
+    }
+}
+
+impl Drop for RemoteResponder {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.deliver(None);
+        }
+    }
 }
 
 impl Drop for Responder {
@@ -119,7 +169,7 @@ impl Drop for Responder {
         };
         if let Some(answer) = self.outbox.hold(answer) {
             // Refused only once the loop is gone, and its connections with it.
-            let _ = self.outbox.dropped.send(answer);
+            let _ = self.outbox.remote.send(answer);
         }
     }
 }
@@ -416,11 +466,11 @@ impl Worker {
         link: MasterLink,
         max_requests: Option<u64>,
     ) -> crate::Result<Worker> {
-        let (dropped, _) = lp.waker(|lp, w, answer| complete(lp, w, answer, None))?;
+        let (remote, _) = lp.waker(|lp, w, answer| complete(lp, w, answer, None))?;
         let outbox = Outbox {
             in_call: Cell::new(false),
             held: Cell::default(),
-            dropped,
+            remote,
         };
         let access_log = config.access_log.as_deref().map(open_log).transpose();
         Ok(Worker {
@@ -1127,6 +1177,26 @@ mod tests {
     fn a_responder_dropped_outside_its_handler_call_still_answers_500() {
         let (mut lp, mut worker, mut client, responder) = kept_responder();
         drop(responder); // outside any callback: the waker brings the 500 in
+        let reply = reply(&mut lp, &mut worker, &mut client, "Internal Server Error\n");
+        assert!(reply.starts_with("HTTP/1.1 500 "), "{reply:?}");
+    }
+
+    #[test]
+    fn a_remote_responder_answers_from_another_thread() {
+        let (mut lp, mut worker, mut client, responder) = kept_responder();
+        let remote = responder.into_remote();
+        std::thread::spawn(move || remote.send(Response::text(200, "from a thread")))
+            .join()
+            .unwrap();
+        let reply = reply(&mut lp, &mut worker, &mut client, "from a thread");
+        assert!(reply.starts_with("HTTP/1.1 200 "), "{reply:?}");
+    }
+
+    #[test]
+    fn a_remote_responder_dropped_unsent_in_another_thread_answers_500() {
+        let (mut lp, mut worker, mut client, responder) = kept_responder();
+        let remote = responder.into_remote();
+        std::thread::spawn(move || drop(remote)).join().unwrap();
         let reply = reply(&mut lp, &mut worker, &mut client, "Internal Server Error\n");
         assert!(reply.starts_with("HTTP/1.1 500 "), "{reply:?}");
     }
