@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use clap::Parser;
-use forkloop::server::{Config, RemoteResponder, Request, Responder, Response, Server, Worker};
+use forkloop::server::http::StatusCode;
+use forkloop::server::{query, text, Config, RemoteResponder, Request, Responder, Server, Worker};
 use forkloop::Loop;
 
 #[derive(Parser)]
@@ -51,7 +52,7 @@ impl Pool {
                 };
                 log::debug!("a job starts in the pool: {ms} ms");
                 std::thread::sleep(Duration::from_millis(ms));
-                responder.send(Response::text(200, format!("slept {ms} ms in the pool")));
+                responder.send(text(StatusCode::OK, format!("slept {ms} ms in the pool")));
             });
         }
         Pool {
@@ -71,18 +72,20 @@ fn main() {
     // Made in each worker at its first job: threads are never forked.
     let pool = OnceLock::new();
     let app = move |lp: &mut Loop<Worker>, request: Request, responder: Responder| {
-        let ms = request.query("ms").and_then(|ms| ms.parse::<u64>().ok());
-        match (request.path(), ms) {
+        let ms = query(&request, "ms").and_then(|ms| ms.parse::<u64>().ok());
+        match (request.uri().path(), ms) {
             ("/sleep", Some(ms)) if ms <= 60_000 => {
                 let pool = pool.get_or_init(|| Pool::new(threads));
                 let job = (ms, responder.into_remote());
                 if let Err(mpsc::SendError((_, responder))) = pool.jobs.lock().unwrap().send(job) {
-                    responder.send(Response::text(503, "the pool is gone\n"));
+                    responder.send(text(StatusCode::SERVICE_UNAVAILABLE, "the pool is gone\n"));
                 }
             }
-            ("/sleep", _) => responder.send(lp, Response::text(400, "ms must be 0..=60000\n")),
-            ("/pid", _) => responder.send(lp, Response::text(200, std::process::id().to_string())),
-            _ => responder.send(lp, Response::text(200, "Hello, World!")),
+            ("/sleep", _) => {
+                responder.send(lp, text(StatusCode::BAD_REQUEST, "ms must be 0..=60000\n"))
+            }
+            ("/pid", _) => responder.send(lp, text(StatusCode::OK, std::process::id().to_string())),
+            _ => responder.send(lp, text(StatusCode::OK, "Hello, World!")),
         }
     };
     if let Err(e) = Server::new(config, app).run() {

@@ -87,7 +87,7 @@ fn worker(ctx: WorkerContext, slow: Duration, mode: Mode) -> i32 {
     if mode != Mode::NeverReady {
         link.ready().expect("the master is there");
     }
-    eprintln!("worker {slot} serving: pid {}", std::process::id());
+    say(format!("worker {slot} serving: pid {}", std::process::id()));
     let mut served = 0;
     let mut beat = Instant::now();
     loop {
@@ -117,7 +117,7 @@ fn worker(ctx: WorkerContext, slow: Duration, mode: Mode) -> i32 {
             }
         }
         if draining {
-            eprintln!("worker {slot} drained after {served} connections");
+            say(format!("worker {slot} drained after {served} connections"));
             return 0;
         }
     }
@@ -141,11 +141,17 @@ fn serve_one(listener: &Listener, slot: usize, slow: Duration) -> bool {
         return false;
     };
     if !slow.is_zero() {
-        eprintln!("worker {slot} holds a connection for {slow:?}");
+        say(format!("worker {slot} holds a connection for {slow:?}"));
         std::thread::sleep(slow);
     }
     let _ = writeln!(client, "{} {slot}", std::process::id());
     true
+}
+
+/// One line on stderr in one write, so that the lines of the master's and the
+/// workers' (which share the pipe) never interleave mid-line.
+fn say(line: String) {
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 fn recycle_at(link: &MasterLink, served: u64, max_requests: Option<u64>) {

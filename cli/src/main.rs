@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use forkloop::server::{Config, Request, Responder, Response, Server, Worker};
+use forkloop::server::http::header::{self, HeaderValue};
+use forkloop::server::http::{Method, StatusCode};
+use forkloop::server::{query, text, Config, Request, Responder, Response, Server, Worker};
 use forkloop::{Kind, Loop};
 
 const SIGNALS: &str = "\
@@ -125,56 +127,85 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s}: {e}"))
 }
 
+/// A response with `status`, `body` and one header.
+fn with_header(
+    status: StatusCode,
+    body: &str,
+    name: &'static str,
+    value: &'static str,
+) -> Response {
+    let mut response = text(status, body);
+    response
+        .headers_mut()
+        .append(name, HeaderValue::from_static(value));
+    response
+}
+
 /// A 405, with the `Allow` header RFC 9110 §15.5.6 requires.
-fn not_allowed(allow: &str) -> Response {
-    Response::text(405, "method not allowed\n").header("Allow", allow)
+fn not_allowed(allow: &'static str) -> Response {
+    with_header(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed\n",
+        "allow",
+        allow,
+    )
 }
 
 /// The built-in app: `GET /`, `GET /pid`, `POST /echo`, `GET /sleep?ms=N`.
 fn hello(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
-    let response = match (request.method.as_str(), request.path()) {
-        ("GET" | "HEAD", "/") => Response::text(200, "Hello, World!"),
-        ("GET" | "HEAD", "/pid") => Response::text(200, std::process::id().to_string()),
-        ("POST", "/echo") => {
-            Response::new(200, request.body).header("Content-Type", "application/octet-stream")
+    let get = matches!(*request.method(), Method::GET | Method::HEAD);
+    let response = match (request.method(), request.uri().path()) {
+        (_, "/") if get => text(StatusCode::OK, "Hello, World!"),
+        (_, "/pid") if get => text(StatusCode::OK, std::process::id().to_string()),
+        (&Method::POST, "/echo") => {
+            let mut echo = Response::new(request.into_body());
+            let binary = HeaderValue::from_static("application/octet-stream");
+            echo.headers_mut().insert(header::CONTENT_TYPE, binary);
+            echo
         }
-        ("GET", "/sleep") => match request.query("ms").and_then(|ms| ms.parse().ok()) {
+        (&Method::GET, "/sleep") => match query(&request, "ms").and_then(|ms| ms.parse().ok()) {
             Some(ms) => {
                 // Answered later from the loop: the worker serves others meanwhile.
                 lp.after(Duration::from_millis(ms), move |lp, _| {
-                    responder.send(lp, Response::text(200, format!("slept {ms} ms")));
+                    responder.send(lp, text(StatusCode::OK, format!("slept {ms} ms")));
                 });
                 return;
             }
-            None => Response::text(400, "usage: /sleep?ms=N\n"),
+            None => text(StatusCode::BAD_REQUEST, "usage: /sleep?ms=N\n"),
         },
         // RFC 9110 §9.3.7: OPTIONS * asks about the server itself.
-        ("OPTIONS", "*") => Response::new(204, "").header("Allow", "GET, HEAD, POST, OPTIONS"),
+        (&Method::OPTIONS, "*") => with_header(
+            StatusCode::NO_CONTENT,
+            "",
+            "allow",
+            "GET, HEAD, POST, OPTIONS",
+        ),
         (_, "/" | "/pid") => not_allowed("GET, HEAD"),
         (_, "/echo") => not_allowed("POST"),
         (_, "/sleep") => not_allowed("GET"),
-        _ => Response::text(404, "not found\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     responder.send(lp, response);
 }
 
-/// `--app hostile-responses`: what a buggy handler may write, by path.
+/// `--app hostile-responses`: what a buggy handler may write, by path. (A header name
+/// or value with CR, LF or NUL, and a status below 100 or above 999, cannot be built:
+/// the `http` crate's types refuse them.)
 fn hostile(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
-    let ok = |name: &str, value: &str| Response::text(200, "hi").header(name, value);
-    let response = match request.path() {
-        "/header-crlf" => ok("X-Bad", "a\r\nInjected: 1"),
-        "/header-nul" => ok("X-Bad", "a\0b"),
-        "/header-name-space" => ok("Bad Name", "v"),
-        "/status-99" => Response::text(99, "hi"),
-        "/status-101" => Response::text(101, "hi"),
-        "/status-1000" => Response::text(1000, "hi"),
-        "/cl-wrong" => ok("Content-Length", "999"),
-        "/cl-right" => ok("Content-Length", "2"),
-        "/te" => ok("Transfer-Encoding", "chunked"),
-        "/connection-close" => ok("Connection", "close"),
-        "/connection-keep-alive" => ok("Connection", "keep-alive"),
-        "/no-content-body" => Response::new(204, "x"),
-        "/no-content" => Response::new(204, ""),
+    let ok = |name, value| with_header(StatusCode::OK, "hi", name, value);
+    let response = match request.uri().path() {
+        "/status-101" => text(StatusCode::SWITCHING_PROTOCOLS, "hi"),
+        "/cl-wrong" => ok("content-length", "999"),
+        "/cl-right" => ok("content-length", "2"),
+        "/te" => ok("transfer-encoding", "chunked"),
+        "/connection-close" => ok("connection", "close"),
+        "/connection-keep-alive" => ok("connection", "keep-alive"),
+        "/no-content-body" => text(StatusCode::NO_CONTENT, "x"),
+        "/no-content" => {
+            let mut empty = Response::new(Vec::new());
+            *empty.status_mut() = StatusCode::NO_CONTENT;
+            empty
+        }
         "/drop" => {
             // Dropped outside the handler call, from the loop's next iteration.
             lp.later(move |_, _| drop(responder));
@@ -270,7 +301,10 @@ fn main() {
         ),
         App::Panicky => Server::new(
             config,
-            |lp: &mut Loop<Worker>, request: Request, responder: Responder| match request.path() {
+            |lp: &mut Loop<Worker>, request: Request, responder: Responder| match request
+                .uri()
+                .path()
+            {
                 "/panic" => panic!("the handler panics on purpose"),
                 "/block" => loop {
                     std::hint::spin_loop();

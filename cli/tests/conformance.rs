@@ -1230,17 +1230,10 @@ fn hostile_responses_cannot_break_the_framing() {
         (got.first() != Some(&want)).then(|| format!("expected {want}, got {got:?}"))
     };
 
-    for path in [
-        "/header-crlf",
-        "/header-nul",
-        "/header-name-space",
-        "/status-99",
-        "/status-1000",
-        "/status-101",
-        "/cl-wrong",
-        "/te",
-        "/no-content-body",
-    ] {
+    // A header with CR, LF or NUL, a name with a space, a status below 100 or above
+    // 999: the handler cannot build them (the http crate's types refuse them), and the
+    // unit tests of src/server/h1/response.rs show it.
+    for path in ["/status-101", "/cl-wrong", "/te", "/no-content-body"] {
         let (conn, stop, _) = ask(&get(path), false);
         let mut problems: Vec<String> = status_is(&conn, 500).into_iter().collect();
         for forbidden in [&b"Injected"[..], b"\0", b"Bad Name"] {

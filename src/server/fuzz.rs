@@ -29,11 +29,14 @@ const CUTS_MARKER: &[u8] = b"\0#cuts\0";
 /// (so pipelined answers complete out of order); a HEAD answer says so in `X-Head`, as
 /// its `Content-Length` then describes a body that is not sent.
 fn app(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
-    let mut response = Response::new(200, request.body.clone());
-    if request.method == "HEAD" {
-        response = response.header("X-Head", "1");
+    let later = request.uri().path() == "/later";
+    let head = request.method() == ::http::Method::HEAD;
+    let mut response = Response::new(request.into_body());
+    if head {
+        let marked = ::http::HeaderValue::from_static("1");
+        response.headers_mut().insert("x-head", marked);
     }
-    if request.path() == "/later" {
+    if later {
         lp.later(move |lp, _| responder.send(lp, response));
     } else {
         responder.send(lp, response);

@@ -6,12 +6,19 @@
 //! its own, a `Loop<Worker>`: handlers get it, and may arm timers and watches on it
 //! (whose callbacks get the opaque [`Worker`] state as their data).
 //!
+//! Requests and responses are the [`http`] crate's types (re-exported as
+//! `forkloop::server::http`), with the body as bytes; the peer's address is in the
+//! request's extensions ([`Peer`]).
+//!
 //! ```no_run
-//! use forkloop::server::{Config, Request, Responder, Response, Server, Worker};
+//! use forkloop::server::http::StatusCode;
+//! use forkloop::server::{text, Config, Peer, Request, Responder, Server, Worker};
 //! use forkloop::Loop;
 //!
 //! fn app(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
-//!     responder.send(lp, Response::text(200, format!("you asked for {}", request.target)));
+//!     let peer = request.extensions().get::<Peer>().copied();
+//!     let body = format!("{peer:?} asked for {}", request.uri());
+//!     responder.send(lp, text(StatusCode::OK, body));
 //! }
 //!
 //! let mut config = Config::default();
@@ -21,7 +28,7 @@
 
 #[doc(hidden)]
 pub mod fuzz;
-mod http;
+mod h1;
 mod stream;
 mod worker;
 
@@ -29,7 +36,9 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-pub use http::{Request, Response};
+/// The `http` crate, whose types the handler gets and gives.
+pub use ::http;
+pub use h1::{query, text, Peer, Request, Response};
 pub use worker::{RemoteResponder, Responder, Worker};
 
 use crate::supervisor::{self, Supervisor, SupervisorError};

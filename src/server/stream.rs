@@ -5,6 +5,7 @@ use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use super::h1::Peer;
 use crate::supervisor::Listener;
 
 /// An accepted connection.
@@ -14,20 +15,19 @@ pub(crate) enum Stream {
 }
 
 impl Stream {
-    /// Accepts a connection, non-blocking (with Nagle off, for TCP), and its peer's
-    /// address for the access log.
-    pub(crate) fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
+    /// Accepts a connection, non-blocking (with Nagle off, for TCP), and its peer.
+    pub(crate) fn accept(listener: &Listener) -> io::Result<(Stream, Peer)> {
         match listener {
             Listener::Tcp(l) => {
                 let (stream, peer) = l.accept()?;
                 stream.set_nonblocking(true)?;
                 stream.set_nodelay(true)?;
-                Ok((Stream::Tcp(stream), peer.ip().to_string()))
+                Ok((Stream::Tcp(stream), Peer::Tcp(peer)))
             }
             Listener::Unix(l) => {
                 let (stream, _) = l.accept()?;
                 stream.set_nonblocking(true)?;
-                Ok((Stream::Unix(stream), "unix".into()))
+                Ok((Stream::Unix(stream), Peer::Unix))
             }
         }
     }

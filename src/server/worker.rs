@@ -22,12 +22,13 @@ use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::http::{Limits, Parsed, Parser, Request, Response, CONTINUE};
+use super::h1::{self, Limits, Parsed, Parser, Peer, Request, Response, CONTINUE};
 use super::stream::Stream;
 use super::{Config, Handler};
 use crate::id_map::IdMap;
 use crate::supervisor::{Listener, MasterLink, WorkerContext};
 use crate::{Interest, Io, Loop, Readiness, Timer, Waker};
+use ::http::StatusCode;
 
 /// Requests answered per connection before the next is parsed (pipelining depth).
 pub(crate) const MAX_PIPELINED: usize = 32;
@@ -215,7 +216,7 @@ struct Conn {
     timer: Timer,
     /// The timeout `timer` counts; `None`: none, and a firing is ignored.
     timer_kind: Option<TimerKind>,
-    peer: String,
+    peer: Peer,
     parser: Parser,
     slots: VecDeque<Slot>,
     first_seq: u64,
@@ -595,7 +596,7 @@ fn accept(lp: &mut Loop<Worker>, w: &mut Worker, listener: &Listener, batch: usi
     }
 }
 
-fn add_conn(lp: &mut Loop<Worker>, w: &mut Worker, stream: Stream, peer: String) {
+fn add_conn(lp: &mut Loop<Worker>, w: &mut Worker, stream: Stream, peer: Peer) {
     w.next_conn += 1;
     let id = w.next_conn;
     let watched = lp.watch_io(stream, Interest::READ, move |lp, w, stream, ready| {
@@ -720,6 +721,14 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Strea
                 let keep_alive =
                     request.keep_alive && !w.draining && !w.keepalive_timeout.is_zero();
                 let head = request.method == "HEAD";
+                let request = match request.into_request(conn.peer) {
+                    Ok(request) => request,
+                    Err(why) => {
+                        log::debug!("{}: refused: {why}", conn.peer);
+                        answer_and_close(w, id, 400, why);
+                        break;
+                    }
+                };
                 conn.slots.push_back(Slot::Pending {
                     head,
                     keep_alive,
@@ -784,7 +793,7 @@ fn complete(lp: &mut Loop<Worker>, w: &mut Worker, answer: Answer, current: Opti
     } = answer;
     let response = response.unwrap_or_else(|| {
         log::error!("connection {id}: a responder was dropped unsent; answering 500");
-        Response::text(500, "Internal Server Error\n")
+        internal_error()
     });
     if fill(w, id, seq, response) && current != Some(id) {
         drive(lp, w, id, None);
@@ -820,20 +829,23 @@ fn fill(w: &mut Worker, id: u64, seq: u64, response: Response) -> bool {
     // every request already handed to the app is answered.
     let keep_alive = keep_alive && !(w.draining && index + 1 == conn.slots.len());
     let date = http_date(&mut w.date);
-    let mut bytes = Vec::with_capacity(response.body.len() + 160);
-    let (status, length, keep_alive) = match response.encode(&mut bytes, head, keep_alive, date) {
-        Ok(keep_alive) => (response.status, response.body.len(), keep_alive),
+    let mut bytes = Vec::with_capacity(response.body().len() + 160);
+    let encoded = h1::encode(&response, &mut bytes, head, keep_alive, date);
+    let (status, length, keep_alive) = match encoded {
+        Ok(keep_alive) => (response.status(), response.body().len(), keep_alive),
         Err(why) => {
             log::error!(
                 "{}: the handler's response is invalid ({why}); answering 500",
                 conn.peer
             );
-            let fallback = Response::text(500, "Internal Server Error\n");
+            let fallback = internal_error();
             // The server's own response always encodes.
-            let keep_alive = fallback.encode(&mut bytes, head, keep_alive, date);
-            (500, fallback.body.len(), keep_alive.unwrap_or(false))
+            let keep_alive = h1::encode(&fallback, &mut bytes, head, keep_alive, date);
+            let length = fallback.body().len();
+            (fallback.status(), length, keep_alive.unwrap_or(false))
         }
     };
+    let status = status.as_u16();
     if let (Some(log), Some(line)) = (&mut w.access_log, line) {
         let _ = writeln!(
             log,
@@ -971,15 +983,22 @@ fn answer_and_close(w: &mut Worker, id: u64, status: u16, why: &str) {
         return;
     };
     let mut bytes = Vec::new();
-    let response = Response::text(status, format!("{why}\n"));
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let response = h1::text(code, format!("{why}\n"));
     // A status and text of the server's own always encode.
-    let _ = response.encode(&mut bytes, false, false, date);
+    let _ = h1::encode(&response, &mut bytes, false, false, date);
     conn.slots.push_back(Slot::Ready { bytes, close: true });
     conn.no_more_requests = true;
     if let Some(log) = &mut w.access_log {
-        let length = response.body.len();
+        let length = response.body().len();
         let _ = writeln!(log, "{} - - [{date}] \"-\" {status} {length}", conn.peer);
     }
+}
+
+/// The 500 the server answers for a handler that failed (panicked, dropped its
+/// responder, or gave a response that would break the framing).
+fn internal_error() -> Response {
+    h1::text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error\n")
 }
 
 fn close(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
@@ -1050,7 +1069,7 @@ fn one_connection(
     let (client, server) = UnixStream::pair()?;
     client.set_nonblocking(true)?;
     server.set_nonblocking(true)?;
-    add_conn(&mut lp, &mut worker, Stream::Unix(server), "test".into());
+    add_conn(&mut lp, &mut worker, Stream::Unix(server), Peer::Unix);
     Ok((lp, worker, client))
 }
 
@@ -1182,10 +1201,39 @@ mod tests {
     }
 
     #[test]
+    fn the_handler_gets_the_http_crates_request_with_its_peer() {
+        /// The request line, the peer and the body the handler saw.
+        type Seen = Option<(String, Option<Peer>, Vec<u8>)>;
+        let seen: Rc<Cell<Seen>> = Rc::default();
+        let stash = seen.clone();
+        let handler = move |lp: &mut Loop<Worker>, request: Request, responder: Responder| {
+            let peer = request.extensions().get::<Peer>().copied();
+            let target = format!(
+                "{} {} {:?}",
+                request.method(),
+                request.uri(),
+                request.version()
+            );
+            stash.set(Some((target, peer, request.into_body())));
+            responder.send(lp, h1::text(StatusCode::OK, "ok"));
+        };
+        let (mut lp, mut worker, mut client) =
+            one_connection(&Config::default(), Rc::new(handler)).unwrap();
+        client
+            .write_all(b"POST /a?b=c HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
+            .unwrap();
+        reply(&mut lp, &mut worker, &mut client, "ok");
+        let (target, peer, body) = seen.take().expect("the handler ran");
+        assert_eq!(target, "POST /a?b=c HTTP/1.0");
+        assert_eq!(peer, Some(Peer::Unix));
+        assert_eq!(body, b"hi");
+    }
+
+    #[test]
     fn a_remote_responder_answers_from_another_thread() {
         let (mut lp, mut worker, mut client, responder) = kept_responder();
         let remote = responder.into_remote();
-        std::thread::spawn(move || remote.send(Response::text(200, "from a thread")))
+        std::thread::spawn(move || remote.send(h1::text(StatusCode::OK, "from a thread")))
             .join()
             .unwrap();
         let reply = reply(&mut lp, &mut worker, &mut client, "from a thread");
@@ -1204,7 +1252,7 @@ mod tests {
     #[test]
     fn an_answer_sent_outside_its_connections_callback_is_written() {
         let (mut lp, mut worker, mut client, responder) = kept_responder();
-        responder.send(&mut lp, Response::text(200, "later\n"));
+        responder.send(&mut lp, h1::text(StatusCode::OK, "later\n"));
         let reply = reply(&mut lp, &mut worker, &mut client, "later\n");
         assert!(reply.starts_with("HTTP/1.1 200 "), "{reply:?}");
         let conn = worker.conns.values().next().expect("kept alive");
@@ -1219,7 +1267,7 @@ mod tests {
         for send in [true, false] {
             let (mut lp, mut worker, mut client, responder) = kept_responder();
             let (status, body) = if send {
-                responder.send(&mut lp, Response::text(200, "later\n"));
+                responder.send(&mut lp, h1::text(StatusCode::OK, "later\n"));
                 ("HTTP/1.1 200 ", "later\n")
             } else {
                 drop(responder);

@@ -4,7 +4,7 @@
 //! than in a strict parser.
 
 use super::syntax::{has_bare_lf, is_tchar, is_token, is_valid_host, list_elements, trim_ows};
-use super::{refuse, Limits, Refusal, Request, MAX_HEADERS};
+use super::{refuse, Incoming, Limits, Refusal, MAX_HEADERS};
 
 /// How the body of a request is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,7 +17,7 @@ pub(crate) enum Framing {
 /// client waits for `100 Continue`, and how many bytes of input it took.
 #[derive(Debug)]
 pub(crate) struct Head {
-    pub request: Request,
+    pub request: Incoming,
     pub framing: Framing,
     pub expect_continue: bool,
     pub len: usize,
@@ -87,7 +87,7 @@ pub(crate) fn parse(buf: &[u8], limits: &Limits) -> Result<Option<Head>, Refusal
             None => headers.push(("Host".into(), authority.into_bytes())),
         }
     }
-    let request = Request {
+    let request = Incoming {
         method: line.method,
         target: line.target,
         minor_version: line.minor_version,
