@@ -26,6 +26,7 @@
 //! Server::new(config, app).run().unwrap();
 //! ```
 
+mod body;
 #[doc(hidden)]
 pub mod fuzz;
 mod h1;
@@ -38,6 +39,7 @@ use std::time::Duration;
 
 /// The `http` crate, whose types the handler gets and gives.
 pub use ::http;
+pub use body::{BodySender, StreamEnded};
 pub use h1::{query, text, Peer, Request, Response};
 pub use worker::{RemoteResponder, Responder, Worker};
 

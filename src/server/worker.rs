@@ -22,7 +22,8 @@ use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::h1::{self, Limits, Parsed, Parser, Peer, Request, Response, CONTINUE};
+use super::body::{BodySender, Shared, StreamEnded, LOW_WATER};
+use super::h1::{self, Framing, Limits, Parsed, Parser, Peer, Request, Response, CONTINUE};
 use super::stream::Stream;
 use super::{Config, Handler};
 use crate::id_map::IdMap;
@@ -60,10 +61,29 @@ pub struct Responder {
 
 /// A request's answer on its way to its connection; `None` for a responder dropped
 /// unsent, which owes a 500.
-struct Answer {
+pub(crate) struct Answer {
     conn: u64,
     seq: u64,
     response: Option<Response>,
+}
+
+/// What the worker's waker brings from outside the loop.
+pub(crate) enum Reply {
+    /// A [`RemoteResponder`]'s answer, or the 500 of a responder dropped unsent outside
+    /// a handler call.
+    Answer(Answer),
+    /// A stream's sender was dropped unfinished outside the loop: its connection is to
+    /// be driven (and closed).
+    Wake { conn: u64 },
+}
+
+/// A handler's answer, whole or streamed, for the worker to take in.
+enum Given {
+    Whole(Answer),
+    Stream {
+        head: ::http::Response<()>,
+        shared: Rc<Shared>,
+    },
 }
 
 /// How answers reach the worker's state, which a [`Responder`] does not have (it gets
@@ -72,21 +92,22 @@ struct Outbox {
     /// Whether a handler call is running: its answers wait in `held`, which the worker
     /// takes in as soon as the call returns.
     in_call: Cell<bool>,
-    held: Cell<Vec<Answer>>,
-    /// For an answer that comes without the loop at hand: a [`RemoteResponder`]'s
-    /// (from any thread), or the 500 of a responder dropped unsent outside a handler
-    /// call. It wakes the loop, which writes the answer in the iteration that wakes.
-    remote: Waker<Answer>,
+    held: Cell<Vec<Given>>,
+    /// For what comes without the loop at hand: a [`RemoteResponder`]'s answer (from
+    /// any thread), the 500 of a responder dropped unsent outside a handler call, a
+    /// stream's sender dropped outside it. It wakes the loop, which takes it in in the
+    /// iteration that wakes.
+    remote: Waker<Reply>,
 }
 
 impl Outbox {
-    /// Keeps `answer` for the worker while a handler call runs; else hands it back.
-    fn hold(&self, answer: Answer) -> Option<Answer> {
+    /// Keeps `given` for the worker while a handler call runs; else hands it back.
+    fn hold(&self, given: Given) -> Option<Given> {
         if !self.in_call.get() {
-            return Some(answer);
+            return Some(given);
         }
         let mut held = self.held.take();
-        held.push(answer);
+        held.push(given);
         self.held.set(held);
         None
     }
@@ -101,11 +122,29 @@ impl Responder {
             seq: self.seq,
             response: Some(response),
         };
-        if let Some(answer) = self.outbox.hold(answer) {
+        if let Some(given) = self.outbox.hold(Given::Whole(answer)) {
             // From a callback of the app's (a timer, another fd): taken in, and
             // written, at the end of this iteration.
-            lp.later(move |lp, w| complete(lp, w, answer, None));
+            lp.later(move |lp, w| take_in(lp, w, given, None));
         }
+    }
+
+    /// Starts a streamed response: `head` (its status and headers; a `Content-Length`
+    /// in it fixes the body's length, else the body is chunked) goes out as soon as
+    /// every earlier answer on the connection has, and the body follows as the
+    /// [`BodySender`] sends it. Server-sent events are one: a `text/event-stream` head,
+    /// then one send per event.
+    pub fn stream(mut self, lp: &mut Loop<Worker>, head: ::http::Response<()>) -> BodySender {
+        self.sent = true;
+        let shared = Shared::new(self.conn, self.seq, self.outbox.remote.clone());
+        let given = Given::Stream {
+            head,
+            shared: Rc::clone(&shared),
+        };
+        if let Some(given) = self.outbox.hold(given) {
+            lp.later(move |lp, w| take_in(lp, w, given, None));
+        }
+        BodySender::new(shared)
     }
 
     /// This responder as one that is `Send`: hand it, with the request, to another
@@ -127,7 +166,7 @@ impl Responder {
 /// A [`Responder`] for another thread ([`Responder::into_remote`]). Send exactly once;
 /// dropped unsent, it answers 500.
 pub struct RemoteResponder {
-    remote: Waker<Answer>,
+    remote: Waker<Reply>,
     conn: u64,
     seq: u64,
     sent: bool,
@@ -142,11 +181,11 @@ impl RemoteResponder {
     }
 
     fn deliver(&self, response: Option<Response>) {
-        let _ = self.remote.send(Answer {
+        let _ = self.remote.send(Reply::Answer(Answer {
             conn: self.conn,
             seq: self.seq,
             response,
-        });
+        }));
     }
 }
 
@@ -168,9 +207,9 @@ impl Drop for Responder {
             seq: self.seq,
             response: None,
         };
-        if let Some(answer) = self.outbox.hold(answer) {
+        if let Some(Given::Whole(answer)) = self.outbox.hold(Given::Whole(answer)) {
             // Refused only once the loop is gone, and its connections with it.
-            let _ = self.outbox.remote.send(answer);
+            let _ = self.outbox.remote.send(Reply::Answer(answer));
         }
     }
 }
@@ -180,11 +219,21 @@ enum Slot {
     Pending {
         head: bool,
         keep_alive: bool,
+        /// The request was HTTP/1.0 (a streamed answer cannot be chunked).
+        http10: bool,
         /// The request line, kept only when there is an access log to write it to.
         line: Option<String>,
     },
     /// Ready to go out once every earlier slot has.
     Ready { bytes: Vec<u8>, close: bool },
+    /// A streamed answer: its head (until it goes into the output), then the body its
+    /// sender sends, framed as it goes out. Later answers wait until it is finished.
+    Streaming {
+        head: Vec<u8>,
+        shared: Rc<Shared>,
+        framing: Framing,
+        close: bool,
+    },
 }
 
 impl Slot {
@@ -193,8 +242,60 @@ impl Slot {
         match self {
             Slot::Pending { line, .. } => line.as_ref().map_or(0, String::len),
             Slot::Ready { bytes, .. } => bytes.len(),
+            Slot::Streaming { head, shared, .. } => head.len() + shared.pending_len(),
         }
     }
+}
+
+/// What a stream is after its sent bytes went into the output.
+enum StreamState {
+    /// More may come.
+    Open,
+    /// The body is complete.
+    Finished,
+    /// The body is cut short (its sender was dropped unfinished, or it broke its
+    /// `Content-Length`): the connection is to close without ending it.
+    Cut,
+}
+
+/// Frames what a stream's sender sent (`data`) into `out`, and says what the stream is.
+fn frame(out: &mut Vec<u8>, framing: Framing, shared: &Shared, data: Vec<u8>) -> StreamState {
+    match framing {
+        Framing::Chunked if !data.is_empty() => {
+            let _ = write!(out, "{:x}\r\n", data.len());
+            out.extend_from_slice(&data);
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Length(_) => {
+            let left = shared.remaining.get().unwrap_or(0);
+            let take = usize::try_from(left).map_or(data.len(), |left| left.min(data.len()));
+            out.extend_from_slice(&data[..take]);
+            shared.remaining.set(Some(left - take as u64));
+            if take < data.len() {
+                log::error!("a streamed body went past its Content-Length; closing");
+                shared.ended.set(Some(StreamEnded::TooLong));
+                return StreamState::Cut;
+            }
+        }
+        Framing::UntilClose => out.extend_from_slice(&data),
+        // HEAD (or a bodyless status): what is sent is not sent.
+        Framing::None | Framing::Chunked => {}
+    }
+    if shared.aborted.get() {
+        return StreamState::Cut;
+    }
+    if !shared.finished.get() {
+        return StreamState::Open;
+    }
+    match framing {
+        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+        Framing::Length(_) if shared.remaining.get().is_some_and(|left| left > 0) => {
+            log::error!("a streamed body finished short of its Content-Length; closing");
+            return StreamState::Cut;
+        }
+        _ => {}
+    }
+    StreamState::Finished
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -349,22 +450,44 @@ impl Conn {
     }
 
     /// Moves the ready responses at the front of the queue into the output, in order,
-    /// up to one that says `Connection: close`.
+    /// up to one that says `Connection: close`, and what a stream at the front has sent
+    /// (up to its end, if it has ended).
     fn queue_ready(&mut self) {
-        if self.sent > 0 && matches!(self.slots.front(), Some(Slot::Ready { .. })) {
+        let ready = matches!(
+            self.slots.front(),
+            Some(Slot::Ready { .. } | Slot::Streaming { .. })
+        );
+        if self.sent > 0 && ready {
             self.out.drain(..self.sent);
             self.sent = 0;
         }
-        while let Some(Slot::Ready { .. }) = self.slots.front() {
-            let Some(Slot::Ready { bytes, close }) = self.slots.pop_front() else {
-                unreachable!()
+        loop {
+            let close = match self.slots.front_mut() {
+                Some(Slot::Ready { bytes, close }) => {
+                    self.out.append(bytes);
+                    *close
+                }
+                Some(Slot::Streaming {
+                    head,
+                    shared,
+                    framing,
+                    close,
+                }) => {
+                    self.out.append(head);
+                    match frame(&mut self.out, *framing, shared, shared.pending.take()) {
+                        StreamState::Open => return,
+                        StreamState::Finished => *close,
+                        StreamState::Cut => true,
+                    }
+                }
+                _ => return,
             };
+            self.slots.pop_front();
             self.first_seq += 1;
-            self.out.extend_from_slice(&bytes);
             if close {
                 self.no_more_requests = true;
                 self.slots.clear();
-                break;
+                return;
             }
         }
     }
@@ -467,7 +590,10 @@ impl Worker {
         link: MasterLink,
         max_requests: Option<u64>,
     ) -> crate::Result<Worker> {
-        let (remote, _) = lp.waker(|lp, w, answer| complete(lp, w, answer, None))?;
+        let (remote, _) = lp.waker(|lp, w, reply| match reply {
+            Reply::Answer(answer) => take_in(lp, w, Given::Whole(answer), None),
+            Reply::Wake { conn } => drive(lp, w, conn, None),
+        })?;
         let outbox = Outbox {
             in_call: Cell::new(false),
             held: Cell::default(),
@@ -721,6 +847,7 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Strea
                 let keep_alive =
                     request.keep_alive && !w.draining && !w.keepalive_timeout.is_zero();
                 let head = request.method == "HEAD";
+                let http10 = request.minor_version == 0;
                 let request = match request.into_request(conn.peer) {
                     Ok(request) => request,
                     Err(why) => {
@@ -732,6 +859,7 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Strea
                 conn.slots.push_back(Slot::Pending {
                     head,
                     keep_alive,
+                    http10,
                     line,
                 });
                 // RFC 9112 §9.6: nothing after a request that closes is processed.
@@ -774,8 +902,8 @@ fn dispatch(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, (request, seq): (Req
         log::error!("a handler panicked; answering 500");
     }
     // What the handler answered (or dropped: a 500) goes into its slot at once.
-    for answer in w.outbox.held.take() {
-        complete(lp, w, answer, Some(id));
+    for given in w.outbox.held.take() {
+        take_in(lp, w, given, Some(id));
     }
     w.served += 1;
     if w.max_requests.is_some_and(|max| w.served == max) {
@@ -783,54 +911,90 @@ fn dispatch(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, (request, seq): (Req
     }
 }
 
-/// Fills an answer's slot, then brings its connection up to date — unless it is
-/// `current`, the connection whose requests are being processed, which does so itself.
-fn complete(lp: &mut Loop<Worker>, w: &mut Worker, answer: Answer, current: Option<u64>) {
-    let Answer {
-        conn: id,
-        seq,
-        response,
-    } = answer;
-    let response = response.unwrap_or_else(|| {
-        log::error!("connection {id}: a responder was dropped unsent; answering 500");
-        internal_error()
-    });
-    if fill(w, id, seq, response) && current != Some(id) {
+/// Takes an answer into its slot, then brings its connection up to date — unless it
+/// is `current`, the connection whose requests are being processed, which does so
+/// itself.
+fn take_in(lp: &mut Loop<Worker>, w: &mut Worker, given: Given, current: Option<u64>) {
+    let id = match given {
+        Given::Whole(Answer {
+            conn,
+            seq,
+            response,
+        }) => {
+            let response = response.unwrap_or_else(|| {
+                log::error!("connection {conn}: a responder was dropped unsent; answering 500");
+                internal_error()
+            });
+            if !fill(w, conn, seq, response) {
+                return;
+            }
+            conn
+        }
+        Given::Stream { head, shared } => {
+            let conn = shared.conn;
+            if !start_stream(lp, w, head, shared) {
+                return;
+            }
+            conn
+        }
+    };
+    if current != Some(id) {
         drive(lp, w, id, None);
     }
 }
 
-/// Encodes `response` into connection `id`'s pending slot `seq`; whether there was one.
-fn fill(w: &mut Worker, id: u64, seq: u64, response: Response) -> bool {
-    let Some(conn) = w.conns.get_mut(&id) else {
-        return false;
+/// A pending slot's request, taken out of connection `id`'s slot `seq` (which is left
+/// empty and ready, to be filled); `None` if there is no such slot.
+struct Taken {
+    index: usize,
+    head: bool,
+    keep_alive: bool,
+    http10: bool,
+    line: Option<String>,
+}
+
+fn take_pending(w: &mut Worker, id: u64, seq: u64) -> Option<Taken> {
+    let conn = w.conns.get_mut(&id)?;
+    let index = usize::try_from(seq.checked_sub(conn.first_seq)?).ok()?;
+    let slot @ Slot::Pending { .. } = conn.slots.get_mut(index)? else {
+        return None;
     };
-    let Some(index) = seq.checked_sub(conn.first_seq).map(|i| i as usize) else {
-        return false;
-    };
-    let Some(slot @ Slot::Pending { .. }) = conn.slots.get_mut(index) else {
-        return false;
+    let empty = Slot::Ready {
+        bytes: Vec::new(),
+        close: false,
     };
     let Slot::Pending {
         head,
         keep_alive,
+        http10,
         line,
-    } = std::mem::replace(
-        slot,
-        Slot::Ready {
-            bytes: Vec::new(),
-            close: false,
-        },
-    )
+    } = std::mem::replace(slot, empty)
     else {
         unreachable!()
     };
     // Draining: only the last request in the queue closes the connection, so that
     // every request already handed to the app is answered.
-    let keep_alive = keep_alive && !(w.draining && index + 1 == conn.slots.len());
+    let last = index + 1 == conn.slots.len();
+    Some(Taken {
+        index,
+        head,
+        keep_alive: keep_alive && !(w.draining && last),
+        http10,
+        line,
+    })
+}
+
+/// Encodes `response` into connection `id`'s pending slot `seq`; whether there was one.
+fn fill(w: &mut Worker, id: u64, seq: u64, response: Response) -> bool {
+    let Some(taken) = take_pending(w, id, seq) else {
+        return false;
+    };
     let date = http_date(&mut w.date);
+    let Some(conn) = w.conns.get_mut(&id) else {
+        return false;
+    };
     let mut bytes = Vec::with_capacity(response.body().len() + 160);
-    let encoded = h1::encode(&response, &mut bytes, head, keep_alive, date);
+    let encoded = h1::encode(&response, &mut bytes, taken.head, taken.keep_alive, date);
     let (status, length, keep_alive) = match encoded {
         Ok(keep_alive) => (response.status(), response.body().len(), keep_alive),
         Err(why) => {
@@ -840,24 +1004,110 @@ fn fill(w: &mut Worker, id: u64, seq: u64, response: Response) -> bool {
             );
             let fallback = internal_error();
             // The server's own response always encodes.
-            let keep_alive = h1::encode(&fallback, &mut bytes, head, keep_alive, date);
+            let keep_alive = h1::encode(&fallback, &mut bytes, taken.head, taken.keep_alive, date);
             let length = fallback.body().len();
             (fallback.status(), length, keep_alive.unwrap_or(false))
         }
     };
-    let status = status.as_u16();
-    if let (Some(log), Some(line)) = (&mut w.access_log, line) {
-        let _ = writeln!(
-            log,
-            "{} - - [{date}] \"{line}\" {status} {length}",
-            conn.peer
-        );
-    }
-    conn.slots[index] = Slot::Ready {
+    log_access(
+        &mut w.access_log,
+        conn.peer,
+        date,
+        taken.line,
+        status,
+        Some(length),
+    );
+    conn.slots[taken.index] = Slot::Ready {
         bytes,
         close: !keep_alive,
     };
     true
+}
+
+/// Puts a streamed answer's head into its slot; whether there was one. A head that
+/// would break the framing gets a 500 instead, and ends the stream.
+fn start_stream(
+    lp: &mut Loop<Worker>,
+    w: &mut Worker,
+    head: ::http::Response<()>,
+    shared: Rc<Shared>,
+) -> bool {
+    let Some(taken) = take_pending(w, shared.conn, shared.seq) else {
+        shared.end(lp, StreamEnded::Closed);
+        return false;
+    };
+    let date = http_date(&mut w.date);
+    let Some(conn) = w.conns.get_mut(&shared.conn) else {
+        return false;
+    };
+    let target = h1::Head {
+        head_only: taken.head,
+        keep_alive: taken.keep_alive,
+        http10: taken.http10,
+        date,
+    };
+    let mut bytes = Vec::with_capacity(160);
+    match h1::encode_head(&head, None, target, &mut bytes) {
+        Ok((keep_alive, framing)) => {
+            if let Framing::Length(n) = framing {
+                shared.remaining.set(Some(n));
+            }
+            log_access(
+                &mut w.access_log,
+                conn.peer,
+                date,
+                taken.line,
+                head.status(),
+                None,
+            );
+            conn.slots[taken.index] = Slot::Streaming {
+                head: bytes,
+                shared,
+                framing,
+                close: !keep_alive,
+            };
+        }
+        Err(why) => {
+            log::error!(
+                "{}: the handler's stream head is invalid ({why}); answering 500",
+                conn.peer
+            );
+            shared.end(lp, StreamEnded::Invalid);
+            let fallback = internal_error();
+            let keep_alive = h1::encode(&fallback, &mut bytes, taken.head, taken.keep_alive, date);
+            let length = fallback.body().len();
+            log_access(
+                &mut w.access_log,
+                conn.peer,
+                date,
+                taken.line,
+                fallback.status(),
+                Some(length),
+            );
+            conn.slots[taken.index] = Slot::Ready {
+                bytes,
+                close: !keep_alive.unwrap_or(false),
+            };
+        }
+    }
+    true
+}
+
+/// One line of the access log, for a request with its request line (`line`; `None`
+/// when there is no log); a streamed body's length is `-`.
+fn log_access(
+    log: &mut Option<File>,
+    peer: Peer,
+    date: &str,
+    line: Option<String>,
+    status: StatusCode,
+    length: Option<usize>,
+) {
+    if let (Some(log), Some(line)) = (log, line) {
+        let status = status.as_u16();
+        let length = length.map_or_else(|| "-".to_owned(), |n| n.to_string());
+        let _ = writeln!(log, "{peer} - - [{date}] \"{line}\" {status} {length}");
+    }
 }
 
 /// Brings connection `id` up to date after a change, wherever it happened: moves its
@@ -865,7 +1115,7 @@ fn fill(w: &mut Worker, id: u64, seq: u64, response: Response) -> bool {
 /// socket, when the connection's callback calls), and once everything is answered and
 /// written, lingers or closes (after a `Connection: close` response); then sets what its
 /// watch waits for — room to write only while output is left — and its timer.
-fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Stream>) {
+pub(crate) fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Stream>) {
     let now = lp.now();
     let Some(conn) = w.conns.get_mut(&id) else {
         return;
@@ -879,6 +1129,14 @@ fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Stream>
         if !conn.start_lingering(stream) {
             close(lp, w, id);
             return;
+        }
+    }
+    // A stream being written learns how much the client has not taken yet.
+    if let Some(Slot::Streaming { shared, .. }) = conn.slots.front() {
+        let unsent = conn.out.len() - conn.sent;
+        shared.unsent.set(unsent);
+        if unsent < LOW_WATER {
+            shared.run_writable(lp);
         }
     }
     // Pipelined requests were held back while the queue or the output was full.
@@ -1005,6 +1263,11 @@ fn close(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
     let Some(conn) = w.conns.remove(&id) else {
         return;
     };
+    for slot in &conn.slots {
+        if let Slot::Streaming { shared, .. } = slot {
+            shared.end(lp, StreamEnded::Closed);
+        }
+    }
     // The loop drops the socket, closing it: at once, or when its callback returns.
     lp.cancel(conn.io);
     lp.cancel(conn.timer);
@@ -1033,11 +1296,25 @@ fn drain(lp: &mut Loop<Worker>, w: &mut Worker) {
         accept(lp, w, listener, usize::MAX);
     }
     drop(listeners);
-    for conn in w.conns.values_mut() {
+    let mut streaming = Vec::new();
+    for (&id, conn) in &mut w.conns {
         if conn.is_idle_keep_alive() {
             conn.timer_kind = Some(TimerKind::Idle);
             lp.restart(conn.timer, DRAIN_GRACE);
         }
+        // A stream never ends by itself (server-sent events): the drain ends it,
+        // cleanly, after what its sender sent, and the connection closes after it.
+        for slot in &mut conn.slots {
+            if let Slot::Streaming { shared, close, .. } = slot {
+                shared.finished.set(true);
+                shared.end(lp, StreamEnded::Draining);
+                *close = true;
+                streaming.push(id);
+            }
+        }
+    }
+    for id in streaming {
+        drive(lp, w, id, None);
     }
     if w.conns.is_empty() {
         lp.stop(0);
@@ -1227,6 +1504,156 @@ mod tests {
         assert_eq!(target, "POST /a?b=c HTTP/1.0");
         assert_eq!(peer, Some(Peer::Unix));
         assert_eq!(body, b"hi");
+    }
+
+    /// A worker serving one connection whose handler streams each answer: `head`, then
+    /// what `body` does with the sender (kept in `kept` if it does not finish it).
+    fn streaming(
+        request: &[u8],
+        head: fn() -> ::http::Response<()>,
+        body: fn(&mut Loop<Worker>, BodySender) -> Option<BodySender>,
+    ) -> (
+        Loop<Worker>,
+        Worker,
+        UnixStream,
+        Rc<Cell<Option<BodySender>>>,
+    ) {
+        let kept: Rc<Cell<Option<BodySender>>> = Rc::default();
+        let stash = kept.clone();
+        let handler = move |lp: &mut Loop<Worker>, _: Request, responder: Responder| {
+            let sender = responder.stream(lp, head());
+            stash.set(body(lp, sender));
+        };
+        let (lp, worker, mut client) =
+            one_connection(&Config::default(), Rc::new(handler)).unwrap();
+        client.write_all(request).unwrap();
+        (lp, worker, client, kept)
+    }
+
+    fn plain() -> ::http::Response<()> {
+        ::http::Response::new(())
+    }
+
+    fn sized() -> ::http::Response<()> {
+        ::http::Response::builder()
+            .header("content-length", "3")
+            .body(())
+            .unwrap()
+    }
+
+    fn abc(lp: &mut Loop<Worker>, sender: BodySender) -> Option<BodySender> {
+        sender.send(lp, "a").unwrap();
+        sender.send(lp, "bc").unwrap();
+        sender.finish(lp);
+        None
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    #[test]
+    fn a_stream_without_a_length_is_chunked_and_keeps_the_connection() {
+        let (mut lp, mut worker, mut client, _) = streaming(
+            &[GET, b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n"].concat(),
+            plain,
+            abc,
+        );
+        let body = "\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let mut reply = reply(&mut lp, &mut worker, &mut client, body);
+        if reply.matches(body).count() < 2 {
+            reply += &self::reply(&mut lp, &mut worker, &mut client, body);
+        }
+        assert!(
+            reply.contains("Transfer-Encoding: chunked\r\n"),
+            "{reply:?}"
+        );
+        assert!(reply.contains("Connection: keep-alive\r\n"), "{reply:?}");
+        assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 2, "{reply:?}");
+        assert_eq!(reply.matches(body).count(), 2, "{reply:?}");
+    }
+
+    #[test]
+    fn a_stream_of_known_length_is_sent_as_is_and_refuses_more() {
+        fn more(lp: &mut Loop<Worker>, sender: BodySender) -> Option<BodySender> {
+            sender.send(lp, "abc").unwrap();
+            assert_eq!(sender.send(lp, "d"), Err(StreamEnded::TooLong));
+            sender.finish(lp);
+            None
+        }
+        let (mut lp, mut worker, mut client, _) = streaming(GET, sized, more);
+        let reply = reply(&mut lp, &mut worker, &mut client, "\r\n\r\nabc");
+        assert!(reply.contains("Content-Length: 3\r\n"), "{reply:?}");
+        assert!(!reply.contains("Transfer-Encoding"), "{reply:?}");
+        assert!(reply.ends_with("\r\n\r\nabc"), "{reply:?}");
+    }
+
+    #[test]
+    fn a_stream_to_http_1_0_runs_until_the_connection_closes() {
+        let request = b"GET / HTTP/1.0\r\n\r\n";
+        let (mut lp, mut worker, mut client, _) = streaming(request, plain, abc);
+        let reply = reply(&mut lp, &mut worker, &mut client, "\r\n\r\nabc");
+        assert!(reply.contains("Connection: close\r\n"), "{reply:?}");
+        assert!(!reply.contains("Transfer-Encoding"), "{reply:?}");
+        for _ in 0..10 {
+            lp.loop_once(Some(Duration::from_millis(10)), &mut worker)
+                .unwrap();
+        }
+        assert!(
+            worker.conns.is_empty(),
+            "the connection closes after the body"
+        );
+    }
+
+    #[test]
+    fn a_sender_dropped_unfinished_cuts_the_body_short() {
+        fn keep(lp: &mut Loop<Worker>, sender: BodySender) -> Option<BodySender> {
+            sender.send(lp, "partial").unwrap();
+            Some(sender)
+        }
+        let (mut lp, mut worker, mut client, kept) = streaming(GET, plain, keep);
+        reply(&mut lp, &mut worker, &mut client, "7\r\npartial\r\n");
+        drop(kept.take()); // outside the loop: its waker drives the connection
+        for _ in 0..10 {
+            lp.loop_once(Some(Duration::from_millis(10)), &mut worker)
+                .unwrap();
+        }
+        assert!(worker.conns.is_empty(), "closed");
+        let rest = read_now(&mut client);
+        assert!(
+            !rest.contains("0\r\n\r\n"),
+            "ended as if complete: {rest:?}"
+        );
+    }
+
+    #[test]
+    fn a_drain_ends_a_stream_cleanly_and_its_next_send_says_so() {
+        fn keep(lp: &mut Loop<Worker>, sender: BodySender) -> Option<BodySender> {
+            sender.send(lp, "event").unwrap();
+            Some(sender)
+        }
+        let (mut lp, mut worker, mut client, kept) = streaming(GET, plain, keep);
+        reply(&mut lp, &mut worker, &mut client, "5\r\nevent\r\n");
+        drain(&mut lp, &mut worker);
+        let rest = reply(&mut lp, &mut worker, &mut client, "0\r\n\r\n");
+        assert_eq!(rest, "0\r\n\r\n");
+        let sender = kept.take().unwrap();
+        assert_eq!(sender.send(&mut lp, "late"), Err(StreamEnded::Draining));
+        sender.finish(&mut lp);
+    }
+
+    #[test]
+    fn a_stream_answering_head_sends_the_head_only() {
+        let request = b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (mut lp, mut worker, mut client, _) = streaming(request, plain, abc);
+        let reply = reply(&mut lp, &mut worker, &mut client, "\r\n\r\n");
+        assert!(
+            reply.contains("Transfer-Encoding: chunked\r\n"),
+            "{reply:?}"
+        );
+        for _ in 0..5 {
+            lp.loop_once(Some(Duration::from_millis(10)), &mut worker)
+                .unwrap();
+        }
+        assert_eq!(read_now(&mut client), "", "no body after a HEAD answer");
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod syntax;
 use std::net::SocketAddr;
 
 pub(crate) use parser::{Parsed, Parser};
-pub(crate) use response::encode;
+pub(crate) use response::{encode, encode_head, Framing, Head};
 pub use response::{text, Response};
 
 /// A request, as the handler gets it: the `http` crate's, its body read whole (within

@@ -29,6 +29,19 @@ pub fn text(status: StatusCode, body: impl Into<Vec<u8>>) -> Response {
     response
 }
 
+/// How a response's body goes out after its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body follows: HEAD, 204, 304, or a whole body already appended.
+    None,
+    /// Exactly this many more bytes (the handler's `Content-Length`).
+    Length(u64),
+    /// Chunked (HTTP/1.1, no `Content-Length`).
+    Chunked,
+    /// Until the connection closes (HTTP/1.0, no `Content-Length`).
+    UntilClose,
+}
+
 /// Appends the encoded response to `out` and returns whether the connection stays
 /// open after it; on an error nothing is appended.
 pub(crate) fn encode(
@@ -38,14 +51,49 @@ pub(crate) fn encode(
     keep_alive: bool,
     date: &str,
 ) -> Result<bool, String> {
+    let body = response.body();
+    let target = Head {
+        head_only,
+        keep_alive,
+        http10: false,
+        date,
+    };
+    let (keep_alive, _) = encode_head(response, Some(body.len() as u64), target, out)?;
+    if !head_only {
+        out.extend_from_slice(body);
+    }
+    Ok(keep_alive)
+}
+
+/// What the head of an answer depends on besides the handler's response.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Head<'a> {
+    /// The request was HEAD: no body is sent, but the head is a GET's.
+    pub head_only: bool,
+    /// The connection may stay open after this answer.
+    pub keep_alive: bool,
+    /// The request was HTTP/1.0, which has no chunked encoding.
+    pub http10: bool,
+    /// The `Date` value.
+    pub date: &'a str,
+}
+
+/// Appends the head of `response` (whose body is `body_len` bytes, or streamed if
+/// `None`) to `out`; returns whether the connection stays open after the answer, and
+/// how its body follows. On an error nothing is appended.
+pub(crate) fn encode_head<B>(
+    response: &http::Response<B>,
+    body_len: Option<u64>,
+    target: Head<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(bool, Framing), String> {
     let status = response.status().as_u16();
     if !(200..=599).contains(&status) {
         return Err(format!("status {status} is not a final status (200-599)"));
     }
-    let body = response.body();
     // RFC 9110 §15.3.5, §15.3.6, §15.4.5: no content in 204, 205 and 304.
     let bodyless = matches!(status, 204 | 205 | 304);
-    if bodyless && !body.is_empty() {
+    if bodyless && body_len.map_or(true, |n| n > 0) {
         return Err(format!("a {status} response with a body"));
     }
     let headers = response.headers();
@@ -77,20 +125,30 @@ pub(crate) fn encode(
             .map(|v| v.as_bytes()),
     )
     .any(|t| t.eq_ignore_ascii_case(b"close"));
-    let keep_alive = keep_alive && !closes;
+    let mut keep_alive = target.keep_alive && !closes;
     let dates = headers.get_all(header::DATE).iter().count();
     if dates > 1 {
         return Err("more than one Date header".into());
     }
-    let body_len = body.len() as u64;
-    let length = match (status, length) {
-        (204, None | Some(0)) => None,
-        (204, Some(_)) => return Err("a 204 response with a Content-Length".into()),
-        (304, length) => length,
-        (_, Some(n)) if n != body_len && !(head_only && body.is_empty()) => {
-            return Err(format!("Content-Length {n} for a body of {body_len} bytes"));
+    let (length, chunked, framing) = match (status, length, body_len) {
+        (204, None | Some(0), _) => (None, false, Framing::None),
+        (204, Some(_), _) => return Err("a 204 response with a Content-Length".into()),
+        (304, length, _) => (length, false, Framing::None),
+        (_, Some(n), Some(body)) if n != body && !(target.head_only && body == 0) => {
+            return Err(format!("Content-Length {n} for a body of {body} bytes"));
         }
-        (_, length) => Some(length.unwrap_or(body_len)),
+        (_, length, Some(body)) => (Some(length.unwrap_or(body)), false, Framing::None),
+        (_, Some(n), None) => (Some(n), false, Framing::Length(n)),
+        (_, None, None) if target.http10 => {
+            keep_alive = false;
+            (None, false, Framing::UntilClose)
+        }
+        (_, None, None) => (None, true, Framing::Chunked),
+    };
+    let framing = if target.head_only {
+        Framing::None
+    } else {
+        framing
     };
     let mut head = Vec::with_capacity(128);
     let reason = response.status().canonical_reason().unwrap_or("");
@@ -106,8 +164,11 @@ pub(crate) fn encode(
     if let Some(length) = length {
         let _ = write!(head, "Content-Length: {length}\r\n");
     }
+    if chunked {
+        head.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
     if dates == 0 {
-        let _ = write!(head, "Date: {date}\r\n");
+        let _ = write!(head, "Date: {}\r\n", target.date);
     }
     head.extend_from_slice(if keep_alive {
         b"Connection: keep-alive\r\n\r\n"
@@ -115,10 +176,7 @@ pub(crate) fn encode(
         b"Connection: close\r\n\r\n"
     });
     out.extend_from_slice(&head);
-    if !head_only {
-        out.extend_from_slice(body);
-    }
-    Ok(keep_alive)
+    Ok((keep_alive, framing))
 }
 
 /// Writes a header name (which `http` keeps in lower case) as `Content-Type` is
