@@ -52,6 +52,8 @@ enum Mode {
     NeverReady,
     /// Answer the first connection, then hang: no more heartbeats.
     HangAfterFirst,
+    /// Serve, with a helper process forked at start (without exec) that only waits.
+    ForkHelper,
 }
 
 fn main() {
@@ -88,6 +90,17 @@ fn worker(ctx: WorkerContext, slow: Duration, mode: Mode) -> i32 {
         link.ready().expect("the master is there");
     }
     say(format!("worker {slot} serving: pid {}", std::process::id()));
+    if mode == Mode::ForkHelper {
+        // SAFETY: the child only waits for signals (pause is async-signal-safe) and
+        // never returns into this program's frames.
+        match unsafe { libc::fork() } {
+            0 => loop {
+                // SAFETY: as above.
+                unsafe { libc::pause() };
+            },
+            helper => say(format!("worker {slot} forked helper {helper}")),
+        }
+    }
     let mut served = 0;
     let mut beat = Instant::now();
     loop {

@@ -642,3 +642,30 @@ fn hooks_run_before_fork_in_the_worker_and_at_worker_exit() {
         "runs in the master: {exit}"
     );
 }
+
+/// The drain fd stays readable once the drain begins: a worker that kept watching it
+/// would wake in every iteration for the whole drain.
+#[test]
+fn a_draining_worker_with_a_request_in_flight_sleeps_instead_of_spinning() {
+    let mut server = start(&["--workers", "1"]);
+    let mut slow = TcpStream::connect(&server.addr).unwrap();
+    slow.set_read_timeout(Some(LIMIT)).unwrap();
+    slow.write_all(b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    // Answered after the slow request was read (one worker, connections in order).
+    let worker: libc::pid_t = get(&server.addr, "/pid").1.parse().unwrap();
+    server.signal(libc::SIGTERM);
+    server.wait_for("graceful shutdown");
+    let before = cpu_time(worker);
+    std::thread::sleep(std::time::Duration::from_millis(500)); // the window measured
+    let spent = cpu_time(worker) - before;
+    assert!(running(worker), "the worker is still draining");
+    assert!(
+        spent < std::time::Duration::from_millis(100),
+        "the draining worker used {spent:?} of CPU in 500 ms"
+    );
+    let mut reply = String::new();
+    slow.read_to_string(&mut reply).unwrap();
+    assert!(reply.ends_with("slept 1500 ms"), "{reply:?}");
+    assert!(server.wait_exit().success());
+}

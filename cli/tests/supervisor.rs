@@ -215,3 +215,22 @@ fn a_handed_in_listener_is_served_and_its_socket_file_left_alone() {
     assert!(path.exists(), "the master removed a socket it did not bind");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_process_a_worker_forks_dies_of_term_and_does_not_drain_the_worker() {
+    let mut server = start(&["--workers", "1", "--mode", "fork-helper"]);
+    let line = server.wait_for("worker 1 forked helper ");
+    let helper: libc::pid_t = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let (worker, _) = ask(&server.addr).unwrap();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(helper, libc::SIGTERM) };
+    eventually("the helper dies of TERM", || !running(helper));
+    for _ in 0..5 {
+        assert_eq!(
+            ask(&server.addr).unwrap().0,
+            worker,
+            "the same worker serves"
+        );
+    }
+    assert_eq!(server.count("drained after"), 0, "the worker drained");
+}

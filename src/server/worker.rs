@@ -27,7 +27,7 @@ use super::h1::{self, Framing, Limits, Parsed, Parser, Peer, Request, Response, 
 use super::stream::Stream;
 use super::{Config, Handler};
 use crate::id_map::IdMap;
-use crate::supervisor::{Listener, MasterLink, WorkerContext};
+use crate::supervisor::{Drain, Listener, MasterLink, WorkerContext};
 use crate::{Interest, Io, Loop, Readiness, Timer, Waker};
 use ::http::StatusCode;
 
@@ -563,6 +563,8 @@ pub struct Worker {
     access_log: Option<File>,
     access_log_path: Option<std::path::PathBuf>,
     link: MasterLink,
+    /// The watch of the supervisor's drain fd (none in the tests' workers).
+    drain_watch: Option<Io<Drain>>,
     handler: Rc<dyn Handler>,
     outbox: Rc<Outbox>,
 }
@@ -621,6 +623,7 @@ impl Worker {
             }),
             access_log_path: config.access_log.clone(),
             link,
+            drain_watch: None,
             handler,
             outbox: Rc::new(outbox),
         })
@@ -641,7 +644,10 @@ fn serve(
         ..
     } = context;
     let mut worker = Worker::new(lp, config, handler, link.clone(), max_requests)?;
-    lp.watch_io(drain_fd, Interest::READ, |lp, w, _, _| drain(lp, w))?;
+    // The drain fd stays readable once the drain begins: its watch is paused then
+    // (not cancelled: the fd stays open for the SIGTERM handler's next write).
+    let drain_watch = lp.watch_io(drain_fd, Interest::READ, |lp, w, _, _| drain(lp, w))?;
+    worker.drain_watch = Some(drain_watch);
     lp.watch_signal(libc::SIGUSR1, |_, w, _| reopen_log(w))?;
     // The master writes nothing: the link is readable only at its EOF.
     lp.watch_io(link.clone(), Interest::READ, |lp, _, _, _| {
@@ -1282,6 +1288,9 @@ fn close(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
 /// connections close after a short grace: a request a client sent just before it could
 /// see the close is still answered, instead of failing in flight.
 fn drain(lp: &mut Loop<Worker>, w: &mut Worker) {
+    if let Some(watch) = w.drain_watch {
+        let _ = lp.pause(watch);
+    }
     if w.draining {
         return;
     }

@@ -100,6 +100,10 @@ impl AsRawFd for Listener {
 pub(crate) struct Bound {
     pub listener: Listener,
     pub unlink: Option<PathBuf>,
+    /// The master bound it: the socket is its own, and dies with it. A handed-in one
+    /// may outlive the master (systemd's, or the app's), so the master leaves its
+    /// socket as it found it.
+    own: bool,
 }
 
 impl Bound {
@@ -107,7 +111,11 @@ impl Bound {
     pub fn bind(address: &str) -> io::Result<Bound> {
         let listener = Listener::bind(address)?;
         let unlink = address.strip_prefix("unix:").map(PathBuf::from);
-        Ok(Bound { listener, unlink })
+        Ok(Bound {
+            listener,
+            unlink,
+            own: true,
+        })
     }
 
     /// A listener bound elsewhere, made non-blocking.
@@ -116,21 +124,26 @@ impl Bound {
         Ok(Bound {
             listener,
             unlink: None,
+            own: false,
         })
     }
 
-    /// At shutdown, before the workers drain: the kernel completes no new connection
-    /// on this socket from then on, and keeps those it already queued, which the
-    /// draining workers take in before they close their copies. So the last copy's
-    /// close resets no connection whose client already sent its request; a client
-    /// connecting later is refused once the socket is closed (its SYN is dropped until
-    /// then). Linux only, through a socket filter that drops every packet reaching the
-    /// listener (the queued connections' sockets have no filter). Elsewhere, a
-    /// connection completed between the last worker's last `accept` and its `close` is
-    /// reset.
+    /// At shutdown, before the workers drain, for a TCP socket the master bound: the
+    /// kernel completes no new connection on it from then on, and keeps those it
+    /// already queued, which the draining workers take in before they close their
+    /// copies. So the last close resets no connection that was queued when the
+    /// shutdown began; a client connecting later waits (its SYN is dropped) and is
+    /// refused once the socket is closed. Linux only, through a socket filter that
+    /// drops every packet reaching the listener (the queued connections' sockets have
+    /// none). Left open: a handshake in flight at that moment (its last ACK is
+    /// dropped too, so its client may send a request and be reset at the close), a
+    /// Unix socket, and other systems, where a connection completed between the last
+    /// worker's last `accept` and its `close` is reset. A handed-in socket is left
+    /// alone: it may serve again after this master (a filter is the socket's, not the
+    /// fd's).
     pub fn refuse_new_connections(&self) {
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let Listener::Tcp(listener) = &self.listener {
+        if let (Listener::Tcp(listener), true) = (&self.listener, self.own) {
             // BPF_RET | BPF_K with k = 0: keep 0 bytes of each packet, i.e. drop it.
             const DROP: socket2::SockFilter = socket2::SockFilter::new(0x06, 0, 0, 0);
             if let Err(e) = socket2::SockRef::from(listener).attach_filter(&[DROP]) {
@@ -233,6 +246,34 @@ mod tests {
         let path = dir.join(name);
         let _ = std::fs::remove_file(&path);
         path
+    }
+
+    /// At shutdown the master's own TCP listener completes no new connection (its
+    /// SYNs are dropped: the client times out, then is refused at the close), and a
+    /// connection queued before stays; a handed-in one is left as it was.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn only_the_masters_own_listener_stops_taking_connections_at_shutdown() {
+        use std::net::TcpStream;
+        use std::time::Duration;
+        let own = Bound::bind("127.0.0.1:0").unwrap();
+        let Listener::Tcp(tcp) = &own.listener else {
+            unreachable!()
+        };
+        let addr = tcp.local_addr().unwrap();
+        let queued = TcpStream::connect(addr).unwrap();
+        own.refuse_new_connections();
+        let late = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        assert_eq!(late.map(drop).unwrap_err().kind(), io::ErrorKind::TimedOut);
+        let (accepted, _) = tcp.accept().expect("the queued connection stays");
+        assert_eq!(accepted.peer_addr().unwrap(), queued.local_addr().unwrap());
+
+        let kept = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = kept.local_addr().unwrap();
+        let handed = Bound::handed_in(Listener::Tcp(kept)).unwrap();
+        handed.refuse_new_connections();
+        TcpStream::connect_timeout(&addr, Duration::from_millis(300))
+            .expect("a handed-in socket keeps taking connections");
     }
 
     #[test]

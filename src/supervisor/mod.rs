@@ -52,7 +52,9 @@
 //! - In each child, before the worker's function runs: on Linux the kernel is asked to
 //!   kill the worker if the master dies; `SIGINT` is ignored (Ctrl-C reaches the whole
 //!   process group, and is the master's); `SIGUSR1` is ignored unless the worker
-//!   watches it; `SIGTERM` makes [`WorkerContext::drain`] readable.
+//!   watches it; `SIGTERM` makes [`WorkerContext::drain`] readable. Readiness is
+//!   bookkeeping, not routing: a worker that has not said ready still gets connections
+//!   from the shared listeners if it accepts them.
 //! - Signals to the master: `TERM`/`INT` drain every worker and exit once all are gone
 //!   (a second one kills them at once); `HUP` forks a replacement for every worker, and
 //!   drains each old one only once its replacement is ready; `TTIN`/`TTOU` add or
@@ -88,9 +90,14 @@
 //! The worker runs inside a [`Loop::fork`](crate::Loop::fork) child, which gives it the
 //! fork contract of the README: the master's loop is never touched there, and locks
 //! held by the master's other threads at the fork (stdout, stderr, the loop's own) are
-//! released. The drain's `SIGTERM` handler is `signal-hook`'s; a master that registered
-//! `signal-hook` handlers of its own from several threads should not: its registry's
-//! lock could be copied held into the child.
+//! released. What runs in the child before the worker's function: `prctl`, `getppid`,
+//! `signal`, `pipe2` and one `sigaction` (the drain's handler), and the context's own
+//! allocations. Do not build an async runtime in the master: call [`Supervisor::run`]
+//! from a plain `fn main`, not from `#[tokio::main]` (a runtime copied into a child is
+//! unusable there, and building another inside it panics); each worker builds its own.
+//! `SIGINT` and `SIGUSR1` stay ignored in processes a worker `exec`s, as ignored
+//! dispositions do across `exec`: restore them (`SIG_DFL`) in the child first if that
+//! matters.
 
 mod listener;
 mod master;

@@ -2,12 +2,14 @@
 //! [`WorkerContext`]), and how the master's child becomes one before the app runs.
 
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 use super::Listener;
 use crate::{Loop, Timer};
@@ -107,29 +109,77 @@ impl AsFd for MasterLink {
     }
 }
 
-/// Readable once the worker must drain: stop accepting, finish what is in flight, and
-/// return from the worker's function within the master's graceful timeout (then it is
-/// killed). It stays readable from then on; nothing needs to read it.
+/// Readable once the worker must drain: stop accepting, take in the connections the
+/// kernel already queued, close the listeners, finish what is in flight, and return
+/// from the worker's function within the master's graceful timeout (then it is
+/// killed). It stays readable from then on and nothing needs to read it, so a
+/// level-triggered watch of it (a forkloop loop's) must be cancelled once it fires, or
+/// it fires in every iteration.
 ///
-/// It is the read end of a pipe that a `SIGTERM` handler writes to (through
-/// `signal-hook`, whose registry chains handlers: an app that also watches `SIGTERM`
-/// with tokio's `signal` module gets it too). The master drains a worker with
-/// `SIGTERM`, and so can an operator.
+/// It is the read end of a pipe that the worker's `SIGTERM` handler writes to. The
+/// master drains a worker with `SIGTERM`, and so can an operator. The handler is
+/// installed with `sigaction` before the worker's function runs: an app that watches
+/// `SIGTERM` through tokio's `signal` module (signal-hook's registry) gets it too, as
+/// that registry calls the handler it replaced; a forkloop loop's `watch_signal` of
+/// `SIGTERM` would replace it without calling it, so a forkloop worker watches this
+/// fd instead. A process the worker forks without `exec` inherits the handler, which
+/// there restores the default action and dies of the signal, as if it had none.
 ///
 /// With tokio, wait on it with `AsyncFd::register_with_interest(drain, Interest::READABLE)`
-/// and `.readable().await` (examples/axum_prefork.rs); with a forkloop
-/// loop, watch it with `watch_io(drain, Interest::READ, …)`; in blocking code, call
-/// [`Drain::wait`] in a thread, or [`Drain::is_draining`] between jobs.
+/// and `.readable().await` (examples/axum_prefork.rs); with a forkloop loop, watch it
+/// with `watch_io(drain, Interest::READ, …)`; in blocking code, call [`Drain::wait`] in a
+/// thread, or [`Drain::is_draining`] between jobs.
 #[derive(Debug)]
 pub struct Drain {
     fd: OwnedFd,
 }
 
+/// The write end of the drain's pipe, and the worker it belongs to: set in the worker
+/// before its `SIGTERM` handler is installed, never changed after.
+static DRAIN_PIPE: AtomicI32 = AtomicI32::new(-1);
+static DRAIN_PID: AtomicI32 = AtomicI32::new(0);
+
+/// The worker's `SIGTERM` handler. Async-signal-safe: atomics, getpid(2), write(2),
+/// signal(2) and raise(3) only; errno is preserved for the code it interrupted.
+extern "C" fn on_sigterm(_: libc::c_int) {
+    let errno = crate::sys::errno_location();
+    // SAFETY: errno_location points at this thread's errno.
+    let saved = unsafe { *errno };
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } == DRAIN_PID.load(Ordering::SeqCst) {
+        // SAFETY: writes one byte from a live buffer to the pipe's write end, which
+        // the worker never closes; the pipe is non-blocking, and a full one already
+        // holds a byte (the fd is readable), so a failed write loses nothing.
+        unsafe { libc::write(DRAIN_PIPE.load(Ordering::SeqCst), b"T".as_ptr().cast(), 1) };
+    } else {
+        // A process forked from the worker without exec: the drain is not its own.
+        // SAFETY: sets the default action, then raises the signal, which is blocked
+        // while its handler runs and so is delivered, and kills, on return.
+        unsafe {
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            libc::raise(libc::SIGTERM);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *errno = saved };
+}
+
 impl Drain {
-    /// A pipe whose read end becomes readable at the first `SIGTERM`.
+    /// A pipe whose read end becomes readable at the worker's first `SIGTERM`. Called
+    /// once per worker process, in the child, before the app runs.
     fn on_sigterm() -> io::Result<Drain> {
         let (read, write) = crate::sys::pipe()?;
-        signal_hook::low_level::pipe::register(libc::SIGTERM, write)?;
+        // The write end lives as long as the process: the handler may write at any time.
+        DRAIN_PIPE.store(write.into_raw_fd(), Ordering::SeqCst);
+        DRAIN_PID.store(nix::unistd::getpid().as_raw(), Ordering::SeqCst);
+        let action = SigAction::new(
+            SigHandler::Handler(on_sigterm),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        // SAFETY: the handler is async-signal-safe (see on_sigterm), and the statics it
+        // reads are set above, before it can run.
+        unsafe { sigaction(Signal::SIGTERM, &action) }?;
         Ok(Drain { fd: read })
     }
 
