@@ -62,7 +62,8 @@ impl Pool {
 }
 
 fn main() {
-    env_logger::init();
+    // INFO and up unless RUST_LOG says otherwise: the supervisor warns of crashes there.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
     let mut config = Config::default();
     config.supervisor.listen = vec![args.listen];

@@ -515,13 +515,18 @@ fn a_second_int_stops_at_once_without_waiting_for_in_flight_requests() {
     assert!(String::from_utf8_lossy(&buf[..n]).ends_with("Hello, World!"));
     server.signal(libc::SIGINT);
     server.wait_for("graceful shutdown");
-    server.signal(libc::SIGINT);
+    // INT again, until one comes a second after the first (sooner is the same INT).
     let start = std::time::Instant::now();
+    while running(server.pid) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "a second INT did not stop it"
+        );
+        server.signal(libc::SIGINT);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     server.wait_exit();
-    assert!(
-        start.elapsed() < std::time::Duration::from_secs(10),
-        "the second INT did not stop it"
-    );
+    assert_eq!(server.count("again: killing the workers now"), 1);
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     assert!(
@@ -573,7 +578,7 @@ fn max_requests_recycles_a_worker_through_the_overlap_path() {
     let mut server = start(&["--workers", "1", "--max-requests", "3"]);
     let first: Vec<String> = (0..3).map(|_| get(&server.addr, "/pid").1).collect();
     assert!(first.iter().all(|p| *p == first[0]));
-    server.wait_for("reached --max-requests");
+    server.wait_for("asked to be recycled; replacing it");
     eventually("a new worker serves", || {
         get(&server.addr, "/pid").1 != first[0]
     });
@@ -668,4 +673,39 @@ fn a_draining_worker_with_a_request_in_flight_sleeps_instead_of_spinning() {
     slow.read_to_string(&mut reply).unwrap();
     assert!(reply.ends_with("slept 1500 ms"), "{reply:?}");
     assert!(server.wait_exit().success());
+}
+
+/// `timeout`, and some supervisors, send TERM to the master and then to its whole
+/// process group: the workers get theirs from the master anyway, and the master's
+/// second must not kill them.
+#[test]
+fn a_term_to_the_master_then_to_its_group_is_one_graceful_shutdown() {
+    let mut server = start(&["--workers", "2"]);
+    let mut slow = TcpStream::connect(&server.addr).unwrap();
+    slow.set_read_timeout(Some(LIMIT)).unwrap();
+    slow.write_all(b"GET /sleep?ms=500 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    get(&server.addr, "/"); // the slow request is in a worker by now
+    server.signal(libc::SIGTERM);
+    // SAFETY: kill has no memory-safety preconditions; the group is the server's.
+    assert_eq!(unsafe { libc::kill(-server.pid, libc::SIGTERM) }, 0);
+    let mut reply = String::new();
+    slow.read_to_string(&mut reply).unwrap();
+    assert!(reply.ends_with("slept 500 ms"), "{reply:?}");
+    assert!(server.wait_exit().success());
+    assert_eq!(server.count("killing the workers now"), 0);
+}
+
+/// Once no worker serves, workers that keep failing to start are a server that cannot
+/// start: the master gives up (a process manager can then restart it), instead of
+/// forking forever behind a port that accepts and never answers.
+#[test]
+fn with_no_worker_left_serving_failing_starts_make_the_master_give_up() {
+    let mut server = start(&["--app", "crash-after-the-first", "--workers", "1"]);
+    let worker: libc::pid_t = get(&server.addr, "/pid").1.parse().unwrap();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    let status = server.wait_exit();
+    assert_eq!(status.code(), Some(1), "{status}");
+    server.wait_for("workers in a row exited before becoming ready");
 }

@@ -184,10 +184,26 @@ fn a_worker_sent_term_by_an_operator_drains_and_is_replaced() {
     assert_ne!(ask(&server.addr).unwrap().0, old);
 }
 
+/// Whether `pid` ignores `signal` (its SigIgn mask in /proc).
+fn ignores(pid: libc::pid_t, signal: libc::c_int) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .expect("a SigIgn line");
+    mask & (1 << (signal - 1)) != 0
+}
+
+/// The forwarding itself is shown by the HTTP workers, which reopen their access log
+/// on it (cli/tests/serve.rs); here, that a worker that does not watch it survives.
 #[test]
 fn usr1_is_forwarded_and_kills_no_worker_that_does_not_watch_it() {
     let mut server = start(&["--workers", "2"]);
     let before = live_workers(&server);
+    for &worker in &before {
+        assert!(ignores(worker, libc::SIGUSR1), "worker {worker} would die of USR1");
+    }
     server.signal(libc::SIGUSR1);
     server.wait_for("USR1: forwarded to the workers");
     for _ in 0..10 {
@@ -233,4 +249,19 @@ fn a_process_a_worker_forks_dies_of_term_and_does_not_drain_the_worker() {
         );
     }
     assert_eq!(server.count("drained after"), 0, "the worker drained");
+}
+
+#[test]
+fn hups_in_a_row_keep_the_worker_count() {
+    let server = start(&["--workers", "2"]);
+    let old = live_workers(&server);
+    let load = Load::start(&server.addr);
+    // The second comes while the first one's replacements start (or merges with it).
+    server.signal(libc::SIGHUP);
+    server.signal(libc::SIGHUP);
+    eventually("two new workers, and only two", || {
+        let now = live_workers(&server);
+        now.len() == 2 && now.is_disjoint(&old)
+    });
+    assert!(load.finish() > 0);
 }

@@ -166,11 +166,13 @@ impl Server {
     pub fn run(self) -> Result<(), SupervisorError> {
         let config = self.config;
         if config.supervisor.listen.is_empty() && self.listeners.is_empty() {
-            return Err(SupervisorError::Config("no --listen address".into()));
+            return Err(SupervisorError::Config(
+                "no listener: listen (--listen) is empty".into(),
+            ));
         }
         let timeouts = [
-            ("--header-timeout", config.header_timeout),
-            ("--body-timeout", config.body_timeout),
+            ("header_timeout (--header-timeout)", config.header_timeout),
+            ("body_timeout (--body-timeout)", config.body_timeout),
         ];
         if let Some((flag, _)) = timeouts.iter().find(|(_, t)| t.is_zero()) {
             return Err(SupervisorError::Config(format!(

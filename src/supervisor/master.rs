@@ -61,6 +61,10 @@ pub enum SupervisorError {
 /// Workers that lived shorter than this count as crashing, for the backoff.
 const CRASH_WINDOW: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The shortest heartbeat timeout: a quarter of it must leave room for a beat.
+const MIN_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(200);
+/// A second TERM/INT kills the workers only this long after the first.
+const SECOND_SIGNAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum State {
@@ -87,6 +91,9 @@ struct WorkerInfo {
     last_heard: Instant,
     /// The worker this one replaces: retired once this one is ready (HUP, recycling).
     replaces: Option<Slot>,
+    /// The master sent it SIGKILL: what it still sends is ignored, and it is not
+    /// killed again.
+    killed: bool,
 }
 
 /// The master's state: the data of its `Loop<Master>`.
@@ -103,13 +110,12 @@ struct Master {
     target: usize,
     next_slot: usize,
     shutting_down: bool,
+    /// When the first TERM/INT (or the start-up failure) began the shutdown.
+    shutdown_began: Option<Instant>,
     announced: bool,
     crash_streak: u32,
     respawn_timer: Option<Timer>,
     startup_failures: u32,
-    /// Some worker has become ready: from then on, workers that fail to start (a
-    /// reload's) leave the ready ones serving instead of giving up.
-    ever_ready: bool,
     failure: Option<SupervisorError>,
     backend: &'static str,
 }
@@ -118,12 +124,18 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
     let config = supervisor.config;
     if config.workers == 0 {
         return Err(SupervisorError::Config(
-            "--workers must be at least 1".into(),
+            "workers (--workers) must be at least 1".into(),
         ));
     }
-    if config.heartbeat_timeout.is_zero() {
+    if config.heartbeat_timeout < MIN_HEARTBEAT_TIMEOUT {
+        return Err(SupervisorError::Config(format!(
+            "heartbeat_timeout (--heartbeat-timeout) must be at least \
+             {MIN_HEARTBEAT_TIMEOUT:?}: workers beat every quarter of it, every 50 ms at most"
+        )));
+    }
+    if config.startup_budget == 0 {
         return Err(SupervisorError::Config(
-            "--heartbeat-timeout must be more than 0 s".into(),
+            "startup_budget must be at least 1".into(),
         ));
     }
     let mut lp: Loop<Master> = config.backend.map_or_else(Loop::new, Loop::with_backend)?;
@@ -139,11 +151,11 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         workers: HashMap::new(),
         next_slot: 0,
         shutting_down: false,
+        shutdown_began: None,
         announced: false,
         crash_streak: 0,
         respawn_timer: None,
         startup_failures: 0,
-        ever_ready: false,
         failure: None,
         backend: lp.backend_name(),
     };
@@ -192,7 +204,12 @@ fn unlink_sockets(m: &Master) {
 
 fn watch_signals(lp: &mut Loop<Master>) -> Result<(), SupervisorError> {
     for signal in [libc::SIGTERM, libc::SIGINT] {
-        lp.watch_signal(signal, shutdown)?;
+        let name = if signal == libc::SIGTERM {
+            "TERM"
+        } else {
+            "INT"
+        };
+        lp.watch_signal(signal, move |lp, m, _| shutdown(lp, m, name))?;
     }
     lp.watch_signal(libc::SIGHUP, |lp, m, _| rolling_restart(lp, m))?;
     lp.watch_signal(libc::SIGTTIN, |lp, m, _| {
@@ -313,6 +330,7 @@ fn spawn(
             started: now,
             last_heard: now,
             replaces,
+            killed: false,
         },
     );
     log::debug!("worker {slot} forked: pid {pid}");
@@ -346,7 +364,7 @@ fn jitter(max: u64) -> u64 {
 }
 
 fn worker_message(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, mut pipe: &UnixStream) {
-    let Some(pid) = m.workers.get(&slot).map(|w| w.pid) else {
+    let Some((pid, killed)) = m.workers.get(&slot).map(|w| (w.pid, w.killed)) else {
         return;
     };
     let mut buf = [0u8; 64];
@@ -359,6 +377,7 @@ fn worker_message(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, mut pipe: &
             }
             return;
         }
+        Ok(_) if killed => return, // a late word from a worker on its way out
         Ok(n) => n,
         Err(_) => return,
     };
@@ -366,20 +385,30 @@ fn worker_message(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, mut pipe: &
         match message {
             READY => worker_ready(lp, m, slot),
             HEARTBEAT => {}
-            RECYCLE => {
-                if !m.shutting_down {
-                    log::info!("worker {pid} reached --max-requests; replacing it");
-                    if let Err(e) = spawn(lp, m, Some(slot)) {
-                        log::error!("forking a replacement for {pid}: {e}");
-                    }
-                }
-            }
+            RECYCLE => replace(lp, m, slot, "asked to be recycled"),
             other => log::warn!("worker {pid} sent an unknown message {other:#x}"),
         }
     }
     let now = lp.now();
     if let Some(w) = m.workers.get_mut(&slot) {
         w.last_heard = now;
+    }
+}
+
+/// Forks a replacement for a serving worker (HUP, recycling), which retires it once
+/// ready; nothing for a worker that is not serving, or that has a replacement coming.
+fn replace(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, why: &str) {
+    let Some(w) = m.workers.get(&slot) else {
+        return;
+    };
+    let replaced = m.workers.values().any(|other| other.replaces == Some(slot));
+    if m.shutting_down || w.state != State::Ready || w.killed || replaced {
+        return;
+    }
+    let pid = w.pid;
+    log::info!("worker {pid} {why}; replacing it");
+    if let Err(e) = spawn(lp, m, Some(slot)) {
+        log::error!("forking a replacement for {pid}: {e}");
     }
 }
 
@@ -394,7 +423,6 @@ fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
     log::debug!("worker {} (slot {slot}) ready", w.pid);
     let replaces = w.replaces.take();
     m.startup_failures = 0;
-    m.ever_ready = true;
     if let Some(old) = replaces {
         retire(lp, m, old);
     }
@@ -433,13 +461,16 @@ fn retire(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
     // Keyed by the slot, never by the pid: by the time this fires the worker may be
     // long reaped and its pid given to a later worker.
     lp.after(m.config.graceful_timeout, move |_, m| {
-        if let Some(w) = m.workers.get(&slot) {
-            log::warn!(
-                "worker {} did not finish within the graceful timeout; killing it",
-                w.pid
-            );
-            kill(w.pid, libc::SIGKILL);
-        }
+        kill_workers(m, |s, w| {
+            let late = s == slot;
+            if late {
+                log::warn!(
+                    "worker {} did not finish within the graceful timeout; killing it",
+                    w.pid
+                );
+            }
+            late
+        });
     });
 }
 
@@ -457,6 +488,17 @@ fn signal_workers(m: &Master, signal: libc::c_int, which: impl Fn(Slot, &WorkerI
     for (&slot, w) in &m.workers {
         if which(slot, w) {
             kill(w.pid, signal);
+        }
+    }
+}
+
+/// SIGKILLs the workers `which` picks, once each: a killed worker is not killed again,
+/// and what it still sends is ignored.
+fn kill_workers(m: &mut Master, which: impl Fn(Slot, &WorkerInfo) -> bool) {
+    for (&slot, w) in &mut m.workers {
+        if !w.killed && which(slot, w) {
+            w.killed = true;
+            kill(w.pid, libc::SIGKILL);
         }
     }
 }
@@ -516,7 +558,8 @@ fn worker_exited(
             );
         }
     }
-    if m.ever_ready && m.startup_failures >= m.config.startup_budget {
+    let serving = m.workers.values().any(|w| w.state == State::Ready);
+    if serving && m.startup_failures >= m.config.startup_budget {
         // The workers that are ready keep serving; what failed is a reload, not the
         // server. Counting starts again, so the next attempt gets a full budget.
         m.startup_failures = 0;
@@ -527,7 +570,7 @@ fn worker_exited(
         };
         log::error!("{failure}");
         m.failure = Some(failure);
-        shutdown(lp, m, libc::SIGTERM);
+        shutdown(lp, m, "giving up");
         return;
     }
     // The first crash is replaced at once; a streak backs off exponentially.
@@ -556,16 +599,25 @@ fn schedule_respawn(lp: &mut Loop<Master>, m: &mut Master, delay: Duration) {
 
 /// TERM/INT: drain every worker, exit when all are gone; SIGKILL after the graceful
 /// timeout. A second TERM/INT kills them at once.
-fn shutdown(lp: &mut Loop<Master>, m: &mut Master, signal: libc::c_int) {
+fn shutdown(lp: &mut Loop<Master>, m: &mut Master, why: &str) {
+    let now = lp.now();
     // Before any worker drains: see `refuse_new_connections`.
     for bound in &m.listeners {
         bound.refuse_new_connections();
     }
-    if std::mem::replace(&mut m.shutting_down, true) {
-        log::warn!("signal {signal} again: killing the workers now");
-        signal_workers(m, libc::SIGKILL, |_, _| true);
+    if let Some(began) = m.shutdown_began {
+        // A TERM sent to the master and then to its process group (as `timeout` and
+        // some supervisors do) is one request, not two.
+        if now.saturating_duration_since(began) < SECOND_SIGNAL {
+            log::debug!("{why} again within {SECOND_SIGNAL:?}: taken as the same");
+            return;
+        }
+        log::warn!("{why} again: killing the workers now");
+        kill_workers(m, |_, _| true);
     } else {
-        log::info!("signal {signal}: graceful shutdown");
+        m.shutdown_began = Some(now);
+        m.shutting_down = true;
+        log::info!("{why}: graceful shutdown");
         let slots: Vec<Slot> = m.workers.keys().copied().collect();
         for slot in slots {
             retire(lp, m, slot);
@@ -583,22 +635,31 @@ fn shutdown(lp: &mut Loop<Master>, m: &mut Master, signal: libc::c_int) {
     }
 }
 
-/// HUP: a replacement for every serving worker; each old one retires only when its
-/// replacement is ready, so capacity never drops.
+/// HUP: every worker is replaced by one forked from now on, and a serving one retires
+/// only when its replacement is ready, so capacity never drops. A worker still
+/// starting (forked before this HUP) is retired at once, and the worker forked in its
+/// place takes over what it was to replace; a serving one whose replacement is still
+/// starting gets that one's successor. So the count stays at the target.
 fn rolling_restart(lp: &mut Loop<Master>, m: &mut Master) {
     if m.shutting_down {
         return;
     }
-    let old: Vec<(Slot, libc::pid_t)> = m
+    let current: Vec<(Slot, State, Option<Slot>)> = m
         .workers
         .iter()
-        .filter(|(_, w)| w.state != State::Draining)
-        .map(|(&slot, w)| (slot, w.pid))
+        .filter(|(_, w)| w.state != State::Draining && !w.killed)
+        .map(|(&slot, w)| (slot, w.state, w.replaces))
         .collect();
-    log::info!("HUP: replacing workers: {}", old.len());
-    for (slot, pid) in old {
-        if let Err(e) = spawn(lp, m, Some(slot)) {
-            log::error!("forking a replacement for {pid}: {e}");
+    log::info!("HUP: replacing workers: {}", current.len());
+    for (slot, state, replaces) in current {
+        match state {
+            State::Starting => {
+                retire(lp, m, slot);
+                if let Err(e) = spawn(lp, m, replaces) {
+                    log::error!("forking a worker on HUP: {e}");
+                }
+            }
+            _ => replace(lp, m, slot, "is reloaded"),
         }
     }
 }
@@ -626,7 +687,7 @@ fn fewer_workers(lp: &mut Loop<Master>, m: &mut Master) {
 /// it; its exit is then handled like a crash.
 fn check_heartbeats(lp: &mut Loop<Master>, m: &mut Master) {
     let (now, timeout) = (lp.now(), m.config.heartbeat_timeout);
-    signal_workers(m, libc::SIGKILL, |slot, w| {
+    kill_workers(m, |slot, w| {
         let quiet = now.saturating_duration_since(w.last_heard) > timeout;
         let late = now.saturating_duration_since(w.started) > timeout;
         let why = match w.state {

@@ -125,9 +125,10 @@ pub struct Config {
     pub workers: usize,
     /// The master's loop backend; `None` for `FORKLOOP_BACKEND` or the best compiled in.
     pub backend: Option<Kind>,
-    /// How long a draining worker may take before the master kills it.
+    /// How long a draining worker may take before the master kills it (30 s).
     pub graceful_timeout: Duration,
-    /// A worker silent for this long (or not ready within it) is killed and replaced.
+    /// A worker silent for this long, or not ready within it, is killed and replaced
+    /// (30 s; at least 200 ms).
     pub heartbeat_timeout: Duration,
     /// Each worker's [`WorkerContext::max_requests`]: recycle after this many requests
     /// (plus up to `max_requests_jitter`).
@@ -136,7 +137,9 @@ pub struct Config {
     pub max_requests_jitter: u64,
     /// Written atomically at start, refused if it names a live process, removed at exit.
     pub pid_file: Option<PathBuf>,
-    /// Workers exiting before they become ready, in a row, before the master gives up.
+    /// Workers exiting before they become ready, in a row, before the master gives up
+    /// (5; at least 1). While some worker serves, a failed start is a failed reload:
+    /// the count starts again instead, and the serving workers go on.
     pub startup_budget: u32,
 }
 

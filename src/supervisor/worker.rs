@@ -42,6 +42,8 @@ pub struct WorkerContext {
 
 /// The worker's end of its link to the master, a Unix stream socket. Clone it into any
 /// thread or task: it is `Send + Sync`, and each message is one byte, written whole.
+/// Writes never block: if the master has not read the link for a few hundred
+/// messages, the next one is dropped.
 ///
 /// Writes fail with `BrokenPipe` once the master is gone (forkloop's programs ignore
 /// `SIGPIPE`, as every Rust binary does by default), and the link becomes readable at
@@ -97,9 +99,14 @@ impl MasterLink {
     }
 
     fn send(&self, message: u8) -> io::Result<()> {
-        // A one-byte write to a stream socket is whole or not at all, and blocks only
-        // on a buffer the master has not read for some 100,000 messages.
-        (&*self.socket).write_all(&[message])
+        // Non-blocking: a master that stopped reading (stopped, or stuck in a hook)
+        // must not stall the worker. A full buffer already holds a few hundred
+        // messages the master has not read; this one is dropped, which costs nothing
+        // for a heartbeat or a repeated ready or recycle.
+        match (&*self.socket).write(&[message]) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            other => other.map(drop),
+        }
     }
 }
 
@@ -227,6 +234,7 @@ pub(crate) struct Birth {
 /// master, survives a forwarded `SIGUSR1` it does not watch, and drains on `SIGTERM`.
 pub(crate) fn become_worker(birth: Birth) -> io::Result<WorkerContext> {
     die_with_master(birth.master_pid)?;
+    birth.link.set_nonblocking(true)?;
     for signal in [libc::SIGINT, libc::SIGUSR1] {
         // SIGINT: Ctrl-C reaches the whole process group, and is for the master, which
         // drains the workers with SIGTERM. SIGUSR1: the master forwards it to every

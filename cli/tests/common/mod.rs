@@ -125,15 +125,21 @@ impl Server {
             return line.clone();
         }
         loop {
+            // Checked for every line: a chatty server never lets the wait time out.
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
+            match self
+                .lines
+                .recv_timeout(left)
+                .ok()
+                .filter(|_| !left.is_zero())
+            {
+                Some(line) => {
                     self.log.push(line.clone());
                     if line.contains(needle) {
                         return line;
                     }
                 }
-                Err(_) => panic!(
+                None => panic!(
                     "no log line with {needle:?} within {LIMIT:?}; log:\n{}",
                     self.log.join("\n")
                 ),
@@ -144,11 +150,22 @@ impl Server {
     /// Waits (bounded) until `count` log lines contain `needle`.
     pub fn wait_for_count(&mut self, needle: &str, count: usize) {
         let deadline = Instant::now() + LIMIT;
-        while self.count(needle) < count {
+        // Counted once, then line by line: a chatty server's log is long.
+        let mut seen = self.count(needle);
+        while seen < count {
+            // Checked for every line: a chatty server never lets the wait time out.
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.log.push(line),
-                Err(_) => panic!(
+            match self
+                .lines
+                .recv_timeout(left)
+                .ok()
+                .filter(|_| !left.is_zero())
+            {
+                Some(line) => {
+                    seen += usize::from(line.contains(needle));
+                    self.log.push(line);
+                }
+                None => panic!(
                     "fewer than {count} log lines with {needle:?} within {LIMIT:?}; log:\n{}",
                     self.log.join("\n")
                 ),
