@@ -120,29 +120,14 @@ pub fn spawn_command(mut cmd: Command) -> Server {
 impl Server {
     /// Waits (bounded) for a log line containing `needle`, and returns it.
     pub fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + LIMIT;
         if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
             return line.clone();
         }
+        let deadline = Instant::now() + LIMIT;
         loop {
-            // Checked for every line: a chatty server never lets the wait time out.
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self
-                .lines
-                .recv_timeout(left)
-                .ok()
-                .filter(|_| !left.is_zero())
-            {
-                Some(line) => {
-                    self.log.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                None => panic!(
-                    "no log line with {needle:?} within {LIMIT:?}; log:\n{}",
-                    self.log.join("\n")
-                ),
+            let line = self.next_line(deadline, || format!("no log line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
             }
         }
     }
@@ -153,24 +138,28 @@ impl Server {
         // Counted once, then line by line: a chatty server's log is long.
         let mut seen = self.count(needle);
         while seen < count {
-            // Checked for every line: a chatty server never lets the wait time out.
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self
-                .lines
-                .recv_timeout(left)
-                .ok()
-                .filter(|_| !left.is_zero())
-            {
-                Some(line) => {
-                    seen += usize::from(line.contains(needle));
-                    self.log.push(line);
-                }
-                None => panic!(
-                    "fewer than {count} log lines with {needle:?} within {LIMIT:?}; log:\n{}",
-                    self.log.join("\n")
-                ),
-            }
+            let line = self.next_line(deadline, || {
+                format!("fewer than {count} log lines with {needle:?}")
+            });
+            seen += usize::from(line.contains(needle));
         }
+    }
+
+    /// The next log line (also kept in `log`), or a panic saying `what` failed once
+    /// `deadline` has passed: checked for every line, as a chatty server's lines
+    /// never let a wait time out.
+    fn next_line(&mut self, deadline: Instant, what: impl Fn() -> String) -> String {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = self
+            .lines
+            .recv_timeout(left)
+            .ok()
+            .filter(|_| !left.is_zero());
+        let Some(line) = line else {
+            panic!("{} within {LIMIT:?}; log:\n{}", what(), self.log.join("\n"))
+        };
+        self.log.push(line.clone());
+        line
     }
 
     /// Every log line so far.
