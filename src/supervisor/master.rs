@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use super::listener::Bound;
 use super::worker::{become_worker, Birth, HEARTBEAT, READY, RECYCLE};
 use super::{Config, ExitHook, ForkHook, Supervisor, WorkerFn};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
 use crate::{ForkOptions, Interest, Io, Loop, Timer};
 
 /// Why the supervisor could not start or had to stop.
@@ -220,7 +223,7 @@ fn watch_signals(lp: &mut Loop<Master>) -> Result<(), SupervisorError> {
     lp.watch_signal(libc::SIGTTOU, |lp, m, _| fewer_workers(lp, m))?;
     lp.watch_signal(libc::SIGUSR1, |_, m, _| {
         log::info!("USR1: forwarded to the workers");
-        signal_workers(m, libc::SIGUSR1, |_, _| true);
+        signal_all(m, Signal::SIGUSR1);
     })?;
     Ok(())
 }
@@ -457,7 +460,7 @@ fn retire(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
         return;
     }
     w.state = State::Draining;
-    kill(w.pid, libc::SIGTERM);
+    kill(w.pid, Signal::SIGTERM);
     // Keyed by the slot, never by the pid: by the time this fires the worker may be
     // long reaped and its pid given to a later worker.
     lp.after(m.config.graceful_timeout, move |_, m| {
@@ -479,16 +482,14 @@ fn retire(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
 /// process that is not yet reaped cannot have been given to another: this reaches the
 /// worker and nothing else. (Unless other code in the master reaps our workers behind
 /// the loop's back; their watches then end with `ReapedElsewhere` at the next iteration.)
-fn kill(pid: libc::pid_t, signal: libc::c_int) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid, signal) };
+fn kill(pid: libc::pid_t, signal: Signal) {
+    // Fails only for a worker already gone, whose exit is then on its way.
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
 }
 
-fn signal_workers(m: &Master, signal: libc::c_int, which: impl Fn(Slot, &WorkerInfo) -> bool) {
-    for (&slot, w) in &m.workers {
-        if which(slot, w) {
-            kill(w.pid, signal);
-        }
+fn signal_all(m: &Master, signal: Signal) {
+    for w in m.workers.values() {
+        kill(w.pid, signal);
     }
 }
 
@@ -498,7 +499,7 @@ fn kill_workers(m: &mut Master, which: impl Fn(Slot, &WorkerInfo) -> bool) {
     for (&slot, w) in &mut m.workers {
         if !w.killed && which(slot, w) {
             w.killed = true;
-            kill(w.pid, libc::SIGKILL);
+            kill(w.pid, Signal::SIGKILL);
         }
     }
 }
@@ -714,10 +715,9 @@ fn write_pid_file(path: &Path) -> Result<(), SupervisorError> {
     };
     if let Ok(text) = std::fs::read_to_string(path) {
         if let Ok(pid) = text.trim().parse::<libc::pid_t>() {
-            // SAFETY: signal 0 only checks that the process exists.
-            let alive = pid > 0
-                && (unsafe { libc::kill(pid, 0) } == 0
-                    || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+            // Signal 0 only checks that the process exists (EPERM: it does, not ours).
+            let probe = nix::sys::signal::kill(Pid::from_raw(pid), None);
+            let alive = pid > 0 && matches!(probe, Ok(()) | Err(nix::errno::Errno::EPERM));
             if alive {
                 return Err(error(format!("it names process {pid}, which is running")));
             }
