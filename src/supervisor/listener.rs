@@ -142,8 +142,11 @@ impl Bound {
     /// alone: it may serve again after this master (a filter is the socket's, not the
     /// fd's).
     pub fn refuse_new_connections(&self) {
+        if !self.own {
+            return;
+        }
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let (Listener::Tcp(listener), true) = (&self.listener, self.own) {
+        if let Listener::Tcp(listener) = &self.listener {
             // BPF_RET | BPF_K with k = 0: keep 0 bytes of each packet, i.e. drop it.
             const DROP: socket2::SockFilter = socket2::SockFilter::new(0x06, 0, 0, 0);
             if let Err(e) = socket2::SockRef::from(listener).attach_filter(&[DROP]) {
