@@ -102,7 +102,8 @@ pub(crate) struct Bound {
     pub unlink: Option<PathBuf>,
     /// The master bound it: the socket is its own, and dies with it. A handed-in one
     /// may outlive the master (systemd's, or the app's), so the master leaves its
-    /// socket as it found it.
+    /// socket as it found it. (Read only where listeners get a filter: Linux.)
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     own: bool,
 }
 
@@ -142,11 +143,8 @@ impl Bound {
     /// alone: it may serve again after this master (a filter is the socket's, not the
     /// fd's).
     pub fn refuse_new_connections(&self) {
-        if !self.own {
-            return;
-        }
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let Listener::Tcp(listener) = &self.listener {
+        if let (Listener::Tcp(listener), true) = (&self.listener, self.own) {
             // BPF_RET | BPF_K with k = 0: keep 0 bytes of each packet, i.e. drop it.
             const DROP: socket2::SockFilter = socket2::SockFilter::new(0x06, 0, 0, 0);
             if let Err(e) = socket2::SockRef::from(listener).attach_filter(&[DROP]) {
