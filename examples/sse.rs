@@ -1,8 +1,8 @@
 //! Server-sent events from forkloop's HTTP server: `GET /events` streams one event per
 //! millisecond (`id: N` and `data: N`), chunked, for as long as the client reads it.
 //! The handler respects backpressure: while more than 64 KiB wait for a slow client,
-//! it waits to be writable instead of queueing more. A drain (TERM, HUP, recycling)
-//! ends every stream cleanly: its last chunk, then `Connection: close`.
+//! it waits to be writable instead of queueing more. When the worker drains (TERM,
+//! HUP, recycling), each stream ends cleanly: its last chunk, then `Connection: close`.
 //!
 //! ```text
 //! cargo run --example sse --features server,epoll -- --listen 127.0.0.1:8080
@@ -57,6 +57,10 @@ fn app(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
 /// Sends event `n`, then the next one `EVERY` later (or once the client has taken
 /// enough), until the stream ends.
 fn tick(lp: &mut Loop<Worker>, events: BodySender, n: u64) {
+    if events.is_draining() {
+        log::info!("an event stream ends after {n} events: the worker drains");
+        return events.finish(lp);
+    }
     if events.buffered() > HIGH_WATER {
         return events.when_writable(lp, move |lp, _, events| tick(lp, events, n));
     }

@@ -195,6 +195,11 @@ fn hostile(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
     let ok = |name, value| with_header(StatusCode::OK, "hi", name, value);
     let response = match request.uri().path() {
         "/status-101" => text(StatusCode::SWITCHING_PROTOCOLS, "hi"),
+        "/status-600" => {
+            let mut beyond = text(StatusCode::OK, "hi");
+            *beyond.status_mut() = StatusCode::from_u16(600).expect("http builds 100-999");
+            beyond
+        }
         "/cl-wrong" => ok("content-length", "999"),
         "/cl-right" => ok("content-length", "2"),
         "/te" => ok("transfer-encoding", "chunked"),

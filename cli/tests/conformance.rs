@@ -1233,14 +1233,15 @@ fn hostile_responses_cannot_break_the_framing() {
     // A header with CR, LF or NUL, a name with a space, a status below 100 or above
     // 999: the handler cannot build them (the http crate's types refuse them), and the
     // unit tests of src/server/h1/response.rs show it.
-    for path in ["/status-101", "/cl-wrong", "/te", "/no-content-body"] {
+    for path in [
+        "/status-101",
+        "/status-600",
+        "/cl-wrong",
+        "/te",
+        "/no-content-body",
+    ] {
         let (conn, stop, _) = ask(&get(path), false);
-        let mut problems: Vec<String> = status_is(&conn, 500).into_iter().collect();
-        for forbidden in [&b"Injected"[..], b"\0", b"Bad Name"] {
-            if find(&conn.raw, forbidden).is_some() {
-                problems.push(format!("the bytes contain {}", snippet(forbidden, 20)));
-            }
-        }
+        let problems: Vec<String> = status_is(&conn, 500).into_iter().collect();
         check(path, &conn, &stop, problems);
     }
 

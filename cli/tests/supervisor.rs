@@ -202,7 +202,10 @@ fn usr1_is_forwarded_and_kills_no_worker_that_does_not_watch_it() {
     let mut server = start(&["--workers", "2"]);
     let before = live_workers(&server);
     for &worker in &before {
-        assert!(ignores(worker, libc::SIGUSR1), "worker {worker} would die of USR1");
+        assert!(
+            ignores(worker, libc::SIGUSR1),
+            "worker {worker} would die of USR1"
+        );
     }
     server.signal(libc::SIGUSR1);
     server.wait_for("USR1: forwarded to the workers");

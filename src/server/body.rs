@@ -10,19 +10,23 @@ use crate::{Loop, Waker};
 /// Below this many unsent bytes, a stream is writable again (see
 /// [`BodySender::when_writable`]).
 pub(crate) const LOW_WATER: usize = 64 * 1024;
+/// A stream holding this many unsent bytes is cut: its handler ignores the
+/// backpressure, and the worker must not grow without bound for it.
+pub(crate) const MAX_BUFFERED: usize = 16 * LOW_WATER;
 
 /// Why a stream takes no more data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum StreamEnded {
     /// The connection is gone: the client left, stopped reading for the body timeout,
-    /// or its socket failed.
+    /// or its socket failed; or the handler ignored the backpressure until 1 MiB
+    /// waited, and the stream was cut.
     #[error("the client's connection is gone")]
     Closed,
-    /// The worker is draining: the server ended the stream cleanly (the last chunk,
-    /// then `Connection: close`).
-    #[error("the worker is draining, and ended the stream")]
-    Draining,
+    /// The request was HEAD, or the status has no body (204, 205, 304): the head is
+    /// all the answer.
+    #[error("the answer has no body")]
+    NoBody,
     /// The response's head would break the framing: the client got a 500 instead.
     #[error("the response head was invalid; the client got a 500")]
     Invalid,
@@ -52,6 +56,9 @@ pub(crate) struct Shared {
     /// The connection's unsent bytes, as of its last write.
     pub unsent: Cell<usize>,
     pub writable: Cell<Option<WritableHook>>,
+    /// The worker drains: the handler should finish the stream soon (see
+    /// [`BodySender::is_draining`]).
+    pub draining: Cell<bool>,
     /// A `drive` of the connection is already due.
     scheduled: Cell<bool>,
     /// Wakes the loop for a sender dropped outside it.
@@ -70,9 +77,21 @@ impl Shared {
             remaining: Cell::new(None),
             unsent: Cell::new(0),
             writable: Cell::default(),
+            draining: Cell::new(false),
             scheduled: Cell::new(false),
             wake,
         })
+    }
+
+    /// Takes the body's length from the head's `Content-Length`, so that a send past it
+    /// fails at once, during the handler call too.
+    pub(crate) fn expect_length(&self, head: &http::Response<()>) {
+        let length = head
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        self.remaining.set(length);
     }
 
     /// Ends the stream for `why`, unless it already ended; a writable hook runs, so a
@@ -112,10 +131,12 @@ impl Shared {
 /// several sends one), or, to an HTTP/1.0 client, sent until the connection closes.
 /// With one, exactly that many bytes are sent. Sends queue the bytes, so respect the
 /// backpressure: check [`buffered`](BodySender::buffered), and wait with
-/// [`when_writable`](BodySender::when_writable) while it is high. A send fails once the
-/// stream has ended ([`StreamEnded`]): the client left, or the worker drains, which ends
-/// every stream cleanly. A sender dropped unfinished closes the connection without
-/// ending the body, so the client sees it cut short.
+/// [`when_writable`](BodySender::when_writable) while it is high (past 1 MiB buffered
+/// the stream is cut). A send fails once the stream has ended ([`StreamEnded`]). When
+/// the worker drains, [`is_draining`](BodySender::is_draining) says so (and a pending
+/// writable hook runs): finish then. A sender dropped unfinished closes the connection
+/// without ending the body, so the client sees it cut short.
+#[must_use = "a BodySender dropped unfinished cuts the body short"]
 pub struct BodySender {
     shared: Rc<Shared>,
     finished: bool,
@@ -143,11 +164,25 @@ impl BodySender {
                 return Err(StreamEnded::TooLong);
             }
         }
+        if self.buffered().saturating_add(data.len()) > MAX_BUFFERED {
+            log::warn!("a streamed body ignored its backpressure past 1 MiB; cutting it");
+            shared.aborted.set(true);
+            shared.ended.set(Some(StreamEnded::Closed));
+            shared.schedule(lp);
+            return Err(StreamEnded::Closed);
+        }
         let mut pending = shared.pending.take();
         pending.extend_from_slice(data);
         shared.pending.set(pending);
         shared.schedule(lp);
         Ok(())
+    }
+
+    /// Whether the worker drains (TERM, HUP, recycling): finish the stream soon, as it
+    /// has `graceful_timeout` at most. An endless stream (server-sent events) ends here,
+    /// cleanly; a finite one may still send the rest. The connection closes after it.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.get()
     }
 
     /// Bytes sent that the client has not taken yet.
@@ -156,8 +191,9 @@ impl BodySender {
     }
 
     /// Hands this sender to `hook` once the stream is writable again: when fewer than
-    /// 64 KiB are buffered (at the end of this iteration, if that is already so), or
-    /// when the stream ends (then the next send says why).
+    /// 64 KiB are buffered (at the end of this iteration, if that is already so), when
+    /// the worker begins to drain, or when the stream ends (then the next send says
+    /// why).
     pub fn when_writable(
         self,
         lp: &mut Loop<Worker>,
@@ -170,8 +206,9 @@ impl BodySender {
         shared.schedule(lp);
     }
 
-    /// Ends the body: the last chunk goes out after what was sent (or, for a body of
-    /// known length, the connection closes if fewer bytes were sent).
+    /// Ends the body: the last chunk goes out after what was sent. A body of known
+    /// length that is short of it is cut instead (the connection closes), as the client
+    /// waits for the rest.
     pub fn finish(mut self, lp: &mut Loop<Worker>) {
         self.finished = true;
         self.shared.finished.set(true);

@@ -137,6 +137,7 @@ impl Responder {
     pub fn stream(mut self, lp: &mut Loop<Worker>, head: ::http::Response<()>) -> BodySender {
         self.sent = true;
         let shared = Shared::new(self.conn, self.seq, self.outbox.remote.clone());
+        shared.expect_length(&head);
         let given = Given::Stream {
             head,
             shared: Rc::clone(&shared),
@@ -260,6 +261,11 @@ enum StreamState {
 
 /// Frames what a stream's sender sent (`data`) into `out`, and says what the stream is.
 fn frame(out: &mut Vec<u8>, framing: Framing, shared: &Shared, data: Vec<u8>) -> StreamState {
+    if framing == Framing::None {
+        // HEAD, or a bodyless status: the head is the whole answer.
+        shared.ended.set(Some(StreamEnded::NoBody));
+        return StreamState::Finished;
+    }
     match framing {
         Framing::Chunked if !data.is_empty() => {
             let _ = write!(out, "{:x}\r\n", data.len());
@@ -278,7 +284,6 @@ fn frame(out: &mut Vec<u8>, framing: Framing, shared: &Shared, data: Vec<u8>) ->
             }
         }
         Framing::UntilClose => out.extend_from_slice(&data),
-        // HEAD (or a bodyless status): what is sent is not sent.
         Framing::None | Framing::Chunked => {}
     }
     if shared.aborted.get() {
@@ -342,6 +347,9 @@ struct Conn {
     /// Everything is answered and our side shut down; the peer's input is discarded
     /// until its EOF (see `Conn::start_lingering`).
     lingering: bool,
+    /// Streams dropped from the queue behind a response that closes: `drive` ends
+    /// them (their senders' sends fail from then on).
+    unsent_streams: Vec<Rc<Shared>>,
 }
 
 impl Conn {
@@ -486,7 +494,12 @@ impl Conn {
             self.first_seq += 1;
             if close {
                 self.no_more_requests = true;
-                self.slots.clear();
+                // Streams queued behind are never sent: `drive` ends them.
+                for slot in self.slots.drain(..) {
+                    if let Slot::Streaming { shared, .. } = slot {
+                        self.unsent_streams.push(shared);
+                    }
+                }
                 return;
             }
         }
@@ -769,6 +782,7 @@ fn add_conn(lp: &mut Loop<Worker>, w: &mut Worker, stream: Stream, peer: Peer) {
         no_more_requests: false,
         peer_closed: false,
         lingering: false,
+        unsent_streams: Vec::new(),
     };
     w.conns.insert(id, conn);
     set_timer(lp, w, id);
@@ -1058,6 +1072,8 @@ fn start_stream(
             if let Framing::Length(n) = framing {
                 shared.remaining.set(Some(n));
             }
+            // Begun during a drain: asked to finish from the start.
+            shared.draining.set(w.draining);
             log_access(
                 &mut w.access_log,
                 conn.peer,
@@ -1070,7 +1086,7 @@ fn start_stream(
                 head: bytes,
                 shared,
                 framing,
-                close: !keep_alive,
+                close: !keep_alive || w.draining,
             };
         }
         Err(why) => {
@@ -1136,6 +1152,9 @@ pub(crate) fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Opti
             close(lp, w, id);
             return;
         }
+    }
+    for shared in std::mem::take(&mut conn.unsent_streams) {
+        shared.end(lp, StreamEnded::Closed);
     }
     // A stream being written learns how much the client has not taken yet.
     if let Some(Slot::Streaming { shared, .. }) = conn.slots.front() {
@@ -1269,10 +1288,12 @@ fn close(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
     let Some(conn) = w.conns.remove(&id) else {
         return;
     };
-    for slot in &conn.slots {
-        if let Slot::Streaming { shared, .. } = slot {
-            shared.end(lp, StreamEnded::Closed);
-        }
+    let queued = conn.slots.iter().filter_map(|slot| match slot {
+        Slot::Streaming { shared, .. } => Some(shared),
+        _ => None,
+    });
+    for shared in queued.chain(&conn.unsent_streams) {
+        shared.end(lp, StreamEnded::Closed);
     }
     // The loop drops the socket, closing it: at once, or when its callback returns.
     lp.cancel(conn.io);
@@ -1311,12 +1332,12 @@ fn drain(lp: &mut Loop<Worker>, w: &mut Worker) {
             conn.timer_kind = Some(TimerKind::Idle);
             lp.restart(conn.timer, DRAIN_GRACE);
         }
-        // A stream never ends by itself (server-sent events): the drain ends it,
-        // cleanly, after what its sender sent, and the connection closes after it.
+        // A stream is asked to finish (an endless one, server-sent events, ends
+        // here), and its connection closes after it.
         for slot in &mut conn.slots {
             if let Slot::Streaming { shared, close, .. } = slot {
-                shared.finished.set(true);
-                shared.end(lp, StreamEnded::Draining);
+                shared.draining.set(true);
+                shared.run_writable(lp);
                 *close = true;
                 streaming.push(id);
             }
@@ -1422,6 +1443,7 @@ pub(crate) fn drive_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
     use std::io::Read;
 
     /// A worker serving one connection whose handler keeps each responder in `kept`,
@@ -1580,19 +1602,62 @@ mod tests {
         assert_eq!(reply.matches(body).count(), 2, "{reply:?}");
     }
 
+    thread_local! {
+        /// What a test handler's sends returned (a panic in a handler is caught).
+        static SENT: RefCell<Vec<Result<(), StreamEnded>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn record(result: Result<(), StreamEnded>) {
+        SENT.with(|sent| sent.borrow_mut().push(result));
+    }
+
+    fn recorded() -> Vec<Result<(), StreamEnded>> {
+        SENT.with(|sent| sent.take())
+    }
+
     #[test]
     fn a_stream_of_known_length_is_sent_as_is_and_refuses_more() {
         fn more(lp: &mut Loop<Worker>, sender: BodySender) -> Option<BodySender> {
-            sender.send(lp, "abc").unwrap();
-            assert_eq!(sender.send(lp, "d"), Err(StreamEnded::TooLong));
+            record(sender.send(lp, "abc"));
+            record(sender.send(lp, "d"));
             sender.finish(lp);
             None
         }
         let (mut lp, mut worker, mut client, _) = streaming(GET, sized, more);
         let reply = reply(&mut lp, &mut worker, &mut client, "\r\n\r\nabc");
+        assert_eq!(recorded(), [Ok(()), Err(StreamEnded::TooLong)]);
         assert!(reply.contains("Content-Length: 3\r\n"), "{reply:?}");
         assert!(!reply.contains("Transfer-Encoding"), "{reply:?}");
         assert!(reply.ends_with("\r\n\r\nabc"), "{reply:?}");
+    }
+
+    #[test]
+    fn a_stream_behind_an_answer_that_closes_is_ended() {
+        let kept: Rc<Cell<Option<BodySender>>> = Rc::default();
+        let stash = kept.clone();
+        let handler = move |lp: &mut Loop<Worker>, request: Request, responder: Responder| {
+            if request.uri().path() == "/close" {
+                // Answered later: the pipelined request is handed over first.
+                lp.later(move |lp, _| {
+                    let mut close = h1::text(StatusCode::OK, "bye");
+                    let value = ::http::HeaderValue::from_static("close");
+                    close
+                        .headers_mut()
+                        .insert(::http::header::CONNECTION, value);
+                    responder.send(lp, close);
+                });
+            } else {
+                stash.set(Some(responder.stream(lp, ::http::Response::new(()))));
+            }
+        };
+        let (mut lp, mut worker, mut client) =
+            one_connection(&Config::default(), Rc::new(handler)).unwrap();
+        let request = b"GET /close HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        client.write_all(request).unwrap();
+        reply(&mut lp, &mut worker, &mut client, "bye");
+        let sender = kept.take().expect("the pipelined request was handed over");
+        assert_eq!(sender.send(&mut lp, "never"), Err(StreamEnded::Closed));
+        sender.finish(&mut lp);
     }
 
     #[test]
@@ -1634,7 +1699,7 @@ mod tests {
     }
 
     #[test]
-    fn a_drain_ends_a_stream_cleanly_and_its_next_send_says_so() {
+    fn a_drain_asks_a_stream_to_finish_and_closes_its_connection_after() {
         fn keep(lp: &mut Loop<Worker>, sender: BodySender) -> Option<BodySender> {
             sender.send(lp, "event").unwrap();
             Some(sender)
@@ -1642,27 +1707,43 @@ mod tests {
         let (mut lp, mut worker, mut client, kept) = streaming(GET, plain, keep);
         reply(&mut lp, &mut worker, &mut client, "5\r\nevent\r\n");
         drain(&mut lp, &mut worker);
-        let rest = reply(&mut lp, &mut worker, &mut client, "0\r\n\r\n");
-        assert_eq!(rest, "0\r\n\r\n");
         let sender = kept.take().unwrap();
-        assert_eq!(sender.send(&mut lp, "late"), Err(StreamEnded::Draining));
+        assert!(sender.is_draining());
+        // A finite body may still send its rest; then it finishes.
+        sender.send(&mut lp, "last").unwrap();
         sender.finish(&mut lp);
+        let rest = reply(&mut lp, &mut worker, &mut client, "0\r\n\r\n");
+        assert_eq!(rest, "4\r\nlast\r\n0\r\n\r\n");
+        for _ in 0..10 {
+            lp.loop_once(Some(Duration::from_millis(10)), &mut worker)
+                .unwrap();
+        }
+        assert!(
+            worker.conns.is_empty(),
+            "the connection closes after the stream"
+        );
     }
 
     #[test]
-    fn a_stream_answering_head_sends_the_head_only() {
-        let request = b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n";
-        let (mut lp, mut worker, mut client, _) = streaming(request, plain, abc);
-        let reply = reply(&mut lp, &mut worker, &mut client, "\r\n\r\n");
+    fn a_stream_answering_head_sends_the_head_only_and_ends() {
+        fn keep(lp: &mut Loop<Worker>, sender: BodySender) -> Option<BodySender> {
+            Some(sender).filter(|s| s.send(lp, "x").is_ok())
+        }
+        let request = b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (mut lp, mut worker, mut client, kept) = streaming(request, plain, keep);
+        // The HEAD answer is complete at once: the GET's streamed answer follows it.
+        let reply = reply(&mut lp, &mut worker, &mut client, "1\r\nx\r\n");
+        assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 2, "{reply:?}");
         assert!(
             reply.contains("Transfer-Encoding: chunked\r\n"),
             "{reply:?}"
         );
-        for _ in 0..5 {
-            lp.loop_once(Some(Duration::from_millis(10)), &mut worker)
-                .unwrap();
-        }
-        assert_eq!(read_now(&mut client), "", "no body after a HEAD answer");
+        let head_answer = reply.split("HTTP/1.1 200 OK").nth(1).unwrap();
+        assert!(
+            head_answer.ends_with("\r\n\r\n"),
+            "a body after HEAD: {reply:?}"
+        );
+        kept.take().unwrap().finish(&mut lp);
     }
 
     #[test]

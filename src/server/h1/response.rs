@@ -93,7 +93,7 @@ pub(crate) fn encode_head<B>(
     }
     // RFC 9110 §15.3.5, §15.3.6, §15.4.5: no content in 204, 205 and 304.
     let bodyless = matches!(status, 204 | 205 | 304);
-    if bodyless && body_len.map_or(true, |n| n > 0) {
+    if bodyless && body_len.is_some_and(|n| n > 0) {
         return Err(format!("a {status} response with a body"));
     }
     let headers = response.headers();
@@ -134,6 +134,7 @@ pub(crate) fn encode_head<B>(
         (204, None | Some(0), _) => (None, false, Framing::None),
         (204, Some(_), _) => return Err("a 204 response with a Content-Length".into()),
         (304, length, _) => (length, false, Framing::None),
+        (205, _, None) => (Some(0), false, Framing::None),
         (_, Some(n), Some(body)) if n != body && !(target.head_only && body == 0) => {
             return Err(format!("Content-Length {n} for a body of {body} bytes"));
         }
