@@ -79,6 +79,11 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps
 # needs no --allow-dirty: the steps above write only under target/. The warning that
 # the fuzz_corpus test is ignored is expected (Cargo.toml: include).
 step "cargo package: every crate builds from its .crate"
+# cargo extracts the packed workspace crates into ~/.cargo/registry/src/-<hash>/ (the
+# hash is of target/package's path) and never extracts a name-version again: on a
+# machine that packed this workspace before, from the same path, the verification would
+# build the old sources. Only our own crates' extractions go.
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/forkloop-*
 cargo package --workspace --all-features
 
 printf '\nci/test.sh: all checks passed\n'
