@@ -112,7 +112,6 @@ struct Master {
     workers: HashMap<Slot, WorkerInfo>,
     target: usize,
     next_slot: usize,
-    shutting_down: bool,
     /// When the first TERM/INT (or the start-up failure) began the shutdown.
     shutdown_began: Option<Instant>,
     announced: bool,
@@ -153,7 +152,6 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         listeners: Vec::new(),
         workers: HashMap::new(),
         next_slot: 0,
-        shutting_down: false,
         shutdown_began: None,
         announced: false,
         crash_streak: 0,
@@ -197,6 +195,13 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
     }
     result?;
     master.failure.take().map_or(Ok(()), Err)
+}
+
+impl Master {
+    /// A TERM/INT (or the start-up failure) began the shutdown.
+    fn shutting_down(&self) -> bool {
+        self.shutdown_began.is_some()
+    }
 }
 
 fn unlink_sockets(m: &Master) {
@@ -249,7 +254,7 @@ fn reconcile(lp: &mut Loop<Master>, m: &mut Master) {
             .values()
             .filter(|w| w.state != State::Draining)
             .count();
-        if m.shutting_down || m.respawn_timer.is_some() || active >= m.target {
+        if m.shutting_down() || m.respawn_timer.is_some() || active >= m.target {
             return;
         }
         if let Err(e) = spawn(lp, m, None) {
@@ -405,7 +410,7 @@ fn replace(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, why: &str) {
         return;
     };
     let replaced = m.workers.values().any(|other| other.replaces == Some(slot));
-    if m.shutting_down || w.state != State::Ready || w.killed || replaced {
+    if m.shutting_down() || w.state != State::Ready || w.killed || replaced {
         return;
     }
     let pid = w.pid;
@@ -531,7 +536,7 @@ fn worker_exited(
             "its status is lost".to_owned()
         }
     };
-    if m.shutting_down {
+    if m.shutting_down() {
         if m.workers.is_empty() {
             lp.stop(0);
         }
@@ -617,7 +622,6 @@ fn shutdown(lp: &mut Loop<Master>, m: &mut Master, why: &str) {
         kill_workers(m, |_, _| true);
     } else {
         m.shutdown_began = Some(now);
-        m.shutting_down = true;
         log::info!("{why}: graceful shutdown");
         let slots: Vec<Slot> = m.workers.keys().copied().collect();
         for slot in slots {
@@ -642,7 +646,7 @@ fn shutdown(lp: &mut Loop<Master>, m: &mut Master, why: &str) {
 /// place takes over what it was to replace; a serving one whose replacement is still
 /// starting gets that one's successor. So the count stays at the target.
 fn rolling_restart(lp: &mut Loop<Master>, m: &mut Master) {
-    if m.shutting_down {
+    if m.shutting_down() {
         return;
     }
     let current: Vec<(Slot, State, Option<Slot>)> = m
