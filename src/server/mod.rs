@@ -26,10 +26,11 @@
 //! Server::new(config, app).run().unwrap();
 //! ```
 
-mod body;
 #[doc(hidden)]
 pub mod fuzz;
 mod h1;
+mod request_body;
+mod response_body;
 mod stream;
 mod worker;
 
@@ -39,19 +40,101 @@ use std::time::Duration;
 
 /// The `http` crate, whose types the handler gets and gives.
 pub use ::http;
-pub use body::{BodySender, StreamEnded};
 pub use h1::{query, text, Peer, Request, Response};
+pub use request_body::{BodyError, BodyReceiver, Received};
+pub use response_body::{BodySender, StreamEnded};
 pub use worker::{RemoteResponder, Responder, Worker};
 
 use crate::supervisor::{self, Supervisor, SupervisorError};
 use crate::Loop;
 
+/// A request whose body its handler streams ([`BodyMode::Streamed`]): the head, and
+/// the body to read as it arrives.
+pub type StreamedRequest = http::Request<BodyReceiver>;
+
+/// How a request's body reaches its handler; chosen from the head by
+/// [`Handler::body_mode`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BodyMode {
+    /// Read whole, within `max_body_size` (a longer one gets 413 without reaching the
+    /// handler), then [`Handler::call`] gets the request.
+    #[default]
+    Buffered,
+    /// [`Handler::call_streamed`] gets the request as soon as its head is in, and
+    /// reads the body through its [`BodyReceiver`] as it arrives — of any length, with
+    /// backpressure: uploads, proxies, a body the handler may refuse unread.
+    Streamed,
+}
+
 /// An HTTP application: answers each request through its [`Responder`], at once or
 /// later from the worker's loop (a timer, another fd) — one slow request never blocks
 /// the worker's other connections. A panic becomes a 500 for that request.
+///
+/// A closure `Fn(&mut Loop<Worker>, Request, Responder)` is a handler whose bodies are
+/// buffered. To stream some (an upload route), implement [`body_mode`] and
+/// [`call_streamed`]:
+///
+/// ```no_run
+/// use forkloop::server::http::{request::Parts, Method, StatusCode};
+/// use forkloop::server::{text, BodyMode, Handler, Request, Responder, StreamedRequest, Worker};
+/// use forkloop::Loop;
+///
+/// struct App;
+///
+/// impl Handler for App {
+///     fn body_mode(&self, head: &Parts) -> BodyMode {
+///         match (&head.method, head.uri.path()) {
+///             (&Method::PUT, "/upload") => BodyMode::Streamed,
+///             _ => BodyMode::Buffered,
+///         }
+///     }
+///
+///     fn call(&self, lp: &mut Loop<Worker>, request: Request, responder: Responder) {
+///         let body = format!("{} bytes\n", request.body().len());
+///         responder.send(lp, text(StatusCode::OK, body));
+///     }
+///
+///     fn call_streamed(&self, lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
+///         // Up to 1 GiB, read as it comes (a real app writes it somewhere instead).
+///         request.into_body().collect(lp, 1 << 30, move |lp, _, body| {
+///             let answer = match body {
+///                 Ok(body) => text(StatusCode::OK, format!("stored {} bytes\n", body.len())),
+///                 Err(e) => text(StatusCode::PAYLOAD_TOO_LARGE, format!("{e}\n")),
+///             };
+///             responder.send(lp, answer);
+///         });
+///     }
+/// }
+/// ```
+///
+/// [`body_mode`]: Handler::body_mode
+/// [`call_streamed`]: Handler::call_streamed
 pub trait Handler: 'static {
-    /// Handles one request, on the worker's loop.
+    /// Handles one request, its body read whole, on the worker's loop.
     fn call(&self, lp: &mut Loop<Worker>, request: Request, responder: Responder);
+
+    /// How the body of the request with this head is read: buffered for
+    /// [`call`](Handler::call) (the default), or streamed to
+    /// [`call_streamed`](Handler::call_streamed). Asked for every request, bodiless
+    /// ones too, so that a route is always served by the same method.
+    fn body_mode(&self, head: &http::request::Parts) -> BodyMode {
+        let _ = head;
+        BodyMode::Buffered
+    }
+
+    /// Handles a request whose body streams, as soon as its head is in. The default
+    /// answers 500: a handler whose `body_mode` can choose `Streamed` implements it.
+    fn call_streamed(&self, lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
+        log::error!(
+            "{} {}: body_mode chose Streamed, but the handler has no call_streamed; \
+             answering 500",
+            request.method(),
+            request.uri()
+        );
+        let _ = lp;
+        drop(responder);
+    }
 }
 
 impl<F: Fn(&mut Loop<Worker>, Request, Responder) + 'static> Handler for F {

@@ -22,10 +22,13 @@ use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::body::{BodySender, Shared, StreamEnded, LOW_WATER};
-use super::h1::{self, Framing, Limits, Parsed, Parser, Peer, Request, Response, CONTINUE};
+use super::h1::{
+    self, BodyRead, Framing, Limits, Parsed, Parser, Peer, Request, Response, CONTINUE,
+};
+use super::request_body::{BodyError, BodyReceiver, Inbound};
+use super::response_body::{BodySender, Shared, StreamEnded, LOW_WATER};
 use super::stream::Stream;
-use super::{Config, Handler};
+use super::{BodyMode, Config, Handler, StreamedRequest};
 use crate::id_map::IdMap;
 use crate::supervisor::{Drain, Listener, MasterLink, WorkerContext};
 use crate::{Interest, Io, Loop, Readiness, Timer, Waker};
@@ -224,6 +227,8 @@ enum Slot {
         http10: bool,
         /// The request line, kept only when there is an access log to write it to.
         line: Option<String>,
+        /// `100 Continue` is owed before the answer (its streamed body is being read).
+        interim: bool,
     },
     /// Ready to go out once every earlier slot has.
     Ready { bytes: Vec<u8>, close: bool },
@@ -303,6 +308,23 @@ fn frame(out: &mut Vec<u8>, framing: Framing, shared: &Shared, data: Vec<u8>) ->
     StreamState::Finished
 }
 
+/// The request whose head is parsed and whose body is being read.
+// One per connection, in place: boxing the head would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Reading {
+    /// Buffered: the request waits for its body, and for its handler after that.
+    Buffered {
+        head: ::http::request::Parts,
+        slot: Slot,
+        keep_alive: bool,
+    },
+    /// Streamed: its handler has it, and the body goes to its receiver as it comes.
+    Streamed {
+        inbound: Rc<Inbound>,
+        keep_alive: bool,
+    },
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum TimerKind {
     Header,
@@ -350,6 +372,8 @@ struct Conn {
     /// Streams dropped from the queue behind a response that closes: `drive` ends
     /// them (their senders' sends fail from then on).
     unsent_streams: Vec<Rc<Shared>>,
+    /// The request whose body is being read, once its head is parsed.
+    reading: Option<Reading>,
 }
 
 impl Conn {
@@ -376,6 +400,23 @@ impl Conn {
     fn unsent(&self) -> usize {
         let queued: usize = self.slots.iter().map(Slot::len).sum();
         self.out.len() - self.sent + queued
+    }
+
+    /// The receiver of the body being streamed to its handler.
+    fn inbound(&self) -> Option<&Rc<Inbound>> {
+        match &self.reading {
+            Some(Reading::Streamed { inbound, .. }) => Some(inbound),
+            _ => None,
+        }
+    }
+
+    /// Whether parsing waits: on the handler, for a streamed body its receiver holds
+    /// enough of; else for room in the pipeline and in the unsent output.
+    fn parse_blocked(&self) -> bool {
+        match self.inbound() {
+            Some(inbound) => inbound.is_full(),
+            None => self.slots.len() >= MAX_PIPELINED || self.unsent() >= MAX_UNSENT,
+        }
     }
 
     /// Everything is answered and written, and no more requests will be read.
@@ -463,7 +504,7 @@ impl Conn {
     fn queue_ready(&mut self) {
         let ready = matches!(
             self.slots.front(),
-            Some(Slot::Ready { .. } | Slot::Streaming { .. })
+            Some(Slot::Ready { .. } | Slot::Streaming { .. } | Slot::Pending { interim: true, .. })
         );
         if self.sent > 0 && ready {
             self.out.drain(..self.sent);
@@ -471,6 +512,11 @@ impl Conn {
         }
         loop {
             let close = match self.slots.front_mut() {
+                Some(Slot::Pending { interim, .. }) if *interim => {
+                    *interim = false;
+                    self.out.extend_from_slice(CONTINUE);
+                    return;
+                }
                 Some(Slot::Ready { bytes, close }) => {
                     self.out.append(bytes);
                     *close
@@ -783,6 +829,7 @@ fn add_conn(lp: &mut Loop<Worker>, w: &mut Worker, stream: Stream, peer: Peer) {
         peer_closed: false,
         lingering: false,
         unsent_streams: Vec::new(),
+        reading: None,
     };
     w.conns.insert(id, conn);
     set_timer(lp, w, id);
@@ -821,9 +868,10 @@ fn socket<'a>(
     given.or_else(|| lp.source(io))
 }
 
-/// Parses and dispatches every complete request the connection has buffered; each
-/// answer given at once is written at once, before the next request is parsed.
-/// `stream`: the socket, when the connection's callback (which holds it) calls.
+/// Parses and dispatches every request the connection has buffered, and hands a
+/// streamed body's bytes to its receiver; each answer given at once is written at
+/// once, before the next request is parsed. `stream`: the socket, when the
+/// connection's callback (which holds it) calls.
 fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Stream>) {
     loop {
         let now = lp.now();
@@ -833,7 +881,7 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Strea
         if conn.no_more_requests {
             break;
         }
-        if conn.slots.len() >= MAX_PIPELINED || conn.unsent() >= MAX_UNSENT {
+        if conn.parse_blocked() {
             conn.held_back = true;
             break;
         }
@@ -843,59 +891,34 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Strea
         if conn.parser.progress() != progress && conn.parser.reading_body() {
             conn.last_progress = now;
         }
-        let request = match parsed {
+        match parsed {
             Ok(None) => {
                 conn.no_more_requests = conn.peer_closed;
+                if conn.peer_closed {
+                    if let Some(inbound) = conn.inbound() {
+                        inbound.fail(lp, BodyError::Closed);
+                    }
+                }
                 break;
             }
-            Ok(Some(Parsed::Continue)) => {
-                conn.slots.push_back(Slot::Ready {
-                    bytes: CONTINUE.to_vec(),
-                    close: false,
-                });
+            Ok(Some(Parsed::Head(incoming))) => {
+                if !begin_request(lp, w, id, incoming) {
+                    break;
+                }
+            }
+            Ok(Some(Parsed::Data(data))) => {
+                if let Some(inbound) = conn.inbound() {
+                    inbound.push(lp, data);
+                }
                 continue;
             }
-            Ok(Some(Parsed::Request(request))) => {
-                conn.sent_since_request = false;
-                let line = w.access_log_path.is_some().then(|| {
-                    format!(
-                        "{} {} HTTP/1.{}",
-                        request.method, request.target, request.minor_version
-                    )
-                });
-                // A keep-alive timeout of zero turns keep-alive off.
-                let keep_alive =
-                    request.keep_alive && !w.draining && !w.keepalive_timeout.is_zero();
-                let head = request.method == "HEAD";
-                let http10 = request.minor_version == 0;
-                let request = match request.into_request(conn.peer) {
-                    Ok(request) => request,
-                    Err(why) => {
-                        log::debug!("{}: refused: {why}", conn.peer);
-                        answer_and_close(w, id, 400, why);
-                        break;
-                    }
-                };
-                conn.slots.push_back(Slot::Pending {
-                    head,
-                    keep_alive,
-                    http10,
-                    line,
-                });
-                // RFC 9112 §9.6: nothing after a request that closes is processed.
-                conn.no_more_requests |= !keep_alive;
-                // The request's timeout is over: `set_timer` picks the next afresh.
-                conn.timer_kind = None;
-                let seq = conn.first_seq + conn.slots.len() as u64 - 1;
-                (request, seq)
-            }
+            Ok(Some(Parsed::End(body))) => end_request(lp, w, id, body),
             Err(refusal) => {
                 log::debug!("{}: refused: {}", conn.peer, refusal.why);
-                answer_and_close(w, id, refusal.status, refusal.why);
+                refuse(lp, w, id, refusal.status, refusal.why, BodyError::Invalid);
                 break;
             }
-        };
-        dispatch(lp, w, id, request);
+        }
         let now = lp.now();
         let Some(conn) = w.conns.get_mut(&id) else {
             return;
@@ -908,7 +931,155 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Strea
     }
 }
 
-fn dispatch(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, (request, seq): (Request, u64)) {
+/// A head is parsed: asks the handler how it takes the body, and a streamed one's
+/// handler gets the request now; `false` if the request is refused.
+fn begin_request(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, incoming: h1::Incoming) -> bool {
+    let Some(conn) = w.conns.get_mut(&id) else {
+        return false;
+    };
+    let line = w.access_log_path.is_some().then(|| {
+        format!(
+            "{} {} HTTP/1.{}",
+            incoming.method, incoming.target, incoming.minor_version
+        )
+    });
+    // A keep-alive timeout of zero turns keep-alive off.
+    let keep_alive = incoming.keep_alive && !w.draining && !w.keepalive_timeout.is_zero();
+    let head_only = incoming.method == "HEAD";
+    let http10 = incoming.minor_version == 0;
+    let (head, ()) = match incoming.into_request(conn.peer) {
+        Ok(request) => request.into_parts(),
+        Err(why) => {
+            log::debug!("{}: refused: {why}", conn.peer);
+            answer_and_close(w, id, 400, why);
+            return false;
+        }
+    };
+    let handler = Rc::clone(&w.handler);
+    let read = match panic::catch_unwind(AssertUnwindSafe(|| handler.body_mode(&head))) {
+        Ok(BodyMode::Streamed) => BodyRead::Streamed,
+        Ok(_) => BodyRead::Buffered,
+        Err(_) => {
+            log::error!("a handler's body_mode panicked; answering 500");
+            answer_and_close(w, id, 500, "Internal Server Error");
+            return false;
+        }
+    };
+    if let Err(refusal) = conn.parser.read_body(read) {
+        log::debug!("{}: refused: {}", conn.peer, refusal.why);
+        answer_and_close(w, id, refusal.status, refusal.why);
+        return false;
+    }
+    let wants_continue = conn.parser.take_continue();
+    let slot = Slot::Pending {
+        head: head_only,
+        keep_alive,
+        http10,
+        line,
+        interim: false,
+    };
+    if read == BodyRead::Buffered {
+        if wants_continue {
+            conn.slots.push_back(Slot::Ready {
+                bytes: CONTINUE.to_vec(),
+                close: false,
+            });
+        }
+        conn.reading = Some(Reading::Buffered {
+            head,
+            slot,
+            keep_alive,
+        });
+        return true;
+    }
+    conn.slots.push_back(slot);
+    let seq = conn.first_seq + conn.slots.len() as u64 - 1;
+    let inbound = Inbound::new(id, seq, wants_continue, w.outbox.remote.clone());
+    conn.reading = Some(Reading::Streamed {
+        inbound: Rc::clone(&inbound),
+        keep_alive,
+    });
+    let request = StreamedRequest::from_parts(head, BodyReceiver::new(inbound));
+    dispatch(lp, w, id, seq, Call::Streamed(request));
+    true
+}
+
+/// A request is complete: a buffered one goes to its handler, a streamed one's
+/// receiver gets the end.
+fn end_request(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, body: Vec<u8>) {
+    let Some(conn) = w.conns.get_mut(&id) else {
+        return;
+    };
+    conn.sent_since_request = false;
+    // The request's timeout is over: `set_timer` picks the next afresh.
+    conn.timer_kind = None;
+    match conn.reading.take() {
+        Some(Reading::Buffered {
+            head,
+            slot,
+            keep_alive,
+        }) => {
+            conn.slots.push_back(slot);
+            // RFC 9112 §9.6: nothing after a request that closes is processed.
+            conn.no_more_requests |= !keep_alive;
+            let seq = conn.first_seq + conn.slots.len() as u64 - 1;
+            dispatch(
+                lp,
+                w,
+                id,
+                seq,
+                Call::Buffered(Request::from_parts(head, body)),
+            );
+        }
+        Some(Reading::Streamed {
+            inbound,
+            keep_alive,
+        }) => {
+            conn.no_more_requests |= !keep_alive;
+            inbound.complete(lp);
+        }
+        None => {}
+    }
+}
+
+/// Refuses connection `id`'s input with `status` and closes after. A body being
+/// streamed stops with `error`, and its request gets the refusal as its answer unless
+/// its handler has begun one (then the connection closes after that).
+fn refuse(
+    lp: &mut Loop<Worker>,
+    w: &mut Worker,
+    id: u64,
+    status: u16,
+    why: &str,
+    error: BodyError,
+) {
+    let Some(conn) = w.conns.get_mut(&id) else {
+        return;
+    };
+    let Some(Reading::Streamed { inbound, .. }) = conn.reading.take() else {
+        answer_and_close(w, id, status, why);
+        return;
+    };
+    inbound.fail(lp, error);
+    conn.no_more_requests = true;
+    let index = inbound
+        .seq
+        .checked_sub(conn.first_seq)
+        .and_then(|i| usize::try_from(i).ok());
+    if let Some(Slot::Pending { keep_alive, .. }) = index.and_then(|i| conn.slots.get_mut(i)) {
+        *keep_alive = false;
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        fill(w, id, inbound.seq, h1::text(code, format!("{why}\n")));
+    }
+}
+
+/// A handler call: with the request's body, or with its receiver.
+enum Call {
+    Buffered(Request),
+    Streamed(StreamedRequest),
+}
+
+fn dispatch(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, seq: u64, call: Call) {
     let responder = Responder {
         outbox: Rc::clone(&w.outbox),
         conn: id,
@@ -916,7 +1087,11 @@ fn dispatch(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, (request, seq): (Req
         sent: false,
     };
     let outer = w.outbox.in_call.replace(true);
-    let outcome = panic::catch_unwind(AssertUnwindSafe(|| w.handler.call(lp, request, responder)));
+    let handler = &w.handler;
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| match call {
+        Call::Buffered(request) => handler.call(lp, request, responder),
+        Call::Streamed(request) => handler.call_streamed(lp, request, responder),
+    }));
     w.outbox.in_call.set(outer);
     if outcome.is_err() {
         log::error!("a handler panicked; answering 500");
@@ -988,6 +1163,7 @@ fn take_pending(w: &mut Worker, id: u64, seq: u64) -> Option<Taken> {
         keep_alive,
         http10,
         line,
+        ..
     } = std::mem::replace(slot, empty)
     else {
         unreachable!()
@@ -1142,6 +1318,15 @@ pub(crate) fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Opti
     let Some(conn) = w.conns.get_mut(&id) else {
         return;
     };
+    // The handler began to read a streamed body: the client waiting for `100
+    // Continue` gets it, unless the request is answered already.
+    if let Some(inbound) = conn.inbound().filter(|i| i.continue_due.take()) {
+        let index = inbound.seq.checked_sub(conn.first_seq);
+        let index = index.and_then(|i| usize::try_from(i).ok());
+        if let Some(Slot::Pending { interim, .. }) = index.and_then(|i| conn.slots.get_mut(i)) {
+            *interim = true;
+        }
+    }
     let stream = socket(lp, conn.io, stream);
     if conn.flush(stream, now).is_err() {
         close(lp, w, id);
@@ -1164,12 +1349,14 @@ pub(crate) fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Opti
             shared.run_writable(lp);
         }
     }
-    // Pipelined requests were held back while the queue or the output was full.
-    let resume = conn.held_back
-        && !conn.no_more_requests
-        && conn.slots.len() < MAX_PIPELINED
-        && conn.unsent() < MAX_UNSENT;
+    // Parsing was held back while the queue or the output was full, or a streamed
+    // body's receiver was.
+    let resume = conn.held_back && !conn.no_more_requests && !conn.parse_blocked();
     conn.held_back &= !resume;
+    if resume && conn.inbound().is_some() {
+        // The wait was the handler's: the client's body timeout counts from now.
+        conn.last_progress = now;
+    }
     if let Err(e) = conn.watch_for(lp, conn.wants()) {
         log::error!("watching connection {id}: {e}");
         close(lp, w, id);
@@ -1182,6 +1369,32 @@ pub(crate) fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Opti
         });
     }
     set_timer(lp, w, id);
+}
+
+/// Makes a connection `drive` at the end of this iteration: once, however often it is
+/// asked before then (by its response stream's sends, its request body's reads).
+pub(crate) struct Nudge {
+    conn: u64,
+    due: Rc<Cell<bool>>,
+}
+
+impl Nudge {
+    pub(crate) fn new(conn: u64) -> Nudge {
+        Nudge {
+            conn,
+            due: Rc::default(),
+        }
+    }
+
+    pub(crate) fn ask(&self, lp: &mut Loop<Worker>) {
+        if !self.due.replace(true) {
+            let (due, conn) = (Rc::clone(&self.due), self.conn);
+            lp.later(move |lp, w| {
+                due.set(false);
+                drive(lp, w, conn, None);
+            });
+        }
+    }
 }
 
 /// Sets the timeout a connection needs: the send timeout while output waits for the
@@ -1197,6 +1410,9 @@ fn set_timer(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
         Some((TimerKind::Linger, LINGER))
     } else if !conn.out.is_empty() || conn.finished() {
         Some((TimerKind::Send, w.body_timeout))
+    } else if conn.inbound().is_some_and(|inbound| !inbound.is_full()) {
+        // A streamed body the handler has room for: the client is waited on.
+        Some((TimerKind::Body, w.body_timeout))
     } else if !waiting {
         None
     } else if conn.parser.reading_body() {
@@ -1251,7 +1467,14 @@ fn on_timeout(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
             lp.restart(conn.timer, w.body_timeout - quiet);
         }
         TimerKind::Body => {
-            answer_and_close(w, id, 408, "request body timed out");
+            refuse(
+                lp,
+                w,
+                id,
+                408,
+                "request body timed out",
+                BodyError::TimedOut,
+            );
             drive(lp, w, id, None);
         }
         _ => close(lp, w, id),
@@ -1294,6 +1517,9 @@ fn close(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
     });
     for shared in queued.chain(&conn.unsent_streams) {
         shared.end(lp, StreamEnded::Closed);
+    }
+    if let Some(inbound) = conn.inbound() {
+        inbound.fail(lp, BodyError::Closed);
     }
     // The loop drops the socket, closing it: at once, or when its callback returns.
     lp.cancel(conn.io);
@@ -1441,6 +1667,10 @@ pub(crate) fn drive_connection(
 }
 
 #[cfg(test)]
+#[path = "streamed_request_tests.rs"]
+mod streamed_request_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::cell::RefCell;
@@ -1470,7 +1700,7 @@ mod tests {
     }
 
     /// Runs the worker until the client has read a response ending in `end`.
-    fn reply(
+    pub(super) fn reply(
         lp: &mut Loop<Worker>,
         worker: &mut Worker,
         client: &mut UnixStream,
@@ -1492,7 +1722,7 @@ mod tests {
     }
 
     /// What the client can read now, without waiting.
-    fn read_now(client: &mut UnixStream) -> String {
+    pub(super) fn read_now(client: &mut UnixStream) -> String {
         let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
         while let Ok(n @ 1..) = client.read(&mut buf) {
             got.extend_from_slice(&buf[..n]);
@@ -1579,7 +1809,7 @@ mod tests {
         None
     }
 
-    const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    pub(super) const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
 
     #[test]
     fn a_stream_without_a_length_is_chunked_and_keeps_the_connection() {

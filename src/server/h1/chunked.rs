@@ -19,27 +19,47 @@ pub(crate) enum Chunked {
 }
 
 impl Chunked {
-    /// Moves what it can from `input` into `body`. Returns the bytes of `input` it
-    /// consumed and whether the body is complete. `body` never grows past `max_body`,
-    /// and a trailer section past `max_trailers` bytes is refused.
+    /// Moves what it can from `input` onto the end of `body`. Returns the bytes of
+    /// `input` it consumed and whether the body is complete. `body` grows by `room`
+    /// bytes at most (a chunk size past what is left of it is refused), and a trailer
+    /// section past `max_trailers` bytes is refused. A refusal behind body bytes this
+    /// call took is held back: the bytes come first, and the refusal on the next call
+    /// (the state stays at the input refused), so that what a streamed body delivers
+    /// does not depend on how its input was split.
     pub(crate) fn decode(
         &mut self,
         input: &[u8],
         body: &mut Vec<u8>,
-        max_body: u64,
+        room: u64,
         max_trailers: usize,
     ) -> Result<(usize, bool), Refusal> {
+        let start = body.len();
         let mut used = 0;
+        match self.decode_some(input, body, room, max_trailers, &mut used) {
+            Err(_) if body.len() > start => Ok((used, false)),
+            decoded => decoded,
+        }
+    }
+
+    fn decode_some(
+        &mut self,
+        input: &[u8],
+        body: &mut Vec<u8>,
+        room: u64,
+        max_trailers: usize,
+        used: &mut usize,
+    ) -> Result<(usize, bool), Refusal> {
+        let start = body.len();
         loop {
-            let rest = &input[used..];
+            let rest = &input[*used..];
             match *self {
                 Chunked::Size => {
-                    // The body already held is at most max_body, so this cannot wrap.
-                    let room = max_body - body.len() as u64;
+                    // Every chunk taken was within the room, so this cannot wrap.
+                    let room = room - (body.len() - start) as u64;
                     let Some((len, size)) = size_line(rest, room)? else {
-                        return Ok((used, false));
+                        return Ok((*used, false));
                     };
-                    used += len;
+                    *used += len;
                     *self = match size {
                         0 => Chunked::Trailers,
                         size => Chunked::Data(size),
@@ -47,21 +67,21 @@ impl Chunked {
                 }
                 Chunked::Data(left) => {
                     if rest.is_empty() {
-                        return Ok((used, false));
+                        return Ok((*used, false));
                     }
                     // Bounded by both `left` (u64) and `rest.len()` (usize).
                     let take = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
                     body.extend_from_slice(&rest[..take]);
-                    used += take;
+                    *used += take;
                     *self = match left - take as u64 {
                         0 => Chunked::DataEnd,
                         left => Chunked::Data(left),
                     };
                 }
                 Chunked::DataEnd => match rest {
-                    [] | [b'\r'] => return Ok((used, false)),
+                    [] | [b'\r'] => return Ok((*used, false)),
                     [b'\r', b'\n', ..] => {
-                        used += 2;
+                        *used += 2;
                         *self = Chunked::Size;
                     }
                     _ => return Err(refuse(400, "chunk data not followed by CRLF")),
@@ -79,12 +99,12 @@ impl Chunked {
                             if has_bare_lf(&rest[..len]) {
                                 return Err(refuse(400, "a trailer line not ended by CRLF"));
                             }
-                            Ok((used + len, true))
+                            Ok((*used + len, true))
                         }
                         Ok(httparse::Status::Partial) if rest.len() > max_trailers => {
                             Err(refuse(431, "trailer section too large"))
                         }
-                        Ok(httparse::Status::Partial) => Ok((used, false)),
+                        Ok(httparse::Status::Partial) => Ok((*used, false)),
                         Err(httparse::Error::TooManyHeaders) => {
                             Err(refuse(431, "too many trailer fields"))
                         }
@@ -174,13 +194,18 @@ fn parse_size_line(line: &[u8], room: u64) -> Result<Option<(usize, u64)>, Refus
 mod tests {
     use super::*;
 
-    /// Decodes `input` whole: the body, or the refusal's status.
+    /// Decodes `input` whole: the body, or the refusal's status (which may come a call
+    /// after the bytes before it).
     fn decode(input: &[u8]) -> Result<Vec<u8>, u16> {
-        let (mut state, mut body) = (Chunked::Size, Vec::new());
-        match state.decode(input, &mut body, 1024, 1024) {
-            Ok((used, true)) if used == input.len() => Ok(body),
-            Ok(other) => panic!("{input:?}: incomplete {other:?}"),
-            Err(refusal) => Err(refusal.status),
+        let (mut state, mut body, mut at) = (Chunked::Size, Vec::new(), 0);
+        loop {
+            let before = body.len();
+            match state.decode(&input[at..], &mut body, 1024 - before as u64, 1024) {
+                Ok((used, true)) if at + used == input.len() => return Ok(body),
+                Ok((used, false)) if body.len() > before => at += used,
+                Ok(other) => panic!("{input:?}: incomplete {other:?}"),
+                Err(refusal) => return Err(refusal.status),
+            }
         }
     }
 

@@ -14,12 +14,14 @@ mod syntax;
 
 use std::net::SocketAddr;
 
-pub(crate) use parser::{Parsed, Parser};
+pub(crate) use parser::{BodyRead, Parsed, Parser};
 pub(crate) use response::{encode, encode_head, Framing, Head};
 pub use response::{text, Response};
 
 /// A request, as the handler gets it: the `http` crate's, its body read whole (within
-/// `max_body_size`) and de-chunked. Its extensions hold the [`Peer`]. The URI is the
+/// `max_body_size`) and de-chunked (a handler may take it streamed instead: see
+/// [`Handler::body_mode`](super::Handler::body_mode)). Its extensions hold the
+/// [`Peer`]. The URI is the
 /// request target in origin form (an absolute-form target, `http://host/path?q`, is
 /// reduced to its path and query, and its authority replaces the `Host` header), or `*`
 /// for `OPTIONS *`; the version is HTTP/1.0 or HTTP/1.1 (later 1.x minors are 1.1).
@@ -65,15 +67,13 @@ pub(crate) struct Incoming {
     pub minor_version: u8,
     /// Header names and values, in order.
     pub headers: Vec<(String, Vec<u8>)>,
-    /// The body, de-chunked.
-    pub body: Vec<u8>,
     pub keep_alive: bool,
 }
 
 impl Incoming {
-    /// The `http` crate's request, from `peer`; why not, for a target or a header the
-    /// parser let through but `http`'s types refuse (a 400).
-    pub fn into_request(self, peer: Peer) -> Result<Request, &'static str> {
+    /// The `http` crate's request head, from `peer`; why not, for a target or a
+    /// header the parser let through but `http`'s types refuse (a 400).
+    pub fn into_request(self, peer: Peer) -> Result<http::Request<()>, &'static str> {
         let version = match self.minor_version {
             0 => http::Version::HTTP_10,
             _ => http::Version::HTTP_11,
@@ -83,7 +83,7 @@ impl Incoming {
             .uri(self.target)
             .version(version)
             .extension(peer)
-            .body(self.body)
+            .body(())
             .map_err(|_| "a method or target http's types refuse")?;
         let headers = request.headers_mut();
         headers.reserve(self.headers.len());

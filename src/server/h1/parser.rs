@@ -1,8 +1,10 @@
-//! The incremental request parser of one connection: a head, then its body.
+//! The incremental request parser of one connection: a head, then its body, read
+//! whole (buffered) or handed on in pieces as it arrives (streamed), as the caller
+//! chooses once it has seen the head.
 
 use super::chunked::{Chunked, MAX_SIZE_LINE};
 use super::head::{self, Framing};
-use super::{Incoming, Limits, Refusal};
+use super::{refuse, Incoming, Limits, Refusal};
 
 /// The most body input buffered at once, beyond what a chunk line or a trailer
 /// section needs (see [`Parser::room`]).
@@ -11,14 +13,26 @@ const BODY_WINDOW: usize = 64 * 1024;
 /// What the parser produced.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Parsed {
-    /// A complete request.
-    Request(Incoming),
-    /// The head asked for `100 Continue` and its body has not arrived yet.
-    Continue,
+    /// A request's head. Its body is read only once the caller says how
+    /// ([`Parser::read_body`]).
+    Head(Incoming),
+    /// The next bytes of a streamed body (never empty).
+    Data(Vec<u8>),
+    /// The request is complete: its body, if buffered (empty if streamed).
+    End(Vec<u8>),
+}
+
+/// How a request's body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyRead {
+    /// Whole, up to the limits' `max_body` (else 413).
+    Buffered,
+    /// In pieces as they arrive, of any length.
+    Streamed,
 }
 
 #[derive(Debug)]
-enum Body {
+enum Framed {
     Length(u64),
     Chunked(Chunked),
 }
@@ -26,10 +40,19 @@ enum Body {
 /// A request whose head is parsed and whose body is being read.
 #[derive(Debug)]
 struct Pending {
-    request: Incoming,
-    body: Body,
-    /// The client waits for `100 Continue` before it sends the body.
+    framed: Framed,
+    /// `None` until the caller says how the body is read.
+    read: Option<BodyRead>,
+    /// The body so far, when buffered.
+    body: Vec<u8>,
+    /// Body bytes decoded so far.
+    received: u64,
+    /// The most body bytes it may have.
+    limit: u64,
+    /// The client may wait for `100 Continue` before it sends the body.
     wants_continue: bool,
+    /// The body is complete; a streamed one's `End` is still to be given.
+    complete: bool,
 }
 
 /// Incremental request parser for one connection.
@@ -57,9 +80,9 @@ impl Parser {
         self.buf.len()
     }
 
-    /// Every byte this parser holds: unconsumed input and the body read so far.
+    /// Every byte this parser holds: unconsumed input and a buffered body so far.
     pub(crate) fn held(&self) -> usize {
-        self.buf.len() + self.pending.as_ref().map_or(0, |p| p.request.body.len())
+        self.buf.len() + self.pending.as_ref().map_or(0, |p| p.body.len())
     }
 
     /// Whether a request has begun (bytes buffered or a head parsed) but is not complete.
@@ -97,74 +120,126 @@ impl Parser {
         self.buf.extend_from_slice(data);
     }
 
-    /// The next complete request, `Ok(None)` if more input is needed.
-    pub(crate) fn next(&mut self) -> Result<Option<Parsed>, Refusal> {
-        let pending = match &mut self.pending {
-            Some(pending) => pending,
-            None => {
-                // RFC 9112 §2.2: empty lines before a request line are ignored (dropped
-                // as they come, so that they hold nothing and leave the connection idle).
-                let empty = self
-                    .buf
-                    .chunks_exact(2)
-                    .take_while(|l| l == b"\r\n")
-                    .count();
-                self.buf.drain(..2 * empty);
-                if self.buf == b"\r" {
-                    return Ok(None);
-                }
-                let Some(head) = head::parse(&self.buf, &self.limits)? else {
-                    return Ok(None);
-                };
-                self.buf.drain(..head.len);
-                self.progress += 1;
-                let mut request = head.request;
-                let body = match head.framing {
-                    Framing::Length(len) => {
-                        // Not all of it on the client's word alone: the body may never come.
-                        let first =
-                            usize::try_from(len).map_or(BODY_WINDOW, |l| l.min(BODY_WINDOW));
-                        request.body.reserve_exact(first);
-                        Body::Length(len)
-                    }
-                    Framing::Chunked => Body::Chunked(Chunked::Size),
-                };
-                self.pending.insert(Pending {
-                    request,
-                    body,
-                    wants_continue: head.expect_continue,
-                })
-            }
+    /// Says how the body of the request whose head [`Parser::next`] just gave is read.
+    /// A buffered body announced past `max_body` is refused (413) before any of it
+    /// is read.
+    pub(crate) fn read_body(&mut self, read: BodyRead) -> Result<(), Refusal> {
+        let pending = self.pending.as_mut().expect("a head awaits its body");
+        debug_assert!(pending.read.is_none(), "the body is already being read");
+        pending.read = Some(read);
+        pending.limit = match read {
+            BodyRead::Buffered => self.limits.max_body,
+            BodyRead::Streamed => u64::MAX,
         };
-        let body = &mut pending.request.body;
-        let before = body.len();
-        let (used, done) = match &mut pending.body {
-            Body::Length(left) => {
+        if let Framed::Length(len) = pending.framed {
+            if len > pending.limit {
+                return Err(refuse(413, "body too large"));
+            }
+            if read == BodyRead::Buffered {
+                // Not all of it on the client's word alone: the body may never come.
+                let first = usize::try_from(len).map_or(BODY_WINDOW, |l| l.min(BODY_WINDOW));
+                pending.body.reserve_exact(first);
+            }
+        }
+        Ok(())
+    }
+
+    /// Once, after [`Parser::read_body`]: whether the client waits for `100 Continue`
+    /// (an HTTP/1.1 head asked for it, a body is to come, and none of it has).
+    pub(crate) fn take_continue(&mut self) -> bool {
+        let Some(pending) = &mut self.pending else {
+            return false;
+        };
+        let wants = std::mem::take(&mut pending.wants_continue);
+        wants && self.buf.is_empty() && !matches!(pending.framed, Framed::Length(0))
+    }
+
+    /// The next head, body piece or end of a request; `Ok(None)` if more input is
+    /// needed (or a head awaits [`Parser::read_body`]).
+    pub(crate) fn next(&mut self) -> Result<Option<Parsed>, Refusal> {
+        let Some(pending) = &mut self.pending else {
+            return self.next_head();
+        };
+        let Some(read) = pending.read else {
+            return Ok(None);
+        };
+        if pending.complete {
+            let body = std::mem::take(&mut pending.body);
+            self.pending = None;
+            return Ok(Some(Parsed::End(body)));
+        }
+        let mut fresh = Vec::new();
+        let out = match read {
+            BodyRead::Buffered => &mut pending.body,
+            BodyRead::Streamed => &mut fresh,
+        };
+        let before = out.len();
+        let (used, done) = match &mut pending.framed {
+            Framed::Length(left) => {
                 let take = self
                     .buf
                     .len()
                     .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                body.extend_from_slice(&self.buf[..take]);
+                out.extend_from_slice(&self.buf[..take]);
                 *left -= take as u64;
                 (take, *left == 0)
             }
-            Body::Chunked(state) => {
-                state.decode(&self.buf, body, self.limits.max_body, self.limits.max_head)?
+            Framed::Chunked(state) => {
+                // The body taken so far is within the limit, so this cannot wrap.
+                let room = pending.limit - pending.received;
+                state.decode(&self.buf, out, room, self.limits.max_head)?
             }
         };
+        let taken = out.len() - before;
         self.buf.drain(..used);
-        if body.len() != before {
+        if taken > 0 {
             self.progress += 1;
+            pending.received += taken as u64;
         }
-        if done {
-            let pending = self.pending.take().expect("pending");
-            return Ok(Some(Parsed::Request(pending.request)));
+        pending.complete = done;
+        if taken > 0 && read == BodyRead::Streamed {
+            return Ok(Some(Parsed::Data(fresh)));
         }
-        // Once: interim responses are for a client that has not started its body.
-        if std::mem::take(&mut pending.wants_continue) && pending.request.minor_version == 1 {
-            return Ok(Some(Parsed::Continue));
+        if done || taken > 0 {
+            // Complete; or a refusal the decoder held back behind the bytes it took
+            // comes now.
+            return self.next();
         }
         Ok(None)
+    }
+
+    fn next_head(&mut self) -> Result<Option<Parsed>, Refusal> {
+        // RFC 9112 §2.2: empty lines before a request line are ignored (dropped as
+        // they come, so that they hold nothing and leave the connection idle).
+        let empty = self
+            .buf
+            .chunks_exact(2)
+            .take_while(|l| l == b"\r\n")
+            .count();
+        self.buf.drain(..2 * empty);
+        if self.buf == b"\r" {
+            return Ok(None);
+        }
+        let Some(head) = head::parse(&self.buf, &self.limits)? else {
+            return Ok(None);
+        };
+        self.buf.drain(..head.len);
+        self.progress += 1;
+        let framed = match head.framing {
+            Framing::Length(len) => Framed::Length(len),
+            Framing::Chunked => Framed::Chunked(Chunked::Size),
+        };
+        self.pending = Some(Pending {
+            framed,
+            read: None,
+            body: Vec::new(),
+            received: 0,
+            limit: 0,
+            // Interim responses are for HTTP/1.1 clients.
+            wants_continue: head.expect_continue && head.request.minor_version == 1,
+            complete: false,
+        });
+        Ok(Some(Parsed::Head(head.request)))
     }
 }
 
@@ -178,15 +253,45 @@ mod tests {
         max_body: 1024,
     };
 
-    fn parse_all(input: &[u8]) -> Result<Vec<Incoming>, Refusal> {
-        let mut p = Parser::new(LIMITS);
-        p.feed(input);
-        let mut out = Vec::new();
+    /// A request and its body, as a connection reads them.
+    type Read = (Incoming, Vec<u8>);
+
+    /// Moves `p` on as far as its input goes: each head's body read the way `read`
+    /// says, each request complete with its body (a streamed one's pieces joined) into
+    /// `out`. Checks that a streamed body comes as non-empty pieces, then its end.
+    fn pump(
+        p: &mut Parser,
+        read: BodyRead,
+        head: &mut Option<Read>,
+        out: &mut Vec<Read>,
+    ) -> Result<(), Refusal> {
         while let Some(parsed) = p.next()? {
-            if let Parsed::Request(r) = parsed {
-                out.push(r);
+            match parsed {
+                Parsed::Head(request) => {
+                    assert!(head.is_none(), "a head before the last request's end");
+                    p.read_body(read)?;
+                    *head = Some((request, Vec::new()));
+                }
+                Parsed::Data(data) => {
+                    assert_eq!(read, BodyRead::Streamed, "a buffered body came in pieces");
+                    assert!(!data.is_empty(), "an empty piece");
+                    head.as_mut().expect("a head").1.extend_from_slice(&data);
+                }
+                Parsed::End(body) => {
+                    let (request, mut so_far) = head.take().expect("a head");
+                    so_far.extend_from_slice(&body);
+                    out.push((request, so_far));
+                }
             }
         }
+        Ok(())
+    }
+
+    fn parse_all(input: &[u8]) -> Result<Vec<Read>, Refusal> {
+        let mut p = Parser::new(LIMITS);
+        p.feed(input);
+        let (mut head, mut out) = (None, Vec::new());
+        pump(&mut p, BodyRead::Buffered, &mut head, &mut out)?;
         Ok(out)
     }
 
@@ -194,28 +299,26 @@ mod tests {
     fn pipelined_requests_come_out_in_order_with_bodies() {
         let input = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /c HTTP/1.0\r\n\r\n";
         let reqs = parse_all(input).unwrap();
-        let targets: Vec<_> = reqs.iter().map(|r| r.target.as_str()).collect();
+        let targets: Vec<_> = reqs.iter().map(|(r, _)| r.target.as_str()).collect();
         assert_eq!(targets, ["/a", "/b", "/c"]);
-        assert_eq!(reqs[1].body, b"abc");
-        assert!(reqs[0].keep_alive && !reqs[2].keep_alive);
+        assert_eq!(reqs[1].1, b"abc");
+        assert!(reqs[0].0.keep_alive && !reqs[2].0.keep_alive);
     }
 
     #[test]
     fn input_split_at_every_byte_parses_the_same() {
         let input = b"POST /e HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nT: v\r\n\r\n";
-        for split in 0..input.len() {
-            let mut p = Parser::new(LIMITS);
-            p.feed(&input[..split]);
-            let mut got = Vec::new();
-            while let Some(Parsed::Request(r)) = p.next().unwrap() {
-                got.push(r);
+        for read in [BodyRead::Buffered, BodyRead::Streamed] {
+            for split in 0..input.len() {
+                let mut p = Parser::new(LIMITS);
+                let (mut head, mut got) = (None, Vec::new());
+                p.feed(&input[..split]);
+                pump(&mut p, read, &mut head, &mut got).unwrap();
+                p.feed(&input[split..]);
+                pump(&mut p, read, &mut head, &mut got).unwrap();
+                assert_eq!(got.len(), 1, "split at {split}");
+                assert_eq!(got[0].1, b"abcde");
             }
-            p.feed(&input[split..]);
-            while let Some(Parsed::Request(r)) = p.next().unwrap() {
-                got.push(r);
-            }
-            assert_eq!(got.len(), 1, "split at {split}");
-            assert_eq!(got[0].body, b"abcde");
         }
     }
 
@@ -269,20 +372,23 @@ mod tests {
               OPTIONS http://a:8001 HTTP/1.1\r\nHost: a:8001\r\n\r\n",
         )
         .unwrap();
-        assert_eq!(reqs[0].target, "/x?q");
+        assert_eq!(reqs[0].0.target, "/x?q");
         let host = reqs[0]
+            .0
             .headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("host"));
         assert_eq!(host.map(|(_, v)| &v[..]), Some(&b"evil.example"[..]));
-        assert_eq!(reqs[1].target, "*");
+        assert_eq!(reqs[1].0.target, "*");
     }
 
     #[test]
     fn empty_lines_between_requests_are_dropped_as_they_come() {
         let mut p = Parser::new(LIMITS);
         p.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi\r\n");
-        assert!(matches!(p.next(), Ok(Some(Parsed::Request(_)))));
+        assert!(matches!(p.next(), Ok(Some(Parsed::Head(_)))));
+        p.read_body(BodyRead::Buffered).unwrap();
+        assert_eq!(p.next(), Ok(Some(Parsed::End(b"hi".to_vec()))));
         assert_eq!(p.next(), Ok(None));
         assert!(
             !p.mid_request(),
@@ -296,13 +402,15 @@ mod tests {
         assert_eq!(p.next(), Ok(None));
         assert_eq!(p.buffered(), 1);
         p.feed(b"\nGET / HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert!(matches!(p.next(), Ok(Some(Parsed::Request(_)))));
+        assert!(matches!(p.next(), Ok(Some(Parsed::Head(_)))));
     }
 
     #[test]
     fn progress_moves_with_heads_and_body_bytes_only() {
         let mut p = Parser::new(LIMITS);
         p.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(matches!(p.next(), Ok(Some(Parsed::Head(_)))));
+        p.read_body(BodyRead::Buffered).unwrap();
         assert_eq!(p.next(), Ok(None));
         let after_head = p.progress();
         assert!(after_head > 0);
@@ -319,24 +427,75 @@ mod tests {
     }
 
     #[test]
-    fn expect_continue_is_announced_once_before_the_body() {
+    fn expect_continue_is_wanted_once_and_only_before_a_body() {
+        let head = b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n";
         let mut p = Parser::new(LIMITS);
-        p.feed(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n");
-        assert_eq!(p.next().unwrap(), Some(Parsed::Continue));
-        assert_eq!(p.next().unwrap(), None);
+        p.feed(&[&head[..], b"Content-Length: 2\r\n\r\n"].concat());
+        assert!(matches!(p.next(), Ok(Some(Parsed::Head(_)))));
+        p.read_body(BodyRead::Buffered).unwrap();
+        assert!(p.take_continue());
+        assert!(!p.take_continue(), "announced twice");
+        assert_eq!(p.next(), Ok(None));
         p.feed(b"hi");
-        assert!(matches!(p.next().unwrap(), Some(Parsed::Request(r)) if r.body == b"hi"));
+        assert_eq!(p.next(), Ok(Some(Parsed::End(b"hi".to_vec()))));
+        // No body to wait for, or its first bytes already here: no interim response.
+        for rest in [
+            &b"Content-Length: 0\r\n\r\n"[..],
+            b"Content-Length: 2\r\n\r\nh",
+        ] {
+            let mut p = Parser::new(LIMITS);
+            p.feed(&[&head[..], rest].concat());
+            assert!(matches!(p.next(), Ok(Some(Parsed::Head(_)))));
+            p.read_body(BodyRead::Buffered).unwrap();
+            assert!(!p.take_continue(), "{rest:?}");
+        }
+    }
+
+    #[test]
+    fn a_streamed_body_has_no_size_limit_and_a_buffered_one_is_refused_at_its_head() {
+        let head =
+            |len: u64| format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+        let mut p = Parser::new(LIMITS);
+        p.feed(head(LIMITS.max_body + 1).as_bytes());
+        assert!(matches!(p.next(), Ok(Some(Parsed::Head(_)))));
+        assert_eq!(
+            p.read_body(BodyRead::Buffered).map_err(|r| r.status),
+            Err(413)
+        );
+
+        let big = 200 * 1024;
+        let mut p = Parser::new(LIMITS);
+        p.feed(head(big).as_bytes());
+        let (mut at, mut got) = (None, Vec::new());
+        let body = vec![7u8; big as usize];
+        for piece in body.chunks(10_000) {
+            pump(&mut p, BodyRead::Streamed, &mut at, &mut got).unwrap();
+            assert!(p.held() <= 64 * 1024, "a streamed body was held");
+            p.feed(piece);
+        }
+        pump(&mut p, BodyRead::Streamed, &mut at, &mut got).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1, body);
+        // Chunked: past the buffered limit too.
+        let mut p = Parser::new(LIMITS);
+        p.feed(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+        p.feed(format!("{:x}\r\n", 4096).as_bytes());
+        p.feed(&[b'z'; 4096]);
+        p.feed(b"\r\n0\r\n\r\n");
+        let (mut at, mut got) = (None, Vec::new());
+        pump(&mut p, BodyRead::Streamed, &mut at, &mut got).unwrap();
+        assert_eq!(got[0].1.len(), 4096);
     }
 
     /// Everything a parser makes of `input` fed in pieces ending at `cuts`, feeding no
     /// more than `room()` at a time as a connection does; checks the buffer bound.
-    fn outcomes(input: &[u8], cuts: &[usize]) -> (Vec<Incoming>, Option<u16>) {
+    fn outcomes(input: &[u8], cuts: &[usize], read: BodyRead) -> (Vec<Read>, Option<u16>) {
         let limits = Limits {
             max_head: 256,
             max_body: 512,
         };
         let mut p = Parser::new(limits);
-        let (mut requests, mut pos) = (Vec::new(), 0);
+        let (mut head, mut requests, mut pos) = (None, Vec::new(), 0);
         let mut ends: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
         ends.push(input.len());
         ends.sort_unstable();
@@ -349,13 +508,8 @@ mod tests {
                     p.buffered() <= limits.max_head + 64 * 1024,
                     "unbounded buffer"
                 );
-                loop {
-                    match p.next() {
-                        Ok(Some(Parsed::Request(r))) => requests.push(r),
-                        Ok(Some(Parsed::Continue)) => {}
-                        Ok(None) => break,
-                        Err(refusal) => return (requests, Some(refusal.status)),
-                    }
+                if let Err(refusal) = pump(&mut p, read, &mut head, &mut requests) {
+                    return (requests, Some(refusal.status));
                 }
             }
         }
@@ -370,9 +524,16 @@ mod tests {
             input in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
             cuts in proptest::collection::vec(0usize..1000, 0..8),
         ) {
-            let whole = outcomes(&input, &[]);
-            let split = outcomes(&input, &cuts);
-            proptest::prop_assert_eq!(whole, split);
+            for read in [BodyRead::Buffered, BodyRead::Streamed] {
+                let whole = outcomes(&input, &[], read);
+                let split = outcomes(&input, &cuts, read);
+                proptest::prop_assert_eq!(whole, split);
+            }
+            // Streamed, a body is the same bytes, with no limit on its size.
+            let buffered = outcomes(&input, &cuts, BodyRead::Buffered);
+            if buffered.1 != Some(413) {
+                proptest::prop_assert_eq!(buffered, outcomes(&input, &cuts, BodyRead::Streamed));
+            }
         }
 
         #[test]
@@ -396,10 +557,12 @@ mod tests {
                 input.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
                 input.extend_from_slice(&body);
             }
-            let (requests, refused) = outcomes(&input, &cuts);
-            proptest::prop_assert_eq!(refused, None);
-            proptest::prop_assert_eq!(requests.len(), 1);
-            proptest::prop_assert_eq!(&requests[0].body, &body);
+            for read in [BodyRead::Buffered, BodyRead::Streamed] {
+                let (requests, refused) = outcomes(&input, &cuts, read);
+                proptest::prop_assert_eq!(refused, None);
+                proptest::prop_assert_eq!(requests.len(), 1);
+                proptest::prop_assert_eq!(&requests[0].1, &body);
+            }
         }
     }
 }

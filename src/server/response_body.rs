@@ -4,7 +4,7 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use super::worker::{Reply, Worker};
+use super::worker::{Nudge, Reply, Worker};
 use crate::{Loop, Waker};
 
 /// Below this many unsent bytes, a stream is writable again (see
@@ -59,8 +59,7 @@ pub(crate) struct Shared {
     /// The worker drains: the handler should finish the stream soon (see
     /// [`BodySender::is_draining`]).
     pub draining: Cell<bool>,
-    /// A `drive` of the connection is already due.
-    scheduled: Cell<bool>,
+    nudge: Nudge,
     /// Wakes the loop for a sender dropped outside it.
     wake: Waker<Reply>,
 }
@@ -78,7 +77,7 @@ impl Shared {
             unsent: Cell::new(0),
             writable: Cell::default(),
             draining: Cell::new(false),
-            scheduled: Cell::new(false),
+            nudge: Nudge::new(conn),
             wake,
         })
     }
@@ -112,14 +111,8 @@ impl Shared {
 
     /// Makes the connection frame and write what changed, at the end of this
     /// iteration (once, however many sends come before).
-    fn schedule(self: &Rc<Self>, lp: &mut Loop<Worker>) {
-        if !self.scheduled.replace(true) {
-            let shared = Rc::clone(self);
-            lp.later(move |lp, w| {
-                shared.scheduled.set(false);
-                super::worker::drive(lp, w, shared.conn, None);
-            });
-        }
+    fn schedule(&self, lp: &mut Loop<Worker>) {
+        self.nudge.ask(lp);
     }
 }
 
