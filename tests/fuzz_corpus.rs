@@ -47,6 +47,8 @@ fn token() -> impl Strategy<Value = Vec<u8>> {
         "HEAD / HTTP/1.1\r\n",
         "POST /later HTTP/1.1\r\n",
         "POST / HTTP/1.0\r\n",
+        "POST /stream HTTP/1.1\r\n",
+        "PUT /stream HTTP/1.0\r\n",
         "Host: x\r\n",
         "Content-Length: 5\r\n",
         "Content-Length: 0\r\n",

@@ -10,37 +10,72 @@
 
 use std::rc::Rc;
 
+use super::request_body::RECEIVE_WINDOW;
 use super::worker::{drive_connection, MAX_PIPELINED};
-use super::{Config, Request, Responder, Response, Worker};
+use super::{BodyMode, Config, Handler, Request, Responder, Response, StreamedRequest, Worker};
 use crate::Loop;
 
 /// Header limits small enough that a fuzzer reaches them.
 const MAX_HEAD: usize = 1024;
 const MAX_BODY: u64 = 2048;
 /// What one connection may hold: its parser, at most a head or a 64 KiB window of body
-/// input plus the body read so far (at most `MAX_BODY`); its queue, at most
-/// `MAX_PIPELINED` responses of at most `MAX_BODY` bytes plus their heads.
-const BUFFER_BOUND: usize =
-    MAX_HEAD + 64 * 1024 + MAX_BODY as usize + MAX_PIPELINED * (MAX_BODY as usize + 512);
+/// input plus the body read so far (at most `MAX_BODY`); a streamed body's receiver,
+/// its window and one window more; its queue, at most `MAX_PIPELINED` responses of at
+/// most `MAX_BODY` bytes plus their heads.
+const BUFFER_BOUND: usize = MAX_HEAD
+    + 64 * 1024
+    + MAX_BODY as usize
+    + 2 * RECEIVE_WINDOW
+    + MAX_PIPELINED * (MAX_BODY as usize + 512);
 /// Between the input and the cut positions in an encoded fuzz case.
 const CUTS_MARKER: &[u8] = b"\0#cuts\0";
 
 /// Echoes the body; `/later` answers from the loop's next iteration instead of at once
 /// (so pipelined answers complete out of order); a HEAD answer says so in `X-Head`, as
-/// its `Content-Length` then describes a body that is not sent.
-fn app(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
-    let later = request.uri().path() == "/later";
-    let head = request.method() == ::http::Method::HEAD;
-    let mut response = Response::new(request.into_body());
+/// its `Content-Length` then describes a body that is not sent. Bodies under `/stream`
+/// are streamed, and collected up to `MAX_BODY` (else 413).
+struct App;
+
+impl Handler for App {
+    fn call(&self, lp: &mut Loop<Worker>, request: Request, responder: Responder) {
+        let later = request.uri().path() == "/later";
+        let head = request.method() == ::http::Method::HEAD;
+        let response = echo(head, request.into_body());
+        if later {
+            lp.later(move |lp, _| responder.send(lp, response));
+        } else {
+            responder.send(lp, response);
+        }
+    }
+
+    fn body_mode(&self, head: &::http::request::Parts) -> BodyMode {
+        match head.uri.path().starts_with("/stream") {
+            true => BodyMode::Streamed,
+            false => BodyMode::Buffered,
+        }
+    }
+
+    fn call_streamed(&self, lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
+        let head = request.method() == ::http::Method::HEAD;
+        request
+            .into_body()
+            .collect(lp, MAX_BODY as usize, move |lp, _, body| {
+                let response = match body {
+                    Ok(body) => echo(head, body),
+                    Err(why) => super::text(::http::StatusCode::PAYLOAD_TOO_LARGE, why.to_string()),
+                };
+                responder.send(lp, response);
+            });
+    }
+}
+
+fn echo(head: bool, body: Vec<u8>) -> Response {
+    let mut response = Response::new(body);
     if head {
         let marked = ::http::HeaderValue::from_static("1");
         response.headers_mut().insert("x-head", marked);
     }
-    if later {
-        lp.later(move |lp, _| responder.send(lp, response));
-    } else {
-        responder.send(lp, response);
-    }
+    response
 }
 
 /// Splits a fuzz case into its input and cut positions: `input`, or
@@ -92,7 +127,7 @@ fn run(pieces: &[&[u8]]) -> Result<Vec<u8>, String> {
         ..Config::default()
     };
     let (output, peak) =
-        drive_connection(&config, Rc::new(app), pieces).map_err(|e| e.to_string())?;
+        drive_connection(&config, Rc::new(App), pieces).map_err(|e| e.to_string())?;
     if peak > BUFFER_BOUND {
         return Err(format!(
             "{peak} bytes buffered for one connection (bound {BUFFER_BOUND})"

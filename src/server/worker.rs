@@ -1635,7 +1635,8 @@ pub(crate) fn drive_connection(
             }
             let open = worker.conns.values().next();
             if let Some(conn) = open {
-                peak = peak.max(conn.parser.held() + conn.sent + conn.unsent());
+                let inbound = conn.inbound().map_or(0, |i| i.held());
+                peak = peak.max(conn.parser.held() + inbound + conn.sent + conn.unsent());
             }
             Ok(open.is_some())
         };
