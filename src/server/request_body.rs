@@ -4,12 +4,14 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use super::worker::{Nudge, Reply, Worker};
+use super::worker::{later_guarded, Nudge, Reply, Worker};
 use crate::{Loop, Waker};
 
 /// The most bytes of a streamed body its connection holds for the handler: past it,
 /// the connection reads nothing more from the client until the handler takes some.
-pub(crate) const RECEIVE_WINDOW: usize = 64 * 1024;
+/// (One piece more may land on top: the parser hands a body on in pieces of at most
+/// this size, so the receiver holds under twice this.)
+pub(crate) const RECEIVE_WINDOW: usize = super::h1::MAX_PIECE;
 
 /// What [`BodyReceiver::read`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +59,8 @@ pub(crate) struct Inbound {
     received: Cell<u64>,
     /// The receiver is gone: the rest of the body is read and dropped.
     dropped: Cell<bool>,
+    /// Bytes that arrived after the receiver was gone.
+    discarded: Cell<u64>,
     /// The client waits for `100 Continue` before it sends the body; it is sent when
     /// the handler first reads, not before (the handler may answer without the body).
     continue_wanted: Cell<bool>,
@@ -78,6 +82,7 @@ impl Inbound {
             failed: Cell::new(None),
             received: Cell::new(0),
             dropped: Cell::new(false),
+            discarded: Cell::new(0),
             continue_wanted: Cell::new(continue_wanted),
             continue_due: Cell::new(false),
             readable: Cell::default(),
@@ -88,9 +93,10 @@ impl Inbound {
 
     /// The next bytes of the body arrived (dropped, if the receiver is gone).
     pub(crate) fn push(&self, lp: &mut Loop<Worker>, bytes: Vec<u8>) {
-        self.received
-            .set(self.received.get().saturating_add(bytes.len() as u64));
+        let len = bytes.len() as u64;
+        self.received.set(self.received.get().saturating_add(len));
         if self.dropped.get() {
+            self.discarded.set(self.discarded.get().saturating_add(len));
             return;
         }
         let mut data = self.data.take();
@@ -122,6 +128,31 @@ impl Inbound {
         self.held() >= RECEIVE_WINDOW
     }
 
+    /// The receiver is gone: the rest of the body is discarded as it comes.
+    pub(crate) fn is_dropped(&self) -> bool {
+        self.dropped.get()
+    }
+
+    /// How much of the body came after the receiver was gone.
+    pub(crate) fn discarded(&self) -> u64 {
+        self.discarded.get()
+    }
+
+    /// The client waits for `100 Continue`, which the handler has not asked for yet.
+    pub(crate) fn awaits_continue(&self) -> bool {
+        self.continue_wanted.get()
+    }
+
+    /// The client waits for `100 Continue`, and none of the body has come.
+    pub(crate) fn unasked(&self) -> bool {
+        self.awaits_continue() && self.received.get() == 0
+    }
+
+    /// The request was answered before the handler read: no `100 Continue` is owed.
+    pub(crate) fn answered_unasked(&self) {
+        self.continue_wanted.set(false);
+    }
+
     /// The bytes waiting for the handler.
     pub(crate) fn held(&self) -> usize {
         let data = self.data.take();
@@ -137,7 +168,7 @@ impl Inbound {
     fn run_readable(&self, lp: &mut Loop<Worker>) {
         if self.readable() {
             if let Some(hook) = self.readable.take() {
-                lp.later(hook);
+                later_guarded(lp, hook);
             }
         }
     }
@@ -163,15 +194,32 @@ impl Inbound {
 /// [`collect`](BodyReceiver::collect).
 ///
 /// The handler may answer before the body's end (a 401 or a 413 without reading it,
-/// or a response streamed while the body still arrives). A receiver dropped before the
-/// end discards the rest of the body, which the connection still reads, so that it
-/// stays usable for the client's next request.
+/// or a response streamed while the body still arrives), and still reads the body to
+/// its end, even if the answer closes the connection. A receiver dropped before the
+/// end discards the rest of the body, which the connection still reads (up to
+/// `max_body_size` more; past that it closes after the answer), so that it stays
+/// usable for the client's next request. Answered before the handler read, a client
+/// that waits for `100 Continue` (and sent none of the body) gets `Connection: close`,
+/// as it may then not send the body at all. A panic in a callback given here fails the
+/// request (a 500, if unanswered), not the worker.
 ///
 /// [`Handler::body_mode`]: super::Handler::body_mode
 /// [`when_readable`]: BodyReceiver::when_readable
 #[must_use = "a BodyReceiver dropped discards the rest of the body"]
 pub struct BodyReceiver {
     inbound: Rc<Inbound>,
+}
+
+impl std::fmt::Debug for BodyReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inbound = &self.inbound;
+        f.debug_struct("BodyReceiver")
+            .field("received", &inbound.received.get())
+            .field("held", &inbound.held())
+            .field("complete", &inbound.complete.get())
+            .field("failed", &inbound.failed.get())
+            .finish()
+    }
 }
 
 impl BodyReceiver {
@@ -250,7 +298,7 @@ fn collect_into(
         match receiver.read(lp) {
             Ok(Received::Data(data)) if data.len() > limit.saturating_sub(body.len()) => {
                 drop(receiver);
-                lp.later(move |lp, w| done(lp, w, Err(BodyError::TooLarge)));
+                later_guarded(lp, move |lp, w| done(lp, w, Err(BodyError::TooLarge)));
                 return;
             }
             Ok(Received::Data(data)) => body.extend_from_slice(&data),
@@ -260,11 +308,11 @@ fn collect_into(
                 });
             }
             Ok(Received::End) => {
-                lp.later(move |lp, w| done(lp, w, Ok(body)));
+                later_guarded(lp, move |lp, w| done(lp, w, Ok(body)));
                 return;
             }
             Err(why) => {
-                lp.later(move |lp, w| done(lp, w, Err(why)));
+                later_guarded(lp, move |lp, w| done(lp, w, Err(why)));
                 return;
             }
         }

@@ -4,7 +4,7 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use super::worker::{Nudge, Reply, Worker};
+use super::worker::{later_guarded, Nudge, Reply, Worker};
 use crate::{Loop, Waker};
 
 /// Below this many unsent bytes, a stream is writable again (see
@@ -105,7 +105,7 @@ impl Shared {
     /// Runs the writable hook (in this iteration, from the loop), if one waits.
     pub(crate) fn run_writable(&self, lp: &mut Loop<Worker>) {
         if let Some(hook) = self.writable.take() {
-            lp.later(hook);
+            later_guarded(lp, hook);
         }
     }
 

@@ -7,6 +7,7 @@ use crate::server::request_body::RECEIVE_WINDOW;
 use crate::server::{text, BodyReceiver, Received};
 use std::cell::RefCell;
 use std::io::Read;
+use std::time::Instant;
 
 /// Buffers `/` (answering `buffered <n>`), and streams every path under `/stream` to
 /// the test's function.
@@ -33,8 +34,10 @@ impl Handler for Streams {
 thread_local! {
     /// How the test handlers' bodies ended.
     static ENDED: RefCell<Vec<Result<u64, BodyError>>> = const { RefCell::new(Vec::new()) };
-    /// A receiver a test handler keeps unread.
+    /// A receiver (and a responder) a test handler keeps unread.
     static KEPT: RefCell<Vec<(BodyReceiver, Responder)>> = const { RefCell::new(Vec::new()) };
+    /// A receiver a test handler keeps unread after answering.
+    static HELD: RefCell<Vec<BodyReceiver>> = const { RefCell::new(Vec::new()) };
 }
 
 fn ended() -> Vec<Result<u64, BodyError>> {
@@ -89,7 +92,8 @@ fn serve(
 }
 
 /// Writes `input` as the socket takes it while the worker runs, and reads what it
-/// answers until the output holds `until` (bounded: 2,000 iterations).
+/// answers until the output holds `until` and all of `input` went in (bounded: 2,000
+/// iterations).
 fn exchange(
     lp: &mut Loop<Worker>,
     worker: &mut Worker,
@@ -97,6 +101,21 @@ fn exchange(
     input: &[u8],
     until: &str,
 ) -> String {
+    let (sent, reply) = exchange_partly(lp, worker, client, input, until, true);
+    assert_eq!(sent, input.len());
+    reply
+}
+
+/// As `exchange`, but when not `whole`, it stops at `until` whether or not all of
+/// `input` went in (the server may stop taking it); what was sent, and the output.
+fn exchange_partly(
+    lp: &mut Loop<Worker>,
+    worker: &mut Worker,
+    client: &mut UnixStream,
+    input: &[u8],
+    until: &str,
+    whole: bool,
+) -> (usize, String) {
     let (mut sent, mut got) = (0, Vec::new());
     for _ in 0..2000 {
         if sent < input.len() {
@@ -113,8 +132,8 @@ fn exchange(
             got.extend_from_slice(&buf[..n]);
         }
         let text = String::from_utf8_lossy(&got);
-        if sent == input.len() && text.contains(until) {
-            return text.into_owned();
+        if (sent == input.len() || !whole) && text.contains(until) {
+            return (sent, text.into_owned());
         }
     }
     panic!(
@@ -208,7 +227,7 @@ fn a_handler_that_does_not_read_stops_the_client_and_reads_on_when_it_does() {
 }
 
 #[test]
-fn continue_is_sent_when_the_handler_first_reads_and_never_if_it_answers_unread() {
+fn continue_is_sent_when_the_handler_first_reads() {
     let expect =
         b"PUT /stream HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
     let (mut lp, mut worker, mut client) = serve(&Config::default(), keep);
@@ -227,24 +246,6 @@ fn continue_is_sent_when_the_handler_first_reads_and_never_if_it_answers_unread(
     let reply = reply(&mut lp, &mut worker, &mut client, "\r\n\r\n");
     assert_eq!(reply, "HTTP/1.1 100 Continue\r\n\r\n");
     let reply = exchange(&mut lp, &mut worker, &mut client, b"hello", "streamed 5\n");
-    assert!(reply.starts_with("HTTP/1.1 200 "), "{reply:?}");
-
-    // Answered without reading: a final status instead of the interim one; the body
-    // the client then sends is read and dropped, and the connection goes on.
-    fn refuse_unread(lp: &mut Loop<Worker>, _: StreamedRequest, responder: Responder) {
-        responder.send(lp, text(StatusCode::UNAUTHORIZED, "no\n"));
-    }
-    let (mut lp, mut worker, mut client) = serve(&Config::default(), refuse_unread);
-    let reply = exchange(&mut lp, &mut worker, &mut client, expect, "no\n");
-    assert!(reply.starts_with("HTTP/1.1 401 "), "{reply:?}");
-    assert!(!reply.contains("100 Continue"), "{reply:?}");
-    let reply = exchange(
-        &mut lp,
-        &mut worker,
-        &mut client,
-        &[&b"hello"[..], GET].concat(),
-        "buffered 0\n",
-    );
     assert!(reply.starts_with("HTTP/1.1 200 "), "{reply:?}");
 }
 
@@ -355,5 +356,199 @@ fn a_handler_without_call_streamed_answers_500() {
     let (mut lp, mut worker, mut client) =
         one_connection(&Config::default(), Rc::new(Forgot)).unwrap();
     let reply = exchange(&mut lp, &mut worker, &mut client, GET, "\n");
+    assert!(reply.starts_with("HTTP/1.1 500 "), "{reply:?}");
+}
+
+/// Runs the worker for `ms` milliseconds (for what must not happen within it), writing
+/// `input` as the socket takes it; what was sent, and what came back.
+fn pump_for(
+    lp: &mut Loop<Worker>,
+    worker: &mut Worker,
+    client: &mut UnixStream,
+    input: &[u8],
+    ms: u64,
+) -> (usize, String) {
+    let (mut sent, mut got) = (0, Vec::new());
+    let until = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < until {
+        if sent < input.len() {
+            match client.write(&input[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            }
+        }
+        lp.loop_once(Some(Duration::from_millis(1)), worker)
+            .unwrap();
+        let mut buf = [0u8; 64 * 1024];
+        while let Ok(n @ 1..) = client.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    (sent, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// Reads the body to its end without answering (the answer went first).
+fn read_only(lp: &mut Loop<Worker>, body: BodyReceiver, mut total: u64) {
+    loop {
+        match body.read(lp) {
+            Ok(Received::Data(data)) => total += data.len() as u64,
+            Ok(Received::Wait) => {
+                return body.when_readable(lp, move |lp, _, body| read_only(lp, body, total));
+            }
+            Ok(Received::End) => return ENDED.with(|e| e.borrow_mut().push(Ok(total))),
+            Err(why) => return ENDED.with(|e| e.borrow_mut().push(Err(why))),
+        }
+    }
+}
+
+#[test]
+fn a_handler_that_answers_first_still_reads_the_body_when_the_answer_closes() {
+    fn early(lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
+        responder.send(lp, text(StatusCode::ACCEPTED, "accepted\n"));
+        read_only(lp, request.into_body(), 0);
+    }
+    let (mut lp, mut worker, mut client) = serve(&Config::default(), early);
+    let body = vec![b'q'; 200_000];
+    let head = format!(
+        "PUT /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let input = [head.as_bytes(), &body].concat();
+    let reply = exchange(&mut lp, &mut worker, &mut client, &input, "accepted\n");
+    assert!(reply.contains("Connection: close\r\n"), "{reply:?}");
+    for _ in 0..100 {
+        if worker.conns.is_empty() {
+            break;
+        }
+        lp.loop_once(Some(Duration::from_millis(5)), &mut worker)
+            .unwrap();
+    }
+    assert_eq!(ended(), [Ok(200_000)]);
+}
+
+#[test]
+fn a_client_waiting_for_continue_is_not_timed_out_before_the_handler_asks() {
+    let config = Config {
+        body_timeout: Duration::from_millis(50),
+        ..Config::default()
+    };
+    let (mut lp, mut worker, mut client) = serve(&config, keep);
+    let expect =
+        b"PUT /stream HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
+    let (_, early) = pump_for(&mut lp, &mut worker, &mut client, expect, 200);
+    assert_eq!(early, "", "the client waited for a 100 never sent");
+    // Asked now: the timeout counts from the 100.
+    let (receiver, responder) = kept();
+    read_on(&mut lp, receiver, responder, 0);
+    let reply = reply(&mut lp, &mut worker, &mut client, "timed out\n");
+    assert!(
+        reply.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 408 "),
+        "{reply:?}"
+    );
+}
+
+#[test]
+fn an_answered_request_whose_handler_reads_slowly_is_not_timed_out() {
+    fn answer_keep(lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
+        responder.send(lp, text(StatusCode::OK, "early\n"));
+        HELD.with(|h| h.borrow_mut().push(request.into_body()));
+    }
+    let config = Config {
+        body_timeout: Duration::from_millis(50),
+        ..Config::default()
+    };
+    let (mut lp, mut worker, mut client) = serve(&config, answer_keep);
+    let body = vec![b'x'; 1 << 20];
+    let input = [&put("/stream", body.len())[..], &body].concat();
+    let (sent, reply) = pump_for(&mut lp, &mut worker, &mut client, &input, 300);
+    assert!(reply.contains("early\n"), "{reply:?}");
+    let receiver = HELD
+        .with(|h| h.borrow_mut().pop())
+        .expect("the handler ran");
+    assert!(matches!(receiver.read(&mut lp), Ok(Received::Data(_))));
+    assert_eq!(worker.conns.len(), 1, "the connection was closed");
+    read_only(&mut lp, receiver, 0);
+    exchange(&mut lp, &mut worker, &mut client, &input[sent..], "");
+    for _ in 0..200 {
+        if !ENDED.with(|e| e.borrow().is_empty()) {
+            break;
+        }
+        lp.loop_once(Some(Duration::from_millis(5)), &mut worker)
+            .unwrap();
+    }
+    assert!(matches!(ended()[..], [Ok(_)]), "the body did not end well");
+}
+
+#[test]
+fn a_streamed_body_stays_in_its_window_whatever_the_head_limit() {
+    let config = Config {
+        max_header_size: 1 << 20,
+        ..Config::default()
+    };
+    let (mut lp, mut worker, mut client) = serve(&config, keep);
+    let total = 8 << 20;
+    let input = [&put("/stream", total)[..], &vec![b'x'; total]].concat();
+    pump_for(&mut lp, &mut worker, &mut client, &input, 200);
+    let conn = worker.conns.values().next().unwrap();
+    let held = conn.inbound().unwrap().held();
+    assert!(held < 2 * RECEIVE_WINDOW, "the receiver holds {held} bytes");
+}
+
+#[test]
+fn an_answer_before_an_unasked_continue_closes_the_connection() {
+    fn refuse_unread(lp: &mut Loop<Worker>, _: StreamedRequest, responder: Responder) {
+        responder.send(lp, text(StatusCode::UNAUTHORIZED, "no\n"));
+    }
+    let (mut lp, mut worker, mut client) = serve(&Config::default(), refuse_unread);
+    let expect =
+        b"PUT /stream HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
+    let reply = exchange(&mut lp, &mut worker, &mut client, expect, "no\n");
+    assert!(reply.contains("Connection: close\r\n"), "{reply:?}");
+    // The client reuses the connection anyway: nothing of it is taken as a request.
+    let (_, reply) = pump_for(&mut lp, &mut worker, &mut client, GET, 100);
+    assert_eq!(reply, "");
+}
+
+#[test]
+fn a_body_refused_by_collect_is_discarded_only_up_to_max_body_size() {
+    fn tiny(lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
+        request.into_body().collect(lp, 10, move |lp, _, body| {
+            let code = match body {
+                Ok(_) => StatusCode::OK,
+                Err(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            };
+            responder.send(lp, text(code, "c\n"));
+        });
+    }
+    let (mut lp, mut worker, mut client) = serve(&small_bodies(), tiny);
+    let total = 64 << 20;
+    let input = [&put("/stream", total)[..], &vec![b'x'; total]].concat();
+    let (_, reply) = exchange_partly(&mut lp, &mut worker, &mut client, &input, "c\n", false);
+    assert!(reply.starts_with("HTTP/1.1 413 "), "{reply:?}");
+    // Past max_body_size (1 KiB here) of discarding, the connection winds down: it
+    // lingers (2 s at most, as nginx's lingering close), and parses nothing more.
+    for _ in 0..100 {
+        if worker.conns.values().all(|c| c.lingering) {
+            break;
+        }
+        lp.loop_once(Some(Duration::from_millis(5)), &mut worker)
+            .unwrap();
+    }
+    let conn = worker.conns.values().next().expect("lingering");
+    assert!(conn.lingering && conn.reading.is_none() && conn.no_more_requests);
+}
+
+#[test]
+fn a_panic_in_a_body_callback_answers_500_and_the_worker_goes_on() {
+    fn boom(lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
+        request.into_body().collect(lp, 1 << 20, move |_, _, _| {
+            let _held = responder;
+            panic!("a bug in collect's callback");
+        });
+    }
+    let (mut lp, mut worker, mut client) = serve(&Config::default(), boom);
+    let input = [&put("/stream", 3)[..], b"abc", GET].concat();
+    let reply = exchange(&mut lp, &mut worker, &mut client, &input, "buffered 0\n");
     assert!(reply.starts_with("HTTP/1.1 500 "), "{reply:?}");
 }

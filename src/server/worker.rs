@@ -316,7 +316,6 @@ enum Reading {
     Buffered {
         head: ::http::request::Parts,
         slot: Slot,
-        keep_alive: bool,
     },
     /// Streamed: its handler has it, and the body goes to its receiver as it comes.
     Streamed {
@@ -421,7 +420,27 @@ impl Conn {
 
     /// Everything is answered and written, and no more requests will be read.
     fn finished(&self) -> bool {
-        self.out.is_empty() && self.no_more_requests && self.slots.is_empty()
+        self.out.is_empty() && self.no_more_requests && self.slots.is_empty() && !self.body_wanted()
+    }
+
+    /// A streamed body whose receiver still takes it: it is read on to its end, even
+    /// once no more requests are (its answer may close the connection before then).
+    fn body_wanted(&self) -> bool {
+        self.inbound().is_some_and(|inbound| !inbound.is_dropped())
+    }
+
+    /// Where request `seq` is in the queue, if it is there.
+    fn slot_index(&self, seq: u64) -> Option<usize> {
+        let index = usize::try_from(seq.checked_sub(self.first_seq)?).ok()?;
+        (index < self.slots.len()).then_some(index)
+    }
+
+    /// Makes request `seq`'s answer close the connection, if it is not given yet.
+    fn close_after(&mut self, seq: u64) {
+        let index = self.slot_index(seq);
+        if let Some(Slot::Pending { keep_alive, .. }) = index.and_then(|i| self.slots.get_mut(i)) {
+            *keep_alive = false;
+        }
     }
 
     /// What the watch waits for: input while the connection can take more — not after
@@ -430,8 +449,8 @@ impl Conn {
     /// write while output waits, and while a finished connection waits for its callback
     /// to wind it down (only if `drive` could not: see `socket`).
     fn wants(&self) -> Interest {
-        let read = self.lingering
-            || (!self.peer_closed && !self.no_more_requests && self.parser.room() > 0);
+        let more = !self.no_more_requests || self.body_wanted();
+        let read = self.lingering || (!self.peer_closed && more && self.parser.room() > 0);
         let write = !self.out.is_empty() || (self.finished() && !self.lingering);
         let mut wants = Interest::NONE;
         if read {
@@ -878,7 +897,7 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Strea
         let Some(conn) = w.conns.get_mut(&id) else {
             return;
         };
-        if conn.no_more_requests {
+        if conn.no_more_requests && !conn.body_wanted() {
             break;
         }
         if conn.parse_blocked() {
@@ -907,8 +926,20 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Strea
                 }
             }
             Ok(Some(Parsed::Data(data))) => {
-                if let Some(inbound) = conn.inbound() {
-                    inbound.push(lp, data);
+                let inbound = conn.inbound().expect("a streamed body has its receiver");
+                inbound.push(lp, data);
+                // A body its handler no longer reads is discarded, up to the most a
+                // request body may be buffered; past that, the connection closes after
+                // the answer instead of reading on for nothing.
+                if inbound.discarded() > w.limits.max_body {
+                    log::debug!(
+                        "{}: discarding a long body; closing after the answer",
+                        conn.peer
+                    );
+                    let seq = inbound.seq;
+                    conn.reading = None;
+                    conn.no_more_requests = true;
+                    conn.close_after(seq);
                 }
                 continue;
             }
@@ -985,11 +1016,7 @@ fn begin_request(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, incoming: h1::I
                 close: false,
             });
         }
-        conn.reading = Some(Reading::Buffered {
-            head,
-            slot,
-            keep_alive,
-        });
+        conn.reading = Some(Reading::Buffered { head, slot });
         return true;
     }
     conn.slots.push_back(slot);
@@ -1014,11 +1041,14 @@ fn end_request(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, body: Vec<u8>) {
     // The request's timeout is over: `set_timer` picks the next afresh.
     conn.timer_kind = None;
     match conn.reading.take() {
-        Some(Reading::Buffered {
-            head,
-            slot,
-            keep_alive,
-        }) => {
+        Some(Reading::Buffered { head, slot }) => {
+            let keep_alive = matches!(
+                slot,
+                Slot::Pending {
+                    keep_alive: true,
+                    ..
+                }
+            );
             conn.slots.push_back(slot);
             // RFC 9112 §9.6: nothing after a request that closes is processed.
             conn.no_more_requests |= !keep_alive;
@@ -1062,15 +1092,10 @@ fn refuse(
     };
     inbound.fail(lp, error);
     conn.no_more_requests = true;
-    let index = inbound
-        .seq
-        .checked_sub(conn.first_seq)
-        .and_then(|i| usize::try_from(i).ok());
-    if let Some(Slot::Pending { keep_alive, .. }) = index.and_then(|i| conn.slots.get_mut(i)) {
-        *keep_alive = false;
-        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        fill(w, id, inbound.seq, h1::text(code, format!("{why}\n")));
-    }
+    conn.close_after(inbound.seq);
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    // Answers only if the handler has not (else there is no pending slot to fill).
+    fill(w, id, inbound.seq, h1::text(code, format!("{why}\n")));
 }
 
 /// A handler call: with the request's body, or with its receiver.
@@ -1150,8 +1175,15 @@ struct Taken {
 
 fn take_pending(w: &mut Worker, id: u64, seq: u64) -> Option<Taken> {
     let conn = w.conns.get_mut(&id)?;
-    let index = usize::try_from(seq.checked_sub(conn.first_seq)?).ok()?;
-    let slot @ Slot::Pending { .. } = conn.slots.get_mut(index)? else {
+    // Answered from the head alone, to a client that waits for `100 Continue` and sent
+    // none of the body: it may reuse the connection without sending it, so the
+    // connection closes after the answer (and no `100 Continue` follows it).
+    if let Some(inbound) = conn.inbound().filter(|i| i.seq == seq && i.unasked()) {
+        inbound.answered_unasked();
+        conn.close_after(seq);
+    }
+    let index = conn.slot_index(seq)?;
+    let slot @ Slot::Pending { .. } = &mut conn.slots[index] else {
         return None;
     };
     let empty = Slot::Ready {
@@ -1320,11 +1352,16 @@ pub(crate) fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Opti
     };
     // The handler began to read a streamed body: the client waiting for `100
     // Continue` gets it, unless the request is answered already.
-    if let Some(inbound) = conn.inbound().filter(|i| i.continue_due.take()) {
-        let index = inbound.seq.checked_sub(conn.first_seq);
-        let index = index.and_then(|i| usize::try_from(i).ok());
+    if let Some(seq) = conn
+        .inbound()
+        .filter(|i| i.continue_due.take())
+        .map(|i| i.seq)
+    {
+        let index = conn.slot_index(seq);
         if let Some(Slot::Pending { interim, .. }) = index.and_then(|i| conn.slots.get_mut(i)) {
             *interim = true;
+            // The client is asked for its body now: its timeout counts from here.
+            conn.last_progress = now;
         }
     }
     let stream = socket(lp, conn.io, stream);
@@ -1351,7 +1388,8 @@ pub(crate) fn drive(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Opti
     }
     // Parsing was held back while the queue or the output was full, or a streamed
     // body's receiver was.
-    let resume = conn.held_back && !conn.no_more_requests && !conn.parse_blocked();
+    let more = !conn.no_more_requests || conn.body_wanted();
+    let resume = conn.held_back && more && !conn.parse_blocked();
     conn.held_back &= !resume;
     if resume && conn.inbound().is_some() {
         // The wait was the handler's: the client's body timeout counts from now.
@@ -1397,6 +1435,21 @@ impl Nudge {
     }
 }
 
+/// Runs `hook`, a body callback of the app's (`when_readable`, `when_writable`, a
+/// `collect`'s end), at the end of this iteration. A panic in it fails its request,
+/// not the worker: it is logged, and what the hook held is dropped (a responder
+/// among it answers 500).
+pub(crate) fn later_guarded(
+    lp: &mut Loop<Worker>,
+    hook: impl FnOnce(&mut Loop<Worker>, &mut Worker) + 'static,
+) {
+    lp.later(move |lp, w| {
+        if panic::catch_unwind(AssertUnwindSafe(|| hook(lp, w))).is_err() {
+            log::error!("a request's body callback panicked; its answer is a 500");
+        }
+    });
+}
+
 /// Sets the timeout a connection needs: the send timeout while output waits for the
 /// client to read it; then, waiting for a request, the header timeout while a head is
 /// incomplete (or none has come on a new connection), the body timeout while a body is
@@ -1410,9 +1463,11 @@ fn set_timer(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
         Some((TimerKind::Linger, LINGER))
     } else if !conn.out.is_empty() || conn.finished() {
         Some((TimerKind::Send, w.body_timeout))
-    } else if conn.inbound().is_some_and(|inbound| !inbound.is_full()) {
-        // A streamed body the handler has room for: the client is waited on.
-        Some((TimerKind::Body, w.body_timeout))
+    } else if let Some(inbound) = conn.inbound() {
+        // A streamed body: the client is waited on only while the handler has room for
+        // more, and has asked for it (a client waiting for `100 Continue` is not late).
+        (!inbound.is_full() && !inbound.awaits_continue())
+            .then_some((TimerKind::Body, w.body_timeout))
     } else if !waiting {
         None
     } else if conn.parser.reading_body() {

@@ -19,9 +19,10 @@ pub(crate) enum Chunked {
 }
 
 impl Chunked {
-    /// Moves what it can from `input` onto the end of `body`. Returns the bytes of
-    /// `input` it consumed and whether the body is complete. `body` grows by `room`
-    /// bytes at most (a chunk size past what is left of it is refused), and a trailer
+    /// Moves what it can from `input` onto the end of `body`, `max_out` bytes at most
+    /// in this call. Returns the bytes of `input` it consumed and whether the body is
+    /// complete. In all, the body takes `room` bytes at most (a chunk size past what is
+    /// left of it is refused), and a trailer
     /// section past `max_trailers` bytes is refused. A refusal behind body bytes this
     /// call took is held back: the bytes come first, and the refusal on the next call
     /// (the state stays at the input refused), so that what a streamed body delivers
@@ -31,11 +32,12 @@ impl Chunked {
         input: &[u8],
         body: &mut Vec<u8>,
         room: u64,
+        max_out: usize,
         max_trailers: usize,
     ) -> Result<(usize, bool), Refusal> {
         let start = body.len();
         let mut used = 0;
-        match self.decode_some(input, body, room, max_trailers, &mut used) {
+        match self.decode_some(input, body, (room, max_out), max_trailers, &mut used) {
             Err(_) if body.len() > start => Ok((used, false)),
             decoded => decoded,
         }
@@ -45,7 +47,7 @@ impl Chunked {
         &mut self,
         input: &[u8],
         body: &mut Vec<u8>,
-        room: u64,
+        (room, max_out): (u64, usize),
         max_trailers: usize,
         used: &mut usize,
     ) -> Result<(usize, bool), Refusal> {
@@ -69,8 +71,15 @@ impl Chunked {
                     if rest.is_empty() {
                         return Ok((*used, false));
                     }
-                    // Bounded by both `left` (u64) and `rest.len()` (usize).
-                    let take = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let out = max_out - (body.len() - start);
+                    if out == 0 {
+                        return Ok((*used, false));
+                    }
+                    // Bounded by `left` (u64), `rest.len()` and `out` (usize).
+                    let take = rest
+                        .len()
+                        .min(out)
+                        .min(usize::try_from(left).unwrap_or(usize::MAX));
                     body.extend_from_slice(&rest[..take]);
                     *used += take;
                     *self = match left - take as u64 {
@@ -200,7 +209,13 @@ mod tests {
         let (mut state, mut body, mut at) = (Chunked::Size, Vec::new(), 0);
         loop {
             let before = body.len();
-            match state.decode(&input[at..], &mut body, 1024 - before as u64, 1024) {
+            match state.decode(
+                &input[at..],
+                &mut body,
+                1024 - before as u64,
+                usize::MAX,
+                1024,
+            ) {
                 Ok((used, true)) if at + used == input.len() => return Ok(body),
                 Ok((used, false)) if body.len() > before => at += used,
                 Ok(other) => panic!("{input:?}: incomplete {other:?}"),
@@ -275,11 +290,15 @@ mod tests {
         let input = b"5;a=\"b\"\r\nhello\r\n1\r\n!\r\n0\r\nX: y\r\n\r\n";
         for cut in 0..input.len() {
             let (mut state, mut body) = (Chunked::Size, Vec::new());
-            let (used, done) = state.decode(&input[..cut], &mut body, 1024, 1024).unwrap();
+            let (used, done) = state
+                .decode(&input[..cut], &mut body, 1024, usize::MAX, 1024)
+                .unwrap();
             assert!(!done);
             let mut rest = input[used..cut].to_vec();
             rest.extend_from_slice(&input[cut..]);
-            let (used, done) = state.decode(&rest, &mut body, 1024, 1024).unwrap();
+            let (used, done) = state
+                .decode(&rest, &mut body, 1024, usize::MAX, 1024)
+                .unwrap();
             assert!(done && used == rest.len(), "cut at {cut}");
             assert_eq!(body, b"hello!");
         }

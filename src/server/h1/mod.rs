@@ -14,7 +14,7 @@ mod syntax;
 
 use std::net::SocketAddr;
 
-pub(crate) use parser::{BodyRead, Parsed, Parser};
+pub(crate) use parser::{BodyRead, Parsed, Parser, MAX_PIECE};
 pub(crate) use response::{encode, encode_head, Framing, Head};
 pub use response::{text, Response};
 

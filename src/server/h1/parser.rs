@@ -9,6 +9,8 @@ use super::{refuse, Incoming, Limits, Refusal};
 /// The most body input buffered at once, beyond what a chunk line or a trailer
 /// section needs (see [`Parser::room`]).
 const BODY_WINDOW: usize = 64 * 1024;
+/// The largest piece of a streamed body handed on at once.
+pub(crate) const MAX_PIECE: usize = 64 * 1024;
 
 /// What the parser produced.
 #[derive(Debug, PartialEq, Eq)]
@@ -16,7 +18,7 @@ pub(crate) enum Parsed {
     /// A request's head. Its body is read only once the caller says how
     /// ([`Parser::read_body`]).
     Head(Incoming),
-    /// The next bytes of a streamed body (never empty).
+    /// The next bytes of a streamed body (never empty, at most [`MAX_PIECE`]).
     Data(Vec<u8>),
     /// The request is complete: its body, if buffered (empty if streamed).
     End(Vec<u8>),
@@ -169,9 +171,9 @@ impl Parser {
             return Ok(Some(Parsed::End(body)));
         }
         let mut fresh = Vec::new();
-        let out = match read {
-            BodyRead::Buffered => &mut pending.body,
-            BodyRead::Streamed => &mut fresh,
+        let (out, max_out) = match read {
+            BodyRead::Buffered => (&mut pending.body, usize::MAX),
+            BodyRead::Streamed => (&mut fresh, MAX_PIECE),
         };
         let before = out.len();
         let (used, done) = match &mut pending.framed {
@@ -179,6 +181,7 @@ impl Parser {
                 let take = self
                     .buf
                     .len()
+                    .min(max_out)
                     .min(usize::try_from(*left).unwrap_or(usize::MAX));
                 out.extend_from_slice(&self.buf[..take]);
                 *left -= take as u64;
@@ -187,7 +190,7 @@ impl Parser {
             Framed::Chunked(state) => {
                 // The body taken so far is within the limit, so this cannot wrap.
                 let room = pending.limit - pending.received;
-                state.decode(&self.buf, out, room, self.limits.max_head)?
+                state.decode(&self.buf, out, room, max_out, self.limits.max_head)?
             }
         };
         let taken = out.len() - before;
