@@ -199,6 +199,29 @@ fn a_reload_whose_workers_cannot_start_still_ends_with_ready_saying_it_failed() 
 }
 
 #[test]
+fn a_master_that_gives_up_at_start_sends_stopping_with_the_reason() {
+    let scratch = Scratch::new("give-up");
+    let notes = Notifications::bind(&scratch);
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--app",
+        "crash-at-start",
+    ];
+    let mut server = spawn_command(notifying(&notes, &args));
+    let stopping = notes.wait_for(&server, "STOPPING=1");
+    let status = field(&stopping, "STATUS=");
+    assert!(
+        status.contains("workers in a row exited before becoming ready")
+            && status.ends_with("giving up"),
+        "{status}"
+    );
+    assert_eq!(server.wait_exit().code(), Some(1));
+}
+
+#[test]
 fn watchdog_pings_keep_coming_when_watchdog_usec_is_set() {
     let scratch = Scratch::new("watchdog");
     let notes = Notifications::bind(&scratch);
@@ -437,20 +460,15 @@ fn skipped(why: &str) {
     let _ = writeln!(io::stderr(), "\n*** SKIPPED: {why} ***\n");
 }
 
-/// A TCP port free on 127.0.0.1 for systemd-socket-activate to bind, below the
-/// kernel's ephemeral range, so that no other test's `bind(:0)` or connection takes it
-/// between this check and that bind. Each call starts from another candidate.
+/// A TCP port free on 127.0.0.1 for systemd-socket-activate to bind, from 10000-29999:
+/// below Linux's default ephemeral range (32768-60999), so that no other test's
+/// `bind(:0)` or connection takes it between this check and that bind. Each call
+/// starts from another candidate.
 fn free_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
-    let ephemeral: Vec<u16> = range
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
-    let start = 10_000 + (std::process::id() % 10_000) as u16;
+    let start = (std::process::id() % 10_000) as u16;
     (0..1000)
-        .map(|_| start + NEXT.fetch_add(1, Ordering::Relaxed) % 10_000)
-        .filter(|port| !(ephemeral[0]..=ephemeral[1]).contains(port))
+        .map(|_| 10_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 20_000)
         .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
         .expect("a free port")
 }

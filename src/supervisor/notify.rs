@@ -121,11 +121,8 @@ fn socket_address(value: &[u8]) -> io::Result<SocketAddr> {
             use std::os::unix::ffi::OsStrExt;
             SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(value))
         }
-        #[cfg(any(target_os = "linux", target_os = "android"))]
+        #[cfg(target_os = "linux")]
         [b'@', name @ ..] => {
-            #[cfg(target_os = "android")]
-            use std::os::android::net::SocketAddrExt;
-            #[cfg(target_os = "linux")]
             use std::os::linux::net::SocketAddrExt;
             SocketAddr::from_abstract_name(name)
         }
