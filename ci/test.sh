@@ -11,6 +11,19 @@ skipped() { printf '\n*** SKIPPED: %s ***\n\n' "$*"; }
 step "toolchain components"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
+# cli/tests/systemd.rs hands sockets over with systemd's own systemd-socket-activate
+# where it can (Debian's systemd package); without it those two tests say SKIPPED, and
+# socket activation is tested through a shell only.
+step "systemd-socket-activate, for the socket activation tests"
+if command -v systemd-socket-activate >/dev/null 2>&1 || [ -x /usr/bin/systemd-socket-activate ]; then
+  echo "found"
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] &&
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; then
+  echo "installed Debian's systemd package"
+else
+  skipped "systemd-socket-activate is missing and apt-get could not install systemd; cli/tests/systemd.rs skips its two tests"
+fi
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

@@ -19,7 +19,13 @@ Signals to the master:
               worker retires; capacity never drops.
   TTIN, TTOU  one worker more / one fewer (never below 1).
   USR1        workers reopen the access log.
-Workers ignore INT: Ctrl-C on the process group reaches only the master.";
+Workers ignore INT: Ctrl-C on the process group reaches only the master.
+
+Under systemd (see the README's sample units): with NOTIFY_SOCKET set (Type=notify),
+the master sends READY=1, RELOADING=1 at HUP and READY=1 once it is done,
+STOPPING=1, STATUS= lines, and WATCHDOG=1 (WatchdogSec=). With LISTEN_FDS (socket
+activation) it serves the sockets it was given instead of binding: each --listen
+names one, by its FileDescriptorName= or in order.";
 
 #[derive(Parser)]
 #[command(
@@ -41,7 +47,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct Serve {
-    /// Address to listen on: HOST:PORT or unix:/PATH; repeat for several.
+    /// Address to listen on: HOST:PORT or unix:/PATH; repeat for several. Under socket
+    /// activation, a socket systemd passed: its FileDescriptorName=, or any address
+    /// (the sockets are taken in order when no name is a --listen value).
     #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
     listen: Vec<String>,
     /// Number of workers [default: one per CPU].
@@ -112,6 +120,9 @@ enum App {
     /// Responses a handler must not be able to put on the wire, for the conformance
     /// tests: each path answers with one kind of invalid (or framing) header or status.
     HostileResponses,
+    /// The built-in app, plus `GET /env?name=NAME`: the worker's value of the
+    /// environment variable NAME (404 when unset).
+    Environment,
 }
 
 fn parse_kind(s: &str) -> Result<Kind, String> {
@@ -221,6 +232,19 @@ fn hostile(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
     responder.send(lp, response);
 }
 
+/// `--app environment`: what a worker's environment holds.
+fn environment(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
+    if request.uri().path() != "/env" {
+        return hello(lp, request, responder);
+    }
+    let value = query(&request, "name").and_then(std::env::var_os);
+    let response = match value {
+        Some(value) => text(StatusCode::OK, value.to_string_lossy().into_owned()),
+        None => text(StatusCode::NOT_FOUND, "unset\n"),
+    };
+    responder.send(lp, response);
+}
+
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format(|buf, record| {
@@ -261,6 +285,7 @@ fn main() {
                 log::info!("hook worker_exit slot {slot} pid {pid} {status}")
             }),
         App::HostileResponses => Server::new(config, hostile),
+        App::Environment => Server::new(config, environment),
         App::LoggingThread => {
             static STARTED: std::sync::Once = std::sync::Once::new();
             Server::new(config, hello)

@@ -40,7 +40,7 @@ impl Listener {
         Ok(listener)
     }
 
-    fn set_nonblocking(&self) -> io::Result<()> {
+    pub(super) fn set_nonblocking(&self) -> io::Result<()> {
         match self {
             Listener::Tcp(l) => l.set_nonblocking(true),
             Listener::Unix(l) => l.set_nonblocking(true),

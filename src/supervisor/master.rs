@@ -7,7 +7,7 @@
 //! `&mut Master`. The loop owns the master's end of each worker's pipe (the pipe's
 //! watch is its source).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -16,8 +16,9 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use super::listener::Bound;
+use super::notify::{self, Notifier};
 use super::worker::{become_worker, Birth, HEARTBEAT, READY, RECYCLE};
-use super::{Config, ExitHook, ForkHook, Supervisor, WorkerFn};
+use super::{activation, Config, ExitHook, ForkHook, Supervisor, WorkerFn};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
@@ -99,6 +100,17 @@ struct WorkerInfo {
     killed: bool,
 }
 
+/// A HUP's rolling restart, from its `RELOADING=1` to its `READY=1`.
+#[derive(Default)]
+struct Reload {
+    /// The replacements it forked that are neither ready nor gone.
+    pending: HashSet<Slot>,
+    /// Replacements it tried to fork.
+    started: usize,
+    /// Of those, the ones that could not be forked or exited before they were ready.
+    failed: usize,
+}
+
 /// The master's state: the data of its `Loop<Master>`.
 struct Master {
     config: Config,
@@ -120,9 +132,15 @@ struct Master {
     startup_failures: u32,
     failure: Option<SupervisorError>,
     backend: &'static str,
+    notify: Notifier,
+    /// A HUP after the first `READY=1`, until every replacement is ready or gone.
+    reload: Option<Reload>,
 }
 
 pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
+    // First of all, before the program can have started threads of ours: this takes
+    // the variables out of the environment (see `activation::take`).
+    let activated = activation::take(&supervisor.config.listen)?;
     let config = supervisor.config;
     if config.workers == 0 {
         return Err(SupervisorError::Config(
@@ -159,6 +177,8 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         startup_failures: 0,
         failure: None,
         backend: lp.backend_name(),
+        notify: Notifier::from_env(),
+        reload: None,
     };
     // Signals first: one that arrives from here on is dispatched, not lost — and never
     // kills a master that already wrote its pid file.
@@ -169,16 +189,29 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
             .map_err(|source| SupervisorError::Bind { address, source })?;
         master.listeners.push(bound);
     }
-    for address in &addresses {
-        let bound = Bound::bind(address).map_err(|source| SupervisorError::Bind {
-            address: address.clone(),
-            source,
-        });
-        match bound {
-            Ok(bound) => master.listeners.push(bound),
-            Err(e) => {
-                unlink_sockets(&master);
-                return Err(e);
+    match activated {
+        // Handed in: never unlinked, and never filtered at shutdown (systemd keeps
+        // the socket for the next start).
+        Some(listeners) => {
+            for (listener, address) in listeners.into_iter().zip(addresses) {
+                let bound = Bound::handed_in(listener)
+                    .map_err(|source| SupervisorError::Bind { address, source })?;
+                master.listeners.push(bound);
+            }
+        }
+        None => {
+            for address in &addresses {
+                let bound = Bound::bind(address).map_err(|source| SupervisorError::Bind {
+                    address: address.clone(),
+                    source,
+                });
+                match bound {
+                    Ok(bound) => master.listeners.push(bound),
+                    Err(e) => {
+                        unlink_sockets(&master);
+                        return Err(e);
+                    }
+                }
             }
         }
     }
@@ -224,6 +257,7 @@ fn watch_signals(lp: &mut Loop<Master>) -> Result<(), SupervisorError> {
         m.target += 1;
         log::info!("TTIN: workers: {}", m.target);
         reconcile(lp, m);
+        report(m);
     })?;
     lp.watch_signal(libc::SIGTTOU, |lp, m, _| fewer_workers(lp, m))?;
     lp.watch_signal(libc::SIGUSR1, |_, m, _| {
@@ -236,6 +270,10 @@ fn watch_signals(lp: &mut Loop<Master>) -> Result<(), SupervisorError> {
 fn supervise(lp: &mut Loop<Master>, m: &mut Master) -> Result<(), SupervisorError> {
     let check = heartbeat_interval(&m.config);
     lp.every(check, check_heartbeats)?;
+    if let (true, Some(interval)) = (m.notify.enabled(), notify::watchdog_interval()) {
+        // From the master's loop: a master stuck anywhere stops pinging.
+        lp.every(interval, |_, m| m.notify.watchdog())?;
+    }
     reconcile(lp, m);
     lp.run(m)?;
     Ok(())
@@ -246,15 +284,18 @@ fn heartbeat_interval(config: &Config) -> Duration {
     (config.heartbeat_timeout / 4).max(Duration::from_millis(50))
 }
 
+/// The workers starting or serving.
+fn active(m: &Master) -> usize {
+    m.workers
+        .values()
+        .filter(|w| w.state != State::Draining)
+        .count()
+}
+
 /// Forks workers until `target` of them are starting or serving.
 fn reconcile(lp: &mut Loop<Master>, m: &mut Master) {
     loop {
-        let active = m
-            .workers
-            .values()
-            .filter(|w| w.state != State::Draining)
-            .count();
-        if m.shutting_down() || m.respawn_timer.is_some() || active >= m.target {
+        if m.shutting_down() || m.respawn_timer.is_some() || active(m) >= m.target {
             return;
         }
         if let Err(e) = spawn(lp, m, None) {
@@ -393,7 +434,11 @@ fn worker_message(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, mut pipe: &
         match message {
             READY => worker_ready(lp, m, slot),
             HEARTBEAT => {}
-            RECYCLE => replace(lp, m, slot, "asked to be recycled"),
+            RECYCLE => {
+                if let Err(e) = replace(lp, m, slot, "asked to be recycled") {
+                    log::error!("forking a replacement for {pid}: {e}");
+                }
+            }
             other => log::warn!("worker {pid} sent an unknown message {other:#x}"),
         }
     }
@@ -404,20 +449,23 @@ fn worker_message(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, mut pipe: &
 }
 
 /// Forks a replacement for a serving worker (HUP, recycling), which retires it once
-/// ready; nothing for a worker that is not serving, or that has a replacement coming.
-fn replace(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, why: &str) {
+/// ready, and returns its slot; nothing for a worker that is not serving, or that has a
+/// replacement coming.
+fn replace(
+    lp: &mut Loop<Master>,
+    m: &mut Master,
+    slot: Slot,
+    why: &str,
+) -> Result<Option<Slot>, SupervisorError> {
     let Some(w) = m.workers.get(&slot) else {
-        return;
+        return Ok(None);
     };
     let replaced = m.workers.values().any(|other| other.replaces == Some(slot));
     if m.shutting_down() || w.state != State::Ready || w.killed || replaced {
-        return;
+        return Ok(None);
     }
-    let pid = w.pid;
-    log::info!("worker {pid} {why}; replacing it");
-    if let Err(e) = spawn(lp, m, Some(slot)) {
-        log::error!("forking a replacement for {pid}: {e}");
-    }
+    log::info!("worker {} {why}; replacing it", w.pid);
+    spawn(lp, m, Some(slot)).map(Some)
 }
 
 fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
@@ -439,8 +487,12 @@ fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
         .values()
         .filter(|w| w.state == State::Ready)
         .count();
+    if let Some(reload) = &mut m.reload {
+        reload.pending.remove(&slot);
+    }
     if !m.announced && ready >= m.target {
         m.announced = true;
+        m.notify.ready(&serving_status(m));
         let addresses: Vec<String> = m.listeners.iter().map(|b| b.listener.address()).collect();
         let listening = if addresses.is_empty() {
             String::new()
@@ -454,6 +506,50 @@ fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
             std::process::id()
         );
     }
+    report(m);
+}
+
+/// "3 workers ready on epoll", or "2 of 3 workers ready on epoll": the `STATUS=` line.
+fn serving_status(m: &Master) -> String {
+    let ready = m
+        .workers
+        .values()
+        .filter(|w| w.state == State::Ready)
+        .count();
+    let workers = if m.target == 1 { "worker" } else { "workers" };
+    if ready >= m.target {
+        format!("{ready} {workers} ready on {}", m.backend)
+    } else {
+        format!("{ready} of {} {workers} ready on {}", m.target, m.backend)
+    }
+}
+
+/// Tells the service manager how things stand, once a worker became ready or exited
+/// or the count changed: `READY=1` at the end of a reload (its last replacement is
+/// ready or gone), a `STATUS=` line otherwise. Nothing before the first `READY=1`,
+/// which `worker_ready` sends, or once stopping.
+fn report(m: &mut Master) {
+    if !m.announced || m.shutting_down() {
+        return;
+    }
+    match m.reload.take() {
+        Some(reload) if !reload.pending.is_empty() => m.reload = Some(reload),
+        Some(reload) => {
+            let serving = serving_status(m);
+            if reload.failed == 0 {
+                log::info!("HUP: every worker is replaced");
+                m.notify.ready(&format!("reloaded: {serving}"));
+            } else {
+                // The old workers serve on: the service is as ready as before.
+                m.notify.ready(&format!(
+                    "reload failed: {} of {} new workers did not start, the old ones \
+                     serve on; {serving}",
+                    reload.failed, reload.started
+                ));
+            }
+        }
+        None => m.notify.status(&serving_status(m)),
+    }
 }
 
 /// Sends a worker into draining: it stops accepting, finishes, and exits.
@@ -466,6 +562,10 @@ fn retire(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
     }
     w.state = State::Draining;
     kill(w.pid, Signal::SIGTERM);
+    if let Some(reload) = &mut m.reload {
+        // Retired before it was ready (a second HUP, TTOU): the reload waits no more.
+        reload.pending.remove(&slot);
+    }
     // Keyed by the slot, never by the pid: by the time this fires the worker may be
     // long reaped and its pid given to a later worker.
     lp.after(m.config.graceful_timeout, move |_, m| {
@@ -546,6 +646,11 @@ fn worker_exited(
         log::debug!("worker {pid} retired: {status}");
         return;
     }
+    if let Some(reload) = &mut m.reload {
+        if reload.pending.remove(&slot) {
+            reload.failed += 1;
+        }
+    }
     log::warn!("worker {pid} exited unexpectedly: {status}");
     let lived = lp.now().saturating_duration_since(info.started);
     m.crash_streak = if lived < CRASH_WINDOW {
@@ -586,9 +691,17 @@ fn worker_exited(
     };
     if delay.is_zero() {
         reconcile(lp, m);
+        report(m);
     } else {
         log::warn!("workers keep crashing; next fork in {delay:?}");
         schedule_respawn(lp, m, delay);
+        report(m);
+        if m.reload.is_none() && active(m) < m.target {
+            let status = serving_status(m);
+            m.notify.status(&format!(
+                "{status}; workers keep crashing: next fork in {delay:?}"
+            ));
+        }
     }
 }
 
@@ -623,6 +736,12 @@ fn shutdown(lp: &mut Loop<Master>, m: &mut Master, why: &str) {
     } else {
         m.shutdown_began = Some(now);
         log::info!("{why}: graceful shutdown");
+        m.reload = None;
+        let status = m.failure.as_ref().map_or_else(
+            || format!("stopping ({why}): draining {} workers", m.workers.len()),
+            ToString::to_string,
+        );
+        m.notify.stopping(&status);
         let slots: Vec<Slot> = m.workers.keys().copied().collect();
         for slot in slots {
             retire(lp, m, slot);
@@ -656,17 +775,38 @@ fn rolling_restart(lp: &mut Loop<Master>, m: &mut Master) {
         .map(|(&slot, w)| (slot, w.state, w.replaces))
         .collect();
     log::info!("HUP: replacing workers: {}", current.len());
+    // Before the first READY=1 a HUP is part of the start, which that READY=1 ends.
+    if m.announced && m.reload.is_none() {
+        m.reload = Some(Reload::default());
+        let status = format!("reloading: replacing {} workers", current.len());
+        m.notify.reloading(&status);
+    }
     for (slot, state, replaces) in current {
-        match state {
+        let forked = match state {
             State::Starting => {
                 retire(lp, m, slot);
-                if let Err(e) = spawn(lp, m, replaces) {
-                    log::error!("forking a worker on HUP: {e}");
-                }
+                spawn(lp, m, replaces).map(Some)
             }
             _ => replace(lp, m, slot, "is reloaded"),
+        };
+        match forked {
+            Ok(Some(new)) => {
+                if let Some(reload) = &mut m.reload {
+                    reload.started += 1;
+                    reload.pending.insert(new);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                log::error!("forking a worker on HUP: {e}");
+                if let Some(reload) = &mut m.reload {
+                    reload.started += 1;
+                    reload.failed += 1;
+                }
+            }
         }
     }
+    report(m);
 }
 
 /// TTOU: one worker fewer, never below one.
@@ -686,6 +826,7 @@ fn fewer_workers(lp: &mut Loop<Master>, m: &mut Master) {
     if let Some(slot) = victim {
         retire(lp, m, slot);
     }
+    report(m);
 }
 
 /// Kills a worker silent for longer than the heartbeat timeout, or not ready within

@@ -1,7 +1,8 @@
 //! A prefork supervisor for any app: forkloop's own HTTP server, a tokio or axum app,
 //! or blocking code.
 //!
-//! The master binds the listeners (or takes them already bound), forks the workers
+//! The master binds the listeners (or takes them already bound, from the app or from
+//! systemd's socket activation), forks the workers
 //! through [`Loop::fork`](crate::Loop::fork), and supervises them from a forkloop loop
 //! of its own. It never builds an async runtime, so each worker can build its own after
 //! the fork, as tokio requires. A worker is any `FnOnce(WorkerContext) -> i32`; it runs
@@ -63,6 +64,36 @@
 //!   `HUP` replaces it.
 //! - A draining worker still running after `graceful_timeout` is killed.
 //!
+//! # Under systemd
+//!
+//! - **Socket activation.** When `LISTEN_PID` is the master's pid, the master serves
+//!   the `LISTEN_FDS` sockets it was given (fds 3, 4, …, the `sd_listen_fds(3)`
+//!   convention) instead of binding [`Config::listen`]: one socket per `listen` value.
+//!   A socket whose name (`LISTEN_FDNAMES`, systemd's `FileDescriptorName=`) equals a
+//!   `listen` value serves that value; names cannot hold a `:`, so such a value is a
+//!   bare name (`--listen web`), which only activation can give a meaning. When no
+//!   name is a `listen` value (systemd names each socket after its unit by default),
+//!   the sockets go to the values in order. Each must be a listening TCP or Unix stream
+//!   socket; it is made close-on-exec and non-blocking. A count or a name that does not
+//!   fit, or an fd that is not a listening socket, is a [`SupervisorError::Config`]
+//!   naming it. An activated socket is systemd's: the master never removes its file,
+//!   and leaves it taking connections at shutdown (they wait for the next start).
+//!   The three variables are removed from the environment at the start of
+//!   [`Supervisor::run`], so the workers and what they run do not see them.
+//! - **`sd_notify`**, when `NOTIFY_SOCKET` is set (`Type=notify`): the master sends
+//!   `READY=1` once every worker is first ready; at `HUP`, `RELOADING=1` with
+//!   `MONOTONIC_USEC`, then `READY=1` once every replacement is ready, or has failed
+//!   (the old workers then serve on, and the `STATUS=` line says the reload failed);
+//!   `STOPPING=1` when a shutdown begins (`TERM`/`INT`, or giving up); a `STATUS=` line
+//!   as the count of ready workers changes (`TTIN`/`TTOU`, crashes and their backoff);
+//!   and `WATCHDOG=1` every half `WATCHDOG_USEC` from its loop, if `WATCHDOG_PID` is
+//!   unset or is the master. Only the master sends, so `NotifyAccess=main` is enough.
+//!   `NOTIFY_SOCKET` stays in the environment (the workers inherit it, and send
+//!   nothing). A failed send is logged at debug level and changes nothing. It works on
+//!   any Unix with a path socket; an abstract one (`@name`) is Linux's.
+//!
+//! The README has a sample `forkloop.service` and `forkloop.socket`.
+//!
 //! # What a worker must do
 //!
 //! 1. Serve the [`WorkerContext::listeners`] (they are non-blocking, shared by every
@@ -99,8 +130,10 @@
 //! dispositions do across `exec`: restore them (`SIG_DFL`) in the child first if that
 //! matters.
 
+mod activation;
 mod listener;
 mod master;
+mod notify;
 mod worker;
 
 use std::path::PathBuf;
@@ -119,7 +152,9 @@ use crate::Kind;
 pub struct Config {
     /// `host:port` or `unix:/path` addresses the master binds (a Unix socket's file is
     /// removed at exit), served by every worker after those handed in with
-    /// [`Supervisor::listener`].
+    /// [`Supervisor::listener`]. Under socket activation, each names a socket the
+    /// master was given instead, by its name or in order (see [the module's
+    /// documentation](self#under-systemd)).
     pub listen: Vec<String>,
     /// Number of workers.
     pub workers: usize,
@@ -185,8 +220,9 @@ impl Supervisor {
         }
     }
 
-    /// A listener bound elsewhere (by the app, or handed over by systemd), served by
-    /// every worker; made non-blocking. The master never removes its socket file.
+    /// A listener bound elsewhere (by the app), served by every worker; made
+    /// non-blocking. The master never removes its socket file. (Sockets systemd hands
+    /// over need no call: see [`Config::listen`].)
     pub fn listener(mut self, listener: impl Into<Listener>) -> Supervisor {
         self.listeners.push(listener.into());
         self
@@ -211,6 +247,12 @@ impl Supervisor {
 
     /// Binds the listeners, forks the workers and supervises them until a `TERM` or
     /// `INT` (graceful) or a fatal error.
+    ///
+    /// It starts by taking socket activation's `LISTEN_PID`, `LISTEN_FDS` and
+    /// `LISTEN_FDNAMES` out of the environment. Removing an environment variable races
+    /// any other thread's reading of the environment (C code's `getenv` included), so
+    /// call `run` before the program starts threads that may read it: from `main`,
+    /// before a runtime or a logger thread. The master itself starts none.
     pub fn run(self) -> Result<(), SupervisorError> {
         master::run(self)
     }

@@ -399,3 +399,23 @@ impl KeepAlive {
         (parse(&head).0, String::from_utf8_lossy(&body).into_owned())
     }
 }
+
+/// Waits for a server started without waiting (see [`spawn_command`]) to log its ready
+/// line, and takes its first listener's address from it, as [`start`] does.
+pub fn wait_ready(server: Server) -> Server {
+    ready(server)
+}
+
+/// `GET path` with `Connection: close` over the Unix socket at `socket`: (status, body).
+pub fn get_unix(socket: &std::path::Path, path: &str) -> (u16, String) {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    parse(&String::from_utf8_lossy(&out))
+}
