@@ -12,11 +12,20 @@ use forkloop::{Kind, Loop};
 
 const SIGNALS: &str = "\
 Signals to the master:
-  TERM, INT   graceful: stop accepting, finish in-flight requests, close idle
+  TERM, INT, QUIT
+              graceful: stop accepting, finish in-flight requests, close idle
               keep-alives, exit when every worker is gone (SIGKILL after
-              --graceful-timeout). A second TERM/INT stops at once.
+              --graceful-timeout). A second one stops at once.
   HUP         rolling restart: every replacement is ready before its old
-              worker retires; capacity never drops.
+              worker retires; capacity never drops. After a WINCH: the workers
+              come back instead.
+  USR2        binary upgrade: exec the binary at the same path (a new build, if
+              it was replaced) as a new master on the same sockets; once all its
+              workers are ready, this master drains and exits. If the new one
+              exits or is not ready within --upgrade-timeout, this one serves on.
+              The pid file is PID_FILE.oldbin meanwhile.
+  WINCH       retire every worker, keep the master (HUP brings them back).
+              Ignored when the master runs on a terminal (a resize sends it).
   TTIN, TTOU  one worker more / one fewer (never below 1).
   USR1        workers reopen the access log.
 Workers ignore INT: Ctrl-C on the process group reaches only the master.
@@ -64,6 +73,10 @@ struct Serve {
     /// Seconds without a heartbeat after which a worker is killed and replaced.
     #[arg(long, value_name = "S", default_value = "30", value_parser = parse_seconds)]
     heartbeat_timeout: Duration,
+    /// Seconds the new master of a binary upgrade (USR2) has to get every worker
+    /// ready; later, it is stopped and the old master serves on.
+    #[arg(long, value_name = "S", default_value = "60", value_parser = parse_seconds)]
+    upgrade_timeout: Duration,
     /// Seconds for a request head to arrive: from the accept, then from each later
     /// request's first byte (else 408 and close).
     #[arg(long, value_name = "S", default_value = "10", value_parser = parse_seconds)]
@@ -267,6 +280,7 @@ fn main() {
     supervisor.backend = args.backend;
     supervisor.graceful_timeout = args.graceful_timeout;
     supervisor.heartbeat_timeout = args.heartbeat_timeout;
+    supervisor.upgrade_timeout = args.upgrade_timeout;
     supervisor.max_requests = args.max_requests;
     supervisor.max_requests_jitter = args.max_requests_jitter;
     supervisor.pid_file = args.pid_file;

@@ -22,29 +22,6 @@ use nix::sys::socket::{
 
 use common::*;
 
-/// A directory of the test's own, removed when it ends.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(test: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("forkloop-systemd-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The service manager's end of `sd_notify`: the datagram socket `NOTIFY_SOCKET` names.
 struct Notifications {
     socket: UnixDatagram,
@@ -171,6 +148,50 @@ fn ready_at_start_then_reloading_and_ready_at_hup_then_stopping_at_term() {
         "stopping (TERM): draining 2 workers"
     );
     assert!(server.wait_exit().success());
+}
+
+/// An upgrade (USR2) under `NotifyAccess=main`: only the main process may notify, so
+/// the old master, still main, tells systemd to follow the new one (`MAINPID=`) once
+/// it is ready; the new master sends nothing before that, and the old one no
+/// `STOPPING=1` after it (the service goes on).
+#[test]
+fn an_upgrade_hands_systemd_the_new_main_pid_from_the_old_master() {
+    let scratch = Scratch::new("upgrade");
+    let notes = Notifications::bind(&scratch);
+    let pid_file = scratch.path("forkloop.pid");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+    ];
+    let server = spawn_command(notifying(&notes, &args));
+    notes.wait_for(&server, "READY=1");
+    let mut server = wait_ready(server);
+    server.signal(libc::SIGUSR2);
+    let reloading = notes.wait_for(&server, "RELOADING=1");
+    assert!(
+        field(&reloading, "STATUS=").starts_with("upgrading"),
+        "{reloading:?}"
+    );
+    let handed = notes.wait_for(&server, "MAINPID=");
+    assert!(handed.iter().any(|l| l == "READY=1"), "{handed:?}");
+    let new_master: libc::pid_t = field(&handed, "MAINPID=").parse().unwrap();
+    let written = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(written.trim().parse::<libc::pid_t>().unwrap(), new_master);
+    assert!(server.wait_exit().success());
+    // Nothing from the old master after MAINPID (no STOPPING=1): the socket is empty.
+    notes
+        .socket
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    assert!(notes.receive().is_err(), "a datagram after the hand-over");
+    assert_eq!(get(&server.addr, "/").0, 200, "the new master serves");
+    // SAFETY: kill has no memory-safety preconditions; the test started this master.
+    unsafe { libc::kill(new_master, libc::SIGTERM) };
+    eventually("the new master exiting", || !running(new_master));
 }
 
 #[test]
@@ -400,6 +421,61 @@ fn activated_sockets_whose_names_match_no_listen_value_go_in_order() {
 
 /// An activated `forkloop serve` that must refuse to start: it exits 1, within the
 /// bound, saying `why`, and nothing panics.
+/// An upgrade passes on activated sockets as systemd's still: the new master, at its
+/// own shutdown, leaves them taking connections and their files in place, and the
+/// upgrade's variables are gone from its workers' environment.
+#[test]
+fn an_upgrade_of_an_activated_master_keeps_the_sockets_systemds() {
+    let scratch = Scratch::new("activated-upgrade");
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_addr = tcp.local_addr().unwrap();
+    let unix_path = scratch.path("web.sock");
+    let unix = UnixListener::bind(&unix_path).unwrap();
+    let args = [
+        "--listen",
+        "web",
+        "--listen",
+        "admin",
+        "--workers",
+        "1",
+        "--app",
+        "environment",
+    ];
+    let mut server = wait_ready(spawn_command(activated(
+        &[&tcp, &unix],
+        Some("web:admin"),
+        &args,
+    )));
+    server.signal(libc::SIGUSR2);
+    let line = server.wait_for("USR2: upgrading: new master ");
+    let new_master: libc::pid_t = line
+        .split("new master ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    server.wait_for("USR2: the new master");
+    assert!(server.wait_exit().success());
+    let addr = tcp_addr.to_string();
+    for name in ["LISTEN_PID", "FORKLOOP_UPGRADE_FD", "FORKLOOP_UPGRADE_OWN"] {
+        assert_eq!(get(&addr, &format!("/env?name={name}")).0, 404, "{name}");
+    }
+    assert_eq!(
+        get_unix(&unix_path, "/").0,
+        200,
+        "the new master serves both"
+    );
+    // SAFETY: kill has no memory-safety preconditions; the test started this master.
+    unsafe { libc::kill(new_master, libc::SIGTERM) };
+    eventually("the new master exiting", || !running(new_master));
+    assert!(
+        unix_path.exists(),
+        "the new master removed systemd's socket file"
+    );
+    TcpStream::connect_timeout(&tcp_addr, LIMIT).expect("the TCP socket takes connections");
+    UnixStream::connect(&unix_path).expect("the Unix socket takes connections");
+}
+
 fn refuses(cmd: Command, why: &str) {
     let mut server = spawn_command(cmd);
     let status = server.wait_exit();

@@ -103,7 +103,6 @@ pub(crate) struct Bound {
     /// The master bound it: the socket is its own, and dies with it. A handed-in one
     /// may outlive the master (systemd's, or the app's), so the master leaves its
     /// socket as it found it. (Read only where listeners get a filter: Linux.)
-    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     own: bool,
 }
 
@@ -117,6 +116,23 @@ impl Bound {
             unlink,
             own: true,
         })
+    }
+
+    /// A socket an upgrade passed on (see `upgrade`) for `address`: the masters' `own`
+    /// (the first master of the chain bound it), or a handed-in one (systemd's), as it
+    /// was the old master's.
+    pub fn inherited(listener: Listener, address: &str, own: bool) -> Bound {
+        let unlink = address.strip_prefix("unix:").map(PathBuf::from);
+        Bound {
+            listener,
+            unlink: unlink.filter(|_| own),
+            own,
+        }
+    }
+
+    /// Whether the master bound it (see `own`).
+    pub fn is_own(&self) -> bool {
+        self.own
     }
 
     /// A listener bound elsewhere, made non-blocking.

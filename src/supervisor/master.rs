@@ -17,12 +17,15 @@ use std::time::{Duration, Instant};
 
 use super::listener::Bound;
 use super::notify::{self, Notifier};
+use super::upgrade::{self, Exe, UPGRADED};
 use super::worker::{become_worker, Birth, HEARTBEAT, READY, RECYCLE};
 use super::{activation, Config, ExitHook, ForkHook, Supervisor, WorkerFn};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::{ForkOptions, Interest, Io, Loop, Timer};
+use std::io::{IsTerminal, Write};
+use std::os::fd::AsFd;
 
 /// Why the supervisor could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +114,16 @@ struct Reload {
     failed: usize,
 }
 
+/// A binary upgrade (USR2) under way: the new master this one exec'd, until it is
+/// ready (then this one hands over and drains) or gone (then this one serves on).
+struct Upgrade {
+    pid: libc::pid_t,
+    /// The watch of the socket on which it reports readiness.
+    report: Io<UnixStream>,
+    /// Fires if it is not ready within `upgrade_timeout`.
+    deadline: Timer,
+}
+
 /// The master's state: the data of its `Loop<Master>`.
 struct Master {
     config: Config,
@@ -135,12 +148,27 @@ struct Master {
     notify: Notifier,
     /// A HUP after the first `READY=1`, until every replacement is ready or gone.
     reload: Option<Reload>,
+    /// This binary and its arguments, for an upgrade (why not, if they cannot be known).
+    exe: Result<Exe, String>,
+    /// How many of `listeners` came from `Supervisor::listener` (the first ones): the
+    /// app's own, which an upgrade does not pass on.
+    handed_in: usize,
+    upgrade: Option<Upgrade>,
+    /// Started by an upgrade: where to tell the old master that every worker is ready.
+    report_to: Option<UnixStream>,
+    /// This master handed its sockets over to a new one, and drains: it leaves them as
+    /// they are (no filter, no unlinking), as the new master serves them.
+    handed_over: bool,
+    /// The worker count before a WINCH retired them all.
+    winched: Option<usize>,
 }
 
 pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
     // First of all, before the program can have started threads of ours: this takes
     // the variables out of the environment (see `activation::take`).
     let activated = activation::take(&supervisor.config.listen)?;
+    let inherited = upgrade::take_report_fd(activated.is_some());
+    let exe = Exe::current().map_err(|e| e.to_string());
     let config = supervisor.config;
     if config.workers == 0 {
         return Err(SupervisorError::Config(
@@ -179,6 +207,12 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         backend: lp.backend_name(),
         notify: Notifier::from_env(),
         reload: None,
+        exe,
+        handed_in: supervisor.listeners.len(),
+        upgrade: None,
+        handed_over: false,
+        winched: None,
+        report_to: None,
     };
     // Signals first: one that arrives from here on is dispatched, not lost — and never
     // kills a master that already wrote its pid file.
@@ -189,17 +223,27 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
             .map_err(|source| SupervisorError::Bind { address, source })?;
         master.listeners.push(bound);
     }
-    match activated {
+    match (activated, inherited) {
+        // From an upgrade: the sockets the old master had, as it had them.
+        (Some(listeners), Some(inherited)) => {
+            for (i, (listener, address)) in listeners.into_iter().zip(addresses).enumerate() {
+                let own = inherited.own.get(i).copied().unwrap_or(false);
+                master
+                    .listeners
+                    .push(Bound::inherited(listener, &address, own));
+            }
+            master.report_to = Some(inherited.report);
+        }
         // Handed in: never unlinked, and never filtered at shutdown (systemd keeps
         // the socket for the next start).
-        Some(listeners) => {
+        (Some(listeners), None) => {
             for (listener, address) in listeners.into_iter().zip(addresses) {
                 let bound = Bound::handed_in(listener)
                     .map_err(|source| SupervisorError::Bind { address, source })?;
                 master.listeners.push(bound);
             }
         }
-        None => {
+        (None, _) => {
             for address in &addresses {
                 let bound = Bound::bind(address).map_err(|source| SupervisorError::Bind {
                     address: address.clone(),
@@ -224,7 +268,10 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
     let result = supervise(&mut lp, &mut master);
     unlink_sockets(&master);
     if let Some(path) = &pid_file {
-        let _ = std::fs::remove_file(path);
+        // Each only if it still names this master: after an upgrade the pid file is the
+        // new master's, and the `.oldbin` this one's.
+        remove_pid_file(path);
+        remove_pid_file(&oldbin(path));
     }
     result?;
     master.failure.take().map_or(Ok(()), Err)
@@ -238,22 +285,35 @@ impl Master {
 }
 
 fn unlink_sockets(m: &Master) {
+    if m.handed_over {
+        return;
+    }
     for bound in &m.listeners {
         bound.unlink();
     }
 }
 
 fn watch_signals(lp: &mut Loop<Master>) -> Result<(), SupervisorError> {
-    for signal in [libc::SIGTERM, libc::SIGINT] {
-        let name = if signal == libc::SIGTERM {
-            "TERM"
-        } else {
-            "INT"
-        };
+    for (signal, name) in [
+        (libc::SIGTERM, "TERM"),
+        (libc::SIGINT, "INT"),
+        (libc::SIGQUIT, "QUIT"),
+    ] {
         lp.watch_signal(signal, move |lp, m, _| shutdown(lp, m, name))?;
     }
-    lp.watch_signal(libc::SIGHUP, |lp, m, _| rolling_restart(lp, m))?;
+    lp.watch_signal(libc::SIGHUP, |lp, m, _| match m.winched.take() {
+        Some(workers) => {
+            m.target = workers;
+            log::info!("HUP: workers again: {workers}");
+            reconcile(lp, m);
+        }
+        None => rolling_restart(lp, m),
+    })?;
+    lp.watch_signal(libc::SIGUSR2, |lp, m, _| begin_upgrade(lp, m))?;
+    lp.watch_signal(libc::SIGWINCH, |lp, m, _| retire_all(lp, m))?;
     lp.watch_signal(libc::SIGTTIN, |lp, m, _| {
+        // After a WINCH: one worker, and a HUP no longer restores the old count.
+        m.winched = None;
         m.target += 1;
         log::info!("TTIN: workers: {}", m.target);
         reconcile(lp, m);
@@ -492,7 +552,15 @@ fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
     }
     if !m.announced && ready >= m.target {
         m.announced = true;
-        m.notify.ready(&serving_status(m));
+        match m.report_to.take() {
+            // The old master tells the service manager, as it is the main process
+            // until then (`NotifyAccess=main` drops what this one would send).
+            Some(report) => {
+                m.notify.shown(&serving_status(m));
+                tell_old_master(report);
+            }
+            None => m.notify.ready(&serving_status(m)),
+        }
         let addresses: Vec<String> = m.listeners.iter().map(|b| b.listener.address()).collect();
         let listening = if addresses.is_empty() {
             String::new()
@@ -720,9 +788,16 @@ fn schedule_respawn(lp: &mut Loop<Master>, m: &mut Master, delay: Duration) {
 /// timeout. A second TERM/INT kills them at once.
 fn shutdown(lp: &mut Loop<Master>, m: &mut Master, why: &str) {
     let now = lp.now();
-    // Before any worker drains: see `refuse_new_connections`.
-    for bound in &m.listeners {
-        bound.refuse_new_connections();
+    // Before any worker drains: see `refuse_new_connections` (not for sockets a new
+    // master serves on).
+    if !m.handed_over {
+        for bound in &m.listeners {
+            bound.refuse_new_connections();
+        }
+    }
+    // A new master not ready yet goes too: the operator stops the service.
+    if let Some(upgrade) = &m.upgrade {
+        kill(upgrade.pid, Signal::SIGTERM);
     }
     if let Some(began) = m.shutdown_began {
         // A TERM sent to the master and then to its process group (as `timeout` and
@@ -741,7 +816,10 @@ fn shutdown(lp: &mut Loop<Master>, m: &mut Master, why: &str) {
             || format!("stopping ({why}): draining {} workers", m.workers.len()),
             ToString::to_string,
         );
-        m.notify.stopping(&status);
+        // After a hand-over the service goes on, under the new master.
+        if !m.handed_over {
+            m.notify.stopping(&status);
+        }
         let slots: Vec<Slot> = m.workers.keys().copied().collect();
         for slot in slots {
             retire(lp, m, slot);
@@ -812,7 +890,10 @@ fn rolling_restart(lp: &mut Loop<Master>, m: &mut Master) {
 /// TTOU: one worker fewer, never below one.
 fn fewer_workers(lp: &mut Loop<Master>, m: &mut Master) {
     if m.target <= 1 {
-        log::info!("TTOU: already at one worker");
+        match m.target {
+            0 => log::info!("TTOU: no workers (WINCH); HUP or TTIN brings them back"),
+            _ => log::info!("TTOU: already at one worker"),
+        }
         return;
     }
     m.target -= 1;
@@ -850,6 +931,210 @@ fn check_heartbeats(lp: &mut Loop<Master>, m: &mut Master) {
         }
         why.is_some()
     });
+}
+
+/// USR2: exec this binary again (a new build, if the file was replaced) as a new
+/// master on the same sockets; it takes over once all its workers are ready, and
+/// this one serves on until then, and for good if the new one fails.
+fn begin_upgrade(lp: &mut Loop<Master>, m: &mut Master) {
+    if m.shutting_down() {
+        return log::warn!("USR2: shutting down; no upgrade");
+    }
+    if let Some(upgrade) = &m.upgrade {
+        return log::warn!("USR2: an upgrade is under way (new master {})", upgrade.pid);
+    }
+    if m.report_to.is_some() {
+        return log::warn!("USR2: this master is not ready yet; upgrade it once it is");
+    }
+    let exe = match &m.exe {
+        Ok(exe) => exe,
+        Err(e) => return log::error!("USR2: cannot upgrade: this binary's path is unknown: {e}"),
+    };
+    // nginx's convention: the old master's pid file is `<pid file>.oldbin` while both
+    // run, and the new master writes its own.
+    if let Some(path) = &m.config.pid_file {
+        if let Err(e) = std::fs::rename(path, oldbin(path)) {
+            return log::error!("USR2: cannot upgrade: renaming {}: {e}", path.display());
+        }
+    }
+    let sockets: Vec<_> = m.listeners[m.handed_in..]
+        .iter()
+        .map(|bound| (bound.listener.as_fd(), bound.is_own()))
+        .collect();
+    let path = exe.path().to_owned();
+    let successor = match upgrade::spawn(lp, exe, &sockets) {
+        Ok(successor) => successor,
+        Err(e) => {
+            log::error!("USR2: cannot start {}: {e}", path.display());
+            return restore_pid_file(m);
+        }
+    };
+    let pid = successor.pid;
+    log::info!(
+        "USR2: upgrading: new master {pid} ({}) starts on the same sockets",
+        path.display()
+    );
+    m.notify
+        .reloading(&format!("upgrading: new master {pid} starting"));
+    let watched = lp
+        .watch_process(pid, successor_exited)
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            lp.watch_io(successor.ready, Interest::READ, successor_reported)
+                .map_err(|e| e.error.to_string())
+        });
+    let report = match watched {
+        Ok(report) => report,
+        Err(e) => {
+            // Without its watches it could take over unseen: it goes.
+            log::error!("USR2: watching the new master {pid}: {e}; stopping it");
+            kill(pid, Signal::SIGKILL);
+            return restore_pid_file(m);
+        }
+    };
+    let timeout = m.config.upgrade_timeout;
+    let deadline = lp.after(timeout, move |lp, m| {
+        let Some(upgrade) = &m.upgrade else {
+            return;
+        };
+        log::error!(
+            "USR2: the new master {pid} was not ready within {timeout:?}; stopping it, and \
+             this master serves on"
+        );
+        kill(pid, Signal::SIGTERM);
+        // Its exit is the rollback: one that ignores TERM is killed.
+        let report = upgrade.report;
+        lp.after(m.config.graceful_timeout, move |_, m| {
+            if m.upgrade.as_ref().is_some_and(|u| u.report == report) {
+                log::error!("USR2: the new master {pid} is still there; killing it");
+                kill(pid, Signal::SIGKILL);
+            }
+        });
+    });
+    m.upgrade = Some(Upgrade {
+        pid,
+        report,
+        deadline,
+    });
+}
+
+/// The new master wrote on its report socket (ready), or closed it (it failed, and
+/// its exit follows).
+fn successor_reported(
+    lp: &mut Loop<Master>,
+    m: &mut Master,
+    mut socket: &UnixStream,
+    _: crate::Readiness,
+) {
+    let mut byte = [0u8; 1];
+    match socket.read(&mut byte) {
+        Ok(1) if byte[0] == UPGRADED => hand_over(lp, m),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        _ => {
+            if let Some(upgrade) = &m.upgrade {
+                lp.cancel(upgrade.report);
+            }
+        }
+    }
+}
+
+/// The new master is ready: systemd is told to follow it, and this one drains its
+/// workers and exits, leaving the sockets to it.
+fn hand_over(lp: &mut Loop<Master>, m: &mut Master) {
+    let Some(upgrade) = m.upgrade.take() else {
+        return;
+    };
+    lp.cancel(upgrade.report);
+    lp.cancel(upgrade.deadline);
+    let pid = upgrade.pid;
+    log::info!("USR2: the new master {pid} is ready; this one drains and exits");
+    m.notify
+        .main_pid(pid, &format!("upgraded: new master {pid} serving"));
+    m.handed_over = true;
+    shutdown(lp, m, "upgraded");
+}
+
+/// The new master exited: before it was ready, that is the rollback.
+fn successor_exited(
+    lp: &mut Loop<Master>,
+    m: &mut Master,
+    pid: libc::pid_t,
+    status: crate::Result<ExitStatus>,
+) {
+    let Some(upgrade) = m.upgrade.take_if(|u| u.pid == pid) else {
+        return; // it took over, and this master is on its way out
+    };
+    lp.cancel(upgrade.report);
+    lp.cancel(upgrade.deadline);
+    let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+    if m.shutting_down() {
+        return log::info!("the new master {pid} exited ({status})");
+    }
+    // Before the log line, which says it is done.
+    restore_pid_file(m);
+    log::error!(
+        "USR2: the new master {pid} exited before it was ready ({status}); \
+         rolling back: this master serves on"
+    );
+    m.notify.ready(&format!(
+        "upgrade failed (new master {pid}: {status}); {}",
+        serving_status(m)
+    ));
+}
+
+/// In a master an upgrade started, once every worker is ready: tells the old master,
+/// which then hands over.
+fn tell_old_master(mut report: UnixStream) {
+    match report.write_all(&[UPGRADED]) {
+        Ok(()) => log::info!("upgrade: every worker is ready; the old master hands over"),
+        // The old master is gone: this one serves, as it would have anyway.
+        Err(e) => log::warn!("upgrade: telling the old master: {e}"),
+    }
+}
+
+/// WINCH: retire every worker and keep the master (nginx's meaning: after an upgrade,
+/// the old master's workers stop while it stays to roll back to); HUP brings them back.
+/// Ignored on a terminal, where resizing the window sends it.
+fn retire_all(lp: &mut Loop<Master>, m: &mut Master) {
+    if std::io::stdin().is_terminal() || std::io::stderr().is_terminal() {
+        return log::info!("WINCH ignored: the master runs on a terminal (a resize sends it)");
+    }
+    if m.shutting_down() || m.target == 0 {
+        return;
+    }
+    log::info!("WINCH: retiring every worker; HUP brings {} back", m.target);
+    m.winched = Some(m.target);
+    m.target = 0;
+    let slots: Vec<Slot> = m.workers.keys().copied().collect();
+    for slot in slots {
+        retire(lp, m, slot);
+    }
+    report(m);
+}
+
+/// The pid file's name while an upgrade's new master runs beside the old one.
+fn oldbin(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".oldbin");
+    PathBuf::from(name)
+}
+
+/// The upgrade did not happen: the pid file names this master again.
+fn restore_pid_file(m: &Master) {
+    if let Some(path) = &m.config.pid_file {
+        if let Err(e) = std::fs::rename(oldbin(path), path) {
+            log::error!("restoring the pid file {}: {e}", path.display());
+        }
+    }
+}
+
+/// Removes the pid file at `path` if it names this process.
+fn remove_pid_file(path: &Path) {
+    let ours = std::fs::read_to_string(path)
+        .is_ok_and(|text| text.trim().parse::<u32>() == Ok(std::process::id()));
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Writes the pid file atomically; refuses one that names a live process.

@@ -56,10 +56,19 @@
 //!   watches it; `SIGTERM` makes [`WorkerContext::drain`] readable. Readiness is
 //!   bookkeeping, not routing: a worker that has not said ready still gets connections
 //!   from the shared listeners if it accepts them.
-//! - Signals to the master: `TERM`/`INT` drain every worker and exit once all are gone
-//!   (a second one kills them at once); `HUP` forks a replacement for every worker, and
-//!   drains each old one only once its replacement is ready; `TTIN`/`TTOU` add or
-//!   retire a worker (never below one); `USR1` is forwarded to every worker.
+//! - Signals to the master: `TERM`/`INT`/`QUIT` drain every worker and exit once all
+//!   are gone (a second one kills them at once); `HUP` forks a replacement for every
+//!   worker, and drains each old one only once its replacement is ready; `USR2`
+//!   upgrades the binary (below); `WINCH` retires every worker and keeps the master
+//!   until a `HUP` (ignored on a terminal, where a resize sends it); `TTIN`/`TTOU` add
+//!   or retire a worker (never below one); `USR1` is forwarded to every worker.
+//! - Binary upgrade (`USR2`): the master execs the binary at the path it was started
+//!   from (a new build, if it was replaced) with the same arguments, handing it the
+//!   sockets of its `listen` values (not those of [`Supervisor::listener`], which are
+//!   the app's to pass on) through the exec as socket activation does; the pid file is
+//!   `PATH.oldbin` meanwhile. Once every worker of the new master is ready, the old
+//!   master tells systemd (`MAINPID=`) and drains; if the new one exits first, or is
+//!   not ready within [`Config::upgrade_timeout`], the old one serves on.
 //! - A worker that asks to be recycled ([`MasterLink::recycle`]) is replaced the way
 //!   `HUP` replaces it.
 //! - A draining worker still running after `graceful_timeout` is killed.
@@ -134,6 +143,7 @@ mod activation;
 mod listener;
 mod master;
 mod notify;
+mod upgrade;
 mod worker;
 
 use std::path::PathBuf;
@@ -176,6 +186,9 @@ pub struct Config {
     /// (5; at least 1). While some worker serves, a failed start is a failed reload:
     /// the count starts again instead, and the serving workers go on.
     pub startup_budget: u32,
+    /// How long the new master of a binary upgrade (`USR2`) has to get every worker
+    /// ready; later, it is stopped and the old master serves on (60 s).
+    pub upgrade_timeout: Duration,
 }
 
 impl Default for Config {
@@ -190,6 +203,7 @@ impl Default for Config {
             max_requests_jitter: 0,
             pid_file: None,
             startup_budget: 5,
+            upgrade_timeout: Duration::from_secs(60),
         }
     }
 }

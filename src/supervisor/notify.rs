@@ -76,6 +76,20 @@ impl Notifier {
         ));
     }
 
+    /// `MAINPID=` and `READY=1`: an upgrade's new master took over, and the service
+    /// manager is to follow it (sent by the old master, still the main process then, so
+    /// that `NotifyAccess=main` lets it through).
+    pub fn main_pid(&mut self, pid: libc::pid_t, status: &str) {
+        self.status = status.to_owned();
+        self.send(&format!("MAINPID={pid}\nREADY=1\nSTATUS={status}"));
+    }
+
+    /// Records `status` as the line the service manager shows, without sending it: an
+    /// upgrade's new master, whose first word the old master sends for it.
+    pub fn shown(&mut self, status: &str) {
+        self.status = status.to_owned();
+    }
+
     /// `STOPPING=1`: the shutdown began.
     pub fn stopping(&mut self, status: &str) {
         self.status = status.to_owned();

@@ -79,6 +79,11 @@ impl Load {
         });
     }
 
+    /// The answers the clients have had so far.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::SeqCst)
+    }
+
     /// Stops the clients and adds up what they saw.
     pub fn finish(self) -> Report {
         self.stop.store(true, Ordering::SeqCst);

@@ -419,3 +419,25 @@ pub fn get_unix(socket: &std::path::Path, path: &str) -> (u16, String) {
     let _ = stream.read_to_end(&mut out);
     parse(&String::from_utf8_lossy(&out))
 }
+
+/// A directory of the test's own, removed when it ends.
+pub struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    pub fn new(test: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("forkloop-test-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
