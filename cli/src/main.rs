@@ -51,7 +51,24 @@ struct Cli {
 enum Command {
     /// Serve HTTP/1.1 with a master and forked workers.
     #[command(after_help = SIGNALS)]
-    Serve(Serve),
+    Serve(Box<Serve>),
+    /// Show a running master's workers: pid, slot, state, age, requests served,
+    /// resident memory and last heartbeat.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("master").required(true).args(["pid_file", "control_socket"])))]
+struct StatusArgs {
+    /// The master's pid file (its control socket is PATH.ctl).
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// The master's control socket (serve --control-socket).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -103,6 +120,14 @@ struct Serve {
     /// Write the master's pid here (refused if it names a live process).
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
+    /// Answer `forkloop status` on this Unix socket [default: PID_FILE.ctl, with
+    /// --pid-file].
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Recycle a worker whose resident memory stays above this (through the same
+    /// overlap as HUP; Linux).
+    #[arg(long, value_name = "BYTES")]
+    max_worker_memory: Option<u64>,
     /// Log every request here; reopened on SIGUSR1.
     #[arg(long, value_name = "PATH")]
     access_log: Option<PathBuf>,
@@ -136,6 +161,9 @@ enum App {
     /// The built-in app, plus `GET /env?name=NAME`: the worker's value of the
     /// environment variable NAME (404 when unset).
     Environment,
+    /// The built-in app, plus `GET /grow?mb=N`: the worker allocates N MiB, touches
+    /// it, and never frees it.
+    Leaky,
 }
 
 fn parse_kind(s: &str) -> Result<Kind, String> {
@@ -149,6 +177,82 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s}: {e}"))
+}
+
+/// `PATH.ctl`: the control socket beside a pid file.
+fn control_socket_of(pid_file: &std::path::Path) -> PathBuf {
+    let mut path = pid_file.as_os_str().to_owned();
+    path.push(".ctl");
+    PathBuf::from(path)
+}
+
+/// `forkloop status`: prints the master's view; the exit status.
+fn status(args: &StatusArgs) -> i32 {
+    let socket = args.control_socket.clone().or_else(|| {
+        let pid_file = args.pid_file.as_deref()?;
+        Some(control_socket_of(pid_file))
+    });
+    let Some(socket) = socket else {
+        eprintln!("forkloop status: give --pid-file or --control-socket");
+        return 2;
+    };
+    let status = match forkloop::supervisor::Status::query(&socket) {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("forkloop status: {e}");
+            return 1;
+        }
+    };
+    let out = if args.json {
+        status_json(&status)
+    } else {
+        status_table(&status)
+    };
+    print!("{out}");
+    0
+}
+
+fn status_table(status: &forkloop::supervisor::Status) -> String {
+    let mut out = format!("master {}\n", status.master);
+    out += "PID      SLOT  STATE     AGE        REQUESTS  RSS        LAST HEARD\n";
+    let dash = || "-".to_owned();
+    for w in &status.workers {
+        let served = w.served.map_or_else(dash, |n| n.to_string());
+        let rss = w
+            .rss
+            .map_or_else(dash, |b| format!("{:.1} MiB", b as f64 / 1048576.0));
+        out += &format!(
+            "{:<8} {:<5} {:<9} {:<10} {:<9} {:<10} {:.1} s ago\n",
+            w.pid,
+            w.slot,
+            w.state.name(),
+            format!("{:.1} s", w.age.as_secs_f64()),
+            served,
+            rss,
+            w.last_heard.as_secs_f64()
+        );
+    }
+    out
+}
+
+fn status_json(status: &forkloop::supervisor::Status) -> String {
+    let workers: Vec<serde_json::Value> = status
+        .workers
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "pid": w.pid,
+                "slot": w.slot,
+                "state": w.state.name(),
+                "age_seconds": w.age.as_secs_f64(),
+                "requests": w.served,
+                "rss_bytes": w.rss,
+                "last_heard_seconds_ago": w.last_heard.as_secs_f64(),
+            })
+        })
+        .collect();
+    let view = serde_json::json!({ "master": status.master, "workers": workers });
+    format!("{view:#}\n")
 }
 
 /// A response with `status`, `body` and one header.
@@ -245,6 +349,19 @@ fn hostile(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
     responder.send(lp, response);
 }
 
+/// `--app leaky`: memory a worker never gives back.
+fn leaky(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
+    if request.uri().path() != "/grow" {
+        return hello(lp, request, responder);
+    }
+    let Some(mb) = query(&request, "mb").and_then(|mb| mb.parse::<usize>().ok()) else {
+        return responder.send(lp, text(StatusCode::BAD_REQUEST, "usage: /grow?mb=N\n"));
+    };
+    // Touched, so that it is resident; leaked, so that it stays.
+    Vec::leak(vec![1u8; mb << 20]);
+    responder.send(lp, text(StatusCode::OK, format!("grew {mb} MiB\n")));
+}
+
 /// `--app environment`: what a worker's environment holds.
 fn environment(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
     if request.uri().path() != "/env" {
@@ -270,7 +387,10 @@ fn main() {
             )
         })
         .init();
-    let Command::Serve(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::Status(args) => std::process::exit(status(&args)),
+    };
     let mut config = Config::default();
     let supervisor = &mut config.supervisor;
     supervisor.listen = args.listen;
@@ -283,7 +403,11 @@ fn main() {
     supervisor.upgrade_timeout = args.upgrade_timeout;
     supervisor.max_requests = args.max_requests;
     supervisor.max_requests_jitter = args.max_requests_jitter;
+    supervisor.control_socket = args
+        .control_socket
+        .or_else(|| args.pid_file.as_deref().map(control_socket_of));
     supervisor.pid_file = args.pid_file;
+    supervisor.max_worker_memory = args.max_worker_memory;
     config.header_timeout = args.header_timeout;
     config.body_timeout = args.body_timeout;
     config.keepalive_timeout = args.keepalive_timeout;
@@ -300,6 +424,7 @@ fn main() {
             }),
         App::HostileResponses => Server::new(config, hostile),
         App::Environment => Server::new(config, environment),
+        App::Leaky => Server::new(config, leaky),
         App::LoggingThread => {
             static STARTED: std::sync::Once = std::sync::Once::new();
             Server::new(config, hello)

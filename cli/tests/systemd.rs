@@ -189,6 +189,14 @@ fn an_upgrade_hands_systemd_the_new_main_pid_from_the_old_master() {
         .unwrap();
     assert!(notes.receive().is_err(), "a datagram after the hand-over");
     assert_eq!(get(&server.addr, "/").0, 200, "the new master serves");
+    // The control socket is the new master's too (the old one's went with it).
+    let status = Command::new(binary())
+        .args(["status", "--json", "--pid-file", pid_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["master"], new_master);
+    assert!(!scratch.path("forkloop.pid.ctl.oldbin").exists());
     // SAFETY: kill has no memory-safety preconditions; the test started this master.
     unsafe { libc::kill(new_master, libc::SIGTERM) };
     eventually("the new master exiting", || !running(new_master));

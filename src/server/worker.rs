@@ -733,6 +733,10 @@ fn serve(
         lp.stop(1);
     })?;
     link.beat_on(lp)?;
+    // For the master's status view: the requests served, as often as the heartbeat.
+    lp.every(link.heartbeat_interval(), |_, w| {
+        let _ = w.link.report_served(w.served);
+    })?;
     for listener in listeners {
         let io = lp.watch_io(listener, Interest::READ, |lp, w, listener, _| {
             accept(lp, w, listener, ACCEPT_BATCH)

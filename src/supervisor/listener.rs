@@ -201,7 +201,7 @@ fn bind_tcp(address: &str) -> io::Result<TcpListener> {
 /// Binds a Unix socket at `path`. A socket file no server answers on (left by a dead
 /// one) is replaced; anything else at `path` — a live socket, a regular file, a
 /// directory, a symlink — is an error naming it, and is never removed.
-fn bind_unix(path: PathBuf) -> io::Result<UnixListener> {
+pub(super) fn bind_unix(path: PathBuf) -> io::Result<UnixListener> {
     match std::fs::symlink_metadata(&path) {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(io::Error::new(

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use super::listener::Bound;
 use super::notify::{self, Notifier};
+use super::status::{rss_bytes, Status, WorkerState as State, WorkerStatus};
 use super::upgrade::{self, Exe, UPGRADED};
-use super::worker::{become_worker, Birth, HEARTBEAT, READY, RECYCLE};
+use super::worker::{become_worker, Birth, COUNT_BYTES, HEARTBEAT, READY, RECYCLE, SERVED};
 use super::{activation, Config, ExitHook, ForkHook, Supervisor, WorkerFn};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -73,13 +74,6 @@ const MIN_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(200);
 /// A second TERM/INT kills the workers only this long after the first.
 const SECOND_SIGNAL: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum State {
-    Starting,
-    Ready,
-    Draining,
-}
-
 /// A worker's number, never reused in the master's life: it names the worker in the
 /// master's tables and in everything the master does later (timers, replacements). A
 /// pid only names a worker until it is reaped; the kernel may then give it to any new
@@ -101,6 +95,12 @@ struct WorkerInfo {
     /// The master sent it SIGKILL: what it still sends is ignored, and it is not
     /// killed again.
     killed: bool,
+    /// The requests it says it served in all (`MasterLink::report_served`).
+    served: Option<u64>,
+    /// A count being read: its value so far, and how many of its bytes came.
+    counting: Option<(u64, usize)>,
+    /// Heartbeat checks in a row that found it above `max_worker_memory`.
+    over_memory: u32,
 }
 
 /// A HUP's rolling restart, from its `RELOADING=1` to its `READY=1`.
@@ -161,6 +161,8 @@ struct Master {
     handed_over: bool,
     /// The worker count before a WINCH retired them all.
     winched: Option<usize>,
+    /// Where the control socket's file is now (its `.oldbin` name during an upgrade).
+    control_path: Option<PathBuf>,
 }
 
 pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
@@ -184,6 +186,14 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
     if config.startup_budget == 0 {
         return Err(SupervisorError::Config(
             "startup_budget must be at least 1".into(),
+        ));
+    }
+    if config.max_worker_memory.is_some() && rss_bytes(std::process::id() as libc::pid_t).is_none()
+    {
+        return Err(SupervisorError::Config(
+            "max_worker_memory (--max-worker-memory) needs each process's resident size \
+             from /proc/<pid>/statm, which this system does not have"
+                .into(),
         ));
     }
     let mut lp: Loop<Master> = config.backend.map_or_else(Loop::new, Loop::with_backend)?;
@@ -213,6 +223,7 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         handed_over: false,
         winched: None,
         report_to: None,
+        control_path: None,
     };
     // Signals first: one that arrives from here on is dispatched, not lost — and never
     // kills a master that already wrote its pid file.
@@ -265,7 +276,17 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
             return Err(e);
         }
     }
+    if let Err(e) = listen_for_status(&mut lp, &mut master) {
+        unlink_sockets(&master);
+        if let Some(path) = &pid_file {
+            remove_pid_file(path);
+        }
+        return Err(e);
+    }
     let result = supervise(&mut lp, &mut master);
+    if let Some(path) = &master.control_path {
+        let _ = std::fs::remove_file(path);
+    }
     unlink_sockets(&master);
     if let Some(path) = &pid_file {
         // Each only if it still names this master: after an upgrade the pid file is the
@@ -440,6 +461,9 @@ fn spawn(
             last_heard: now,
             replaces,
             killed: false,
+            served: None,
+            counting: None,
+            over_memory: 0,
         },
     );
     log::debug!("worker {slot} forked: pid {pid}");
@@ -491,7 +515,24 @@ fn worker_message(lp: &mut Loop<Master>, m: &mut Master, slot: Slot, mut pipe: &
         Err(_) => return,
     };
     for &message in &buf[..n] {
+        let Some(w) = m.workers.get_mut(&slot) else {
+            return;
+        };
+        if message & 0x80 != 0 {
+            // A byte of a count; one that follows no `SERVED` is dropped.
+            if let Some((value, read)) = w.counting.take() {
+                let value = value | u64::from(message & 0x7f) << (7 * read);
+                match read + 1 {
+                    COUNT_BYTES => w.served = Some(value),
+                    read => w.counting = Some((value, read)),
+                }
+            }
+            continue;
+        }
+        // Any other message ends a count cut short.
+        w.counting = None;
         match message {
+            SERVED => w.counting = Some((0, 0)),
             READY => worker_ready(lp, m, slot),
             HEARTBEAT => {}
             RECYCLE => {
@@ -913,6 +954,7 @@ fn fewer_workers(lp: &mut Loop<Master>, m: &mut Master) {
 /// Kills a worker silent for longer than the heartbeat timeout, or not ready within
 /// it; its exit is then handled like a crash.
 fn check_heartbeats(lp: &mut Loop<Master>, m: &mut Master) {
+    check_memory(lp, m);
     let (now, timeout) = (lp.now(), m.config.heartbeat_timeout);
     kill_workers(m, |slot, w| {
         let quiet = now.saturating_duration_since(w.last_heard) > timeout;
@@ -933,6 +975,35 @@ fn check_heartbeats(lp: &mut Loop<Master>, m: &mut Master) {
     });
 }
 
+/// Recycles, through the overlap of HUP, a serving worker whose resident memory was
+/// above `max_worker_memory` at this check and the one before.
+fn check_memory(lp: &mut Loop<Master>, m: &mut Master) {
+    let Some(limit) = m.config.max_worker_memory else {
+        return;
+    };
+    let mut over = Vec::new();
+    for (&slot, w) in &mut m.workers {
+        let rss = (w.state == State::Ready)
+            .then(|| rss_bytes(w.pid))
+            .flatten();
+        match rss.filter(|&rss| rss > limit) {
+            Some(rss) => {
+                w.over_memory += 1;
+                if w.over_memory == 2 {
+                    over.push((slot, rss));
+                }
+            }
+            None => w.over_memory = 0,
+        }
+    }
+    for (slot, rss) in over {
+        let why = format!("uses {} MiB, above max_worker_memory", rss >> 20);
+        if let Err(e) = replace(lp, m, slot, &why) {
+            log::error!("forking a replacement for a worker that {why}: {e}");
+        }
+    }
+}
+
 /// USR2: exec this binary again (a new build, if the file was replaced) as a new
 /// master on the same sockets; it takes over once all its workers are ready, and
 /// this one serves on until then, and for good if the new one fails.
@@ -951,11 +1022,9 @@ fn begin_upgrade(lp: &mut Loop<Master>, m: &mut Master) {
         Err(e) => return log::error!("USR2: cannot upgrade: this binary's path is unknown: {e}"),
     };
     // nginx's convention: the old master's pid file is `<pid file>.oldbin` while both
-    // run, and the new master writes its own.
-    if let Some(path) = &m.config.pid_file {
-        if let Err(e) = std::fs::rename(path, oldbin(path)) {
-            return log::error!("USR2: cannot upgrade: renaming {}: {e}", path.display());
-        }
+    // run, and the new master writes its own; so for the control socket.
+    if let Err(e) = set_aside(&m.config, &mut m.control_path) {
+        return log::error!("USR2: cannot upgrade: {e}");
     }
     let sockets: Vec<_> = m.listeners[m.handed_in..]
         .iter()
@@ -966,7 +1035,7 @@ fn begin_upgrade(lp: &mut Loop<Master>, m: &mut Master) {
         Ok(successor) => successor,
         Err(e) => {
             log::error!("USR2: cannot start {}: {e}", path.display());
-            return restore_pid_file(m);
+            return restore(m);
         }
     };
     let pid = successor.pid;
@@ -989,7 +1058,7 @@ fn begin_upgrade(lp: &mut Loop<Master>, m: &mut Master) {
             // Without its watches it could take over unseen: it goes.
             log::error!("USR2: watching the new master {pid}: {e}; stopping it");
             kill(pid, Signal::SIGKILL);
-            return restore_pid_file(m);
+            return restore(m);
         }
     };
     let timeout = m.config.upgrade_timeout;
@@ -1071,7 +1140,7 @@ fn successor_exited(
         return log::info!("the new master {pid} exited ({status})");
     }
     // Before the log line, which says it is done.
-    restore_pid_file(m);
+    restore(m);
     log::error!(
         "USR2: the new master {pid} exited before it was ready ({status}); \
          rolling back: this master serves on"
@@ -1119,12 +1188,89 @@ fn oldbin(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The upgrade did not happen: the pid file names this master again.
-fn restore_pid_file(m: &Master) {
+/// An upgrade begins: the pid file and the control socket take their `.oldbin` names,
+/// and leave theirs to the new master. All or nothing.
+fn set_aside(config: &Config, control_path: &mut Option<PathBuf>) -> Result<(), String> {
+    if let Some(path) = &config.pid_file {
+        std::fs::rename(path, oldbin(path))
+            .map_err(|e| format!("renaming {}: {e}", path.display()))?;
+    }
+    if let Some(path) = control_path.take() {
+        if let Err(e) = std::fs::rename(&path, oldbin(&path)) {
+            if let Some(pid_file) = &config.pid_file {
+                let _ = std::fs::rename(oldbin(pid_file), pid_file);
+            }
+            *control_path = Some(path.clone());
+            return Err(format!("renaming {}: {e}", path.display()));
+        }
+        *control_path = Some(oldbin(&path));
+    }
+    Ok(())
+}
+
+/// The upgrade did not happen: the pid file and the control socket are this master's
+/// again.
+fn restore(m: &mut Master) {
     if let Some(path) = &m.config.pid_file {
         if let Err(e) = std::fs::rename(oldbin(path), path) {
             log::error!("restoring the pid file {}: {e}", path.display());
         }
+    }
+    if let (Some(now), Some(path)) = (&m.control_path, &m.config.control_socket) {
+        match std::fs::rename(now, path) {
+            Ok(()) => m.control_path = Some(path.clone()),
+            Err(e) => log::error!("restoring the control socket {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Binds the control socket, if configured, and answers each connection with the
+/// status view.
+fn listen_for_status(lp: &mut Loop<Master>, m: &mut Master) -> Result<(), SupervisorError> {
+    let Some(path) = m.config.control_socket.clone() else {
+        return Ok(());
+    };
+    let error = |source| SupervisorError::Bind {
+        address: format!("unix:{} (the control socket)", path.display()),
+        source,
+    };
+    let listener = super::listener::bind_unix(path.clone()).map_err(error)?;
+    listener.set_nonblocking(true).map_err(error)?;
+    m.control_path = Some(path);
+    lp.watch_io(listener, Interest::READ, |lp, m, listener, _| {
+        // Each asker gets the view and the close; it is small, so one write takes it.
+        while let Ok((mut asker, _)) = listener.accept() {
+            let view = status(lp, m).encode();
+            let _ = asker.set_nonblocking(true);
+            if let Err(e) = asker.write_all(view.as_bytes()) {
+                log::debug!("control socket: {e}");
+            }
+        }
+    })
+    .map_err(|e| SupervisorError::Loop(e.error))?;
+    Ok(())
+}
+
+/// What the master knows of its workers, by slot.
+fn status(lp: &Loop<Master>, m: &Master) -> Status {
+    let now = lp.now();
+    let mut workers: Vec<WorkerStatus> = m
+        .workers
+        .iter()
+        .map(|(&slot, w)| WorkerStatus {
+            pid: w.pid,
+            slot,
+            state: w.state,
+            age: now.saturating_duration_since(w.started),
+            served: w.served,
+            rss: rss_bytes(w.pid),
+            last_heard: now.saturating_duration_since(w.last_heard),
+        })
+        .collect();
+    workers.sort_by_key(|w| w.slot);
+    Status {
+        master: std::process::id() as libc::pid_t,
+        workers,
     }
 }
 

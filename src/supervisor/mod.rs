@@ -114,13 +114,16 @@
 //! 3. When [`WorkerContext::drain`] becomes readable: stop accepting, finish what is in
 //!    flight, and return (0) within the graceful timeout.
 //! 4. Optionally, count its work and call [`MasterLink::recycle`] at
-//!    [`WorkerContext::max_requests`].
+//!    [`WorkerContext::max_requests`], and [`MasterLink::report_served`] with the
+//!    count now and then, for the status view ([`Status`]).
 //!
 //! # The protocol, for a worker in any runtime
 //!
 //! The link is a Unix stream socket (one per worker). The worker writes one byte per
-//! message: `R` (ready), `H` (heartbeat), `M` (recycle); the master reads them all and
-//! counts any byte as a sign of life. The master writes nothing; its end closes when it
+//! message: `R` (ready), `H` (heartbeat), `M` (recycle), but for `S` (the requests
+//! served in all), which ten bytes follow with the high bit set, each 7 bits of the
+//! count, least significant first; the master reads them all and counts any byte as a
+//! sign of life, and drops a count that another message cuts short. The master writes nothing; its end closes when it
 //! dies, which makes the link readable at EOF. The master drains a worker with
 //! `SIGTERM`, and kills it with `SIGKILL` (heartbeat missed, graceful timeout over, or
 //! a second `TERM` to the master).
@@ -143,6 +146,7 @@ mod activation;
 mod listener;
 mod master;
 mod notify;
+mod status;
 mod upgrade;
 mod worker;
 
@@ -151,6 +155,7 @@ use std::time::Duration;
 
 pub use listener::Listener;
 pub use master::SupervisorError;
+pub use status::{Status, WorkerState, WorkerStatus};
 pub use worker::{Drain, MasterLink, WorkerContext};
 
 use crate::Kind;
@@ -189,6 +194,13 @@ pub struct Config {
     /// How long the new master of a binary upgrade (`USR2`) has to get every worker
     /// ready; later, it is stopped and the old master serves on (60 s).
     pub upgrade_timeout: Duration,
+    /// A worker whose resident memory stays above this many bytes (two heartbeat
+    /// checks in a row) is recycled, through the overlap of `HUP`: uWSGI's
+    /// `reload-on-rss`. Linux only (`/proc`): elsewhere a configuration error.
+    pub max_worker_memory: Option<u64>,
+    /// A Unix socket where the master answers with its [`Status`] (`forkloop status`).
+    /// A stale socket file is replaced; the file is removed at exit.
+    pub control_socket: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -204,6 +216,8 @@ impl Default for Config {
             pid_file: None,
             startup_budget: 5,
             upgrade_timeout: Duration::from_secs(60),
+            max_worker_memory: None,
+            control_socket: None,
         }
     }
 }

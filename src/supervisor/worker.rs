@@ -14,10 +14,16 @@ use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal
 use super::Listener;
 use crate::{Loop, Timer};
 
-/// The messages of the link, worker to master, one byte each.
+/// The messages of the link, worker to master, one byte each but for `SERVED`.
 pub(crate) const READY: u8 = b'R';
 pub(crate) const HEARTBEAT: u8 = b'H';
 pub(crate) const RECYCLE: u8 = b'M';
+/// Followed by [`COUNT_BYTES`] bytes with the high bit set, 7 bits of the count each
+/// (least significant first). The other messages are ASCII, so a count cut short (a
+/// partial write, another thread's message in between) is seen as such and dropped,
+/// and the next one is read whole.
+pub(crate) const SERVED: u8 = b'S';
+pub(crate) const COUNT_BYTES: usize = 10;
 
 /// What a worker process gets from its supervisor: the app's `FnOnce(WorkerContext) ->
 /// i32` runs with it in the forked child, and its return value is the child's exit
@@ -41,7 +47,7 @@ pub struct WorkerContext {
 }
 
 /// The worker's end of its link to the master, a Unix stream socket. Clone it into any
-/// thread or task: it is `Send + Sync`, and each message is one byte, written whole.
+/// thread or task: it is `Send + Sync`, and each message is one write.
 /// Writes never block: if the master has not read the link for a few hundred
 /// messages, the next one is dropped.
 ///
@@ -83,6 +89,18 @@ impl MasterLink {
         self.send(RECYCLE)
     }
 
+    /// Tells the master how many requests (or jobs) this worker has served in all, for
+    /// its status view (`forkloop status`); send it now and then, with a heartbeat.
+    /// Like every message, it is dropped if the link is full.
+    pub fn report_served(&self, total: u64) -> io::Result<()> {
+        let mut message = [0u8; 1 + COUNT_BYTES];
+        message[0] = SERVED;
+        for (i, byte) in message[1..].iter_mut().enumerate() {
+            *byte = 0x80 | ((total >> (7 * i)) & 0x7f) as u8;
+        }
+        self.write(&message)
+    }
+
     /// How often to beat: a quarter of the master's heartbeat timeout.
     pub fn heartbeat_interval(&self) -> Duration {
         self.heartbeat_interval
@@ -99,11 +117,16 @@ impl MasterLink {
     }
 
     fn send(&self, message: u8) -> io::Result<()> {
+        self.write(&[message])
+    }
+
+    fn write(&self, message: &[u8]) -> io::Result<()> {
         // Non-blocking: a master that stopped reading (stopped, or stuck in a hook)
         // must not stall the worker. A full buffer already holds a few hundred
         // messages the master has not read; this one is dropped, which costs nothing
-        // for a heartbeat or a repeated ready or recycle.
-        match (&*self.socket).write(&[message]) {
+        // for a heartbeat, a repeated ready or recycle, or a count (the next one says
+        // more).
+        match (&*self.socket).write(message) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             other => other.map(drop),
         }
