@@ -116,7 +116,7 @@ fn upgrade_under_load(reuse: Reuse) {
     });
     let answering = sent.elapsed();
     let status = server.wait_exit();
-    let gone = sent.elapsed();
+    let gone = server.exited_at.expect("exited") - sent;
     assert!(status.success(), "the old master exited with {status}");
     eventually("no worker of the old master left", || {
         old_workers.iter().all(|&pid| !running(pid))

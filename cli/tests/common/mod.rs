@@ -19,6 +19,8 @@ pub struct Server {
     pub pid: libc::pid_t,
     lines: Receiver<String>,
     pub log: Vec<String>,
+    /// When [`Server::wait_exit`] saw the master's exit.
+    pub exited_at: Option<Instant>,
 }
 
 /// Starts `forkloop serve` on an ephemeral port with `args`, and waits for its ready line.
@@ -114,6 +116,7 @@ pub fn spawn_command(mut cmd: Command) -> Server {
         pid,
         lines,
         log: Vec::new(),
+        exited_at: None,
     }
 }
 
@@ -190,6 +193,7 @@ impl Server {
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 self.child = None;
+                self.exited_at = Some(Instant::now());
                 while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
                     self.log.push(line);
                 }
