@@ -25,10 +25,11 @@ Signals to the master:
               exits or is not ready within --upgrade-timeout, this one serves on.
               The pid file is PID_FILE.oldbin meanwhile.
   WINCH       retire every worker, keep the master (HUP brings them back).
-              Ignored when the master runs on a terminal (a resize sends it).
+              Ignored in the foreground of a terminal (a resize sends it).
   TTIN, TTOU  one worker more / one fewer (never below 1).
   USR1        workers reopen the access log.
-Workers ignore INT: Ctrl-C on the process group reaches only the master.
+Workers ignore INT and QUIT: Ctrl-C and Ctrl-\\ on the process group reach only
+the master.
 
 Under systemd (see the README's sample units): with NOTIFY_SOCKET set (Type=notify),
 the master sends READY=1, RELOADING=1 at HUP and READY=1 once it is done,
@@ -179,18 +180,11 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s}: {e}"))
 }
 
-/// `PATH.ctl`: the control socket beside a pid file.
-fn control_socket_of(pid_file: &std::path::Path) -> PathBuf {
-    let mut path = pid_file.as_os_str().to_owned();
-    path.push(".ctl");
-    PathBuf::from(path)
-}
-
 /// `forkloop status`: prints the master's view; the exit status.
 fn status(args: &StatusArgs) -> i32 {
     let socket = args.control_socket.clone().or_else(|| {
         let pid_file = args.pid_file.as_deref()?;
-        Some(control_socket_of(pid_file))
+        Some(forkloop::supervisor::Status::beside(pid_file))
     });
     let Some(socket) = socket else {
         eprintln!("forkloop status: give --pid-file or --control-socket");
@@ -403,9 +397,7 @@ fn main() {
     supervisor.upgrade_timeout = args.upgrade_timeout;
     supervisor.max_requests = args.max_requests;
     supervisor.max_requests_jitter = args.max_requests_jitter;
-    supervisor.control_socket = args
-        .control_socket
-        .or_else(|| args.pid_file.as_deref().map(control_socket_of));
+    supervisor.control_socket = args.control_socket;
     supervisor.pid_file = args.pid_file;
     supervisor.max_worker_memory = args.max_worker_memory;
     config.header_timeout = args.header_timeout;

@@ -484,6 +484,101 @@ fn an_upgrade_of_an_activated_master_keeps_the_sockets_systemds() {
     UnixStream::connect(&unix_path).expect("the Unix socket takes connections");
 }
 
+/// A copy of `forkloop` in `scratch`, to start a master from and replace later.
+fn deployed(scratch: &Scratch) -> PathBuf {
+    let app = scratch.path("forkloop");
+    std::fs::copy(binary(), &app).unwrap();
+    app
+}
+
+/// Puts `script` (a shell script) where `app` is, as a deploy does.
+fn replace_with_script(app: &std::path::Path, script: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let new = app.with_extension("new");
+    std::fs::write(&new, script).unwrap();
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&new, app).unwrap();
+}
+
+/// A new build that is a real forkloop master which gives up at start (its workers
+/// crash): its shutdown must leave the shared sockets as the old master has them (no
+/// drop filter, no unlinked file), and it must say nothing to systemd, not being the
+/// main process; the old master serves on, new connections too.
+#[test]
+fn a_new_master_that_gives_up_leaves_the_sockets_and_systemd_to_the_old_one() {
+    let scratch = Scratch::new("upgrade-gives-up");
+    let notes = Notifications::bind(&scratch);
+    let app = deployed(&scratch);
+    let unix = scratch.path("web.sock");
+    let unix_listen = format!("unix:{}", unix.display());
+    let mut cmd = Command::new(&app);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--listen", &unix_listen])
+        .args(["--workers", "1"])
+        .env("NOTIFY_SOCKET", &notes.path);
+    let server = spawn_command(cmd);
+    notes.wait_for(&server, "READY=1");
+    let mut server = wait_ready(server);
+    let real = binary().into_string().unwrap();
+    replace_with_script(
+        &app,
+        &format!("#!/bin/sh\nexec '{real}' \"$@\" --app crash-at-start\n"),
+    );
+    server.signal(libc::SIGUSR2);
+    // Every datagram until the rollback's READY=1 comes from the old master.
+    let failed = notes.wait_for(&server, "READY=1");
+    assert!(
+        field(&failed, "STATUS=").starts_with("upgrade failed"),
+        "{failed:?}"
+    );
+    server.wait_for("rolling back: this master serves on");
+    // New connections, on both sockets.
+    let tcp = TcpStream::connect_timeout(&server.addr.parse().unwrap(), LIMIT);
+    drop(tcp.expect("the TCP socket takes new connections"));
+    assert_eq!(get(&server.addr, "/").0, 200);
+    assert!(
+        unix.exists(),
+        "the new master removed the Unix socket's file"
+    );
+    assert_eq!(get_unix(&unix, "/").0, 200);
+}
+
+/// After an upgrade, the new master pings the watchdog (systemd's `WATCHDOG_PID`
+/// named the old one).
+#[test]
+fn after_an_upgrade_the_new_master_pings_the_watchdog() {
+    let scratch = Scratch::new("upgrade-watchdog");
+    let notes = Notifications::bind(&scratch);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" serve --listen 127.0.0.1:0 --workers 1")
+        .arg(binary())
+        .env("NOTIFY_SOCKET", &notes.path)
+        .env("WATCHDOG_USEC", "200000");
+    let server = spawn_command(cmd);
+    notes.wait_for(&server, "WATCHDOG=1");
+    let mut server = wait_ready(server);
+    server.signal(libc::SIGUSR2);
+    let handed = notes.wait_for(&server, "MAINPID=");
+    let new_master: libc::pid_t = field(&handed, "MAINPID=").parse().unwrap();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no WATCHDOG=1 from the new master"
+        );
+        notes.socket.set_read_timeout(Some(LIMIT)).unwrap();
+        match notes.receive() {
+            Ok((text, sender)) if sender == new_master && text.contains("WATCHDOG=1") => break,
+            Ok(_) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(server.wait_exit().success());
+    // SAFETY: kill has no memory-safety preconditions; the test started this master.
+    unsafe { libc::kill(new_master, libc::SIGTERM) };
+    eventually("the new master exiting", || !running(new_master));
+}
+
 fn refuses(cmd: Command, why: &str) {
     let mut server = spawn_command(cmd);
     let status = server.wait_exit();

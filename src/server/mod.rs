@@ -77,7 +77,9 @@ pub enum BodyMode {
 ///
 /// ```no_run
 /// use forkloop::server::http::{request::Parts, Method, StatusCode};
-/// use forkloop::server::{text, BodyMode, Handler, Request, Responder, StreamedRequest, Worker};
+/// use forkloop::server::{
+///     text, BodyError, BodyMode, Handler, Request, Responder, StreamedRequest, Worker,
+/// };
 /// use forkloop::Loop;
 ///
 /// struct App;
@@ -96,11 +98,13 @@ pub enum BodyMode {
 ///     }
 ///
 ///     fn call_streamed(&self, lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
-///         // Up to 1 GiB, read as it comes (a real app writes it somewhere instead).
-///         request.into_body().collect(lp, 1 << 30, move |lp, _, body| {
+///         // Up to 16 MiB, buffered (a longer upload: read() it piece by piece, and store each).
+///         request.into_body().collect(lp, 16 << 20, move |lp, _, body| {
 ///             let answer = match body {
 ///                 Ok(body) => text(StatusCode::OK, format!("stored {} bytes\n", body.len())),
-///                 Err(e) => text(StatusCode::PAYLOAD_TOO_LARGE, format!("{e}\n")),
+///                 Err(BodyError::TooLarge) => text(StatusCode::PAYLOAD_TOO_LARGE, "16 MiB at most\n"),
+///                 // Malformed or stalled: the server has answered 400 or 408 already.
+///                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
 ///             };
 ///             responder.send(lp, answer);
 ///         });
@@ -163,7 +167,10 @@ pub struct Config {
     pub body_timeout: Duration,
     /// An idle keep-alive connection is closed after this; zero turns keep-alive off.
     pub keepalive_timeout: Duration,
-    /// Largest request body accepted (else 413).
+    /// Largest request body accepted, buffered (else 413). A streamed body
+    /// ([`BodyMode::Streamed`]) has no limit but its handler's; this is also how much
+    /// of a streamed body whose handler stopped reading is still read and discarded
+    /// for keep-alive (past it, the connection closes after the answer).
     pub max_body_size: u64,
     /// Largest request head accepted (else 431; a request line alone longer than this
     /// gets 414). Also bounds a chunked body's trailer section.

@@ -552,3 +552,21 @@ fn a_panic_in_a_body_callback_answers_500_and_the_worker_goes_on() {
     let reply = exchange(&mut lp, &mut worker, &mut client, &input, "buffered 0\n");
     assert!(reply.starts_with("HTTP/1.1 500 "), "{reply:?}");
 }
+
+#[test]
+fn an_answer_with_more_unwanted_body_than_is_discarded_says_it_closes() {
+    fn tiny(lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
+        request.into_body().collect(lp, 10, move |lp, _, body| {
+            let code = match body {
+                Ok(_) => StatusCode::OK,
+                Err(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            };
+            responder.send(lp, text(code, "c\n"));
+        });
+    }
+    let (mut lp, mut worker, mut client) = serve(&small_bodies(), tiny);
+    let input = [&put("/stream", 3 << 20)[..], &[b'x'; 4096]].concat();
+    let reply = exchange(&mut lp, &mut worker, &mut client, &input, "c\n");
+    assert!(reply.starts_with("HTTP/1.1 413 "), "{reply:?}");
+    assert!(reply.contains("Connection: close\r\n"), "{reply:?}");
+}

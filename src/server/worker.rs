@@ -1186,6 +1186,15 @@ fn take_pending(w: &mut Worker, id: u64, seq: u64) -> Option<Taken> {
         inbound.answered_unasked();
         conn.close_after(seq);
     }
+    // Answered with the rest of the body unwanted: the connection goes on only if it
+    // is known to be within what is discarded (see `process`); else the answer says it
+    // closes (nginx closes after a 413 too), and the rest is not read.
+    if let Some(inbound) = conn.inbound().filter(|i| i.seq == seq && i.is_dropped()) {
+        let room = w.limits.max_body.saturating_sub(inbound.discarded());
+        if !conn.parser.body_left().is_some_and(|left| left <= room) {
+            conn.close_after(seq);
+        }
+    }
     let index = conn.slot_index(seq)?;
     let slot @ Slot::Pending { .. } = &mut conn.slots[index] else {
         return None;

@@ -29,7 +29,7 @@ use nix::sys::stat::{fstat, SFlag};
 use super::{Listener, SupervisorError};
 
 /// The first fd of the convention (`SD_LISTEN_FDS_START`).
-const FIRST_FD: RawFd = 3;
+pub(super) const FIRST_FD: RawFd = 3;
 
 /// The convention's variables, as this process got them.
 #[derive(Debug, Default)]
@@ -78,7 +78,7 @@ pub(crate) fn take(listen: &[String]) -> Result<Option<Vec<Listener>>, Superviso
         let fd = FIRST_FD + index as RawFd;
         let listener = adopt(fd).map_err(|e| error(format!("fd {fd} (--listen {address}) {e}")))?;
         log::info!(
-            "socket activation: --listen {address} is fd {fd}, {}",
+            "inherited socket: --listen {address} is fd {fd}, {}",
             listener.address()
         );
         listeners.push(listener);

@@ -102,7 +102,7 @@ pub(crate) struct Bound {
     pub unlink: Option<PathBuf>,
     /// The master bound it: the socket is its own, and dies with it. A handed-in one
     /// may outlive the master (systemd's, or the app's), so the master leaves its
-    /// socket as it found it. (Read only where listeners get a filter: Linux.)
+    /// socket as it found it.
     own: bool,
 }
 
@@ -118,16 +118,22 @@ impl Bound {
         })
     }
 
-    /// A socket an upgrade passed on (see `upgrade`) for `address`: the masters' `own`
-    /// (the first master of the chain bound it), or a handed-in one (systemd's), as it
-    /// was the old master's.
-    pub fn inherited(listener: Listener, address: &str, own: bool) -> Bound {
-        let unlink = address.strip_prefix("unix:").map(PathBuf::from);
+    /// A socket an upgrade passed on (see `upgrade`): the old master's, and left as it
+    /// is (never filtered or unlinked) until this master takes over and [`Bound::own`]s
+    /// it, if the old master did.
+    pub fn inherited(listener: Listener) -> Bound {
         Bound {
             listener,
-            unlink: unlink.filter(|_| own),
-            own,
+            unlink: None,
+            own: false,
         }
+    }
+
+    /// This master takes over a socket the masters before it bound from `address`: it
+    /// is filtered at shutdown, and its file (`unix:` address) removed at exit.
+    pub fn own(&mut self, address: &str) {
+        self.own = true;
+        self.unlink = address.strip_prefix("unix:").map(PathBuf::from);
     }
 
     /// Whether the master bound it (see `own`).
@@ -169,6 +175,16 @@ impl Bound {
                     self.listener.address()
                 );
             }
+        }
+    }
+
+    /// Undoes [`Bound::refuse_new_connections`] (which a failed upgrade's new master
+    /// may have done to a socket it shares with this one).
+    pub fn accept_new_connections(&self) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let (Listener::Tcp(listener), true) = (&self.listener, self.own) {
+            // ENOENT when there is no filter: nothing to undo.
+            let _ = socket2::SockRef::from(listener).detach_filter();
         }
     }
 

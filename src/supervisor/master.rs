@@ -15,18 +15,19 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use std::io::Write;
+use std::os::fd::AsFd;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
 use super::listener::Bound;
 use super::notify::{self, Notifier};
 use super::status::{rss_bytes, Status, WorkerState as State, WorkerStatus};
 use super::upgrade::{self, Exe, UPGRADED};
 use super::worker::{become_worker, Birth, COUNT_BYTES, HEARTBEAT, READY, RECYCLE, SERVED};
 use super::{activation, Config, ExitHook, ForkHook, Supervisor, WorkerFn};
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
-
 use crate::{ForkOptions, Interest, Io, Loop, Timer};
-use std::io::{IsTerminal, Write};
-use std::os::fd::AsFd;
 
 /// Why the supervisor could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -154,8 +155,9 @@ struct Master {
     /// app's own, which an upgrade does not pass on.
     handed_in: usize,
     upgrade: Option<Upgrade>,
-    /// Started by an upgrade: where to tell the old master that every worker is ready.
-    report_to: Option<UnixStream>,
+    /// Started by an upgrade, and not ready yet: where to tell the old master that
+    /// every worker is, and whether each inherited socket is the masters' own.
+    report_to: Option<upgrade::Inherited>,
     /// This master handed its sockets over to a new one, and drains: it leaves them as
     /// they are (no filter, no unlinking), as the new master serves them.
     handed_over: bool,
@@ -169,7 +171,7 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
     // First of all, before the program can have started threads of ours: this takes
     // the variables out of the environment (see `activation::take`).
     let activated = activation::take(&supervisor.config.listen)?;
-    let inherited = upgrade::take_report_fd(activated.is_some());
+    let inherited = upgrade::take_report_fd(activated.as_ref().map(Vec::len));
     let exe = Exe::current().map_err(|e| e.to_string());
     let config = supervisor.config;
     if config.workers == 0 {
@@ -235,15 +237,15 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         master.listeners.push(bound);
     }
     match (activated, inherited) {
-        // From an upgrade: the sockets the old master had, as it had them.
+        // From an upgrade: the sockets the old master serves on. Not this master's
+        // until it takes over (`tell_old_master`): a new master that fails must leave
+        // them as they are, for the old one.
         (Some(listeners), Some(inherited)) => {
-            for (i, (listener, address)) in listeners.into_iter().zip(addresses).enumerate() {
-                let own = inherited.own.get(i).copied().unwrap_or(false);
-                master
-                    .listeners
-                    .push(Bound::inherited(listener, &address, own));
+            for listener in listeners {
+                master.listeners.push(Bound::inherited(listener));
             }
-            master.report_to = Some(inherited.report);
+            master.notify.hold();
+            master.report_to = Some(inherited);
         }
         // Handed in: never unlinked, and never filtered at shutdown (systemd keeps
         // the socket for the next start).
@@ -416,6 +418,8 @@ fn spawn(
         // the master's death from that worker.
         drop(master_end.take());
         close_other_pipes(&m.workers);
+        // The new master's line to the old one, during an upgrade, is the master's.
+        drop(m.report_to.take());
         let birth = Birth {
             slot,
             listeners: std::mem::take(&mut m.listeners)
@@ -596,9 +600,9 @@ fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
         match m.report_to.take() {
             // The old master tells the service manager, as it is the main process
             // until then (`NotifyAccess=main` drops what this one would send).
-            Some(report) => {
+            Some(inherited) => {
                 m.notify.shown(&serving_status(m));
-                tell_old_master(report);
+                tell_old_master(m, inherited);
             }
             None => m.notify.ready(&serving_status(m)),
         }
@@ -1017,6 +1021,16 @@ fn begin_upgrade(lp: &mut Loop<Master>, m: &mut Master) {
     if m.report_to.is_some() {
         return log::warn!("USR2: this master is not ready yet; upgrade it once it is");
     }
+    if m.handed_in > 0 || m.listeners.is_empty() {
+        // The new binary would bind the app's listeners again, and fail.
+        return log::error!(
+            "USR2: cannot upgrade: only the sockets of listen addresses are passed on, \
+             and this master has {} handed in by the app (Supervisor::listener) and {} \
+             of its own",
+            m.handed_in,
+            m.listeners.len() - m.handed_in
+        );
+    }
     let exe = match &m.exe {
         Ok(exe) => exe,
         Err(e) => return log::error!("USR2: cannot upgrade: this binary's path is unknown: {e}"),
@@ -1055,9 +1069,11 @@ fn begin_upgrade(lp: &mut Loop<Master>, m: &mut Master) {
     let report = match watched {
         Ok(report) => report,
         Err(e) => {
-            // Without its watches it could take over unseen: it goes.
+            // Without its watches it could take over unseen: it goes, and is reaped
+            // here (at once, after SIGKILL), as no watch will.
             log::error!("USR2: watching the new master {pid}: {e}; stopping it");
             kill(pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
             return restore(m);
         }
     };
@@ -1070,9 +1086,11 @@ fn begin_upgrade(lp: &mut Loop<Master>, m: &mut Master) {
             "USR2: the new master {pid} was not ready within {timeout:?}; stopping it, and \
              this master serves on"
         );
+        // A readiness it reports from now on comes too late: it is not taken.
+        let report = upgrade.report;
+        lp.cancel(report);
         kill(pid, Signal::SIGTERM);
         // Its exit is the rollback: one that ignores TERM is killed.
-        let report = upgrade.report;
         lp.after(m.config.graceful_timeout, move |_, m| {
             if m.upgrade.as_ref().is_some_and(|u| u.report == report) {
                 log::error!("USR2: the new master {pid} is still there; killing it");
@@ -1110,6 +1128,9 @@ fn successor_reported(
 /// The new master is ready: systemd is told to follow it, and this one drains its
 /// workers and exits, leaving the sockets to it.
 fn hand_over(lp: &mut Loop<Master>, m: &mut Master) {
+    if m.shutting_down() {
+        return; // the new master got TERM too: the service stops
+    }
     let Some(upgrade) = m.upgrade.take() else {
         return;
     };
@@ -1141,6 +1162,14 @@ fn successor_exited(
     }
     // Before the log line, which says it is done.
     restore(m);
+    // Whatever the new master did to the shared sockets, they take connections.
+    for bound in &m.listeners {
+        bound.accept_new_connections();
+    }
+    if let Some(workers) = m.winched.take() {
+        m.target = workers;
+        reconcile(lp, m);
+    }
     log::error!(
         "USR2: the new master {pid} exited before it was ready ({status}); \
          rolling back: this master serves on"
@@ -1151,10 +1180,19 @@ fn successor_exited(
     ));
 }
 
-/// In a master an upgrade started, once every worker is ready: tells the old master,
-/// which then hands over.
-fn tell_old_master(mut report: UnixStream) {
-    match report.write_all(&[UPGRADED]) {
+/// In a master an upgrade started, once every worker is ready: takes the inherited
+/// sockets over as the old master had them (its own ones are filtered and unlinked at
+/// this master's shutdown), speaks to the service manager from now on, and tells the
+/// old master, which then hands over.
+fn tell_old_master(m: &mut Master, mut inherited: upgrade::Inherited) {
+    let inherited_sockets = m.listeners[m.handed_in..].iter_mut();
+    for ((bound, address), own) in inherited_sockets.zip(&m.config.listen).zip(&inherited.own) {
+        if *own {
+            bound.own(address);
+        }
+    }
+    m.notify.release();
+    match inherited.report.write_all(&[UPGRADED]) {
         Ok(()) => log::info!("upgrade: every worker is ready; the old master hands over"),
         // The old master is gone: this one serves, as it would have anyway.
         Err(e) => log::warn!("upgrade: telling the old master: {e}"),
@@ -1165,7 +1203,7 @@ fn tell_old_master(mut report: UnixStream) {
 /// the old master's workers stop while it stays to roll back to); HUP brings them back.
 /// Ignored on a terminal, where resizing the window sends it.
 fn retire_all(lp: &mut Loop<Master>, m: &mut Master) {
-    if std::io::stdin().is_terminal() || std::io::stderr().is_terminal() {
+    if in_terminal_foreground() {
         return log::info!("WINCH ignored: the master runs on a terminal (a resize sends it)");
     }
     if m.shutting_down() || m.target == 0 {
@@ -1181,6 +1219,24 @@ fn retire_all(lp: &mut Loop<Master>, m: &mut Master) {
     report(m);
 }
 
+/// `PATH.ctl`: the control socket beside pid file `PATH`, by default.
+pub(crate) fn control_socket_beside(pid_file: &Path) -> PathBuf {
+    let mut name = pid_file.as_os_str().to_owned();
+    name.push(".ctl");
+    PathBuf::from(name)
+}
+
+/// Whether this process is in the foreground of its controlling terminal: there a
+/// window resize sends it WINCH, which is then no operator's.
+fn in_terminal_foreground() -> bool {
+    use nix::fcntl::{open, OFlag};
+    let flags = OFlag::O_RDONLY | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let Ok(tty) = open("/dev/tty", flags, nix::sys::stat::Mode::empty()) else {
+        return false; // no controlling terminal
+    };
+    nix::unistd::tcgetpgrp(&tty).is_ok_and(|group| group == nix::unistd::getpgrp())
+}
+
 /// The pid file's name while an upgrade's new master runs beside the old one.
 fn oldbin(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -1192,8 +1248,13 @@ fn oldbin(path: &Path) -> PathBuf {
 /// and leave theirs to the new master. All or nothing.
 fn set_aside(config: &Config, control_path: &mut Option<PathBuf>) -> Result<(), String> {
     if let Some(path) = &config.pid_file {
-        std::fs::rename(path, oldbin(path))
-            .map_err(|e| format!("renaming {}: {e}", path.display()))?;
+        match std::fs::rename(path, oldbin(path)) {
+            // Someone removed it: the new master writes one all the same.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                log::warn!("USR2: the pid file {} is gone", path.display());
+            }
+            renamed => renamed.map_err(|e| format!("renaming {}: {e}", path.display()))?,
+        }
     }
     if let Some(path) = control_path.take() {
         if let Err(e) = std::fs::rename(&path, oldbin(&path)) {
@@ -1212,8 +1273,10 @@ fn set_aside(config: &Config, control_path: &mut Option<PathBuf>) -> Result<(), 
 /// again.
 fn restore(m: &mut Master) {
     if let Some(path) = &m.config.pid_file {
-        if let Err(e) = std::fs::rename(oldbin(path), path) {
-            log::error!("restoring the pid file {}: {e}", path.display());
+        match std::fs::rename(oldbin(path), path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::error!("restoring the pid file {}: {e}", path.display()),
         }
     }
     if let (Some(now), Some(path)) = (&m.control_path, &m.config.control_socket) {
@@ -1227,9 +1290,11 @@ fn restore(m: &mut Master) {
 /// Binds the control socket, if configured, and answers each connection with the
 /// status view.
 fn listen_for_status(lp: &mut Loop<Master>, m: &mut Master) -> Result<(), SupervisorError> {
-    let Some(path) = m.config.control_socket.clone() else {
+    let beside_pid_file = m.config.pid_file.as_deref().map(control_socket_beside);
+    let Some(path) = m.config.control_socket.clone().or(beside_pid_file) else {
         return Ok(());
     };
+    m.config.control_socket = Some(path.clone());
     let error = |source| SupervisorError::Bind {
         address: format!("unix:{} (the control socket)", path.display()),
         source,

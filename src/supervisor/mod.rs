@@ -93,7 +93,7 @@
 //!   `READY=1` once every worker is first ready; at `HUP`, `RELOADING=1` with
 //!   `MONOTONIC_USEC`, then `READY=1` once every replacement is ready, or has failed
 //!   (the old workers then serve on, and the `STATUS=` line says the reload failed);
-//!   `STOPPING=1` when a shutdown begins (`TERM`/`INT`, or giving up); a `STATUS=` line
+//!   `STOPPING=1` when a shutdown begins (`TERM`/`INT`/`QUIT`, or giving up); a `STATUS=` line
 //!   as the count of ready workers changes (`TTIN`/`TTOU`, crashes and their backoff);
 //!   and `WATCHDOG=1` every half `WATCHDOG_USEC` from its loop, if `WATCHDOG_PID` is
 //!   unset or is the master. Only the master sends, so `NotifyAccess=main` is enough.
@@ -198,7 +198,8 @@ pub struct Config {
     /// checks in a row) is recycled, through the overlap of `HUP`: uWSGI's
     /// `reload-on-rss`. Linux only (`/proc`): elsewhere a configuration error.
     pub max_worker_memory: Option<u64>,
-    /// A Unix socket where the master answers with its [`Status`] (`forkloop status`).
+    /// A Unix socket where the master answers with its [`Status`] (`forkloop status`);
+    /// `None`: `PID_FILE.ctl` if there is a `pid_file` ([`Status::beside`]), else none.
     /// A stale socket file is replaced; the file is removed at exit.
     pub control_socket: Option<PathBuf>,
 }

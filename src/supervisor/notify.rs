@@ -30,6 +30,10 @@ pub(crate) struct Notifier {
     master: u32,
     /// The last `STATUS=` sent, not sent again while it holds.
     status: String,
+    /// Sends nothing (an upgrade's new master, until it takes over: it is not the main
+    /// process yet, and under `NotifyAccess=all` its `STOPPING=1` would stop the
+    /// service).
+    held: bool,
 }
 
 impl Notifier {
@@ -46,6 +50,7 @@ impl Notifier {
             socket,
             master: std::process::id(),
             status: String::new(),
+            held: false,
         }
     }
 
@@ -84,6 +89,16 @@ impl Notifier {
         self.send(&format!("MAINPID={pid}\nREADY=1\nSTATUS={status}"));
     }
 
+    /// Sends nothing until [`Notifier::release`].
+    pub fn hold(&mut self) {
+        self.held = true;
+    }
+
+    /// Sends again.
+    pub fn release(&mut self) {
+        self.held = false;
+    }
+
     /// Records `status` as the line the service manager shows, without sending it: an
     /// upgrade's new master, whose first word the old master sends for it.
     pub fn shown(&mut self, status: &str) {
@@ -113,7 +128,7 @@ impl Notifier {
         let Some(socket) = &self.socket else {
             return;
         };
-        if std::process::id() != self.master {
+        if std::process::id() != self.master || self.held {
             return;
         }
         let sent = UnixDatagram::unbound().and_then(|datagram| {
@@ -228,6 +243,7 @@ mod tests {
             socket: Some(SocketAddr::from_pathname(&path).unwrap()),
             master: std::process::id(),
             status: String::new(),
+            held: false,
         };
         notifier.ready("2 workers ready");
         notifier.status("2 workers ready"); // the same: not sent again

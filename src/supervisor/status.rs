@@ -85,15 +85,28 @@ impl Status {
     /// Asks the master listening on `control_socket` (waits 5 s at most).
     pub fn query(control_socket: &Path) -> io::Result<Status> {
         let mut socket = UnixStream::connect(control_socket).map_err(|e| {
+            let hint = match e.kind() {
+                io::ErrorKind::NotFound => {
+                    "no master runs with this control socket (Config::control_socket, \
+                     by default beside the pid file)"
+                }
+                _ => "is the master running?",
+            };
             io::Error::new(
                 e.kind(),
-                format!("{}: {e} (is the master running?)", control_socket.display()),
+                format!("{}: {e}: {hint}", control_socket.display()),
             )
         })?;
         socket.set_read_timeout(Some(Duration::from_secs(5)))?;
         let mut text = String::new();
         socket.read_to_string(&mut text)?;
         Status::decode(&text)
+    }
+
+    /// The control socket a master with pid file `pid_file` has by default:
+    /// `PID_FILE.ctl`.
+    pub fn beside(pid_file: &Path) -> std::path::PathBuf {
+        super::master::control_socket_beside(pid_file)
     }
 
     /// The view as the master writes it on its control socket.

@@ -13,6 +13,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
 
+use super::activation::FIRST_FD;
 use crate::{ForkOptions, Loop};
 
 /// The environment variable naming the fd on which a new master reports readiness to
@@ -24,15 +25,16 @@ pub(crate) const UPGRADE_FD: &str = "FORKLOOP_UPGRADE_FD";
 pub(crate) const UPGRADE_OWN: &str = "FORKLOOP_UPGRADE_OWN";
 /// The byte a new master writes there once every worker is ready.
 pub(crate) const UPGRADED: u8 = b'R';
-/// The first fd `LISTEN_FDS` counts from (`SD_LISTEN_FDS_START`).
-const FIRST_FD: RawFd = 3;
 /// The variables of the hand-off: the old master's own values are not passed on.
-const HAND_OFF: [&str; 5] = [
+/// `WATCHDOG_PID` names the old master: the new one, which pings once it takes over,
+/// gets none (so it pings, as systemd then expects of the main process).
+const HAND_OFF: [&str; 6] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     UPGRADE_FD,
     UPGRADE_OWN,
+    "WATCHDOG_PID",
 ];
 
 /// The binary and the arguments a master was started with, taken at its start: by the
@@ -44,13 +46,19 @@ pub(crate) struct Exe {
 }
 
 impl Exe {
-    /// This process's binary (an absolute path) and arguments.
+    /// This process's binary and arguments: the binary by the path it was started
+    /// with (`argv[0]`, made absolute from the directory it started in, or looked up
+    /// in `PATH` as the shell did), not resolved: a deploy that switches a symlink
+    /// (`current -> releases/v2`) is followed at the upgrade. `/proc/self/exe`, which
+    /// names the file it runs, only when `argv[0]` leads nowhere.
     pub(crate) fn current() -> io::Result<Exe> {
-        let path = std::env::current_exe()?;
+        let args: Vec<OsString> = std::env::args_os().collect();
+        let given = args.first().map(std::path::PathBuf::from);
+        let path = given
+            .and_then(|given| started_from(&given))
+            .map_or_else(std::env::current_exe, Ok)?;
         // argv[0] stays as it was given; the path is what is exec'd.
-        let args = std::env::args_os()
-            .map(c_string)
-            .collect::<io::Result<_>>()?;
+        let args = args.into_iter().map(c_string).collect::<io::Result<_>>()?;
         Ok(Exe {
             path: c_string(path.into_os_string())?,
             args,
@@ -61,6 +69,24 @@ impl Exe {
     pub(crate) fn path(&self) -> &std::path::Path {
         std::path::Path::new(OsStr::from_bytes(self.path.as_bytes()))
     }
+}
+
+/// The file `argv[0]` named when this process started: a path (absolute, or from the
+/// start directory), or a name the shell found in `PATH`.
+fn started_from(given: &std::path::Path) -> Option<std::path::PathBuf> {
+    let executable = |path: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if given.components().count() > 1 || given.is_absolute() {
+        let path = std::env::current_dir().ok()?.join(given);
+        return executable(&path).then_some(path);
+    }
+    let search = std::env::var_os("PATH")?;
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(given))
+        .find(|path| path.is_absolute() && executable(path))
 }
 
 fn c_string(value: OsString) -> io::Result<CString> {
@@ -156,7 +182,13 @@ pub(crate) fn spawn<D>(
                 libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 libc::signal(libc::SIGPIPE, libc::SIG_DFL);
                 libc::execve(exe.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-                failed(b"forkloop upgrade: execve failed\n")
+                // The errno, as digits: no formatting machinery here.
+                let mut errno = [0u8; 11];
+                write_decimal(&mut errno, nix::errno::Errno::last_raw());
+                let len = errno.iter().position(|&b| b == 0).unwrap_or(errno.len());
+                failed(b"forkloop upgrade: execve failed, errno ");
+                failed(&errno[..len]);
+                failed(b"\n")
             }
         })
         .map_err(io::Error::other)?;
@@ -199,21 +231,20 @@ fn write_decimal(out: &mut [u8], value: libc::pid_t) {
 ///
 /// Must run before any thread reads the environment, like the socket activation it
 /// belongs to: it is called at the start of [`Supervisor::run`](super::Supervisor::run).
-pub(crate) fn take_report_fd(activated: bool) -> Option<Inherited> {
+pub(crate) fn take_report_fd(activated: Option<usize>) -> Option<Inherited> {
     let own = std::env::var_os(UPGRADE_OWN);
     let value = std::env::var_os(UPGRADE_FD)?;
     // Sound only while no other thread reads the environment (see above): the master
     // starts from a plain `main`, before threads of its own.
     std::env::remove_var(UPGRADE_FD);
     std::env::remove_var(UPGRADE_OWN);
-    if !activated {
-        return None;
-    }
+    // Right after the activated sockets, where `spawn` puts it.
+    let expected = FIRST_FD + RawFd::try_from(activated?).ok()?;
     // Anything but `y` is someone else's: never filter or unlink a socket on a guess.
     let own = own
         .map(|own| own.as_encoded_bytes().iter().map(|&b| b == b'y').collect())
         .unwrap_or_default();
-    let fd: RawFd = value.to_str()?.parse().ok().filter(|&fd| fd >= FIRST_FD)?;
+    let fd: RawFd = value.to_str()?.parse().ok().filter(|&fd| fd == expected)?;
     // SAFETY: fstat only reads the fd's status; an fd that is not open fails.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {

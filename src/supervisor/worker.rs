@@ -253,14 +253,16 @@ pub(crate) struct Birth {
     pub max_requests: Option<u64>,
 }
 
-/// Makes the forked child a worker: it dies with the master, leaves Ctrl-C to the
-/// master, survives a forwarded `SIGUSR1` it does not watch, and drains on `SIGTERM`.
+/// Makes the forked child a worker: it dies with the master, leaves Ctrl-C and Ctrl-\
+/// to the master, survives a forwarded `SIGUSR1` it does not watch, and drains on
+/// `SIGTERM`.
 pub(crate) fn become_worker(birth: Birth) -> io::Result<WorkerContext> {
     die_with_master(birth.master_pid)?;
     birth.link.set_nonblocking(true)?;
-    for signal in [libc::SIGINT, libc::SIGUSR1] {
-        // SIGINT: Ctrl-C reaches the whole process group, and is for the master, which
-        // drains the workers with SIGTERM. SIGUSR1: the master forwards it to every
+    for signal in [libc::SIGINT, libc::SIGQUIT, libc::SIGUSR1] {
+        // SIGINT, SIGQUIT: Ctrl-C and Ctrl-\ reach the whole process group, and are for
+        // the master, which drains the workers with SIGTERM (for QUIT, instead of a
+        // core dump in every worker). SIGUSR1: the master forwards it to every
         // worker, whose default action would be to die of it. A watch of either (a
         // forkloop loop's, tokio's) replaces this.
         // SAFETY: sets a disposition; no handler code runs.

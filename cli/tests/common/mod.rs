@@ -194,7 +194,13 @@ impl Server {
             if let Some(status) = child.try_wait().unwrap() {
                 self.child = None;
                 self.exited_at = Some(Instant::now());
-                while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(1)) {
+                // What it logged last, for a second at most (processes it left behind,
+                // such as an upgrade's new master, may log on into the same pipe).
+                let until = Instant::now() + Duration::from_secs(1);
+                while let Ok(line) = self
+                    .lines
+                    .recv_timeout(until.saturating_duration_since(Instant::now()))
+                {
                     self.log.push(line);
                 }
                 return status;

@@ -99,6 +99,14 @@ impl Parser {
         self.progress
     }
 
+    /// How much of the body being read is still to come, if its length is known.
+    pub(crate) fn body_left(&self) -> Option<u64> {
+        match self.pending.as_ref()?.framed {
+            Framed::Length(left) => Some(left),
+            Framed::Chunked(_) => None,
+        }
+    }
+
     /// Whether a head is parsed and its body is being read.
     pub(crate) fn reading_body(&self) -> bool {
         self.pending.is_some()
