@@ -202,6 +202,38 @@ fn a_new_build_that_never_gets_ready_is_stopped_and_the_old_master_serves_on() {
     );
 }
 
+/// A deploy that switches a `current` symlink to a new release directory: the master
+/// was started through the link, and the upgrade follows it to the new release.
+#[test]
+fn an_upgrade_follows_a_switched_release_symlink() {
+    let deploy = Deploy::new("symlink");
+    let releases = deploy.scratch.path("releases");
+    for version in ["v1", "v2"] {
+        std::fs::create_dir_all(releases.join(version)).unwrap();
+    }
+    std::fs::copy(&deploy.app, releases.join("v1/app")).unwrap();
+    std::fs::write(releases.join("v2/app"), deploy.new_build()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let executable = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(releases.join("v2/app"), executable).unwrap();
+    let current = deploy.scratch.path("current");
+    std::os::unix::fs::symlink(releases.join("v1"), &current).unwrap();
+    let mut server = start_program(
+        &current.join("app"),
+        &["--listen", "127.0.0.1:0", "--workers", "1"],
+    );
+    assert_eq!(version(&server.addr), "v1");
+    // Switched as deploy tools do: a new link renamed over the old one.
+    let next = deploy.scratch.path("current.next");
+    std::os::unix::fs::symlink(releases.join("v2"), &next).unwrap();
+    std::fs::rename(&next, &current).unwrap();
+    server.signal(libc::SIGUSR2);
+    eventually("the new release answering", || {
+        version(&server.addr) == "v2"
+    });
+    assert!(server.wait_exit().success());
+}
+
 #[test]
 fn winch_retires_the_workers_and_keeps_the_master_until_hup() {
     let deploy = Deploy::new("winch");
