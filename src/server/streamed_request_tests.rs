@@ -510,18 +510,20 @@ fn an_answer_before_an_unasked_continue_closes_the_connection() {
     assert_eq!(reply, "");
 }
 
+/// Collects up to 10 bytes: `c` with 200, or 413 past that.
+fn collect_ten(lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
+    request.into_body().collect(lp, 10, move |lp, _, body| {
+        let code = match body {
+            Ok(_) => StatusCode::OK,
+            Err(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        };
+        responder.send(lp, text(code, "c\n"));
+    });
+}
+
 #[test]
 fn a_body_refused_by_collect_is_discarded_only_up_to_max_body_size() {
-    fn tiny(lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
-        request.into_body().collect(lp, 10, move |lp, _, body| {
-            let code = match body {
-                Ok(_) => StatusCode::OK,
-                Err(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            };
-            responder.send(lp, text(code, "c\n"));
-        });
-    }
-    let (mut lp, mut worker, mut client) = serve(&small_bodies(), tiny);
+    let (mut lp, mut worker, mut client) = serve(&small_bodies(), collect_ten);
     let total = 64 << 20;
     let input = [&put("/stream", total)[..], &vec![b'x'; total]].concat();
     let (_, reply) = exchange_partly(&mut lp, &mut worker, &mut client, &input, "c\n", false);
@@ -555,16 +557,7 @@ fn a_panic_in_a_body_callback_answers_500_and_the_worker_goes_on() {
 
 #[test]
 fn an_answer_with_more_unwanted_body_than_is_discarded_says_it_closes() {
-    fn tiny(lp: &mut Loop<Worker>, request: StreamedRequest, responder: Responder) {
-        request.into_body().collect(lp, 10, move |lp, _, body| {
-            let code = match body {
-                Ok(_) => StatusCode::OK,
-                Err(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            };
-            responder.send(lp, text(code, "c\n"));
-        });
-    }
-    let (mut lp, mut worker, mut client) = serve(&small_bodies(), tiny);
+    let (mut lp, mut worker, mut client) = serve(&small_bodies(), collect_ten);
     let input = [&put("/stream", 3 << 20)[..], &[b'x'; 4096]].concat();
     let reply = exchange(&mut lp, &mut worker, &mut client, &input, "c\n");
     assert!(reply.starts_with("HTTP/1.1 413 "), "{reply:?}");
