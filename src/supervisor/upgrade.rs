@@ -155,8 +155,8 @@ pub(crate) fn spawn<D>(
     let pid = lp
         .fork(ForkOptions::new(), || {
             // SAFETY (the whole block): only async-signal-safe calls (fcntl, dup2, getpid,
-            // sigprocmask, signal, execve, write) and writes into memory prepared before the
-            // fork, as the child of a process that may have other threads must.
+            // sigprocmask, signal, execve, nanosleep, write) and writes into memory prepared
+            // before the fork, as the child of a process that may have other threads must.
             unsafe {
                 // First above every target, so that placing one never overwrites another
                 // that is still to be moved.
@@ -181,7 +181,19 @@ pub(crate) fn spawn<D>(
                 libc::sigemptyset(&mut none);
                 libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-                libc::execve(exe.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                // A binary still open for writing somewhere (a deploy finishing its
+                // copy, a fork in a process that just wrote it) is ETXTBSY for a moment.
+                for _ in 0..50 {
+                    libc::execve(exe.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                    if nix::errno::Errno::last_raw() != libc::ETXTBSY {
+                        break;
+                    }
+                    let pause = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 10_000_000,
+                    };
+                    libc::nanosleep(&pause, std::ptr::null_mut());
+                }
                 // The errno, as digits: no formatting machinery here.
                 let mut errno = [0u8; 11];
                 write_decimal(&mut errno, nix::errno::Errno::last_raw());

@@ -92,14 +92,23 @@ pub fn spawn(args: &[&str]) -> Server {
 
 /// Runs `cmd` in a process group of its own, its stderr read line by line.
 pub fn spawn_command(mut cmd: Command) -> Server {
-    let mut child = cmd
-        .env("RUST_LOG", "debug")
+    cmd.env("RUST_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .expect("spawning the server");
+        .process_group(0);
+    // A binary a test just wrote may still be open for writing in a child another
+    // test thread is forking (ETXTBSY, until that child execs): try again.
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            spawned => break spawned.expect("spawning the server"),
+        }
+    };
     let stderr = child.stderr.take().unwrap();
     let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
