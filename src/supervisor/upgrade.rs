@@ -257,8 +257,10 @@ pub(crate) fn take_report_fd(activated: Option<usize>) -> Option<Inherited> {
         .map(|own| own.as_encoded_bytes().iter().map(|&b| b == b'y').collect())
         .unwrap_or_default();
     let fd: RawFd = value.to_str()?.parse().ok().filter(|&fd| fd == expected)?;
-    // SAFETY: fstat only reads the fd's status; an fd that is not open fails.
+    // SAFETY: `stat` is plain old data (integers), for which all zeroes is a value.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat only reads the fd's status into `stat`, which lives across the
+    // call; an fd that is not open fails (EBADF).
     if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         log::warn!("{UPGRADE_FD}={fd} is not an open socket; ignored");
         return None;
