@@ -19,14 +19,15 @@ use crate::{Interest, Loop, Readiness, Timer};
 const BURST: usize = 2;
 /// How long a worker that took its burst leaves the listeners to the others: long
 /// enough for a worker the kernel woke to get a CPU, on a machine with fewer cores
-/// than workers. The loop rounds waits up to whole milliseconds, so a rest lasts 2 to
-/// 3 ms: with 1 ms (1 to 2) the shares of 4 workers of wrk's 64 connections spread
-/// over 12-20, with 2 ms over 14-18 (BENCHMARKS.md, "Load across workers").
-const ACCEPT_REST: Duration = Duration::from_millis(2);
+/// than workers. The loop rounds waits up to whole milliseconds, so a rest lasts 3 to
+/// 4 ms. Shorter rests spread the shares of 4 workers of wrk's 64 connections wider:
+/// 12 to 20 connections with 1 or 2 ms, 14 to 18 with 3 (BENCHMARKS.md, "Load across
+/// workers").
+const ACCEPT_REST: Duration = Duration::from_millis(3);
 /// Rests in a row that end with connections still queued, after which a worker takes
 /// them without resting until it finds the queue empty: every worker is busy then (a
-/// surge), and more rests would only leave the backlog to overflow. 16 rests are 32
-/// to 48 ms, in which each worker takes 32 connections (4 workers: 128).
+/// surge), and more rests would only leave the backlog to overflow. 16 rests are 48
+/// to 64 ms, in which each worker takes 32 connections (4 workers: 128).
 const SURGE_RESTS: u32 = 16;
 /// Every this many accepts a worker re-adds its listeners, moving itself to the back of
 /// their queues of exclusive waiters, which the kernel wakes front first (nginx's
