@@ -5,6 +5,7 @@
 #   ci/bench-fairness.sh                          # this tree's release build
 #   BASELINE=/tmp/forkloop-main ci/bench-fairness.sh   # and another build, side by side
 #   ROUNDS=5 DURATION=10 ci/bench-fairness.sh
+#   SCENARIOS="2,1,4" MODES=keepalive ci/bench-fairness.sh   # workers,wrk threads,connections
 #
 # Per round and scenario (2 workers under wrk -t1 -c4, 4 workers under wrk -t2 -c64;
 # keep-alive and Connection: close), each binary in turn:
@@ -15,12 +16,15 @@
 #     share of the connections (keep-alive; with Connection: close, a snapshot).
 #   - a throughput run: plain wrk against GET / (no Lua, which slows wrk): req/s, and
 #     the server's CPU time (master and workers, user + system, from /proc/PID/stat)
-#     per request: on 2 cores, where wrk takes one, req/s mostly measures the machine.
+#     and context switches (/proc/PID/status) per request: on 2 cores, where wrk takes
+#     one, req/s mostly measures the machine.
 # Installs wrk (Debian package) if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
+SCENARIOS=${SCENARIOS:-"2,1,4 4,2,64"}
+MODES=${MODES:-"keepalive close"}
 DURATION=${DURATION:-5}
 PORT=${PORT:-18090}
 BASELINE=${BASELINE:-}
@@ -100,6 +104,10 @@ ticks() { # PID...: their utime + stime, in clock ticks
   for pid in "$@"; do awk '{print $14 + $15}' "/proc/$pid/stat"; done | awk '{s += $1} END {print s}'
 }
 
+switches() { # PID...: their context switches, voluntary and not
+  cat $(printf '/proc/%s/status ' "$@") | awk '/ctxt_switches/ {s += $2} END {print s}'
+}
+
 # measure BIN WORKERS THREADS CONNECTIONS MODE -> one line of the table
 measure() {
   local bin=$1 workers=$2 threads=$3 conns=$4 mode=$5 header=() master pids before during
@@ -113,16 +121,19 @@ measure() {
   sleep 1
   during=$(fds $pids)
   wait $!
-  local cpu_before cpu_after
+  local cpu_before cpu_after cs_before cs_after
   cpu_before=$(ticks "$master" $pids)
+  cs_before=$(switches "$master" $pids)
   wrk -t"$threads" -c"$conns" -d"${DURATION}s" "${header[@]}" "http://127.0.0.1:$PORT/" \
     >"$WORK/plain"
   cpu_after=$(ticks "$master" $pids)
+  cs_after=$(switches "$master" $pids)
   stop
-  python3 - "$pids" "$before" "$during" "$WORK" "$((cpu_after - cpu_before))" "$(getconf CLK_TCK)" <<'PY'
+  python3 - "$pids" "$before" "$during" "$WORK" "$((cpu_after - cpu_before))" "$(getconf CLK_TCK)" \
+    "$((cs_after - cs_before))" <<'PY'
 import re, sys
 pids, before, during = (a.split() for a in sys.argv[1:4])
-cpu_ticks, hz = int(sys.argv[5]), int(sys.argv[6])
+cpu_ticks, hz, cs = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 counted, plain = (open(f"{sys.argv[4]}/{f}").read() for f in ("counted", "plain"))
 per = {pid: 0 for pid in pids}
 for pid, n in re.findall(r"^worker (\d+) (\d+)$", counted, re.M):
@@ -135,20 +146,21 @@ share = f"{100 * rows[0][0] / max(total, 1):.0f}%"
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", plain).group(1))
 done = int(re.search(r"(\d+) requests in", plain).group(1))
 cpu_us = cpu_ticks / hz * 1e6 / max(done, 1)
+cs_per = cs / max(done, 1)
 bad = " ".join(m.group(0) for m in re.finditer(r"(Socket errors: .*|Non-2xx or 3xx responses: \d+)", counted + plain))
 cells = " ".join(f"{r}({c})" for r, c in rows)
-print(f"{cells:<48} {ratio:>7} {share:>6} {rps:>9.0f} {cpu_us:>10.1f}   {bad}".rstrip())
+print(f"{cells:<48} {ratio:>7} {share:>6} {rps:>9.0f} {cpu_us:>10.1f} {cs_per:>7.2f}   {bad}".rstrip())
 PY
 }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -sr)"
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-5s %-8s %-22s %-10s %-48s %7s %6s %9s %10s\n' \
-  round binary scenario mode "requests(connections) per worker" max/min max% req/s cpu_us/req
+printf '%-5s %-8s %-22s %-10s %-48s %7s %6s %9s %10s %7s\n' \
+  round binary scenario mode "requests(connections) per worker" max/min max% req/s cpu_us/req cs/req
 for round in $(seq 1 "$ROUNDS"); do
-  for scenario in "2 1 4" "4 2 64"; do
-    read -r workers threads conns <<<"$scenario"
-    for mode in keepalive close; do
+  for scenario in $SCENARIOS; do
+    IFS=, read -r workers threads conns <<<"$scenario"
+    for mode in $MODES; do
       for i in "${!BINS[@]}"; do
         line=$(measure "${BINS[$i]}" "$workers" "$threads" "$conns" "$mode")
         printf '%-5s %-8s %-22s %-10s %s\n' "$round" "${NAMES[$i]}" \
