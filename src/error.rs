@@ -47,6 +47,13 @@ pub enum Error {
     /// for nothing for a while).
     #[error("fd {0}: a watch needs an interest (READ, WRITE or HANGUP)")]
     EmptyInterest(RawFd),
+    /// An IO watch asking for [`Interest::EXCLUSIVE`](crate::Interest::EXCLUSIVE) and
+    /// HANGUP together, on any backend (epoll refuses `EPOLLRDHUP` with
+    /// `EPOLLEXCLUSIVE`).
+    #[error(
+        "fd {0}: an EXCLUSIVE watch cannot ask for HANGUP; a READ watch fires on a hangup too"
+    )]
+    ExclusiveHangup(RawFd),
     /// A watched fd was closed behind the loop's back (only fds watched through the
     /// `unsafe` [`Loop::watch_raw_fd`](crate::Loop::watch_raw_fd) can be).
     #[error(

@@ -113,6 +113,33 @@ impl<D: 'static> IoWatch<D> {
     }
 }
 
+/// The interest an fd is registered with for two sets of its watches: the union of what
+/// they want reported, exclusive only if both ask for it (a watch that does not keeps
+/// every wake-up it would get alone). `NONE` (paused watches) asks for nothing.
+fn merge(a: Interest, b: Interest) -> Interest {
+    if a.is_empty() || b.is_empty() {
+        return a | b;
+    }
+    let both = Interest::EXCLUSIVE;
+    let exclusive = if a.contains(both) && b.contains(both) {
+        both
+    } else {
+        Interest::NONE
+    };
+    a.events() | b.events() | exclusive
+}
+
+/// Refuses an interest no watch can have, on every backend alike.
+fn check_interest(fd: RawFd, interest: Interest) -> Result<()> {
+    if interest.events().is_empty() {
+        return Err(Error::EmptyInterest(fd));
+    }
+    if interest.contains(Interest::EXCLUSIVE | Interest::HANGUP) {
+        return Err(Error::ExclusiveHangup(fd));
+    }
+    Ok(())
+}
+
 pub(crate) fn fires(interest: Interest, ready: Readiness) -> bool {
     let problem = Readiness::HANGUP | Readiness::ERROR;
     (interest.contains(Interest::READ) && ready.intersects(Readiness::READABLE | problem))
@@ -183,6 +210,19 @@ impl<D: 'static> Loop<D> {
     /// whole loop. A read watch also fires on hangup and on a
     /// pending error (reading then tells which); a write watch likewise.
     ///
+    /// `Interest::READ | Interest::EXCLUSIVE` asks for exclusive wake-ups: of the
+    /// processes or loops that wait on one file this way (workers sharing a listening
+    /// socket), a new readiness wakes one, not all (epoll's `EPOLLEXCLUSIVE`; the other
+    /// backends ignore it, see [`Interest::EXCLUSIVE`]). The fd is registered exclusive
+    /// while every unpaused watch of it in this loop asks for it. It is part of the
+    /// interest, so [`Loop::set_interest`] replaces it too, and [`Loop::pause`] and
+    /// [`Loop::resume`] keep it (on epoll each is a delete and an add, which puts this
+    /// loop at the back of the fd's queue of exclusive waiters). The flag rides on the
+    /// interest rather than on a watch option of its own so that it reaches the
+    /// backend wherever the interest does, `post_fork`'s re-registration included,
+    /// with no new method for a backend to forget. Refused: `EXCLUSIVE` alone
+    /// ([`Error::EmptyInterest`]) and with HANGUP ([`Error::ExclusiveHangup`]).
+    ///
     /// ```
     /// use std::io::{Read, Write};
     /// use std::os::unix::net::UnixStream;
@@ -244,14 +284,12 @@ impl<D: 'static> Loop<D> {
     /// Registers a new watch's interest on `fd` with the backend (before the watch
     /// exists, so a refusal leaves nothing behind).
     fn add_fd(&mut self, fd: RawFd, interest: Interest, raw: bool) -> Result<()> {
-        if interest.is_empty() {
-            return Err(Error::EmptyInterest(fd));
-        }
+        check_interest(fd, interest)?;
         self.ensure_current()?;
         let backend = self.backend_name();
         match self.fds.get_mut(fd) {
             Some(st) => {
-                let wanted = st.interest | interest;
+                let wanted = merge(st.interest, interest);
                 if st.always_ready && st.interest.is_empty() {
                     self.always_ready.push(fd); // all its watches were paused
                 }
@@ -350,7 +388,9 @@ impl<D: 'static> Loop<D> {
 
     /// Changes what the watch waits for, in place: at most one syscall (`epoll_ctl`),
     /// and none if the fd's registered interest does not change. An empty interest is
-    /// refused; [`Loop::pause`] waits for nothing.
+    /// refused; [`Loop::pause`] waits for nothing. `interest` replaces the watch's
+    /// whole interest, [`Interest::EXCLUSIVE`] included; a change to or from an
+    /// exclusive registration costs epoll two syscalls (it cannot modify one).
     ///
     /// ```
     /// use std::os::unix::net::UnixStream;
@@ -375,9 +415,7 @@ impl<D: 'static> Loop<D> {
     /// ```
     pub fn set_interest<S: 'static>(&mut self, io: Io<S>, interest: Interest) -> Result<()> {
         let watch = self.io_watch_mut(io)?;
-        if interest.is_empty() {
-            return Err(Error::EmptyInterest(watch.fd));
-        }
+        check_interest(watch.fd, interest)?;
         let (fd, before) = (watch.fd, watch.interest);
         watch.interest = interest;
         self.refresh_fd(fd).inspect_err(|_| {
@@ -489,7 +527,7 @@ impl<D: 'static> Loop<D> {
         };
         let io = &self.io;
         let wanted = st.watches.iter().fold(Interest::NONE, |acc, &w| {
-            acc | io.get(w).expect("watches of an fd are live").wants()
+            merge(acc, io.get(w).expect("watches of an fd are live").wants())
         });
         let before = st.interest;
         let (always_ready, gone) = (st.always_ready, st.watches.is_empty());

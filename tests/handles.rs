@@ -67,6 +67,9 @@ impl Backend for Counting {
     ) -> std::io::Result<()> {
         self.inner.post_fork(registrations)
     }
+    fn kernel_fd(&self) -> Option<i32> {
+        self.inner.kernel_fd()
+    }
 }
 
 fn counting_loop<D>(kind: Kind) -> (Loop<D>, Calls) {
@@ -646,5 +649,180 @@ fn api_a_callback_that_swaps_its_loop_panics_and_closes_no_watched_fd(#[case] ki
     assert!(
         unsafe { libc::fcntl(b_fd, libc::F_GETFD) } >= 0,
         "the other loop's fd is open"
+    );
+}
+
+/// On epoll, asserts what the kernel holds for `fd` (`None`: nothing registered), read
+/// from its own view (`/proc/self/fdinfo` of the epoll fd); elsewhere there is no such
+/// view to check.
+fn assert_epoll_holds<D>(lp: &Loop<D>, fd: i32, want: Option<Interest>, step: &str) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if lp.backend_name() == "epoll" {
+        let epfd = lp.backend_fd().expect("epoll has an fd");
+        let bits = [
+            (Interest::READ, libc::EPOLLIN),
+            (Interest::WRITE, libc::EPOLLOUT),
+            (Interest::HANGUP, libc::EPOLLRDHUP),
+            (Interest::EXCLUSIVE, libc::EPOLLEXCLUSIVE),
+        ];
+        let mask = |i: Interest| {
+            bits.iter()
+                .filter(|(b, _)| i.contains(*b))
+                .fold(0, |m, (_, e)| m | *e as u32)
+        };
+        // The kernel adds EPOLLERR and EPOLLHUP; only the bits the loop asks for count.
+        let asked = bits.iter().fold(0, |m, (_, e)| m | *e as u32);
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epfd}")).unwrap();
+        let held = info.lines().find_map(|line| {
+            let mut words = line.split_whitespace();
+            let (Some("tfd:"), Some(tfd), Some("events:"), Some(events)) =
+                (words.next(), words.next(), words.next(), words.next())
+            else {
+                return None;
+            };
+            let events = u32::from_str_radix(events, 16).unwrap();
+            (tfd.parse() == Ok(fd)).then_some(events & asked)
+        });
+        assert_eq!(held, want.map(mask), "{step}");
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (lp, fd, want, step);
+}
+
+#[apply(backends)]
+fn api_an_exclusive_watch_keeps_working_and_exclusive_through_pause_resume_set_interest_and_post_fork(
+    #[case] kind: Kind,
+) {
+    let (read, write, exclusive) = (Interest::READ, Interest::WRITE, Interest::EXCLUSIVE);
+    let (mut lp, calls) = counting_loop::<Seen>(kind);
+    let (a, mut b) = socketpair();
+    let fd = a.as_raw_fd();
+    let io = lp
+        .watch_io(
+            a,
+            Interest::READ | Interest::EXCLUSIVE,
+            |_, seen, a, ready| {
+                if ready.contains(Readiness::READABLE) {
+                    seen.reads += 1;
+                    drain(a);
+                }
+                if ready.contains(Readiness::WRITABLE) {
+                    seen.writes += 1;
+                }
+            },
+        )
+        .unwrap();
+    assert_epoll_holds(&lp, fd, Some(read | exclusive), "watched");
+    let mut seen = Seen::default();
+    b.write_all(b"x").unwrap();
+    lp.loop_once(Some(U), &mut seen).unwrap();
+    assert_eq!(seen.reads, 1, "an exclusive watch fires as any other");
+
+    calls.take();
+    lp.pause(io).unwrap();
+    assert_epoll_holds(&lp, fd, None, "paused");
+    b.write_all(b"x").unwrap();
+    lp.loop_once(Some(Duration::from_millis(20)), &mut seen)
+        .unwrap();
+    assert_eq!(seen.reads, 1, "paused: it does not fire");
+    lp.resume(io).unwrap();
+    assert_eq!(calls.take(), 2, "pause + resume: two backend calls");
+    assert_epoll_holds(&lp, fd, Some(read | exclusive), "resumed");
+    lp.loop_once(Some(U), &mut seen).unwrap();
+    assert_eq!(seen.reads, 2, "resumed, it fires for the byte waiting");
+
+    lp.set_interest(io, Interest::READ | Interest::WRITE | Interest::EXCLUSIVE)
+        .unwrap();
+    assert_eq!(
+        calls.take(),
+        1,
+        "one backend call (epoll: a delete and an add)"
+    );
+    assert_epoll_holds(&lp, fd, Some(read | write | exclusive), "read and write");
+    lp.loop_once(Some(U), &mut seen).unwrap();
+    assert_eq!(seen.writes, 1, "a socketpair is writable");
+    lp.set_interest(io, Interest::READ).unwrap();
+    assert_epoll_holds(&lp, fd, Some(read), "no longer exclusive");
+    lp.set_interest(io, Interest::READ | Interest::EXCLUSIVE)
+        .unwrap();
+    assert_epoll_holds(&lp, fd, Some(read | exclusive), "exclusive again");
+
+    lp.post_fork().unwrap();
+    assert_epoll_holds(&lp, fd, Some(read | exclusive), "rebuilt by post_fork");
+    b.write_all(b"x").unwrap();
+    lp.loop_once(Some(U), &mut seen).unwrap();
+    assert_eq!((seen.reads, seen.writes), (3, 1), "after post_fork");
+}
+
+/// An fd is registered exclusive only while every unpaused watch of it asks: one that
+/// does not keeps every wake-up it would get alone.
+#[apply(backends)]
+fn api_an_fd_is_exclusive_only_while_all_its_unpaused_watches_ask(#[case] kind: Kind) {
+    let (read, exclusive) = (Interest::READ, Interest::EXCLUSIVE);
+    let mut lp: Loop<(u32, u32)> = Loop::with_backend(kind).unwrap();
+    let (a, mut b) = socketpair();
+    let (fd, a) = (a.as_raw_fd(), Rc::new(a));
+    let asks = Interest::READ | Interest::EXCLUSIVE;
+    lp.watch_io(Rc::clone(&a), asks, |_, seen, _, _| seen.0 += 1)
+        .unwrap();
+    let plain = lp
+        .watch_io(Rc::clone(&a), Interest::READ, |_, seen, _, _| seen.1 += 1)
+        .unwrap();
+    assert_epoll_holds(&lp, fd, Some(read), "one watch does not ask");
+    b.write_all(b"x").unwrap();
+    let mut seen = (0, 0);
+    lp.loop_once(Some(U), &mut seen).unwrap();
+    assert_eq!(seen, (1, 1), "both fire");
+    lp.pause(plain).unwrap();
+    assert_epoll_holds(&lp, fd, Some(read | exclusive), "the other is paused");
+    lp.resume(plain).unwrap();
+    assert_epoll_holds(&lp, fd, Some(read), "resumed");
+    lp.cancel(plain);
+    assert_epoll_holds(&lp, fd, Some(read | exclusive), "the other is gone");
+    lp.loop_once(Some(U), &mut seen).unwrap();
+    assert_eq!(seen, (2, 1), "the exclusive watch still fires");
+}
+
+#[apply(backends)]
+fn api_exclusive_alone_or_with_hangup_is_refused_on_every_backend(#[case] kind: Kind) {
+    let mut lp = new_loop(kind);
+    let (a, _b) = socketpair();
+    let fd = a.as_raw_fd();
+    let alone = lp.watch_io(a, Interest::EXCLUSIVE, |_, (), _, _| {});
+    let Err(alone) = alone else {
+        panic!("EXCLUSIVE alone was accepted");
+    };
+    assert!(matches!(alone.error, Error::EmptyInterest(f) if f == fd));
+    let hangup = Interest::READ | Interest::HANGUP | Interest::EXCLUSIVE;
+    let refused = lp.watch_io(alone.source, hangup, |_, (), _, _| {});
+    let Err(refused) = refused else {
+        panic!("EXCLUSIVE with HANGUP was accepted");
+    };
+    assert!(matches!(refused.error, Error::ExclusiveHangup(f) if f == fd));
+    assert!(
+        refused.error.to_string().contains("HANGUP"),
+        "{}",
+        refused.error
+    );
+    let io = lp
+        .watch_io(
+            refused.source,
+            Interest::READ | Interest::EXCLUSIVE,
+            |_, (), _, _| {},
+        )
+        .unwrap();
+    assert!(matches!(
+        lp.set_interest(io, Interest::EXCLUSIVE),
+        Err(Error::EmptyInterest(_))
+    ));
+    assert!(matches!(
+        lp.set_interest(io, Interest::HANGUP | Interest::EXCLUSIVE),
+        Err(Error::ExclusiveHangup(_))
+    ));
+    assert_epoll_holds(
+        &lp,
+        fd,
+        Some(Interest::READ | Interest::EXCLUSIVE),
+        "unchanged",
     );
 }

@@ -4,11 +4,12 @@ mod common;
 
 use std::cell::{Cell, RefCell};
 use std::io::Write;
-use std::net::UdpSocket;
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::time::Instant;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use common::*;
 use forkloop::{Error, Interest, Io, Kind, Loop, Readiness, Watch};
@@ -803,4 +804,138 @@ fn loop_until_ok(lp: &mut Loop, limit: std::time::Duration, done: impl Fn() -> b
         let _ = lp.loop_once(Some(left), &mut ());
     }
     true
+}
+
+/// What a loop of [`io_exclusive_watches_of_a_shared_listener_tell_one_loop_on_epoll_every_loop_elsewhere`]
+/// reports to the test.
+enum Report {
+    /// About to block in its wait: its thread id.
+    Waiting(i32),
+    /// Its listener's watch fired.
+    Told,
+}
+
+/// One of several loops on threads of their own, each watching a copy of one listener
+/// with `READ | EXCLUSIVE` until the test writes to `stop`: how often it was told.
+fn loop_on_a_shared_listener(
+    kind: Kind,
+    listener: TcpListener,
+    stop: UnixStream,
+    reports: mpsc::Sender<Report>,
+) -> u32 {
+    struct Seen {
+        watch: Option<Io<TcpListener>>,
+        told: u32,
+        reports: mpsc::Sender<Report>,
+    }
+    let mut lp: Loop<Seen> = Loop::with_backend(kind).unwrap();
+    let exclusive = Interest::READ | Interest::EXCLUSIVE;
+    let watch = lp
+        .watch_io(listener, exclusive, |lp, seen, _, _| {
+            seen.told += 1;
+            seen.reports.send(Report::Told).unwrap();
+            // Nobody accepts, so the connection stays queued and every loop the kernel
+            // told reports it; paused, this one does not report it again.
+            lp.pause(seen.watch.unwrap()).unwrap();
+        })
+        .unwrap();
+    lp.watch_io(stop, Interest::READ, |lp, _, _, _| lp.stop(0))
+        .unwrap();
+    lp.after(50 * U, |lp, _| lp.stop(1));
+    let mut seen = Seen {
+        watch: Some(watch),
+        told: 0,
+        reports,
+    };
+    seen.reports.send(Report::Waiting(thread_id())).unwrap();
+    assert_eq!(
+        lp.run(&mut seen).unwrap(),
+        0,
+        "the test's stop, not the bound"
+    );
+    // Whatever the kernel had told this loop by the time the stop came.
+    lp.loop_once(Some(Duration::ZERO), &mut seen).unwrap();
+    seen.told
+}
+
+#[cfg(target_os = "linux")]
+fn thread_id() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn thread_id() -> i32 {
+    0
+}
+
+/// Waits (bounded) until thread `tid` of this process sleeps in `epoll_wait`: the kernel
+/// tells an exclusive waiter only while it is blocked, and otherwise queues the event
+/// for its next wait (the test would then see two loops told on epoll too).
+#[cfg(target_os = "linux")]
+fn blocked_in_epoll_wait(tid: i32) -> bool {
+    let waits = [
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_pwait2,
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_epoll_wait,
+    ];
+    let deadline = Instant::now() + 50 * U;
+    while Instant::now() < deadline {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"));
+        let sleeping =
+            stat.is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('S')));
+        let syscall = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"));
+        let number = syscall
+            .ok()
+            .and_then(|s| s.split(' ').next()?.parse::<libc::c_long>().ok());
+        if sleeping && number.is_some_and(|n| waits.contains(&n)) {
+            return true;
+        }
+        std::thread::yield_now();
+    }
+    false
+}
+
+/// On epoll, `Interest::EXCLUSIVE` makes a new connection wake one of the loops blocked
+/// on a shared listener, not both (`EPOLLEXCLUSIVE`); every other backend ignores the
+/// hint and tells both.
+#[apply(backends)]
+fn io_exclusive_watches_of_a_shared_listener_tell_one_loop_on_epoll_every_loop_elsewhere(
+    #[case] kind: Kind,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (reports, from_loops) = mpsc::channel();
+    let (mut stops, mut loops) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let (stop, theirs) = UnixStream::pair().unwrap();
+        let (copy, reports) = (listener.try_clone().unwrap(), reports.clone());
+        loops.push(std::thread::spawn(move || {
+            loop_on_a_shared_listener(kind, copy, theirs, reports)
+        }));
+        stops.push(stop);
+    }
+    for _ in 0..2 {
+        let Ok(Report::Waiting(tid)) = from_loops.recv_timeout(50 * U) else {
+            panic!("a loop did not start");
+        };
+        #[cfg(target_os = "linux")]
+        if kind == Kind::Epoll {
+            assert!(blocked_in_epoll_wait(tid), "thread {tid} never blocked");
+        }
+        let _ = tid;
+    }
+    let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    assert!(
+        matches!(from_loops.recv_timeout(50 * U), Ok(Report::Told)),
+        "no loop was told of the connection"
+    );
+    for mut stop in &stops {
+        stop.write_all(b"x").unwrap();
+    }
+    let told: u32 = loops.into_iter().map(|l| l.join().unwrap()).sum();
+    let expected = if kind == Kind::Epoll { 1 } else { 2 };
+    assert_eq!(told, expected, "{kind}: loops told of one connection");
+    assert!(listener.accept().is_ok(), "the connection is still queued");
 }

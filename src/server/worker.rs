@@ -33,11 +33,13 @@ use crate::id_map::IdMap;
 use crate::supervisor::{Drain, Listener, MasterLink, WorkerContext};
 use crate::{Interest, Io, Loop, Readiness, Timer, Waker};
 use ::http::StatusCode;
+use accepting::{accept, watch_listener, Pace};
+
+#[path = "accepting.rs"]
+mod accepting;
 
 /// Requests answered per connection before the next is parsed (pipelining depth).
 pub(crate) const MAX_PIPELINED: usize = 32;
-/// Connections accepted per wake-up, so one worker does not take a whole burst.
-const ACCEPT_BATCH: usize = 16;
 /// How long a draining worker keeps an idle keep-alive connection open.
 const DRAIN_GRACE: Duration = Duration::from_millis(100);
 /// Unsent response bytes past which a connection parses no more requests until the
@@ -46,8 +48,6 @@ const MAX_UNSENT: usize = 256 * 1024;
 /// How long a finished connection keeps discarding the peer's input (see
 /// `Conn::start_lingering`).
 const LINGER: Duration = Duration::from_secs(2);
-/// After EMFILE/ENFILE, accepting pauses this long instead of spinning.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The interval of a connection's timer, which never fires by itself: it is restarted
 /// to the timeout the connection needs.
 const PARKED: Duration = Duration::MAX;
@@ -630,6 +630,7 @@ pub struct Worker {
     next_conn: u64,
     /// The listeners' watches (the loop owns the listeners); empty once draining.
     listeners: Vec<Io<Listener>>,
+    pace: Pace,
     draining: bool,
     served: u64,
     max_requests: Option<u64>,
@@ -684,6 +685,7 @@ impl Worker {
             conns: IdMap::default(),
             next_conn: 0,
             listeners: Vec::new(),
+            pace: Pace::new(config.supervisor.workers),
             draining: false,
             served: 0,
             max_requests,
@@ -738,10 +740,7 @@ fn serve(
         let _ = w.link.report_served(w.served);
     })?;
     for listener in listeners {
-        let io = lp.watch_io(listener, Interest::READ, |lp, w, listener, _| {
-            accept(lp, w, listener, ACCEPT_BATCH)
-        })?;
-        worker.listeners.push(io);
+        watch_listener(lp, &mut worker, listener)?;
     }
     let _ = link.ready();
     let code = lp.run(&mut worker)?;
@@ -765,47 +764,6 @@ fn reopen_log(w: &mut Worker) {
         match open_log(path) {
             Ok(file) => w.access_log = Some(file),
             Err(e) => log::error!("reopening the access log {}: {e}", path.display()),
-        }
-    }
-}
-
-/// Out of fds: the listeners' watches wait for nothing for a moment, instead of
-/// spinning on listeners that stay readable.
-fn pause_accepting(lp: &mut Loop<Worker>, w: &Worker) {
-    for &io in &w.listeners {
-        if let Err(e) = lp.pause(io) {
-            log::debug!("pausing a listener: {e}");
-        }
-    }
-}
-
-fn resume_accepting(lp: &mut Loop<Worker>, w: &Worker) {
-    for &io in &w.listeners {
-        if let Err(e) = lp.resume(io) {
-            log::error!("resuming a listener: {e}");
-        }
-    }
-}
-
-fn accept(lp: &mut Loop<Worker>, w: &mut Worker, listener: &Listener, batch: usize) {
-    for _ in 0..batch {
-        match Stream::accept(listener) {
-            Ok((stream, peer)) => add_conn(lp, w, stream, peer),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                log::warn!("accept: {e}; pausing accepts for {ACCEPT_BACKOFF:?}");
-                pause_accepting(lp, w);
-                lp.after(ACCEPT_BACKOFF, |lp, w| {
-                    if !w.draining {
-                        resume_accepting(lp, w);
-                    }
-                });
-                return;
-            }
-            Err(e) => {
-                log::debug!("accept: {e}");
-                return;
-            }
         }
     }
 }
@@ -1579,6 +1537,7 @@ fn close(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
     let Some(conn) = w.conns.remove(&id) else {
         return;
     };
+    accepting::connection_closed(lp, w);
     let queued = conn.slots.iter().filter_map(|slot| match slot {
         Slot::Streaming { shared, .. } => Some(shared),
         _ => None,

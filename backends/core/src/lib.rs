@@ -4,6 +4,8 @@
 //! and rebuilds its kernel object after `fork()`. Everything else — watcher tables,
 //! timers, signals, child processes, fork policy — lives once in the `forkloop` crate.
 //! Readiness is level-triggered: an fd that stays ready is reported by every wait.
+//! [`Interest::EXCLUSIVE`] is a hint a backend may ignore: exclusive wake-ups, where
+//! the OS has them (epoll's `EPOLLEXCLUSIVE`).
 
 mod registrations;
 pub use registrations::{Registration, Registrations};
@@ -85,6 +87,30 @@ bit_set! {
         WRITE = 2,
         /// The peer hung up (reported even without READ where the backend can).
         HANGUP = 4,
+        /// Not a readiness to report but how to be woken: when several processes (or
+        /// loops) wait on one file, such as a listening socket their workers share,
+        /// a new readiness wakes one of the waiters that ask for this, not all of them
+        /// (the thundering herd). Linux epoll's `EPOLLEXCLUSIVE` (Linux 4.5); every
+        /// other backend ignores the bit, and reports as without it. The kernel wakes
+        /// at least one waiter; one whose wait is not blocked right now still has the
+        /// readiness reported at its next wait, so a woken waiter may find nothing
+        /// left (a non-blocking `accept` says `EWOULDBLOCK`).
+        ///
+        /// It rides on the interest so that it travels wherever the interest does:
+        /// through [`Backend::modify`] and [`Backend::post_fork`], and through backends
+        /// written before it existed, which ignore a bit they do not test. It needs a
+        /// readiness beside it (alone it is an empty interest) and cannot go with
+        /// HANGUP: epoll refuses `EPOLLRDHUP` with it, and a read watch fires on a
+        /// hangup anyway.
+        EXCLUSIVE = 8,
+    }
+}
+
+impl Interest {
+    /// The readiness this interest asks to be told of: `self` without
+    /// [`Interest::EXCLUSIVE`].
+    pub const fn events(self) -> Interest {
+        Interest(self.0 & !Interest::EXCLUSIVE.0)
     }
 }
 
@@ -131,10 +157,13 @@ pub trait Backend {
     /// The backend's short name: `"epoll"`, `"poll"`, ….
     fn name(&self) -> &'static str;
 
-    /// Starts watching `fd`. `interest` may be empty only for a hangup-only watch.
+    /// Starts watching `fd`. `interest` may be empty only for a hangup-only watch. A
+    /// backend that has no exclusive wake-ups ignores [`Interest::EXCLUSIVE`].
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()>;
 
-    /// Changes the interest of an fd already registered.
+    /// Changes the interest of an fd already registered, [`Interest::EXCLUSIVE`]
+    /// included (epoll can set that only when it adds an fd, so it deletes the fd and
+    /// adds it again).
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()>;
 
     /// Stops watching `fd`.
@@ -384,6 +413,9 @@ mod tests {
         let i = Interest::READ | Interest::WRITE;
         assert!(i.contains(Interest::READ) && !i.contains(Interest::HANGUP));
         assert_eq!(format!("{i:?}"), "Interest(READ|WRITE)");
+        let exclusive = Interest::READ | Interest::EXCLUSIVE;
+        assert_eq!(exclusive.events(), Interest::READ);
+        assert!(Interest::EXCLUSIVE.events().is_empty());
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! epoll keys a registration by file, not by number, so an event can come from a
 //! registration whose fd was closed behind the loop's back (`Registrations` tells);
 //! the instance is then rebuilt from the backend's own table, which drops it.
+//!
+//! `Interest::EXCLUSIVE` is `EPOLLEXCLUSIVE`. The kernel takes it only at
+//! `EPOLL_CTL_ADD` and refuses `EPOLL_CTL_MOD` of such a registration (`EINVAL`), so a
+//! change to or from an exclusive interest deletes the fd and adds it again. That also
+//! moves this instance to the back of the fd's queue of exclusive waiters, which the
+//! kernel wakes front first (nginx's `ngx_reorder_accept_events` relies on the same).
 #![cfg(any(target_os = "linux", target_os = "android"))]
 
 use std::io;
@@ -46,6 +52,9 @@ fn interest_to_events(interest: Interest) -> u32 {
     }
     if interest.contains(Interest::HANGUP) {
         events |= libc::EPOLLRDHUP;
+    }
+    if interest.contains(Interest::EXCLUSIVE) {
+        events |= libc::EPOLLEXCLUSIVE;
     }
     events as u32
 }
@@ -131,14 +140,31 @@ impl Backend for Epoll {
         result
     }
 
+    /// An exclusive registration, or one becoming exclusive, is deleted and added again
+    /// (see the crate's docs); if the add fails, the old registration is put back.
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        let key = self.registered.get(fd).map_or(0, |reg| reg.key);
-        ctl(
-            self.epfd()?,
-            libc::EPOLL_CTL_MOD,
-            fd,
-            Registration { interest, key },
-        )?;
+        let old = self.registered.get(fd).unwrap_or(Registration {
+            interest: Interest::NONE,
+            key: 0,
+        });
+        let new = Registration {
+            interest,
+            key: old.key,
+        };
+        let epfd = self.epfd()?;
+        if (old.interest | interest).contains(Interest::EXCLUSIVE) {
+            ctl(epfd, libc::EPOLL_CTL_DEL, fd, old)?;
+            if let Err(e) = ctl(epfd, libc::EPOLL_CTL_ADD, fd, new) {
+                let restored = ctl(epfd, libc::EPOLL_CTL_ADD, fd, old).is_ok();
+                if !restored {
+                    // Not in the kernel any more: the table must not say it is.
+                    self.registered.remove(fd);
+                }
+                return Err(e);
+            }
+        } else {
+            ctl(epfd, libc::EPOLL_CTL_MOD, fd, new)?;
+        }
         self.registered.set_interest(fd, interest);
         Ok(())
     }

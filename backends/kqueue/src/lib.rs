@@ -11,6 +11,9 @@
 //! deletes the filter and adds it again; the backend keeps, per fd, the filters the
 //! kernel holds and their modes.
 //!
+//! kqueue has no exclusive wake-ups (every kqueue watching a listening socket is told
+//! of a new connection): `Interest::EXCLUSIVE` is ignored.
+//!
 //! On other systems this crate compiles to nothing.
 #![cfg(any(
     target_os = "macos",

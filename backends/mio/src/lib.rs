@@ -4,6 +4,9 @@
 //! was reported is re-armed (`reregister`) right after the wait: the kernel re-checks it
 //! then, and reports it again at the next wait only if it is still ready.
 //!
+//! mio cannot ask for exclusive wake-ups (`EPOLLEXCLUSIVE`): `Interest::EXCLUSIVE` is
+//! ignored.
+//!
 //! After fork a new `Poll` is built and everything re-registered. The inherited `Poll` is
 //! let go of by `Backend::abandon_inherited` and never dropped: on Linux its epoll fd is
 //! closed by hand, which merely releases this process's reference to the shared epoll;

@@ -1,4 +1,6 @@
 //! The poll(2) backend: no kernel state, so nothing to rebuild after fork.
+//!
+//! poll(2) has no exclusive wake-ups: `Interest::EXCLUSIVE` is ignored.
 
 use std::io;
 use std::os::fd::RawFd;

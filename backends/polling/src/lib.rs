@@ -1,5 +1,6 @@
 //! An adapter over `polling` (smol-rs): epoll on Linux, kqueue on the BSDs and macOS,
-//! registered in level-triggered mode.
+//! registered in level-triggered mode. `polling` cannot ask for exclusive wake-ups
+//! (`EPOLLEXCLUSIVE`): `Interest::EXCLUSIVE` is ignored.
 //!
 //! After fork a new `Poller` is built and everything re-added. The inherited `Poller`
 //! must never run its `Drop`: on Linux it deletes its notifier from the epoll instance

@@ -3,6 +3,7 @@
 //! select's `fd_set` is a fixed bitmap of `FD_SETSIZE` bits; in C an fd beyond it is a
 //! buffer overflow. Here registering such an fd is an error that says what to use instead.
 //! select cannot tell a hangup from readability, so hangup-only interest is refused.
+//! It has no exclusive wake-ups: `Interest::EXCLUSIVE` is ignored.
 
 use std::io;
 use std::mem::MaybeUninit;
