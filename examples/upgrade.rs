@@ -34,6 +34,8 @@ struct Args {
     /// Seconds the new master of an upgrade has to get every worker ready.
     #[arg(long, default_value_t = 60.0)]
     upgrade_timeout: f64,
+    #[arg(long)]
+    reuse_port: bool,
 }
 
 fn main() {
@@ -44,6 +46,7 @@ fn main() {
     config.supervisor.workers = args.workers;
     config.supervisor.pid_file = args.pid_file;
     config.supervisor.upgrade_timeout = std::time::Duration::from_secs_f64(args.upgrade_timeout);
+    config.supervisor.reuse_port = args.reuse_port;
     if let Err(e) = Server::new(config, app).run() {
         log::error!("{e}");
         std::process::exit(1);

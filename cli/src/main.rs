@@ -129,6 +129,10 @@ struct Serve {
     /// overlap as HUP; Linux).
     #[arg(long, value_name = "BYTES")]
     max_worker_memory: Option<u64>,
+    /// One SO_REUSEPORT socket per worker for each TCP --listen address: the kernel
+    /// spreads connections over them (Linux, FreeBSD).
+    #[arg(long)]
+    reuse_port: bool,
     /// Log every request here; reopened on SIGUSR1.
     #[arg(long, value_name = "PATH")]
     access_log: Option<PathBuf>,
@@ -400,6 +404,7 @@ fn main() {
     supervisor.control_socket = args.control_socket;
     supervisor.pid_file = args.pid_file;
     supervisor.max_worker_memory = args.max_worker_memory;
+    supervisor.reuse_port = args.reuse_port;
     config.header_timeout = args.header_timeout;
     config.body_timeout = args.body_timeout;
     config.keepalive_timeout = args.keepalive_timeout;

@@ -98,9 +98,16 @@ fn no_failures(report: &Report) {
 }
 
 /// USR2 with a new build on disk, under load: the figures, and every check.
-fn upgrade_under_load(reuse: Reuse) {
-    let deploy = Deploy::new(&format!("{reuse:?}"));
-    let mut server = deploy.start(&[]);
+fn upgrade_under_load(reuse: Reuse, extra: &[&str]) {
+    let reuse_port = extra.contains(&"--reuse-port");
+    let deploy = Deploy::new(&format!(
+        "{reuse:?}{}",
+        if reuse_port { "-lanes" } else { "" }
+    ));
+    let mut server = deploy.start(extra);
+    if reuse_port {
+        wait_lanes(server.pid, &server.addr, 2);
+    }
     let old_master = server.pid;
     let old_workers = children(old_master);
     assert_eq!(old_workers.len(), 2, "{old_workers:?}");
@@ -127,12 +134,16 @@ fn upgrade_under_load(reuse: Reuse) {
     assert_ne!(new_master, old_master);
     assert!(running(new_master));
     assert_eq!(children(new_master).len(), 2);
+    if reuse_port {
+        // The very lanes, each now served by a worker of the new master.
+        wait_lanes(new_master, &server.addr, 2);
+    }
     assert!(!deploy.oldbin().exists(), "the .oldbin pid file is left");
     // It serves on under the load, alone.
     load.wait_answered(load.answered() + 100);
     let report = load.finish();
     println!(
-        "figure: upgrade, {reuse:?}: {} answered, {} failed, {} retried; new version \
+        "figure: upgrade, {reuse:?} {extra:?}: {} answered, {} failed, {} retried; new version \
          answering {answering:?} after USR2, old master gone after {gone:?}",
         report.answered,
         report.failed.len(),
@@ -147,12 +158,12 @@ fn upgrade_under_load(reuse: Reuse) {
 
 #[test]
 fn a_new_build_takes_over_with_keep_alive_and_no_failed_request() {
-    upgrade_under_load(Reuse::KeepAlive);
+    upgrade_under_load(Reuse::KeepAlive, &[]);
 }
 
 #[test]
 fn a_new_build_takes_over_with_connection_close_and_no_failed_request() {
-    upgrade_under_load(Reuse::Close);
+    upgrade_under_load(Reuse::Close, &[]);
 }
 
 /// USR2 with `bad` in place of the binary: the old master serves on, and its pid file
@@ -174,6 +185,9 @@ fn rolls_back(test: &str, bad: &[u8], extra: &[&str], why: &str) {
     load.wait_answered(answered + 50);
     no_failures(&load.finish());
     assert_eq!(version(&server.addr), "v1");
+    if extra.contains(&"--reuse-port") {
+        wait_lanes(server.pid, &server.addr, 2);
+    }
     // The good build back in place: the next upgrade goes through.
     deploy.replace(&good);
     server.signal(libc::SIGUSR2);
@@ -199,6 +213,22 @@ fn a_new_build_that_never_gets_ready_is_stopped_and_the_old_master_serves_on() {
         hung,
         &["--upgrade-timeout", "1"],
         "was not ready within 1s",
+    );
+}
+
+#[test]
+fn a_new_build_takes_over_every_reuse_port_lane_with_no_failed_request() {
+    upgrade_under_load(Reuse::Close, &["--reuse-port"]);
+}
+
+#[test]
+fn a_failed_upgrade_leaves_every_reuse_port_lane_served() {
+    let broken = b"#!/bin/sh\nexit 3\n";
+    rolls_back(
+        "lanes",
+        broken,
+        &["--reuse-port"],
+        "exited before it was ready (exit status: 3)",
     );
 }
 

@@ -718,12 +718,17 @@ fn serve(
 ) -> crate::Result<i32> {
     let WorkerContext {
         listeners,
+        lane,
         link,
         drain: drain_fd,
         max_requests,
         ..
     } = context;
     let mut worker = Worker::new(lp, config, handler, link.clone(), max_requests)?;
+    if lane.is_some() {
+        // Its TCP listeners are its own (reuse_port): there are no bursts to share.
+        worker.pace = Pace::new(1);
+    }
     // The drain fd stays readable once the drain begins: its watch is paused then
     // (not cancelled: the fd stays open for the SIGTERM handler's next write).
     let drain_watch = lp.watch_io(drain_fd, Interest::READ, |lp, w, _, _| drain(lp, w))?;

@@ -213,7 +213,7 @@ fn plural(n: usize) -> &'static str {
 /// Takes fd `fd` as a listener, once it is shown to be a listening TCP or Unix stream
 /// socket; it is made close-on-exec and non-blocking. An fd that is not one is left
 /// open and untouched, as it may be something else of this process's.
-fn adopt(fd: RawFd) -> Result<Listener, String> {
+pub(super) fn adopt(fd: RawFd) -> Result<Listener, String> {
     // A raw call, as nix's need an fd that is known to be open: this finds out.
     // SAFETY: F_GETFD only reads the flags of fd number `fd`; no memory is passed.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
@@ -230,9 +230,10 @@ fn adopt(fd: RawFd) -> Result<Listener, String> {
     )
     .map_err(|e| format!("cannot be made close-on-exec: {e}"))?;
     // SAFETY: LISTEN_PID names this process, so by the convention fd `fd` was handed to
-    // it to own, and it is the listening socket the convention promised. No other code
-    // owns it: code finds these fds through the variables, which `take` removed before
-    // calling this, so nothing takes one twice.
+    // it to own (an upgrade's further lanes by `FORKLOOP_UPGRADE_LANES`, under the same
+    // LISTEN_PID), and it is the listening socket the convention promised. No other
+    // code owns it: code finds these fds through the variables, which `take` (and
+    // `upgrade::take_inherited`) removed before calling this, so nothing takes one twice.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     let listener = if tcp {
         Listener::Tcp(TcpListener::from(owned))

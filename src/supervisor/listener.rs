@@ -26,6 +26,11 @@ impl Listener {
     /// dead server is replaced; a live one, or a file at that path that is not a
     /// socket, is an error.
     pub fn bind(address: &str) -> io::Result<Listener> {
+        Listener::bind_shared(address, false)
+    }
+
+    /// [`Listener::bind`], a TCP address with `SO_REUSEPORT` if `reuse_port`.
+    fn bind_shared(address: &str, reuse_port: bool) -> io::Result<Listener> {
         let listener = match address.strip_prefix("unix:") {
             Some("") => {
                 return Err(io::Error::new(
@@ -34,7 +39,7 @@ impl Listener {
                 ))
             }
             Some(path) => Listener::Unix(bind_unix(PathBuf::from(path))?),
-            None => Listener::Tcp(bind_tcp(address)?),
+            None => Listener::Tcp(bind_tcp_at(resolve(address)?, reuse_port)?),
         };
         listener.set_nonblocking()?;
         Ok(listener)
@@ -96,9 +101,20 @@ impl AsRawFd for Listener {
 
 /// A listener of the master's, and the socket file it removes at exit (one it bound
 /// from `unix:/path`; never a handed-in one's).
+///
+/// With `reuse_port`, one `--listen` TCP address is a group of `SO_REUSEPORT` sockets,
+/// its *lanes*: one per worker, which the kernel spreads new connections over. The
+/// master keeps every lane open, so that a lane's queue outlives the worker that
+/// serves it (replaced, reloaded, upgraded); a lane closes only when the master has one
+/// worker fewer for good (`TTOU`), and then only after new connections are kept off it
+/// (see [`Bound::remove_lane`]). Any other listener is one socket that every worker
+/// shares: [`Bound::lane`] gives it whatever the lane.
 #[derive(Debug)]
 pub(crate) struct Bound {
-    pub listener: Listener,
+    /// Lane 0 first; never empty.
+    lanes: Vec<Listener>,
+    /// Lanes can be added: a TCP socket of the master's own with `SO_REUSEPORT`.
+    laned: bool,
     pub unlink: Option<PathBuf>,
     /// The master bound it: the socket is its own, and dies with it. A handed-in one
     /// may outlive the master (systemd's, or the app's), so the master leaves its
@@ -107,23 +123,28 @@ pub(crate) struct Bound {
 }
 
 impl Bound {
-    /// Binds a `--listen` address.
-    pub fn bind(address: &str) -> io::Result<Bound> {
-        let listener = Listener::bind(address)?;
+    /// Binds a `--listen` address; with `reuse_port`, a TCP one as lane 0 of a group
+    /// of `SO_REUSEPORT` sockets.
+    pub fn bind(address: &str, reuse_port: bool) -> io::Result<Bound> {
+        let listener = Listener::bind_shared(address, reuse_port)?;
         let unlink = address.strip_prefix("unix:").map(PathBuf::from);
         Ok(Bound {
-            listener,
+            laned: reuse_port && matches!(listener, Listener::Tcp(_)),
+            lanes: vec![listener],
             unlink,
             own: true,
         })
     }
 
-    /// A socket an upgrade passed on (see `upgrade`): the old master's, and left as it
-    /// is (never filtered or unlinked) until this master takes over and [`Bound::own`]s
-    /// it, if the old master did.
-    pub fn inherited(listener: Listener) -> Bound {
+    /// Sockets an upgrade passed on (see `upgrade`): the old master's lanes of one
+    /// address (one socket without `reuse_port`), left as they are (never filtered or
+    /// unlinked) until this master takes over and [`Bound::own`]s them, if the old
+    /// master did.
+    pub fn inherited(lanes: Vec<Listener>, reuse_port: bool) -> Bound {
+        assert!(!lanes.is_empty(), "an upgrade passes a socket per address");
         Bound {
-            listener,
+            laned: reuse_port && matches!(lanes[0], Listener::Tcp(_)),
+            lanes,
             unlink: None,
             own: false,
         }
@@ -141,14 +162,79 @@ impl Bound {
         self.own
     }
 
-    /// A listener bound elsewhere, made non-blocking.
+    /// A listener bound elsewhere, made non-blocking; shared by every worker.
     pub fn handed_in(listener: Listener) -> io::Result<Bound> {
         listener.set_nonblocking()?;
         Ok(Bound {
-            listener,
+            lanes: vec![listener],
+            laned: false,
             unlink: None,
             own: false,
         })
+    }
+
+    /// The socket as a whole: lane 0, whose address every lane has.
+    pub fn listener(&self) -> &Listener {
+        &self.lanes[0]
+    }
+
+    /// Every socket of it: its lanes, or the one socket.
+    pub fn sockets(&self) -> &[Listener] {
+        &self.lanes
+    }
+
+    /// Whether its TCP socket was bound with [`reuse_port`] (what lanes need).
+    pub fn reuses_port(&self) -> io::Result<bool> {
+        let Listener::Tcp(listener) = &self.lanes[0] else {
+            return Ok(false);
+        };
+        let socket = socket2::SockRef::from(listener);
+        #[cfg(target_os = "freebsd")]
+        return socket.reuse_port_lb();
+        #[cfg(not(target_os = "freebsd"))]
+        socket.reuse_port()
+    }
+
+    /// Whether it is a group of lanes (see [`Bound`]).
+    pub fn is_laned(&self) -> bool {
+        self.laned
+    }
+
+    /// The socket the worker of `lane` serves (the shared one, if not laned).
+    pub fn into_lane(mut self, lane: usize) -> Listener {
+        if self.laned && lane < self.lanes.len() {
+            self.lanes.swap_remove(lane)
+        } else {
+            self.lanes.swap_remove(0)
+        }
+    }
+
+    /// Binds one more lane, at lane 0's address (its real port, if 0 was asked for).
+    pub fn add_lane(&mut self) -> io::Result<()> {
+        let Listener::Tcp(first) = &self.lanes[0] else {
+            return Ok(());
+        };
+        if !self.laned {
+            return Ok(());
+        }
+        let lane = bind_tcp_at(first.local_addr()?, true)?;
+        lane.set_nonblocking(true)?;
+        self.lanes.push(Listener::Tcp(lane));
+        Ok(())
+    }
+
+    /// Closes lane `lane`; the last lane takes its number. New connections are kept
+    /// off it first ([`Bound::refuse_new_connections`]), and the ones it queued stay
+    /// for its worker, which takes them in as it drains (the socket's last close,
+    /// the worker's, would reset them otherwise). A client whose SYN is dropped
+    /// meanwhile sends it again a second later, when the kernel no longer counts the
+    /// closed lane in the group.
+    pub fn remove_lane(&mut self, lane: usize) {
+        if !self.laned || self.lanes.len() < 2 || lane >= self.lanes.len() {
+            return;
+        }
+        drop_new_connections(&self.lanes[lane], &self.lanes[0]);
+        self.lanes.swap_remove(lane);
     }
 
     /// At shutdown, before the workers drain, for a TCP socket the master bound: the
@@ -165,15 +251,9 @@ impl Bound {
     /// alone: it may serve again after this master (a filter is the socket's, not the
     /// fd's).
     pub fn refuse_new_connections(&self) {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let (Listener::Tcp(listener), true) = (&self.listener, self.own) {
-            // BPF_RET | BPF_K with k = 0: keep 0 bytes of each packet, i.e. drop it.
-            const DROP: socket2::SockFilter = socket2::SockFilter::new(0x06, 0, 0, 0);
-            if let Err(e) = socket2::SockRef::from(listener).attach_filter(&[DROP]) {
-                log::warn!(
-                    "{}: cannot stop new connections: {e}",
-                    self.listener.address()
-                );
+        if self.own {
+            for lane in &self.lanes {
+                drop_new_connections(lane, &self.lanes[0]);
             }
         }
     }
@@ -182,9 +262,13 @@ impl Bound {
     /// may have done to a socket it shares with this one).
     pub fn accept_new_connections(&self) {
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        if let (Listener::Tcp(listener), true) = (&self.listener, self.own) {
-            // ENOENT when there is no filter: nothing to undo.
-            let _ = socket2::SockRef::from(listener).detach_filter();
+        if self.own {
+            for lane in &self.lanes {
+                if let Listener::Tcp(listener) = lane {
+                    // ENOENT when there is no filter: nothing to undo.
+                    let _ = socket2::SockRef::from(listener).detach_filter();
+                }
+            }
         }
     }
 
@@ -196,22 +280,70 @@ impl Bound {
     }
 }
 
-fn bind_tcp(address: &str) -> io::Result<TcpListener> {
-    let addr: SocketAddr = address.to_socket_addrs()?.next().ok_or_else(|| {
+/// A TCP `listener` completes no new connection from now on (see
+/// [`Bound::refuse_new_connections`]); `named` is how the log names it.
+fn drop_new_connections(listener: &Listener, named: &Listener) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Listener::Tcp(listener) = listener {
+        // BPF_RET | BPF_K with k = 0: keep 0 bytes of each packet, i.e. drop it.
+        const DROP: socket2::SockFilter = socket2::SockFilter::new(0x06, 0, 0, 0);
+        if let Err(e) = socket2::SockRef::from(listener).attach_filter(&[DROP]) {
+            log::warn!("{}: cannot stop new connections: {e}", named.address());
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (listener, named);
+}
+
+fn resolve(address: &str) -> io::Result<SocketAddr> {
+    address.to_socket_addrs()?.next().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("{address} resolves to nothing"),
         )
-    })?;
+    })
+}
+
+/// Binds and listens on `addr`; with `reuse_port`, as one of a group of sockets on
+/// that address over which the kernel spreads new connections (see [`reuse_port`]).
+fn bind_tcp_at(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         None,
     )?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        self::reuse_port(&socket)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
+}
+
+/// Whether this system spreads connections over a group of listening sockets on one
+/// address, which `--reuse-port` needs: Linux's `SO_REUSEPORT` and FreeBSD's
+/// `SO_REUSEPORT_LB` do. Elsewhere (macOS, the other BSDs) `SO_REUSEPORT` lets
+/// sockets share an address without spreading the load, which would leave lanes idle.
+pub(crate) const REUSE_PORT_SPREADS: bool = cfg!(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd"
+));
+
+fn reuse_port(socket: &socket2::Socket) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    return socket.set_reuse_port(true);
+    #[cfg(target_os = "freebsd")]
+    return socket.set_reuse_port_lb(true);
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+    {
+        let _ = socket;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this system does not spread connections over SO_REUSEPORT sockets",
+        ))
+    }
 }
 
 /// Binds a Unix socket at `path`. A socket file no server answers on (left by a dead
@@ -289,8 +421,8 @@ mod tests {
     fn only_the_masters_own_listener_stops_taking_connections_at_shutdown() {
         use std::net::TcpStream;
         use std::time::Duration;
-        let own = Bound::bind("127.0.0.1:0").unwrap();
-        let Listener::Tcp(tcp) = &own.listener else {
+        let own = Bound::bind("127.0.0.1:0", false).unwrap();
+        let Listener::Tcp(tcp) = own.listener() else {
             unreachable!()
         };
         let addr = tcp.local_addr().unwrap();
@@ -307,6 +439,68 @@ mod tests {
         handed.refuse_new_connections();
         TcpStream::connect_timeout(&addr, Duration::from_millis(300))
             .expect("a handed-in socket keeps taking connections");
+    }
+
+    /// Lanes share the address (the real port of `:0`), and a lane that closes
+    /// keeps what it queued for its worker while the kernel sends new connections to
+    /// the other lanes.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn lanes_share_the_port_and_a_closing_lane_completes_no_new_connection() {
+        use std::net::TcpStream;
+        use std::time::Duration;
+        let mut bound = Bound::bind("127.0.0.1:0", true).unwrap();
+        assert!(bound.is_laned() && bound.reuses_port().unwrap());
+        bound.add_lane().unwrap();
+        bound.add_lane().unwrap();
+        let addr = |l: &Listener| match l {
+            Listener::Tcp(l) => l.local_addr().unwrap(),
+            Listener::Unix(_) => unreachable!(),
+        };
+        let port = addr(bound.listener());
+        assert!(bound.sockets().iter().all(|lane| addr(lane) == port));
+        // Connections queued on the lanes: taken from lane 1 later, as its worker would.
+        let clients: Vec<TcpStream> = (0..30).map(|_| TcpStream::connect(port).unwrap()).collect();
+        let Listener::Tcp(lane1) = &bound.sockets()[1] else {
+            unreachable!()
+        };
+        let worker_copy = lane1.try_clone().unwrap();
+        bound.remove_lane(1);
+        assert_eq!(bound.sockets().len(), 2);
+        let mut taken = 0;
+        while worker_copy.accept().is_ok() {
+            taken += 1;
+        }
+        assert!(taken > 0, "30 connections and none on lane 1 of 3");
+        // While its worker still holds it, the closing lane completes no connection
+        // (those it would get wait for their SYN's resend); once closed, the kernel
+        // spreads them over the lanes left.
+        let during: Vec<_> = (0..30)
+            .map(|_| TcpStream::connect_timeout(&port, Duration::from_millis(100)))
+            .collect();
+        assert!(
+            worker_copy.accept().is_err(),
+            "a new connection on a closing lane"
+        );
+        drop(worker_copy);
+        let late: Vec<TcpStream> = (0..30)
+            .map(|_| TcpStream::connect_timeout(&port, Duration::from_secs(5)).unwrap())
+            .collect();
+        drop((clients, during, late));
+    }
+
+    #[test]
+    fn a_lane_is_given_only_where_lanes_are() {
+        let unix = scratch("shared");
+        let address = format!("unix:{}", unix.display());
+        let mut shared = Bound::bind(&address, true).unwrap();
+        assert!(!shared.is_laned());
+        shared.add_lane().unwrap();
+        assert_eq!(shared.sockets().len(), 1, "a Unix socket is shared");
+        assert!(matches!(shared.into_lane(3), Listener::Unix(_)));
+        std::fs::remove_file(&unix).unwrap();
+        let tcp = Bound::bind("127.0.0.1:0", false).unwrap();
+        assert!(!tcp.is_laned() && !tcp.reuses_port().unwrap());
     }
 
     #[test]

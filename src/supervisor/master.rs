@@ -18,16 +18,19 @@ use std::time::{Duration, Instant};
 use std::io::Write;
 use std::os::fd::AsFd;
 
-use nix::sys::signal::Signal;
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 use nix::unistd::Pid;
 
-use super::listener::Bound;
+use super::listener::{Bound, REUSE_PORT_SPREADS};
 use super::notify::{self, Notifier};
 use super::status::{rss_bytes, Status, WorkerState as State, WorkerStatus};
 use super::upgrade::{self, Exe, UPGRADED};
 use super::worker::{become_worker, Birth, COUNT_BYTES, HEARTBEAT, READY, RECYCLE, SERVED};
 use super::{activation, Config, ExitHook, ForkHook, Supervisor, WorkerFn};
 use crate::{ForkOptions, Interest, Io, Loop, Timer};
+
+#[path = "lanes.rs"]
+mod lanes;
 
 /// Why the supervisor could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +105,9 @@ struct WorkerInfo {
     counting: Option<(u64, usize)>,
     /// Heartbeat checks in a row that found it above `max_worker_memory`.
     over_memory: u32,
+    /// The lane it serves (`reuse_port`; see `lanes`), until it drains and its lane
+    /// is closed.
+    lane: Option<usize>,
 }
 
 /// A HUP's rolling restart, from its `RELOADING=1` to its `READY=1`.
@@ -134,6 +140,9 @@ struct Master {
     before_fork: Option<ForkHook>,
     on_worker_exit: Option<ExitHook>,
     listeners: Vec<Bound>,
+    /// How many lanes each laned listener has (`reuse_port`; see `lanes`); 0 when
+    /// none is laned.
+    lanes: usize,
     /// Every worker not yet reaped (an entry leaves when its exit is reported).
     workers: HashMap<Slot, WorkerInfo>,
     target: usize,
@@ -171,7 +180,7 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
     // First of all, before the program can have started threads of ours: this takes
     // the variables out of the environment (see `activation::take`).
     let activated = activation::take(&supervisor.config.listen)?;
-    let inherited = upgrade::take_report_fd(activated.as_ref().map(Vec::len));
+    let inherited = upgrade::take_inherited(activated.as_ref().map(Vec::len))?;
     let exe = Exe::current().map_err(|e| e.to_string());
     let config = supervisor.config;
     if config.workers == 0 {
@@ -188,6 +197,13 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
     if config.startup_budget == 0 {
         return Err(SupervisorError::Config(
             "startup_budget must be at least 1".into(),
+        ));
+    }
+    if config.reuse_port && !REUSE_PORT_SPREADS {
+        return Err(SupervisorError::Config(
+            "reuse_port (--reuse-port) needs a system that spreads connections over \
+             SO_REUSEPORT sockets (Linux, or FreeBSD's SO_REUSEPORT_LB); this one does not"
+                .into(),
         ));
     }
     if config.max_worker_memory.is_some() && rss_bytes(std::process::id() as libc::pid_t).is_none()
@@ -208,6 +224,7 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         before_fork: supervisor.before_fork,
         on_worker_exit: supervisor.on_worker_exit,
         listeners: Vec::new(),
+        lanes: 0,
         workers: HashMap::new(),
         next_slot: 0,
         shutdown_began: None,
@@ -240,16 +257,25 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         // From an upgrade: the sockets the old master serves on. Not this master's
         // until it takes over (`tell_old_master`): a new master that fails must leave
         // them as they are, for the old one.
-        (Some(listeners), Some(inherited)) => {
-            for listener in listeners {
-                master.listeners.push(Bound::inherited(listener));
+        (Some(listeners), Some(mut inherited)) => {
+            let lanes = std::mem::take(&mut inherited.lanes);
+            for (listener, more) in listeners.into_iter().zip(lanes) {
+                let lanes = std::iter::once(listener).chain(more).collect();
+                let bound = Bound::inherited(lanes, master.config.reuse_port);
+                master.listeners.push(bound);
             }
+            lanes::check_inherited(&master)?;
             master.notify.hold();
             master.report_to = Some(inherited);
         }
         // Handed in: never unlinked, and never filtered at shutdown (systemd keeps
         // the socket for the next start).
         (Some(listeners), None) => {
+            if master.config.reuse_port {
+                log::info!(
+                    "reuse_port: the sockets socket activation gave are shared by every worker"
+                );
+            }
             for (listener, address) in listeners.into_iter().zip(addresses) {
                 let bound = Bound::handed_in(listener)
                     .map_err(|source| SupervisorError::Bind { address, source })?;
@@ -258,7 +284,8 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         }
         (None, _) => {
             for address in &addresses {
-                let bound = Bound::bind(address).map_err(|source| SupervisorError::Bind {
+                let bound = Bound::bind(address, master.config.reuse_port);
+                let bound = bound.map_err(|source| SupervisorError::Bind {
                     address: address.clone(),
                     source,
                 });
@@ -271,6 +298,11 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
                 }
             }
         }
+    }
+    master.lanes = lanes::count(&master.listeners);
+    if master.report_to.is_some() && master.lanes > 0 {
+        // Each lane needs its worker (see `lanes`): as many as the old master had.
+        master.target = master.lanes;
     }
     if let Some(path) = &pid_file {
         if let Err(e) = write_pid_file(path) {
@@ -375,8 +407,10 @@ fn active(m: &Master) -> usize {
         .count()
 }
 
-/// Forks workers until `target` of them are starting or serving.
+/// Forks workers until `target` of them are starting or serving (after closing the
+/// lanes too many).
 fn reconcile(lp: &mut Loop<Master>, m: &mut Master) {
+    lanes::trim(lp, m);
     loop {
         if m.shutting_down() || m.respawn_timer.is_some() || active(m) >= m.target {
             return;
@@ -389,10 +423,22 @@ fn reconcile(lp: &mut Loop<Master>, m: &mut Master) {
     }
 }
 
+/// Forks a worker, on the lane of the one it `replaces` or on a lane no other serves.
 fn spawn(
     lp: &mut Loop<Master>,
     m: &mut Master,
     replaces: Option<Slot>,
+) -> Result<Slot, SupervisorError> {
+    let lane = lanes::for_new_worker(m, replaces)?;
+    spawn_on(lp, m, replaces, lane)
+}
+
+/// Forks a worker serving `lane` (`None`: not laned).
+fn spawn_on(
+    lp: &mut Loop<Master>,
+    m: &mut Master,
+    replaces: Option<Slot>,
+    lane: Option<usize>,
 ) -> Result<Slot, SupervisorError> {
     let (master_end, worker_end) = UnixStream::pair().map_err(|source| crate::Error::Create {
         what: "a worker pipe",
@@ -412,6 +458,12 @@ fn spawn(
     // returns.
     let mut master_end = Some(master_end);
     let mut worker_end = Some(worker_end);
+    // TERM stays blocked in the child until its drain handler is in place (see
+    // `become_worker`): a worker retired at once (a HUP while it starts, a lane to
+    // close) drains instead of dying of it with connections it should take in.
+    let term = SigSet::from(Signal::SIGTERM);
+    let mut mask = SigSet::empty();
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&term), Some(&mut mask));
     let pid = lp.fork(ForkOptions::new(), || {
         // The child keeps its own pipe end and the listeners, nothing else of the
         // master's: a copy of any worker's master end, this one's included, would hide
@@ -422,10 +474,12 @@ fn spawn(
         drop(m.report_to.take());
         let birth = Birth {
             slot,
+            // Its lane's socket of each laned listener: the others close here.
             listeners: std::mem::take(&mut m.listeners)
                 .into_iter()
-                .map(|bound| bound.listener)
+                .map(|bound| bound.into_lane(lane.unwrap_or(0)))
                 .collect(),
+            lane,
             link: worker_end.take().expect("taken once"),
             master_pid,
             heartbeat_interval: heartbeat_interval(&m.config),
@@ -439,7 +493,9 @@ fn spawn(
                 1
             }
         }
-    })?;
+    });
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&mask), None);
+    let pid = pid?;
     drop(worker_end);
     let master_end = master_end.expect("taken in the child only");
     // The fork took a while: a worker's clock starts now, not at the wake-up.
@@ -468,9 +524,13 @@ fn spawn(
             served: None,
             counting: None,
             over_memory: 0,
+            lane,
         },
     );
-    log::debug!("worker {slot} forked: pid {pid}");
+    match lane {
+        Some(lane) => log::debug!("worker {slot} forked: pid {pid}, lane {lane}"),
+        None => log::debug!("worker {slot} forked: pid {pid}"),
+    }
     Ok(slot)
 }
 
@@ -606,7 +666,7 @@ fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
             }
             None => m.notify.ready(&serving_status(m)),
         }
-        let addresses: Vec<String> = m.listeners.iter().map(|b| b.listener.address()).collect();
+        let addresses: Vec<String> = m.listeners.iter().map(|b| b.listener().address()).collect();
         let listening = if addresses.is_empty() {
             String::new()
         } else {
@@ -943,6 +1003,11 @@ fn fewer_workers(lp: &mut Loop<Master>, m: &mut Master) {
     }
     m.target -= 1;
     log::info!("TTOU: workers: {}", m.target);
+    if m.lanes > 0 {
+        // The worker of the lane that closes goes.
+        lanes::trim(lp, m);
+        return report(m);
+    }
     let victim = m
         .workers
         .iter()
@@ -1042,7 +1107,10 @@ fn begin_upgrade(lp: &mut Loop<Master>, m: &mut Master) {
     }
     let sockets: Vec<_> = m.listeners[m.handed_in..]
         .iter()
-        .map(|bound| (bound.listener.as_fd(), bound.is_own()))
+        .map(|bound| upgrade::Passed {
+            lanes: bound.sockets().iter().map(AsFd::as_fd).collect(),
+            own: bound.is_own(),
+        })
         .collect();
     let path = exe.path().to_owned();
     let successor = match upgrade::spawn(lp, exe, &sockets) {

@@ -202,6 +202,17 @@ pub struct Config {
     /// `None`: `PID_FILE.ctl` if there is a `pid_file` ([`Status::beside`]), else none.
     /// A stale socket file is replaced; the file is removed at exit.
     pub control_socket: Option<PathBuf>,
+    /// One `SO_REUSEPORT` socket per worker for each TCP address the master binds, its
+    /// *lane*, instead of one socket every worker shares: the kernel spreads new
+    /// connections over the lanes by a hash of their addresses, so no worker takes a
+    /// burst another would have taken, and no worker waits on a lock or wake-up for
+    /// them (off). The master keeps each lane open, so that a replaced, reloaded or
+    /// upgraded worker's successor takes over its queue; `TTOU` closes a lane only
+    /// after its worker has taken in what it queued. Unix sockets and sockets handed
+    /// in (by the app, or by systemd's socket activation) stay shared. Linux and
+    /// FreeBSD (`SO_REUSEPORT_LB`); elsewhere a configuration error. See
+    /// [`WorkerContext::lane`] for what it asks of a worker.
+    pub reuse_port: bool,
 }
 
 impl Default for Config {
@@ -219,6 +230,7 @@ impl Default for Config {
             upgrade_timeout: Duration::from_secs(60),
             max_worker_memory: None,
             control_socket: None,
+            reuse_port: false,
         }
     }
 }

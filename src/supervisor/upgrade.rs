@@ -13,7 +13,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
 
-use super::activation::FIRST_FD;
+use super::activation::{adopt, FIRST_FD};
+use super::{Listener, SupervisorError};
 use crate::{ForkOptions, Loop};
 
 /// The environment variable naming the fd on which a new master reports readiness to
@@ -23,17 +24,21 @@ pub(crate) const UPGRADE_FD: &str = "FORKLOOP_UPGRADE_FD";
 /// masters' own (`y`: bound by the first master of the chain, so filtered and
 /// unlinked at the last one's shutdown) or someone else's (`n`: systemd's).
 pub(crate) const UPGRADE_OWN: &str = "FORKLOOP_UPGRADE_OWN";
+/// The environment variable saying, per `listen` value (in order, `,`-separated), how
+/// many more lanes of it (`--reuse-port`) are passed after the readiness socket.
+pub(crate) const UPGRADE_LANES: &str = "FORKLOOP_UPGRADE_LANES";
 /// The byte a new master writes there once every worker is ready.
 pub(crate) const UPGRADED: u8 = b'R';
 /// The variables of the hand-off: the old master's own values are not passed on.
 /// `WATCHDOG_PID` names the old master: the new one, which pings once it takes over,
 /// gets none (so it pings, as systemd then expects of the main process).
-const HAND_OFF: [&str; 6] = [
+const HAND_OFF: [&str; 7] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     UPGRADE_FD,
     UPGRADE_OWN,
+    UPGRADE_LANES,
     "WATCHDOG_PID",
 ];
 
@@ -105,17 +110,26 @@ pub(crate) struct Successor {
     pub ready: UnixStream,
 }
 
-/// Forks and execs `exe` with the environment of this process, the `listeners` placed
-/// at fds 3, 4, … with `LISTEN_FDS` and `LISTEN_PID` naming the new process (no
-/// names: the new master takes them in the order of its `listen` values, which are
-/// this one's), whether each is the masters' `own` in `FORKLOOP_UPGRADE_OWN`, and its
-/// end of the readiness socket named by `FORKLOOP_UPGRADE_FD`. Everything is prepared before the fork: the child only moves
-/// fds, writes its pid into the prepared environment and execs (async-signal-safe
-/// calls only).
+/// One `listen` value's sockets, as an upgrade passes them: its lanes (lane 0 first;
+/// one socket without `--reuse-port`), and whether they are the masters' own.
+pub(crate) struct Passed<'a> {
+    pub lanes: Vec<BorrowedFd<'a>>,
+    pub own: bool,
+}
+
+/// Forks and execs `exe` with the environment of this process, lane 0 of each of the
+/// `listeners` placed at fds 3, 4, … with `LISTEN_FDS` and `LISTEN_PID` naming the new
+/// process (no names: the new master takes them in the order of its `listen` values,
+/// which are this one's), whether each is the masters' `own` in
+/// `FORKLOOP_UPGRADE_OWN`, its end of the readiness socket right after them, named by
+/// `FORKLOOP_UPGRADE_FD`, and then the other lanes, counted per value in
+/// `FORKLOOP_UPGRADE_LANES`. Everything is prepared before the fork: the child only
+/// moves fds, writes its pid into the prepared environment and execs
+/// (async-signal-safe calls only).
 pub(crate) fn spawn<D>(
     lp: &mut Loop<D>,
     exe: &Exe,
-    listeners: &[(BorrowedFd<'_>, bool)],
+    listeners: &[Passed<'_>],
 ) -> io::Result<Successor> {
     let (ready, theirs) = UnixStream::pair()?;
     let count = listeners.len();
@@ -132,10 +146,17 @@ pub(crate) fn spawn<D>(
     env.push(c_string(format!("LISTEN_FDS={count}").into())?);
     let own: String = listeners
         .iter()
-        .map(|&(_, own)| if own { 'y' } else { 'n' })
+        .map(|passed| if passed.own { 'y' } else { 'n' })
         .collect();
     env.push(c_string(format!("{UPGRADE_OWN}={own}").into())?);
     env.push(c_string(format!("{UPGRADE_FD}={report_fd}").into())?);
+    let lanes: Vec<String> = listeners
+        .iter()
+        .map(|passed| (passed.lanes.len().saturating_sub(1)).to_string())
+        .collect();
+    env.push(c_string(
+        format!("{UPGRADE_LANES}={}", lanes.join(",")).into(),
+    )?);
     // The child writes its pid's digits here (a pid has at most 10).
     let mut listen_pid = *b"LISTEN_PID=\0\0\0\0\0\0\0\0\0\0\0\0";
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|v| v.as_ptr()).collect();
@@ -148,9 +169,15 @@ pub(crate) fn spawn<D>(
         .map(|a| a.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect();
-    // Where the fds go: the listeners, then the readiness socket.
-    let mut from: Vec<RawFd> = listeners.iter().map(|(l, _)| l.as_raw_fd()).collect();
+    // Where the fds go: lane 0 of each listener, the readiness socket, the other lanes.
+    let mut from: Vec<RawFd> = listeners.iter().map(|p| p.lanes[0].as_raw_fd()).collect();
     from.push(theirs.as_raw_fd());
+    from.extend(
+        listeners
+            .iter()
+            .flat_map(|p| &p.lanes[1..])
+            .map(AsRawFd::as_raw_fd),
+    );
     let mut moved = vec![-1; from.len()];
     let pid = lp
         .fork(ForkOptions::new(), || {
@@ -236,34 +263,49 @@ fn write_decimal(out: &mut [u8], value: libc::pid_t) {
 }
 
 /// In a master exec'd by an upgrade: the socket on which to report readiness to the
-/// old master, taken from the environment (and removed from it, so that nothing this
-/// process starts inherits the name). `None` when this master was not started by an
-/// upgrade: not `activated` (no sockets were handed to this very process, so the
-/// variable is another's), or the fd named is not a socket.
+/// old master and the lanes beyond the activated sockets, taken from the environment
+/// (and removed from it, so that nothing this process starts inherits the names).
+/// `None` when this master was not started by an upgrade: not `activated` (no sockets
+/// were handed to this very process, so the variables are another's), or the fd named
+/// is not a socket. A lane that is not a listening socket is an error: serving without
+/// it would leave its connections queued for no one.
 ///
 /// Must run before any thread reads the environment, like the socket activation it
 /// belongs to: it is called at the start of [`Supervisor::run`](super::Supervisor::run).
-pub(crate) fn take_report_fd(activated: Option<usize>) -> Option<Inherited> {
+pub(crate) fn take_inherited(
+    activated: Option<usize>,
+) -> Result<Option<Inherited>, SupervisorError> {
     let own = std::env::var_os(UPGRADE_OWN);
-    let value = std::env::var_os(UPGRADE_FD)?;
+    let lanes = std::env::var_os(UPGRADE_LANES);
+    let Some(value) = std::env::var_os(UPGRADE_FD) else {
+        return Ok(None);
+    };
     // Sound only while no other thread reads the environment (see above): the master
     // starts from a plain `main`, before threads of its own.
     std::env::remove_var(UPGRADE_FD);
     std::env::remove_var(UPGRADE_OWN);
+    std::env::remove_var(UPGRADE_LANES);
+    let Some(count) = activated else {
+        return Ok(None);
+    };
     // Right after the activated sockets, where `spawn` puts it.
-    let expected = FIRST_FD + RawFd::try_from(activated?).ok()?;
-    // Anything but `y` is someone else's: never filter or unlink a socket on a guess.
-    let own = own
-        .map(|own| own.as_encoded_bytes().iter().map(|&b| b == b'y').collect())
-        .unwrap_or_default();
-    let fd: RawFd = value.to_str()?.parse().ok().filter(|&fd| fd == expected)?;
+    let Some(expected) = RawFd::try_from(count).ok().map(|n| FIRST_FD + n) else {
+        return Ok(None);
+    };
+    let Some(fd) = value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .filter(|&fd| fd == expected)
+    else {
+        return Ok(None);
+    };
     // SAFETY: `stat` is plain old data (integers), for which all zeroes is a value.
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat only reads the fd's status into `stat`, which lives across the
     // call; an fd that is not open fails (EBADF).
     if unsafe { libc::fstat(fd, &mut stat) } != 0 || stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         log::warn!("{UPGRADE_FD}={fd} is not an open socket; ignored");
-        return None;
+        return Ok(None);
     }
     // SAFETY: the fd is open, a socket, and was passed to this process for it alone
     // (LISTEN_PID named this process); nothing else in it owns that number.
@@ -273,10 +315,51 @@ pub(crate) fn take_report_fd(activated: Option<usize>) -> Option<Inherited> {
         &socket,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
-    Some(Inherited {
+    // Anything but `y` is someone else's: never filter or unlink a socket on a guess.
+    let own = own
+        .map(|own| own.as_encoded_bytes().iter().map(|&b| b == b'y').collect())
+        .unwrap_or_default();
+    let lanes = take_lanes(lanes, count, fd + 1)
+        .map_err(|e| SupervisorError::Config(format!("upgrade: {UPGRADE_LANES}: {e}")))?;
+    Ok(Some(Inherited {
         report: socket,
         own,
-    })
+        lanes,
+    }))
+}
+
+/// The lanes beyond lane 0 of each of the `count` values, at fds `first`, … in order,
+/// as `counts` (`FORKLOOP_UPGRADE_LANES`) says; none for a master that passes none.
+fn take_lanes(
+    counts: Option<OsString>,
+    count: usize,
+    first: RawFd,
+) -> Result<Vec<Vec<Listener>>, String> {
+    let Some(counts) = counts else {
+        return Ok((0..count).map(|_| Vec::new()).collect());
+    };
+    let counts = counts.to_str().ok_or("not UTF-8")?;
+    let counts: Vec<usize> = counts
+        .split(',')
+        .map(|n| {
+            n.parse()
+                .map_err(|_| format!("{counts:?} is not a list of numbers"))
+        })
+        .collect::<Result<_, _>>()?;
+    if counts.len() != count {
+        return Err(format!("{} counts for {count} sockets", counts.len()));
+    }
+    let mut fd = first;
+    let mut lanes = Vec::with_capacity(count);
+    for n in counts {
+        let mut extra = Vec::new();
+        for _ in 0..n {
+            extra.push(adopt(fd).map_err(|e| format!("fd {fd} {e}"))?);
+            fd = fd.checked_add(1).ok_or("more fds than a process has")?;
+        }
+        lanes.push(extra);
+    }
+    Ok(lanes)
 }
 
 /// What a master started by an upgrade got from the old one, beside the sockets.
@@ -285,6 +368,8 @@ pub(crate) struct Inherited {
     pub report: UnixStream,
     /// Per socket, in order: whether it is the masters' own.
     pub own: Vec<bool>,
+    /// Per socket, in order: its lanes after lane 0 (`--reuse-port`).
+    pub lanes: Vec<Vec<Listener>>,
 }
 
 #[cfg(test)]

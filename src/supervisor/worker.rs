@@ -34,8 +34,17 @@ pub struct WorkerContext {
     /// The worker's slot: a number never reused in the master's life.
     pub slot: usize,
     /// The listeners to serve, each shared with every other worker (the kernel hands
-    /// each connection to one accepting worker). Non-blocking.
+    /// each connection to one accepting worker), except under [`Config::reuse_port`]
+    /// (see `lane`). Non-blocking.
+    ///
+    /// [`Config::reuse_port`]: super::Config::reuse_port
     pub listeners: Vec<Listener>,
+    /// Under [`Config::reuse_port`](super::Config::reuse_port), the worker's lane:
+    /// its listeners of the TCP addresses the master bound are sockets of its own,
+    /// which no other worker serves (but the one replacing it, for a moment). When the
+    /// worker drains, it must take in the connections they queued before it closes
+    /// them: nobody else will. `None`: every listener is shared.
+    pub lane: Option<usize>,
     /// The way to the master: ready, heartbeats, recycling.
     pub link: MasterLink,
     /// Readable once the worker must drain.
@@ -247,6 +256,7 @@ impl AsRawFd for Drain {
 pub(crate) struct Birth {
     pub slot: usize,
     pub listeners: Vec<Listener>,
+    pub lane: Option<usize>,
     pub link: UnixStream,
     pub master_pid: libc::pid_t,
     pub heartbeat_interval: Duration,
@@ -268,11 +278,16 @@ pub(crate) fn become_worker(birth: Birth) -> io::Result<WorkerContext> {
         // SAFETY: sets a disposition; no handler code runs.
         unsafe { libc::signal(signal, libc::SIG_IGN) };
     }
+    let drain = Drain::on_sigterm()?;
+    // The master forks with TERM blocked (`spawn_on`): one sent since is delivered
+    // now, to the drain's handler.
+    let _ = SigSet::from(Signal::SIGTERM).thread_unblock();
     Ok(WorkerContext {
         slot: birth.slot,
         listeners: birth.listeners,
+        lane: birth.lane,
         link: MasterLink::new(birth.link, birth.heartbeat_interval),
-        drain: Drain::on_sigterm()?,
+        drain,
         max_requests: birth.max_requests,
     })
 }

@@ -460,3 +460,101 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The inodes of the sockets listening on TCP `port` (`/proc/net/tcp` and `tcp6`): one
+/// per lane under `--reuse-port`, one in all without.
+pub fn listening_sockets(port: u16) -> Vec<u64> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(&"0A"), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let listening_port = local
+                .rsplit_once(':')
+                .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok());
+            if listening_port == Some(port) {
+                inodes.extend(inode.parse::<u64>().ok());
+            }
+        }
+    }
+    inodes.sort_unstable();
+    inodes
+}
+
+/// The inodes of the sockets among process `pid`'s fds.
+pub fn socket_inodes(pid: libc::pid_t) -> Vec<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut inodes: Vec<u64> = dir
+        .filter_map(|entry| {
+            let target = std::fs::read_link(entry.ok()?.path()).ok()?;
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    inodes.sort_unstable();
+    inodes
+}
+
+/// The port of a `host:port` address.
+pub fn port_of(addr: &str) -> u16 {
+    let (_, port) = addr.rsplit_once(':').expect("host:port");
+    port.parse().expect("a port")
+}
+
+/// The lanes of `master`'s server on `addr`, if they are as `--reuse-port` promises:
+/// every socket listening on its port is held by the master and by exactly one running
+/// worker, and each worker holds one of them. Draining workers, which have closed
+/// theirs, hold none.
+pub fn lanes(master: libc::pid_t, addr: &str) -> Result<usize, String> {
+    let lanes = listening_sockets(port_of(addr));
+    let held_by_master = socket_inodes(master);
+    if let Some(lane) = lanes.iter().find(|lane| !held_by_master.contains(lane)) {
+        return Err(format!("the master does not hold lane socket {lane}"));
+    }
+    let mut holders: std::collections::HashMap<u64, Vec<libc::pid_t>> = Default::default();
+    for worker in children(master).into_iter().filter(|&pid| running(pid)) {
+        let held: Vec<u64> = (socket_inodes(worker).into_iter())
+            .filter(|socket| lanes.contains(socket))
+            .collect();
+        match held[..] {
+            [] => {} // draining
+            [lane] => holders.entry(lane).or_default().push(worker),
+            _ => return Err(format!("worker {worker} holds lanes {held:?}")),
+        }
+    }
+    for lane in &lanes {
+        match holders.get(lane).map(Vec::as_slice) {
+            Some([_]) => {}
+            None => return Err(format!("no worker serves lane socket {lane}")),
+            Some(more) => return Err(format!("workers {more:?} share lane socket {lane}")),
+        }
+    }
+    Ok(lanes.len())
+}
+
+/// Waits (bounded) until `master` has `count` lanes, each as [`lanes`] checks.
+pub fn wait_lanes(master: libc::pid_t, addr: &str, count: usize) {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let now = lanes(master, addr);
+        if now == Ok(count) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{count} lanes, each with its worker: not within {LIMIT:?}; last: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
