@@ -26,7 +26,8 @@ Signals to the master:
               The pid file is PID_FILE.oldbin meanwhile.
   WINCH       retire every worker, keep the master (HUP brings them back).
               Ignored in the foreground of a terminal (a resize sends it).
-  TTIN, TTOU  one worker more / one fewer (never below 1).
+  TTIN, TTOU  one worker more / one fewer (never below 1). With --reuse-port,
+              a lane more / the last worker's lane closed once drained.
   USR1        workers reopen the access log.
 Workers ignore INT and QUIT: Ctrl-C and Ctrl-\\ on the process group reach only
 the master.

@@ -12,6 +12,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::{add_conn, Worker};
 use crate::server::stream::Stream;
 use crate::supervisor::Listener;
+use crate::supervisor::Peers;
 use crate::{Interest, Loop, Readiness, Timer};
 
 /// How many connections a worker takes, beyond what it held when it last found the
@@ -29,6 +30,10 @@ const ACCEPT_REST: Duration = Duration::from_millis(3);
 /// surge), and more rests would only leave the backlog to overflow. 16 rests are 48
 /// to 64 ms, in which each worker takes 32 connections (4 workers: 128).
 const SURGE_RESTS: u32 = 16;
+/// How soon after a rest the next must begin to count as one in a row towards a surge:
+/// two iterations of a busy worker's loop (its connections' work, one accept each),
+/// generously. Between bursts further apart, a worker finds the queue empty.
+const IN_A_ROW: Duration = Duration::from_millis(50);
 /// Every this many accepts a worker re-adds its listeners, moving itself to the back of
 /// their queues of exclusive waiters, which the kernel wakes front first (nginx's
 /// `ngx_reorder_accept_events` does the same, for the same reason).
@@ -46,19 +51,33 @@ fn pause_accepting(lp: &mut Loop<Worker>, w: &Worker) {
     }
 }
 
+/// Resumes the listeners' watches; one the backend refuses to resume (epoll's add
+/// fails, as with `ENOMEM`) is tried again after [`ACCEPT_BACKOFF`], so that the worker
+/// never goes on deaf to a listener while it still beats for the master.
 fn resume_accepting(lp: &mut Loop<Worker>, w: &Worker) {
+    let mut failed = false;
     for &io in &w.listeners {
         if let Err(e) = lp.resume(io) {
-            log::error!("resuming a listener: {e}");
+            log::error!("resuming a listener: {e}; trying again in {ACCEPT_BACKOFF:?}");
+            failed = true;
         }
+    }
+    if failed {
+        lp.after(ACCEPT_BACKOFF, |lp, w| {
+            if !w.draining && w.pace.rest.is_none() {
+                resume_accepting(lp, w);
+            }
+        });
     }
 }
 
 /// How a worker shares the bursts of the listeners with the other workers.
 ///
 /// `EPOLLEXCLUSIVE` wakes one idle worker per new connection, but a worker that is
-/// awake sees every connection queued meanwhile, and taking one per iteration it would
-/// still hold a whole burst (the 4 connections `wrk -c4` opens at once) before a worker
+/// awake, and found the listener still readable at its last wait, sees the connections
+/// queued meanwhile at its next (epoll keeps a level-triggered registration that was
+/// ready on its ready list), and taking one per iteration it would still hold a whole
+/// burst (the 4 connections `wrk -c4` opens at once) before a worker
 /// the kernel woke for part of it gets a CPU: on 2 cores, with the client on one, the
 /// workers share the other. So a worker whose open connections grew by [`BURST`] since
 /// it last found the queue empty (or rested) leaves the listeners for up to
@@ -67,17 +86,19 @@ fn resume_accepting(lp: &mut Loop<Worker>, w: &Worker) {
 /// (`Connection: close`) need no sharing, and a worker with nothing else to do must not
 /// sit out the rest idle. A surge, which every worker finds still queued rest after
 /// rest ([`SURGE_RESTS`]), is taken at the loop's pace, one connection per iteration,
-/// until the queue is empty; so is everything in a server started with one worker,
-/// which has no one to share with.
-#[derive(Debug, Default)]
+/// until the queue is empty; so is everything while the worker is the master's only
+/// one (started so, or after `TTOU`, or while the others are being replaced), which
+/// has no one to share with.
+#[derive(Debug)]
 pub(super) struct Pace {
-    /// The server was started with one worker: no rests.
-    alone: bool,
+    /// The workers serving beside this one, and it: no rests while it is alone.
+    peers: Peers,
     /// Open connections when the queue was last found empty or a rest ended, lowered
     /// as connections close.
     base: usize,
-    /// Rests in a row (each begun within [`ACCEPT_REST`] of the end of the one before)
-    /// that lasted their whole time and ended with connections queued.
+    /// Rests in a row (each begun within [`IN_A_ROW`] of the end of the one before,
+    /// with no empty queue found in between) that lasted their whole time and ended
+    /// with connections queued.
     queued_rests: u32,
     /// When the last rest ended.
     rest_ended: Option<Instant>,
@@ -87,11 +108,15 @@ pub(super) struct Pace {
 }
 
 impl Pace {
-    /// The pace of one of the `workers` the server starts with.
-    pub(super) fn new(workers: usize) -> Pace {
+    /// The pace of a worker among `peers`.
+    pub(super) fn new(peers: Peers) -> Pace {
         Pace {
-            alone: workers <= 1,
-            ..Pace::default()
+            peers,
+            base: 0,
+            queued_rests: 0,
+            rest_ended: None,
+            accepted: 0,
+            rest: None,
         }
     }
 }
@@ -128,7 +153,7 @@ fn on_listener(lp: &mut Loop<Worker>, w: &mut Worker, listener: &Listener, _: Re
             w.pace.base = w.conns.len();
             w.pace.queued_rests = 0;
         }
-    } else if !w.pace.alone && w.conns.len() >= w.pace.base + BURST {
+    } else if w.pace.peers.count() > 1 && w.conns.len() >= w.pace.base + BURST {
         rest_from_accepting(lp, w);
     } else if w.pace.accepted % REORDER_EVERY == 0 {
         // On epoll, a pause and a resume of an exclusive watch are a delete and an add.
@@ -141,7 +166,7 @@ fn on_listener(lp: &mut Loop<Worker>, w: &mut Worker, listener: &Listener, _: Re
 fn rest_from_accepting(lp: &mut Loop<Worker>, w: &mut Worker) {
     let now = lp.now();
     let in_a_row =
-        (w.pace.rest_ended).is_some_and(|end| now.saturating_duration_since(end) <= ACCEPT_REST);
+        (w.pace.rest_ended).is_some_and(|end| now.saturating_duration_since(end) <= IN_A_ROW);
     if !in_a_row {
         w.pace.queued_rests = 0;
     }
@@ -237,7 +262,14 @@ mod tests {
     /// A worker (the server starts `workers`) watching a listener on a free loopback
     /// port as `serve` does, its master's end of the link, and the address.
     fn listening(workers: usize) -> (Loop<Worker>, Worker, UnixStream, SocketAddr) {
-        let mut lp = Loop::new().unwrap();
+        listening_on(Loop::new().unwrap(), workers)
+    }
+
+    /// [`listening`] on a loop of the test's.
+    fn listening_on(
+        mut lp: Loop<Worker>,
+        workers: usize,
+    ) -> (Loop<Worker>, Worker, UnixStream, SocketAddr) {
         let (link, master) = UnixStream::pair().unwrap();
         let link = MasterLink::new(link, Duration::MAX);
         let mut config = Config::default();
@@ -332,5 +364,73 @@ mod tests {
             assert!(w.pace.rest.is_none());
             w.conns.len() == 4
         });
+    }
+
+    /// The best backend, whose `register` fails with `ENOMEM` while `failing` is set.
+    struct Flaky {
+        inner: Box<dyn crate::Backend>,
+        failing: Rc<std::cell::Cell<bool>>,
+    }
+
+    impl crate::Backend for Flaky {
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        fn register(&mut self, fd: std::os::fd::RawFd, i: Interest) -> io::Result<()> {
+            if self.failing.get() {
+                return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+            }
+            self.inner.register(fd, i)
+        }
+        fn modify(&mut self, fd: std::os::fd::RawFd, i: Interest) -> io::Result<()> {
+            self.inner.modify(fd, i)
+        }
+        fn deregister(&mut self, fd: std::os::fd::RawFd) -> io::Result<()> {
+            self.inner.deregister(fd)
+        }
+        fn wait(&mut self, events: &mut Vec<crate::Event>, t: Option<Duration>) -> io::Result<()> {
+            self.inner.wait(events, t)
+        }
+        fn post_fork(
+            &mut self,
+            r: &mut dyn Iterator<Item = (std::os::fd::RawFd, Interest)>,
+        ) -> io::Result<()> {
+            self.inner.post_fork(r)
+        }
+    }
+
+    #[test]
+    fn a_listener_the_backend_refuses_to_resume_is_tried_again() {
+        let failing = Rc::new(std::cell::Cell::new(false));
+        let inner = crate::Kind::best().unwrap().create().unwrap();
+        let flaky = Flaky {
+            inner,
+            failing: failing.clone(),
+        };
+        let (mut lp, mut w, _master, addr) =
+            listening_on(Loop::from_backend(Box::new(flaky)).unwrap(), 2);
+        let _clients = connect(addr, 3);
+        until(&mut lp, &mut w, |w| w.pace.rest.is_some());
+        failing.set(true);
+        until(&mut lp, &mut w, |w| w.pace.rest.is_none());
+        failing.set(false);
+        let _more = connect(addr, 5);
+        until(&mut lp, &mut w, |w| w.conns.len() == 8);
+    }
+
+    #[test]
+    fn a_busy_worker_still_reaches_a_surge() {
+        let (mut lp, mut w, _master, addr) = listening(2);
+        // Each iteration does 2 ms of work for its connections.
+        lp.every(Duration::from_millis(1), |_, _| {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(2) {}
+        })
+        .unwrap();
+        let _clients = connect(addr, 120);
+        until(&mut lp, &mut w, |w| {
+            w.pace.queued_rests >= SURGE_RESTS || w.conns.len() == 120
+        });
+        assert!(w.pace.queued_rests >= SURGE_RESTS, "{:?}", w.pace);
     }
 }

@@ -30,7 +30,7 @@ use super::response_body::{BodySender, Shared, StreamEnded, LOW_WATER};
 use super::stream::Stream;
 use super::{BodyMode, Config, Handler, StreamedRequest};
 use crate::id_map::IdMap;
-use crate::supervisor::{Drain, Listener, MasterLink, WorkerContext};
+use crate::supervisor::{Drain, Listener, MasterLink, Peers, WorkerContext};
 use crate::{Interest, Io, Loop, Readiness, Timer, Waker};
 use ::http::StatusCode;
 use accepting::{accept, watch_listener, Pace};
@@ -685,7 +685,7 @@ impl Worker {
             conns: IdMap::default(),
             next_conn: 0,
             listeners: Vec::new(),
-            pace: Pace::new(config.supervisor.workers),
+            pace: Pace::new(Peers::Fixed(config.supervisor.workers)),
             draining: false,
             served: 0,
             max_requests,
@@ -722,13 +722,16 @@ fn serve(
         link,
         drain: drain_fd,
         max_requests,
+        peers,
         ..
     } = context;
     let mut worker = Worker::new(lp, config, handler, link.clone(), max_requests)?;
-    if lane.is_some() {
-        // Its TCP listeners are its own (reuse_port): there are no bursts to share.
-        worker.pace = Pace::new(1);
-    }
+    // Laned TCP listeners are its own (reuse_port): there are no bursts to share.
+    worker.pace = Pace::new(if lane.is_some() {
+        Peers::Fixed(1)
+    } else {
+        peers
+    });
     // The drain fd stays readable once the drain begins: its watch is paused then
     // (not cancelled: the fd stays open for the SIGTERM handler's next write).
     let drain_watch = lp.watch_io(drain_fd, Interest::READ, |lp, w, _, _| drain(lp, w))?;

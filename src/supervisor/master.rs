@@ -26,7 +26,7 @@ use super::notify::{self, Notifier};
 use super::status::{rss_bytes, Status, WorkerState as State, WorkerStatus};
 use super::upgrade::{self, Exe, UPGRADED};
 use super::worker::{become_worker, Birth, COUNT_BYTES, HEARTBEAT, READY, RECYCLE, SERVED};
-use super::{activation, Config, ExitHook, ForkHook, Supervisor, WorkerFn};
+use super::{activation, Config, ExitHook, ForkHook, Peers, Supervisor, WorkerFn};
 use crate::{ForkOptions, Interest, Io, Loop, Timer};
 
 #[path = "lanes.rs"]
@@ -145,6 +145,8 @@ struct Master {
     lanes: usize,
     /// Every worker not yet reaped (an entry leaves when its exit is reported).
     workers: HashMap<Slot, WorkerInfo>,
+    /// The count of `active` workers, as every worker reads it (see `Peers`).
+    peers: Peers,
     target: usize,
     next_slot: usize,
     /// When the first TERM/INT (or the start-up failure) began the shutdown.
@@ -226,6 +228,10 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         listeners: Vec::new(),
         lanes: 0,
         workers: HashMap::new(),
+        peers: Peers::shared().map_err(|e| crate::Error::Create {
+            what: "the shared count of workers",
+            source: e.into(),
+        })?,
         next_slot: 0,
         shutdown_began: None,
         announced: false,
@@ -480,6 +486,7 @@ fn spawn_on(
                 .map(|bound| bound.into_lane(lane.unwrap_or(0)))
                 .collect(),
             lane,
+            peers: m.peers,
             link: worker_end.take().expect("taken once"),
             master_pid,
             heartbeat_interval: heartbeat_interval(&m.config),
@@ -527,6 +534,7 @@ fn spawn_on(
             lane,
         },
     );
+    m.peers.set(active(m));
     match lane {
         Some(lane) => log::debug!("worker {slot} forked: pid {pid}, lane {lane}"),
         None => log::debug!("worker {slot} forked: pid {pid}"),
@@ -735,6 +743,7 @@ fn retire(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
     }
     w.state = State::Draining;
     kill(w.pid, Signal::SIGTERM);
+    m.peers.set(active(m));
     if let Some(reload) = &mut m.reload {
         // Retired before it was ready (a second HUP, TTOU): the reload waits no more.
         reload.pending.remove(&slot);
@@ -792,6 +801,7 @@ fn worker_exited(
     let Some(info) = m.workers.remove(&slot) else {
         return;
     };
+    m.peers.set(active(m));
     if let Some(io) = info.pipe {
         lp.cancel(io); // closes the master's end
     }

@@ -146,6 +146,7 @@ mod activation;
 mod listener;
 mod master;
 mod notify;
+mod peers;
 mod status;
 mod upgrade;
 mod worker;
@@ -155,6 +156,7 @@ use std::time::Duration;
 
 pub use listener::Listener;
 pub use master::SupervisorError;
+pub(crate) use peers::Peers;
 pub use status::{Status, WorkerState, WorkerStatus};
 pub use worker::{Drain, MasterLink, WorkerContext};
 

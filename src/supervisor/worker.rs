@@ -11,7 +11,7 @@ use std::time::Duration;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-use super::Listener;
+use super::{Listener, Peers};
 use crate::{Loop, Timer};
 
 /// The messages of the link, worker to master, one byte each but for `SERVED`.
@@ -45,6 +45,9 @@ pub struct WorkerContext {
     /// worker drains, it must take in the connections they queued before it closes
     /// them: nobody else will. `None`: every listener is shared.
     pub lane: Option<usize>,
+    /// How many workers serve now (forkloop's HTTP workers share bursts of connections
+    /// only while there are others to take them).
+    pub(crate) peers: Peers,
     /// The way to the master: ready, heartbeats, recycling.
     pub link: MasterLink,
     /// Readable once the worker must drain.
@@ -257,6 +260,7 @@ pub(crate) struct Birth {
     pub slot: usize,
     pub listeners: Vec<Listener>,
     pub lane: Option<usize>,
+    pub peers: Peers,
     pub link: UnixStream,
     pub master_pid: libc::pid_t,
     pub heartbeat_interval: Duration,
@@ -286,6 +290,7 @@ pub(crate) fn become_worker(birth: Birth) -> io::Result<WorkerContext> {
         slot: birth.slot,
         listeners: birth.listeners,
         lane: birth.lane,
+        peers: birth.peers,
         link: MasterLink::new(birth.link, birth.heartbeat_interval),
         drain,
         max_requests: birth.max_requests,

@@ -91,10 +91,13 @@ bit_set! {
         /// loops) wait on one file, such as a listening socket their workers share,
         /// a new readiness wakes one of the waiters that ask for this, not all of them
         /// (the thundering herd). Linux epoll's `EPOLLEXCLUSIVE` (Linux 4.5); every
-        /// other backend ignores the bit, and reports as without it. The kernel wakes
-        /// at least one waiter; one whose wait is not blocked right now still has the
-        /// readiness reported at its next wait, so a woken waiter may find nothing
-        /// left (a non-blocking `accept` says `EWOULDBLOCK`).
+        /// other backend ignores the bit, and reports as without it. The kernel walks
+        /// its queue of waiters from the front and stops at the first exclusive one it
+        /// wakes that was blocked: a waiter ahead of that one whose wait is not
+        /// blocked right now has the readiness reported at its next wait, and one
+        /// behind it has not (unless its registration was left on its ready list,
+        /// because the fd was still ready when it was last reported). So a woken
+        /// waiter may find nothing left (a non-blocking `accept` says `EWOULDBLOCK`).
         ///
         /// It rides on the interest so that it travels wherever the interest does:
         /// through [`Backend::modify`] and [`Backend::post_fork`], and through backends
