@@ -4,11 +4,13 @@
 #
 #   ci/bench-fairness.sh                          # this tree's release build
 #   BASELINE=/tmp/forkloop-main ci/bench-fairness.sh   # and another build, side by side
+#   CONTENDERS=shared ci/bench-fairness.sh        # without the --reuse-port runs
 #   ROUNDS=5 DURATION=10 ci/bench-fairness.sh
 #   SCENARIOS="2,1,4" MODES=keepalive ci/bench-fairness.sh   # workers,wrk threads,connections
 #
 # Per round and scenario (2 workers under wrk -t1 -c4, 4 workers under wrk -t2 -c64;
-# keep-alive and Connection: close), each binary in turn:
+# keep-alive and Connection: close), each contender in turn (this build sharing one
+# socket per address, this build with --reuse-port, and the baseline if given):
 #   - a counting run: wrk against GET /pid, whose body is the answering worker's pid,
 #     with a Lua script that counts bodies: requests per worker, max/min, the largest
 #     share. A worker that served nothing counts as 0 (max/min is then "inf"). One
@@ -28,6 +30,7 @@ MODES=${MODES:-"keepalive close"}
 DURATION=${DURATION:-5}
 PORT=${PORT:-18090}
 BASELINE=${BASELINE:-}
+CONTENDERS=${CONTENDERS:-"shared reuse-port"}
 
 if ! command -v wrk >/dev/null 2>&1; then
   echo "installing wrk (Debian package)"
@@ -36,12 +39,19 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 cargo build --release -q -p forkloop-cli
-BINS=(target/release/forkloop)
-NAMES=(this)
+THIS="${CARGO_TARGET_DIR:-target}/release/forkloop"
+BINS=() NAMES=() FLAGS=()
 if [ -n "$BASELINE" ]; then
-  BINS=("$BASELINE" "${BINS[@]}")
-  NAMES=(baseline "${NAMES[@]}")
+  BINS+=("$BASELINE") NAMES+=(baseline) FLAGS+=("")
 fi
+for contender in $CONTENDERS; do
+  BINS+=("$THIS") NAMES+=("$contender")
+  case $contender in
+    shared) FLAGS+=("") ;;
+    reuse-port) FLAGS+=(--reuse-port) ;;
+    *) echo "unknown contender $contender" >&2; exit 1 ;;
+  esac
+done
 
 WORK=$(mktemp -d)
 trap 'kill -9 $(cat "$WORK"/*.pid 2>/dev/null) 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -72,11 +82,11 @@ wait_port() {
   exit 1
 }
 
-# start BIN WORKERS: a server whose every worker has answered (so that none is still
-# starting when wrk begins).
+# start BIN WORKERS [FLAG]: a server whose every worker has started (so that none is
+# still starting when wrk begins).
 start() {
   "$1" serve --listen "127.0.0.1:$PORT" --workers "$2" --pid-file "$WORK/server.pid" \
-    2>"$WORK/server.log" &
+    ${3:+"$3"} 2>"$WORK/server.log" &
   wait_port
   local master
   master=$(cat "$WORK/server.pid")
@@ -108,11 +118,11 @@ switches() { # PID...: their context switches, voluntary and not
   cat $(printf '/proc/%s/status ' "$@") | awk '/ctxt_switches/ {s += $2} END {print s}'
 }
 
-# measure BIN WORKERS THREADS CONNECTIONS MODE -> one line of the table
+# measure BIN FLAG WORKERS THREADS CONNECTIONS MODE -> one line of the table
 measure() {
-  local bin=$1 workers=$2 threads=$3 conns=$4 mode=$5 header=() master pids before during
+  local bin=$1 flag=$2 workers=$3 threads=$4 conns=$5 mode=$6 header=() master pids before during
   [ "$mode" = close ] && header=(-H "Connection: close")
-  start "$bin" "$workers"
+  start "$bin" "$workers" "$flag"
   master=$(cat "$WORK/server.pid")
   pids=$(cat "/proc/$master/task/$master/children")
   before=$(fds $pids)
@@ -155,15 +165,15 @@ PY
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -sr)"
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-5s %-8s %-22s %-10s %-48s %7s %6s %9s %10s %7s\n' \
+printf '%-5s %-10s %-22s %-10s %-48s %7s %6s %9s %10s %7s\n' \
   round binary scenario mode "requests(connections) per worker" max/min max% req/s cpu_us/req cs/req
 for round in $(seq 1 "$ROUNDS"); do
   for scenario in $SCENARIOS; do
     IFS=, read -r workers threads conns <<<"$scenario"
     for mode in $MODES; do
       for i in "${!BINS[@]}"; do
-        line=$(measure "${BINS[$i]}" "$workers" "$threads" "$conns" "$mode")
-        printf '%-5s %-8s %-22s %-10s %s\n' "$round" "${NAMES[$i]}" \
+        line=$(measure "${BINS[$i]}" "${FLAGS[$i]}" "$workers" "$threads" "$conns" "$mode")
+        printf '%-5s %-10s %-22s %-10s %s\n' "$round" "${NAMES[$i]}" \
           "$workers workers, -t$threads -c$conns" "$mode" "$line"
       done
     done
