@@ -232,6 +232,25 @@ fn a_failed_upgrade_leaves_every_reuse_port_lane_served() {
     );
 }
 
+#[test]
+fn hup_during_an_upgrade_is_refused_and_the_rollback_still_happens() {
+    let deploy = Deploy::new("hup-during");
+    let mut server = deploy.start(&["--upgrade-timeout", "2"]);
+    let mut workers = children(server.pid);
+    workers.sort_unstable();
+    deploy.replace(b"#!/bin/sh\nexec sleep 600\n");
+    server.signal(libc::SIGUSR2);
+    server.wait_for("USR2: upgrading");
+    server.signal(libc::SIGHUP);
+    server.wait_for("HUP: an upgrade is under way");
+    server.wait_for("rolling back: this master serves on");
+    let mut now: Vec<_> = children(server.pid);
+    now.sort_unstable();
+    // The new master (a child too) is gone by the rollback's log line.
+    assert_eq!(now, workers, "the workers were not reloaded");
+    assert_eq!(version(&server.addr), "v1");
+}
+
 /// A deploy that switches a `current` symlink to a new release directory: the master
 /// was started through the link, and the upgrade follows it to the new release.
 #[test]

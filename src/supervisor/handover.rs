@@ -38,6 +38,10 @@ pub(super) fn begin_upgrade(lp: &mut Loop<Master>, m: &mut Master) {
     if m.report_to.is_some() {
         return log::warn!("USR2: this master is not ready yet; upgrade it once it is");
     }
+    if m.reload.is_some() {
+        // One reload at a time, as systemd sees them (RELOADING=1 … READY=1).
+        return log::warn!("USR2: a HUP reload is under way; upgrade once it is done");
+    }
     if m.handed_in > 0 || m.listeners.is_empty() {
         // The new binary would bind the app's listeners again, and fail.
         return log::error!(

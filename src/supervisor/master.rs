@@ -954,6 +954,14 @@ fn rolling_restart(lp: &mut Loop<Master>, m: &mut Master) {
     if m.shutting_down() {
         return;
     }
+    if let Some(upgrade) = &m.upgrade {
+        // One reload at a time, as systemd sees them (RELOADING=1 … READY=1); the new
+        // master's workers are new anyway.
+        return log::warn!(
+            "HUP: an upgrade is under way (new master {}); reload once it is done",
+            upgrade.pid
+        );
+    }
     let current: Vec<(Slot, State, Option<Slot>)> = m
         .workers
         .iter()
