@@ -68,7 +68,8 @@
 //!   the app's to pass on) through the exec as socket activation does; the pid file is
 //!   `PATH.oldbin` meanwhile. Once every worker of the new master is ready, the old
 //!   master tells systemd (`MAINPID=`) and drains; if the new one exits first, or is
-//!   not ready within [`Config::upgrade_timeout`], the old one serves on.
+//!   not ready within [`Config::upgrade_timeout`], the old one serves on. A `HUP`
+//!   during an upgrade, and a `USR2` during a `HUP`'s restart, are refused (logged).
 //! - A worker that asks to be recycled ([`MasterLink::recycle`]) is replaced the way
 //!   `HUP` replaces it.
 //! - A draining worker still running after `graceful_timeout` is killed.
