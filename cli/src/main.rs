@@ -151,6 +151,9 @@ enum App {
     /// The first `--workers` workers start; every later one (a reload's, a
     /// replacement's) panics at start-up.
     CrashAfterTheFirst,
+    /// The first `--workers` workers start; every later one takes 3 s to (a slow
+    /// reload: its replacements are not ready for a while).
+    SlowAfterTheFirst,
     /// Answers one request, then exits the worker.
     ExitAfterRequest,
     /// The built-in app, plus `GET /panic`, whose handler panics, and `GET /block`,
@@ -456,6 +459,19 @@ fn main() {
                     // The master's count, as copied into this child at the fork.
                     if FORKS.load(std::sync::atomic::Ordering::Relaxed) > first {
                         panic!("the new code fails to start")
+                    }
+                })
+        }
+        App::SlowAfterTheFirst => {
+            static FORKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let first = config.supervisor.workers;
+            Server::new(config, hello)
+                .before_fork(|_| {
+                    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                })
+                .after_fork(move |_| {
+                    if FORKS.load(std::sync::atomic::Ordering::Relaxed) > first {
+                        std::thread::sleep(Duration::from_secs(3));
                     }
                 })
         }

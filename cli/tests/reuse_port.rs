@@ -128,3 +128,38 @@ fn queued(port: u16) -> u64 {
         })
         .sum()
 }
+
+#[test]
+fn a_lane_whose_workers_both_die_during_a_reload_gets_a_worker_at_once() {
+    // HUP forks a replacement per lane (slow to start here) beside each old worker;
+    // both workers of one lane die. The other lane's pair still makes the count, but
+    // a lane without a worker would keep its connections queued for no one.
+    let server = start(&[
+        "--workers",
+        "2",
+        "--reuse-port",
+        "--app",
+        "slow-after-the-first",
+    ]);
+    wait_lanes(server.pid, &server.addr, 2);
+    server.signal(libc::SIGHUP);
+    let pair = || {
+        let lanes = listening_sockets(port_of(&server.addr));
+        let workers = children(server.pid);
+        lanes.iter().find_map(|lane| {
+            let holders: Vec<libc::pid_t> = (workers.iter().copied())
+                .filter(|&w| socket_inodes(w).contains(lane))
+                .collect();
+            (holders.len() == 2).then_some(holders)
+        })
+    };
+    eventually("a lane with its old worker and its replacement", || {
+        pair().is_some()
+    });
+    for pid in pair().expect("a pair") {
+        // SAFETY: kill has no memory-safety preconditions; both are workers of this
+        // test's server, not yet reaped (the master reaps them).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    wait_lanes(server.pid, &server.addr, 2);
+}

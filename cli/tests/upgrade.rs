@@ -233,7 +233,7 @@ fn a_failed_upgrade_leaves_every_reuse_port_lane_served() {
 }
 
 #[test]
-fn hup_during_an_upgrade_is_refused_and_the_rollback_still_happens() {
+fn hup_ttin_and_ttou_during_an_upgrade_are_refused_and_the_rollback_still_happens() {
     let deploy = Deploy::new("hup-during");
     let mut server = deploy.start(&["--upgrade-timeout", "2"]);
     let mut workers = children(server.pid);
@@ -243,6 +243,10 @@ fn hup_during_an_upgrade_is_refused_and_the_rollback_still_happens() {
     server.wait_for("USR2: upgrading");
     server.signal(libc::SIGHUP);
     server.wait_for("HUP: an upgrade is under way");
+    server.signal(libc::SIGTTOU);
+    server.wait_for("TTOU: an upgrade is under way");
+    server.signal(libc::SIGTTIN);
+    server.wait_for("TTIN: an upgrade is under way");
     server.wait_for("rolling back: this master serves on");
     let mut now: Vec<_> = children(server.pid);
     now.sort_unstable();

@@ -213,6 +213,9 @@ pub(super) fn tell_old_master(m: &mut Master, mut inherited: upgrade::Inherited)
     for ((bound, address), own) in inherited_sockets.zip(&m.config.listen).zip(&inherited.own) {
         if *own {
             bound.own(address);
+            // Whatever the old master did to them since (a TTOU's filter): they are
+            // this master's lanes, which take connections.
+            bound.accept_new_connections();
         }
     }
     m.notify.release();

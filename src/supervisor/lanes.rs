@@ -121,24 +121,31 @@ pub(super) fn trim(lp: &mut Loop<Master>, m: &mut Master) {
     }
 }
 
+/// Whether a lane no worker serves (draining ones aside) would keep connections queued
+/// for no one: one crashed during a replacement's overlap, say. Not while a `WINCH`
+/// keeps the workers away.
+pub(super) fn unserved(m: &Master) -> bool {
+    m.lanes > 0 && m.winched.is_none() && (0..m.lanes).any(|l| !served(&m.workers, l))
+}
+
 /// Closes `lane`: new connections are kept off it, its workers drain (taking in what
 /// it queued: a worker is forked for that if none serves it), and the last lane takes
-/// its number.
+/// its number. Where the kernel moves a closing listener's connections to the others
+/// of its group (`net.ipv4.tcp_migrate_req`, Linux 5.14), it is only closed.
 fn close(lp: &mut Loop<Master>, m: &mut Master, lane: usize) {
     let mut serving: Vec<Slot> = (m.workers.iter())
         .filter(|(_, w)| w.lane == Some(lane) && w.state != State::Draining)
         .map(|(&slot, _)| slot)
         .collect();
-    if serving.is_empty() && queued(m, lane) {
-        match spawn_on(lp, m, None, Some(lane)) {
-            Ok(slot) => serving.push(slot),
-            Err(e) => log::error!(
-                "forking a worker to take in what lane {lane} queued: {e}; closing it, which \
-                 resets those connections"
-            ),
+    if !requests_migrate() {
+        for bound in m.listeners.iter().filter(|bound| bound.is_laned()) {
+            bound.refuse_on_lane(lane);
+        }
+        // After the filter: what is queued now is all the lane's workers take in.
+        if serving.is_empty() {
+            serving.extend(take_in(lp, m, lane));
         }
     }
-    // Before the workers drain: what they take in is all there is.
     for bound in m.listeners.iter_mut().filter(|bound| bound.is_laned()) {
         bound.remove_lane(lane);
     }
@@ -155,6 +162,39 @@ fn close(lp: &mut Loop<Master>, m: &mut Master, lane: usize) {
     }
     m.lanes -= 1;
     log::info!("reuse_port: lane {lane} closed; lanes: {}", m.lanes);
+}
+
+/// At shutdown, after new connections were refused: a worker for each lane that has
+/// connections queued and no worker (crashing, say), to take them in before the lane's
+/// last close resets them. Retired with the others.
+pub(super) fn take_in_unserved(lp: &mut Loop<Master>, m: &mut Master) {
+    for lane in 0..m.lanes {
+        if !served(&m.workers, lane) {
+            take_in(lp, m, lane);
+        }
+    }
+}
+
+/// Forks a worker for `lane` if connections wait on it, to take them in (its caller
+/// retires it at once; it drains).
+fn take_in(lp: &mut Loop<Master>, m: &mut Master, lane: usize) -> Option<Slot> {
+    if !queued(m, lane) {
+        return None;
+    }
+    spawn_on(lp, m, None, Some(lane))
+        .inspect_err(|e| {
+            log::error!(
+                "forking a worker to take in what lane {lane} queued: {e}; closing it, which \
+                 resets those connections"
+            )
+        })
+        .ok()
+}
+
+/// Whether the kernel moves the connections a closing listener queued, and those still
+/// in their handshake, to another listener of its `SO_REUSEPORT` group.
+fn requests_migrate() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "1")
 }
 
 /// Whether a connection waits on `lane` of any laned listener.

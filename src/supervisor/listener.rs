@@ -137,13 +137,14 @@ impl Bound {
     }
 
     /// Sockets an upgrade passed on (see `upgrade`): the old master's lanes of one
-    /// address (one socket without `reuse_port`), left as they are (never filtered or
+    /// address (one socket without `reuse_port`, or for a socket the masters did not
+    /// bind: `laned` only for their own), left as they are (never filtered or
     /// unlinked) until this master takes over and [`Bound::own`]s them, if the old
     /// master did.
-    pub fn inherited(lanes: Vec<Listener>, reuse_port: bool) -> Bound {
+    pub fn inherited(lanes: Vec<Listener>, laned: bool) -> Bound {
         assert!(!lanes.is_empty(), "an upgrade passes a socket per address");
         Bound {
-            laned: reuse_port && matches!(lanes[0], Listener::Tcp(_)),
+            laned: laned && matches!(lanes[0], Listener::Tcp(_)),
             lanes,
             unlink: None,
             own: false,
@@ -223,18 +224,25 @@ impl Bound {
         Ok(())
     }
 
-    /// Closes lane `lane`; the last lane takes its number. New connections are kept
-    /// off it first ([`Bound::refuse_new_connections`]), and the ones it queued stay
-    /// for its worker, which takes them in as it drains (the socket's last close,
-    /// the worker's, would reset them otherwise). A client whose SYN is dropped
-    /// meanwhile sends it again a second later, when the kernel no longer counts the
-    /// closed lane in the group.
-    pub fn remove_lane(&mut self, lane: usize) {
-        if !self.laned || self.lanes.len() < 2 || lane >= self.lanes.len() {
-            return;
+    /// Lane `lane`, which is to close, completes no new connection from now on (as
+    /// [`Bound::refuse_new_connections`] does for a whole listener); the ones it
+    /// queued stay for its worker, which takes them in as it drains (the socket's last
+    /// close, the worker's, would reset them otherwise). A client whose SYN is dropped
+    /// meanwhile sends it again (1, 3, 7 s later), and lands on another lane once
+    /// this one's last copy is closed.
+    pub fn refuse_on_lane(&self, lane: usize) {
+        if self.laned && self.lanes.len() > 1 {
+            if let Some(socket) = self.lanes.get(lane) {
+                drop_new_connections(socket, &self.lanes[0]);
+            }
         }
-        drop_new_connections(&self.lanes[lane], &self.lanes[0]);
-        self.lanes.swap_remove(lane);
+    }
+
+    /// Closes the master's copy of lane `lane`; the last lane takes its number.
+    pub fn remove_lane(&mut self, lane: usize) {
+        if self.laned && self.lanes.len() > 1 && lane < self.lanes.len() {
+            self.lanes.swap_remove(lane);
+        }
     }
 
     /// At shutdown, before the workers drain, for a TCP socket the master bound: the
@@ -465,6 +473,7 @@ mod tests {
             unreachable!()
         };
         let worker_copy = lane1.try_clone().unwrap();
+        bound.refuse_on_lane(1);
         bound.remove_lane(1);
         assert_eq!(bound.sockets().len(), 2);
         let mut taken = 0;

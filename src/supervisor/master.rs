@@ -258,9 +258,11 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         // them as they are, for the old one.
         (Some(listeners), Some(mut inherited)) => {
             let lanes = std::mem::take(&mut inherited.lanes);
-            for (listener, more) in listeners.into_iter().zip(lanes) {
+            let own = inherited.own.iter().chain(std::iter::repeat(&false));
+            for ((listener, more), &own) in listeners.into_iter().zip(lanes).zip(own) {
                 let lanes = std::iter::once(listener).chain(more).collect();
-                let bound = Bound::inherited(lanes, master.config.reuse_port);
+                // Only the masters' own sockets are laned (see `Bound`).
+                let bound = Bound::inherited(lanes, own && master.config.reuse_port);
                 master.listeners.push(bound);
             }
             lanes::check_inherited(&master)?;
@@ -366,6 +368,9 @@ fn watch_signals(lp: &mut Loop<Master>) -> Result<(), SupervisorError> {
     lp.watch_signal(libc::SIGUSR2, |lp, m, _| begin_upgrade(lp, m))?;
     lp.watch_signal(libc::SIGWINCH, |lp, m, _| retire_all(lp, m))?;
     lp.watch_signal(libc::SIGTTIN, |lp, m, _| {
+        if upgrading(m, "TTIN") {
+            return;
+        }
         // After a WINCH: one worker, and a HUP no longer restores the old count.
         m.winched = None;
         m.target += 1;
@@ -411,7 +416,8 @@ fn active(m: &Master) -> usize {
 fn reconcile(lp: &mut Loop<Master>, m: &mut Master) {
     lanes::trim(lp, m);
     loop {
-        if m.shutting_down() || m.respawn_timer.is_some() || active(m) >= m.target {
+        let enough = active(m) >= m.target && !lanes::unserved(m);
+        if m.shutting_down() || m.respawn_timer.is_some() || enough {
             return;
         }
         if let Err(e) = spawn(lp, m, None) {
@@ -647,6 +653,8 @@ fn worker_ready(lp: &mut Loop<Master>, m: &mut Master, slot: Slot) {
     m.startup_failures = 0;
     if let Some(old) = replaces {
         retire(lp, m, old);
+        // A crash during the overlap was not replaced: the two counted as one more.
+        reconcile(lp, m);
     }
     let ready = m
         .workers
@@ -902,6 +910,9 @@ fn shutdown(lp: &mut Loop<Master>, m: &mut Master, why: &str) {
         for bound in &m.listeners {
             bound.refuse_new_connections();
         }
+        if m.shutdown_began.is_none() {
+            lanes::take_in_unserved(lp, m);
+        }
     }
     // A new master not ready yet goes too: the operator stops the service.
     if let Some(upgrade) = &m.upgrade {
@@ -1003,8 +1014,26 @@ fn rolling_restart(lp: &mut Loop<Master>, m: &mut Master) {
     report(m);
 }
 
+/// Whether an upgrade is under way, in which the count of workers stays as it is: the
+/// new master was started with this one's sockets and count, and takes over lanes
+/// (`reuse_port`) as they are then. Says why `signal` is refused.
+fn upgrading(m: &Master, signal: &str) -> bool {
+    let why = if let Some(upgrade) = &m.upgrade {
+        format!("an upgrade is under way (new master {})", upgrade.pid)
+    } else if m.report_to.is_some() {
+        "this master is an upgrade's, not serving alone yet".to_owned()
+    } else {
+        return false;
+    };
+    log::warn!("{signal}: {why}; change the count of workers once it is done");
+    true
+}
+
 /// TTOU: one worker fewer, never below one.
 fn fewer_workers(lp: &mut Loop<Master>, m: &mut Master) {
+    if upgrading(m, "TTOU") {
+        return;
+    }
     if m.target <= 1 {
         match m.target {
             0 => log::info!("TTOU: no workers (WINCH); HUP or TTIN brings them back"),
