@@ -484,6 +484,38 @@ fn an_upgrade_of_an_activated_master_keeps_the_sockets_systemds() {
     UnixStream::connect(&unix_path).expect("the Unix socket takes connections");
 }
 
+#[test]
+fn an_activated_master_with_reuse_port_upgrades_and_keeps_its_worker_count() {
+    // systemd's socket is not the master's to multiply: it stays shared, before the
+    // upgrade and after (the new master must not take it for one lane of a group).
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap().to_string();
+    let args = ["--listen", "web", "--workers", "2", "--reuse-port"];
+    let mut server = wait_ready(spawn_command(activated(&[&tcp], Some("web"), &args)));
+    server.signal(libc::SIGUSR2);
+    let line = server.wait_for("USR2: upgrading: new master ");
+    let new_master: libc::pid_t = line
+        .split("new master ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    server.wait_for("is ready; this one drains");
+    assert!(server.wait_exit().success());
+    eventually("the new master's 2 workers", || {
+        children(new_master).len() == 2
+    });
+    assert_eq!(
+        listening_sockets(port_of(&addr)).len(),
+        1,
+        "one shared socket"
+    );
+    assert_eq!(get(&addr, "/").0, 200);
+    // SAFETY: kill has no memory-safety preconditions; the test started this master.
+    unsafe { libc::kill(new_master, libc::SIGTERM) };
+    eventually("the new master exiting", || !running(new_master));
+}
+
 /// A copy of `forkloop` in `scratch`, to start a master from and replace later.
 fn deployed(scratch: &Scratch) -> PathBuf {
     let app = scratch.path("forkloop");
