@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use common::load::{Load, Reuse};
 use common::*;
@@ -143,20 +144,34 @@ fn a_lane_whose_workers_both_die_during_a_reload_gets_a_worker_at_once() {
     ]);
     wait_lanes(server.pid, &server.addr, 2);
     server.signal(libc::SIGHUP);
+    // Two workers (settled: each holding one lane socket, as a child does once it
+    // closed the lanes it copied at its fork) on one lane.
     let pair = || {
         let lanes = listening_sockets(port_of(&server.addr));
-        let workers = children(server.pid);
-        lanes.iter().find_map(|lane| {
-            let holders: Vec<libc::pid_t> = (workers.iter().copied())
-                .filter(|&w| socket_inodes(w).contains(lane))
+        let mut holders: HashMap<u64, Vec<libc::pid_t>> = HashMap::new();
+        for worker in children(server.pid) {
+            let held: Vec<u64> = (socket_inodes(worker).into_iter())
+                .filter(|socket| lanes.contains(socket))
                 .collect();
-            (holders.len() == 2).then_some(holders)
-        })
+            match held[..] {
+                [lane] => holders.entry(lane).or_default().push(worker),
+                _ => return None,
+            }
+        }
+        holders.into_values().find(|pids| pids.len() == 2)
     };
-    eventually("a lane with its old worker and its replacement", || {
-        pair().is_some()
-    });
-    for pid in pair().expect("a pair") {
+    let deadline = Instant::now() + LIMIT;
+    let pair = loop {
+        if let Some(pair) = pair() {
+            break pair;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no lane with its old worker and its replacement"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    for pid in pair {
         // SAFETY: kill has no memory-safety preconditions; both are workers of this
         // test's server, not yet reaped (the master reaps them).
         unsafe { libc::kill(pid, libc::SIGKILL) };
