@@ -41,6 +41,8 @@ mod accepting;
 
 /// Requests answered per connection before the next is parsed (pipelining depth).
 pub(crate) const MAX_PIPELINED: usize = 32;
+/// The most a connection reads at once.
+const READ_BUF: usize = 16 * 1024;
 /// Output queued while pipelined requests are processed that is written at once, not
 /// after the batch: large answers go out as they come.
 const WRITE_AT: usize = 64 * 1024;
@@ -382,6 +384,9 @@ struct Conn {
     /// send more, so closing after it need not look for unread input (see
     /// `Conn::start_lingering`).
     client_closes: bool,
+    /// Within the connection's callback: its read found the socket empty (a short read
+    /// or `EWOULDBLOCK`) a moment ago. Cleared when the callback returns.
+    read_dry: bool,
 }
 
 impl Conn {
@@ -489,10 +494,9 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads what the socket has, as far as the parser has room (all of it while
-    /// lingering, discarded).
-    fn read_input(&mut self, stream: &Stream) {
-        let mut buf = [0u8; 16 * 1024];
+    /// Reads what the socket has through `buf`, as far as the parser has room (all of
+    /// it while lingering, discarded).
+    fn read_input(&mut self, stream: &Stream, buf: &mut [u8]) {
         loop {
             let room = if self.lingering {
                 buf.len()
@@ -513,10 +517,14 @@ impl Conn {
                         self.sent_since_request = true;
                     }
                     if n < room {
+                        self.read_dry = true;
                         break;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.read_dry = true;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.peer_closed = true;
@@ -622,9 +630,15 @@ impl Conn {
     /// if not, it is to be closed.
     fn start_lingering(&mut self, stream: &Stream) -> bool {
         // Reading stops once no more requests are taken, so input may wait in the kernel;
-        // unless the client said it sends nothing more, and all it sent is read (a
-        // client that sends on anyway may get a reset).
-        let read_all = self.client_closes && !self.parser.mid_request() && self.reading.is_none();
+        // unless the client said it sends nothing more, all it sent is read, and the
+        // socket was found empty in this very callback (answered at once: nginx closes
+        // so too, without a look). A client that sends on in that moment anyway may get
+        // a reset; one whose answer came later (deferred, or behind another in a
+        // pipeline) is looked at, as its input may have come meanwhile.
+        let read_all = self.client_closes
+            && self.read_dry
+            && !self.parser.mid_request()
+            && self.reading.is_none();
         let unread = !self.peer_closed
             && (self.parser.buffered() > 0 || (!read_all && stream.has_unread_input()));
         self.lingering = unread && stream.shutdown_write().is_ok();
@@ -659,6 +673,9 @@ pub struct Worker {
     drain_watch: Option<Io<Drain>>,
     handler: Rc<dyn Handler>,
     outbox: Rc<Outbox>,
+    /// What connections read into, one for all: zeroing a buffer on the stack at every
+    /// read cost more than the read's copy.
+    read_buf: Box<[u8]>,
 }
 
 /// The worker's main; its return value is the process's exit status.
@@ -719,6 +736,7 @@ impl Worker {
             drain_watch: None,
             handler,
             outbox: Rc::new(outbox),
+            read_buf: vec![0; READ_BUF].into_boxed_slice(),
         })
     }
 }
@@ -829,6 +847,7 @@ fn add_conn(lp: &mut Loop<Worker>, w: &mut Worker, stream: Stream, peer: Peer) {
         unsent_streams: Vec::new(),
         reading: None,
         client_closes: false,
+        read_dry: false,
     };
     w.conns.insert(id, conn);
     set_timer(lp, w, id);
@@ -842,8 +861,9 @@ fn on_ready(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: &Stream, rea
     let input = Readiness::READABLE | Readiness::HANGUP | Readiness::ERROR;
     if conn.watching.contains(Interest::READ) && ready.intersects(input) {
         let lingering = conn.lingering;
-        conn.read_input(stream);
+        conn.read_input(stream, &mut w.read_buf);
         if lingering {
+            conn.read_dry = false;
             if conn.peer_closed {
                 close(lp, w, id);
             }
@@ -854,6 +874,9 @@ fn on_ready(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: &Stream, rea
         process(lp, w, id, Some(stream));
     }
     drive(lp, w, id, Some(stream));
+    if let Some(conn) = w.conns.get_mut(&id) {
+        conn.read_dry = false;
+    }
 }
 
 /// The connection's socket: `given` by its watch's callback, which holds it; elsewhere
