@@ -2149,12 +2149,19 @@ mod tests {
         for id in ids {
             close(&mut lp, &mut worker, id);
         }
-        let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
-        let (client, server) =
-            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, flags).unwrap();
-        let server = Stream::Unix(UnixStream::from(server));
-        add_conn(&mut lp, &mut worker, server, Peer::Unix);
-        (lp, worker, UnixStream::from(client))
+        // (SOCK_NONBLOCK is not a socketpair flag everywhere: macOS has none.)
+        let (client, server) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::empty(),
+        )
+        .unwrap();
+        let (client, server) = (UnixStream::from(client), UnixStream::from(server));
+        client.set_nonblocking(true).unwrap();
+        server.set_nonblocking(true).unwrap();
+        add_conn(&mut lp, &mut worker, Stream::Unix(server), Peer::Unix);
+        (lp, worker, client)
     }
 
     /// Runs the worker until the client can read, for 100 iterations at most.
