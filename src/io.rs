@@ -460,6 +460,41 @@ impl<D: 'static> Loop<D> {
         Some(*source.expect("io_watch checked the source type"))
     }
 
+    /// Ends the watch and drops its source, which closes its fd: for a source the watch
+    /// owns alone (a `TcpStream` a server accepted, say). As [`Loop::cancel`], with one
+    /// syscall fewer when it was the fd's last watch: the loop does not deregister an fd
+    /// that is closed right after (on epoll, no `EPOLL_CTL_DEL`: closing the last fd of
+    /// a file removes it from every epoll instance). The source is dropped now, or when
+    /// the watch's callback returns if it is the one running.
+    ///
+    /// Still correct if the file stays open through another fd (a `try_clone`, a forked
+    /// child's copy, the other clones of an `Rc` source): epoll then keeps its
+    /// registration, whose events are recognized as stale (they never reach another
+    /// watch) and make the next wait rebuild the epoll instance without it, at a cost
+    /// that grows with the fds watched; and a new watch of that file under the same
+    /// number replaces the leftover registration. So prefer [`Loop::cancel`] for a
+    /// source that outlives its watch elsewhere. A raw-fd watch
+    /// ([`Loop::watch_raw_fd`]), whose fd the loop does not close, is deregistered.
+    ///
+    /// ```
+    /// use std::os::unix::net::UnixStream;
+    /// use forkloop::{Interest, Loop};
+    ///
+    /// let mut lp: Loop = Loop::new()?;
+    /// let (a, _b) = UnixStream::pair()?;
+    /// let io = lp.watch_io(a, Interest::READ, |_, _, _, _| {})?;
+    /// assert!(lp.close_source(io)); // `a` is closed
+    /// assert!(!lp.close_source(io), "the watch is gone");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn close_source<S: AsFd + 'static>(&mut self, io: Io<S>) -> bool {
+        if self.io_watch(io).is_err() {
+            return false;
+        }
+        drop(self.end_io(io.watch.id, true));
+        true
+    }
+
     /// The source watch `io` owns, to use it outside the watch's callback: to write an
     /// answer a timer produced at once, say (std implements `Read` and `Write` for
     /// `&TcpStream`, `&UnixStream` and `&File`). `None` if the watch is gone, belongs to
@@ -495,6 +530,12 @@ impl<D: 'static> Loop<D> {
 
     /// Removes watch `id` from the tables; its boxed source, unless its callback runs.
     pub(crate) fn cancel_io(&mut self, id: u64) -> Option<Box<dyn Source<D>>> {
+        self.end_io(id, false)
+    }
+
+    /// [`Loop::cancel_io`]; `closing`: the source is dropped right after, closing its fd
+    /// (see [`Loop::close_source`]).
+    fn end_io(&mut self, id: u64, closing: bool) -> Option<Box<dyn Source<D>>> {
         let watch = self.io.remove(id)?;
         let st = self
             .fds
@@ -502,7 +543,9 @@ impl<D: 'static> Loop<D> {
             .expect("every io watch has its fd's state");
         st.watches.retain(|w| *w != id);
         st.raw -= u32::from(watch.raw);
-        if let Err(e) = self.refresh_fd(watch.fd) {
+        // A raw fd stays open whatever becomes of its watch.
+        let closing = closing && !watch.raw && st.raw == 0;
+        if let Err(e) = self.update_fd(watch.fd, closing) {
             // Closing an fd removes it from epoll/kqueue already; nothing is lost.
             log::debug!(
                 "{}: updating fd {} after a cancel: {e}",
@@ -520,6 +563,12 @@ impl<D: 'static> Loop<D> {
     /// with the union of their interests, deregistered while all are paused, forgotten
     /// when none is left. One syscall at most.
     fn refresh_fd(&mut self, fd: RawFd) -> Result<()> {
+        self.update_fd(fd, false)
+    }
+
+    /// [`Loop::refresh_fd`]; `closing`: if no watch is left, the fd is closed right after
+    /// (the backend may skip deregistering it).
+    fn update_fd(&mut self, fd: RawFd, closing: bool) -> Result<()> {
         let backend = self.backend_name();
         let current = self.backend_is_current();
         let Some(st) = self.fds.get_mut(fd) else {
@@ -546,7 +595,9 @@ impl<D: 'static> Loop<D> {
         if wanted == before || always_ready || !current {
             return Ok(());
         }
-        let result = if wanted.is_empty() {
+        let result = if wanted.is_empty() && gone && closing {
+            self.backend.deregister_closing(fd)
+        } else if wanted.is_empty() {
             self.backend.deregister(fd)
         } else if before.is_empty() {
             self.backend.register(fd, wanted)

@@ -471,3 +471,54 @@ fn fork_a_loop_fork_child_lets_go_of_the_backend_by_its_own_rule_not_by_closing_
         drop(keep);
     });
 }
+
+/// close_source skips epoll's EPOLL_CTL_DEL. Across fork that must stay harmless both
+/// ways: a post_fork child closing its copy leaves the parent its watch, and a parent
+/// closing while a child keeps its copy (and its own watch) leaves the child its
+/// events and itself no stale readiness.
+#[apply(backends)]
+fn fork_close_source_in_either_process_leaves_the_other_its_watch(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (s1, mut s2) = socketpair();
+        let (reads, w) = watch_counting(&mut lp, s1, Interest::READ);
+        let child = raw_fork(|| {
+            lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap(); // post_fork
+            i32::from(!lp.close_source(w))
+        });
+        exits_with(child, 0);
+        s2.write_all(b"x").unwrap();
+        assert!(
+            loop_until(&mut lp, 50 * U, || reads.get() > 0),
+            "the child's close took the parent's watch"
+        );
+        assert!(lp.close_source(w));
+
+        let (t1, mut t2) = socketpair();
+        let (t_reads, tw) = watch_counting(&mut lp, t1, Interest::READ);
+        let (go_read, mut go_write) = socketpair();
+        let child = raw_fork(|| {
+            lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap(); // post_fork
+                                                                  // Waits for the parent's close and write, bounded.
+            let mut buf = [0u8; 1];
+            go_read
+                .set_nonblocking(false)
+                .and_then(|()| go_read.set_read_timeout(Some(50 * U)))
+                .and_then(|()| (&go_read).read_exact(&mut buf))
+                .unwrap();
+            i32::from(!loop_until(&mut lp, 50 * U, || t_reads.get() > 0))
+        });
+        assert!(lp.close_source(tw));
+        t2.write_all(b"x").unwrap();
+        go_write.write_all(b"g").unwrap();
+        for _ in 0..3 {
+            lp.loop_once(Some(U), &mut ()).unwrap();
+        }
+        assert_eq!(
+            t_reads.get(),
+            0,
+            "a closed watch's callback ran in the parent"
+        );
+        exits_with(child, 0);
+    });
+}

@@ -939,3 +939,110 @@ fn io_exclusive_watches_of_a_shared_listener_tell_one_loop_on_epoll_every_loop_e
     assert_eq!(told, expected, "{kind}: loops told of one connection");
     assert!(listener.accept().is_ok(), "the connection is still queued");
 }
+
+/// On epoll, whether the kernel holds a registration of `fd` (its own view,
+/// `/proc/self/fdinfo` of the epoll fd); `None` on the other backends.
+fn epoll_holds(lp: &Loop, fd: i32) -> Option<bool> {
+    if lp.backend_name() != "epoll" {
+        return None;
+    }
+    let epfd = lp.backend_fd().expect("epoll has an fd");
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epfd}")).unwrap();
+    Some(info.lines().any(|line| {
+        let mut words = line.split_whitespace();
+        words.next() == Some("tfd:") && words.next().and_then(|n| n.parse().ok()) == Some(fd)
+    }))
+}
+
+#[apply(backends)]
+fn io_close_source_closes_the_fd_and_its_number_serves_a_new_watch(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (a, mut a_peer) = socketpair();
+        let number = a.as_raw_fd();
+        let (a_calls, io) = watch_counting(&mut lp, a, Interest::READ);
+        assert!(lp.close_source(io));
+        assert!(!lp.close_source(io), "the watch is gone");
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            std::io::Read::read(&mut a_peer, &mut buf).unwrap(),
+            0,
+            "the source is closed"
+        );
+        if let Some(held) = epoll_holds(&lp, number) {
+            assert!(!held, "closing the file's last fd takes it out of epoll");
+        }
+        let (b, mut b_peer) = socketpair();
+        assert_eq!(b.as_raw_fd(), number, "the number is reused");
+        let (b_calls, _) = watch_counting(&mut lp, b, Interest::READ);
+        b_peer.write_all(b"x").unwrap();
+        assert!(loop_until(&mut lp, 50 * U, || b_calls.get() > 0));
+        assert_eq!(a_calls.get(), 0);
+    });
+}
+
+/// close_source does not deregister (on epoll): while a dup keeps the file open, its
+/// registration outlives the close. Its readiness must never run a callback, must not
+/// make the loop spin, and the stale registration must go at the next wait.
+#[apply(backends)]
+fn io_close_source_while_a_dup_keeps_the_file_open_leaves_no_stale_readiness(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (a, mut a_peer) = socketpair();
+        let dup = a.try_clone().unwrap();
+        let number = a.as_raw_fd();
+        let (calls, io) = watch_counting(&mut lp, a, Interest::READ);
+        let (other, mut other_peer) = socketpair();
+        let (other_calls, _) = watch_counting(&mut lp, other, Interest::READ);
+        assert!(lp.close_source(io));
+        if let Some(held) = epoll_holds(&lp, number) {
+            assert!(
+                held,
+                "no EPOLL_CTL_DEL: the dup keeps the registration alive"
+            );
+        }
+        a_peer.write_all(b"x").unwrap(); // readable through `dup`, for ever
+        for _ in 0..3 {
+            lp.loop_once(Some(U), &mut ()).unwrap();
+        }
+        assert_eq!(calls.get(), 0, "a closed watch's callback ran");
+        if let Some(held) = epoll_holds(&lp, number) {
+            assert!(!held, "the stale registration is still in epoll");
+        }
+        other_peer.write_all(b"x").unwrap();
+        assert!(
+            loop_until(&mut lp, 50 * U, || other_calls.get() > 0),
+            "the other watch survived the rebuild"
+        );
+        drop(dup);
+    });
+}
+
+/// The same file under the same number again, before any wait dropped the registration
+/// close_source left behind (epoll's EEXIST): the new watch works.
+#[apply(backends)]
+fn io_the_same_file_watched_again_under_its_number_after_close_source_is_watched(
+    #[case] kind: Kind,
+) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (a, mut a_peer) = socketpair();
+        let dup = a.try_clone().unwrap();
+        let number = a.as_raw_fd();
+        let (_, io) = watch_counting(&mut lp, a, Interest::READ);
+        assert!(lp.close_source(io));
+        // SAFETY: dup2 onto `number`, which close_source just closed: nothing in this
+        // process owns it; the new fd is owned below.
+        let again = unsafe { libc::dup2(dup.as_raw_fd(), number) };
+        assert_eq!(again, number);
+        // SAFETY: dup2 just made `number` an fd of this test's, owned by nothing else.
+        let again = unsafe { OwnedFd::from_raw_fd(again) };
+        let (calls, _) = watch_counting(&mut lp, UnixStream::from(again), Interest::READ);
+        a_peer.write_all(b"x").unwrap();
+        assert!(
+            loop_until(&mut lp, 50 * U, || calls.get() > 0),
+            "the file watched again is not reported"
+        );
+        drop(dup);
+    });
+}

@@ -6,7 +6,8 @@
 //! `&mut Worker`. The loop owns the sockets — each listener and each connection's
 //! stream is the source of its watch. A connection's socket is read in its watch's
 //! callback, which gets it. Output is written as soon as it exists, by `Conn::flush`
-//! (from `drive`, and from `process` between pipelined requests): with the socket the
+//! (from `drive`; the answers to a batch of pipelined requests in one write, after
+//! `process` has queued them all): with the socket the
 //! callback has, or, for output produced elsewhere (an answer sent from a timer, an
 //! idle or a waker callback, a timeout's 408), with the socket the loop lends
 //! (`Loop::source_mut`). Only output the socket does not take at once makes the watch
@@ -27,7 +28,7 @@ use super::h1::{
 };
 use super::request_body::{BodyError, BodyReceiver, Inbound};
 use super::response_body::{BodySender, Shared, StreamEnded, LOW_WATER};
-use super::stream::Stream;
+use super::stream::{self, Stream};
 use super::{BodyMode, Config, Handler, StreamedRequest};
 use crate::id_map::IdMap;
 use crate::supervisor::{Drain, Listener, MasterLink, Peers, WorkerContext};
@@ -40,6 +41,11 @@ mod accepting;
 
 /// Requests answered per connection before the next is parsed (pipelining depth).
 pub(crate) const MAX_PIPELINED: usize = 32;
+/// The most a connection reads at once.
+const READ_BUF: usize = 16 * 1024;
+/// Output queued while pipelined requests are processed that is written at once, not
+/// after the batch: large answers go out as they come.
+const WRITE_AT: usize = 64 * 1024;
 /// How long a draining worker keeps an idle keep-alive connection open.
 const DRAIN_GRACE: Duration = Duration::from_millis(100);
 /// Unsent response bytes past which a connection parses no more requests until the
@@ -373,6 +379,14 @@ struct Conn {
     unsent_streams: Vec<Rc<Shared>>,
     /// The request whose body is being read, once its head is parsed.
     reading: Option<Reading>,
+    /// The last request asked to close (`Connection: close`, or HTTP/1.0 without
+    /// keep-alive) and nothing was refused since: RFC 9112 §9.6 forbids its client to
+    /// send more, so closing after it need not look for unread input (see
+    /// `Conn::start_lingering`).
+    client_closes: bool,
+    /// Within the connection's callback: its read found the socket empty (a short read
+    /// or `EWOULDBLOCK`) a moment ago. Cleared when the callback returns.
+    read_dry: bool,
 }
 
 impl Conn {
@@ -480,10 +494,9 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads what the socket has, as far as the parser has room (all of it while
-    /// lingering, discarded).
-    fn read_input(&mut self, stream: &Stream) {
-        let mut buf = [0u8; 16 * 1024];
+    /// Reads what the socket has through `buf`, as far as the parser has room (all of
+    /// it while lingering, discarded).
+    fn read_input(&mut self, stream: &Stream, buf: &mut [u8]) {
         loop {
             let room = if self.lingering {
                 buf.len()
@@ -504,10 +517,14 @@ impl Conn {
                         self.sent_since_request = true;
                     }
                     if n < room {
+                        self.read_dry = true;
                         break;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.read_dry = true;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.peer_closed = true;
@@ -612,8 +629,18 @@ impl Conn {
     /// or for `LINGER` at most (nginx's lingering close). Returns whether it lingers;
     /// if not, it is to be closed.
     fn start_lingering(&mut self, stream: &Stream) -> bool {
-        // Reading stops once no more requests are taken, so input may wait in the kernel.
-        let unread = !self.peer_closed && (self.parser.buffered() > 0 || stream.has_unread_input());
+        // Reading stops once no more requests are taken, so input may wait in the kernel;
+        // unless the client said it sends nothing more, all it sent is read, and the
+        // socket was found empty in this very callback (answered at once: nginx closes
+        // so too, without a look). A client that sends on in that moment anyway may get
+        // a reset; one whose answer came later (deferred, or behind another in a
+        // pipeline) is looked at, as its input may have come meanwhile.
+        let read_all = self.client_closes
+            && self.read_dry
+            && !self.parser.mid_request()
+            && self.reading.is_none();
+        let unread = !self.peer_closed
+            && (self.parser.buffered() > 0 || (!read_all && stream.has_unread_input()));
         self.lingering = unread && stream.shutdown_write().is_ok();
         self.lingering
     }
@@ -646,6 +673,9 @@ pub struct Worker {
     drain_watch: Option<Io<Drain>>,
     handler: Rc<dyn Handler>,
     outbox: Rc<Outbox>,
+    /// What connections read into, one for all: zeroing a buffer on the stack at every
+    /// read cost more than the read's copy.
+    read_buf: Box<[u8]>,
 }
 
 /// The worker's main; its return value is the process's exit status.
@@ -706,6 +736,7 @@ impl Worker {
             drain_watch: None,
             handler,
             outbox: Rc::new(outbox),
+            read_buf: vec![0; READ_BUF].into_boxed_slice(),
         })
     }
 }
@@ -748,6 +779,10 @@ fn serve(
         let _ = w.link.report_served(w.served);
     })?;
     for listener in listeners {
+        // Once here, not at every accept (where the OS copies it to the connection).
+        if let Err(e) = stream::nodelay_for_accepted(&listener) {
+            log::warn!("TCP_NODELAY on a listener: {e}; its connections keep Nagle");
+        }
         watch_listener(lp, &mut worker, listener)?;
     }
     let _ = link.ready();
@@ -819,6 +854,8 @@ fn add_conn(lp: &mut Loop<Worker>, w: &mut Worker, stream: Stream, peer: Peer) {
         lingering: false,
         unsent_streams: Vec::new(),
         reading: None,
+        client_closes: false,
+        read_dry: false,
     };
     w.conns.insert(id, conn);
     set_timer(lp, w, id);
@@ -832,8 +869,9 @@ fn on_ready(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: &Stream, rea
     let input = Readiness::READABLE | Readiness::HANGUP | Readiness::ERROR;
     if conn.watching.contains(Interest::READ) && ready.intersects(input) {
         let lingering = conn.lingering;
-        conn.read_input(stream);
+        conn.read_input(stream, &mut w.read_buf);
         if lingering {
+            conn.read_dry = false;
             if conn.peer_closed {
                 close(lp, w, id);
             }
@@ -844,6 +882,9 @@ fn on_ready(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: &Stream, rea
         process(lp, w, id, Some(stream));
     }
     drive(lp, w, id, Some(stream));
+    if let Some(conn) = w.conns.get_mut(&id) {
+        conn.read_dry = false;
+    }
 }
 
 /// The connection's socket: `given` by its watch's callback, which holds it; elsewhere
@@ -858,9 +899,11 @@ fn socket<'a>(
 }
 
 /// Parses and dispatches every request the connection has buffered, and hands a
-/// streamed body's bytes to its receiver; each answer given at once is written at
-/// once, before the next request is parsed. `stream`: the socket, when the
-/// connection's callback (which holds it) calls.
+/// streamed body's bytes to its receiver. The answers given at once are queued in
+/// order, and written together by the `drive` that follows (one write for a batch of
+/// pipelined requests, as nginx and the TechEmpower plaintext test expect), or here
+/// once `WRITE_AT` bytes wait. `stream`: the socket, when the connection's callback
+/// (which holds it) calls.
 fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Stream>) {
     loop {
         let now = lp.now();
@@ -909,6 +952,7 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Strea
                     let seq = inbound.seq;
                     conn.reading = None;
                     conn.no_more_requests = true;
+                    conn.client_closes = false;
                     conn.close_after(seq);
                 }
                 continue;
@@ -924,6 +968,10 @@ fn process(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, stream: Option<&Strea
         let Some(conn) = w.conns.get_mut(&id) else {
             return;
         };
+        conn.queue_ready();
+        if conn.out.len() - conn.sent < WRITE_AT {
+            continue;
+        }
         let socket = socket(lp, conn.io, stream);
         if conn.flush(socket, now).is_err() {
             close(lp, w, id);
@@ -946,6 +994,7 @@ fn begin_request(lp: &mut Loop<Worker>, w: &mut Worker, id: u64, incoming: h1::I
     });
     // A keep-alive timeout of zero turns keep-alive off.
     let keep_alive = incoming.keep_alive && !w.draining && !w.keepalive_timeout.is_zero();
+    conn.client_closes = !incoming.keep_alive;
     let head_only = incoming.method == "HEAD";
     let http10 = incoming.minor_version == 0;
     let (head, ()) = match incoming.into_request(conn.peer) {
@@ -1062,6 +1111,7 @@ fn refuse(
     };
     inbound.fail(lp, error);
     conn.no_more_requests = true;
+    conn.client_closes = false;
     conn.close_after(inbound.seq);
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     // Answers only if the handler has not (else there is no pending slot to fill).
@@ -1529,6 +1579,8 @@ fn answer_and_close(w: &mut Worker, id: u64, status: u16, why: &str) {
     let _ = h1::encode(&response, &mut bytes, false, false, date);
     conn.slots.push_back(Slot::Ready { bytes, close: true });
     conn.no_more_requests = true;
+    // Refused: what the client sent may not all be read.
+    conn.client_closes = false;
     if let Some(log) = &mut w.access_log {
         let length = response.body().len();
         let _ = writeln!(log, "{} - - [{date}] \"-\" {status} {length}", conn.peer);
@@ -1557,7 +1609,9 @@ fn close(lp: &mut Loop<Worker>, w: &mut Worker, id: u64) {
         inbound.fail(lp, BodyError::Closed);
     }
     // The loop drops the socket, closing it: at once, or when its callback returns.
-    lp.cancel(conn.io);
+    // Only the loop holds it (accepted here, never shared), so the close alone takes it
+    // out of the backend: no deregistering syscall.
+    lp.close_source(conn.io);
     lp.cancel(conn.timer);
     if w.draining && w.conns.is_empty() {
         lp.stop(0);
@@ -2092,5 +2146,103 @@ mod tests {
             .expect("lingers for the rest of the request");
         assert!(conn.lingering);
         assert_eq!(conn.watching, Interest::READ);
+    }
+
+    /// A worker serving one connection on a `SOCK_SEQPACKET` socketpair, where each
+    /// write arrives as a record of its own: the client reads one write per read.
+    fn packet_connection(handler: Rc<dyn Handler>) -> (Loop<Worker>, Worker, UnixStream) {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (mut lp, mut worker, _) = one_connection(&Config::default(), handler).unwrap();
+        let ids: Vec<u64> = worker.conns.keys().copied().collect();
+        for id in ids {
+            close(&mut lp, &mut worker, id);
+        }
+        // (SOCK_NONBLOCK is not a socketpair flag everywhere: macOS has none.)
+        let (client, server) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::empty(),
+        )
+        .unwrap();
+        let (client, server) = (UnixStream::from(client), UnixStream::from(server));
+        client.set_nonblocking(true).unwrap();
+        server.set_nonblocking(true).unwrap();
+        add_conn(&mut lp, &mut worker, Stream::Unix(server), Peer::Unix);
+        (lp, worker, client)
+    }
+
+    /// Runs the worker until the client can read, for 100 iterations at most.
+    fn until_readable(lp: &mut Loop<Worker>, worker: &mut Worker, client: &UnixStream) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        for _ in 0..100 {
+            lp.loop_once(Some(Duration::from_millis(10)), worker)
+                .unwrap();
+            let mut fds = [PollFd::new(client.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::ZERO).unwrap() > 0 {
+                return;
+            }
+        }
+        panic!("no answer in 100 iterations");
+    }
+
+    fn hello(lp: &mut Loop<Worker>, _: Request, responder: Responder) {
+        responder.send(lp, h1::text(StatusCode::OK, "Hello, World!"));
+    }
+
+    #[test]
+    fn the_answers_to_a_batch_of_pipelined_requests_go_out_in_one_write() {
+        let (mut lp, mut worker, mut client) = packet_connection(Rc::new(hello));
+        let batch = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(16);
+        client.write_all(&batch).unwrap();
+        until_readable(&mut lp, &mut worker, &client);
+        let mut record = vec![0u8; 64 * 1024];
+        let n = client.read(&mut record).unwrap();
+        let first = String::from_utf8_lossy(&record[..n]);
+        assert_eq!(
+            first.matches("HTTP/1.1 200 OK\r\n").count(),
+            16,
+            "one write holds all 16 answers: {first:?}"
+        );
+        assert_eq!(read_now(&mut client), "", "and nothing follows it");
+    }
+
+    #[test]
+    fn a_refused_request_that_said_close_still_lingers_on_the_body_it_left_unread() {
+        let head =
+            b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100000\r\n\r\n";
+        // The head fills the parser exactly: it is read whole and its body stays in the
+        // kernel, where only a look at the socket finds it.
+        let config = Config {
+            max_body_size: 10,
+            max_header_size: head.len(),
+            ..Config::default()
+        };
+        let (mut lp, mut worker, mut client) = one_connection(&config, Rc::new(hello)).unwrap();
+        client.write_all(head).unwrap();
+        client.write_all(&[b'x'; 1000]).unwrap();
+        let reply = reply(&mut lp, &mut worker, &mut client, "\n");
+        assert!(reply.starts_with("HTTP/1.1 413 "), "{reply:?}");
+        let conn = worker
+            .conns
+            .values()
+            .next()
+            .expect("lingers: closing now would reset the answer");
+        assert!(conn.lingering);
+    }
+
+    #[test]
+    fn a_client_that_said_close_is_closed_once_answered() {
+        let (mut lp, mut worker, mut client) =
+            one_connection(&Config::default(), Rc::new(hello)).unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let reply = reply(&mut lp, &mut worker, &mut client, "Hello, World!");
+        assert!(reply.contains("Connection: close\r\n"), "{reply:?}");
+        assert!(worker.conns.is_empty(), "closed, not lingering");
+        let mut buf = [0u8; 16];
+        assert_eq!(client.read(&mut buf).unwrap(), 0, "the client sees EOF");
     }
 }

@@ -207,6 +207,17 @@ pub trait Backend {
     /// is one rule per backend. The default does nothing, for backends without a kernel
     /// object (poll, select).
     fn abandon_inherited(&mut self) {}
+
+    /// Stops watching `fd`, which the caller closes right after, in this process (the
+    /// loop's source is dropped). A backend whose kernel drops a registration when its
+    /// file closes may then skip the syscall and only forget the fd, if it copes with
+    /// the registration living on while another fd keeps the file open (a dup, a forked
+    /// child's copy): its events, then stale, must never reach the number's next fd
+    /// (epoll, through [`Registrations`]' tags), and registering the same file under the
+    /// same number again must still work. The default deregisters.
+    fn deregister_closing(&mut self, fd: RawFd) -> io::Result<()> {
+        self.deregister(fd)
+    }
 }
 
 /// A timeout in whole milliseconds for poll(2)/epoll_wait(2), rounded up so the wait

@@ -80,6 +80,13 @@ impl Registrations {
         self.map.get(fd).filter(|reg| reg.key == key).map(|_| fd)
     }
 
+    /// Whether [`Registrations::current`] tells a stale registration (one that outlived
+    /// its fd's close, or the fd's next registration) from the current one: keys have
+    /// room for a tag (64-bit).
+    pub const fn recognizes_stale() -> bool {
+        TAGGED
+    }
+
     /// How many fds are registered.
     pub fn len(&self) -> usize {
         self.len

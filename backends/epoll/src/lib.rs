@@ -22,7 +22,8 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use forkloop_backend::{
-    abandoned, cvt, timeout_ms, Backend, Event, Interest, Readiness, Registration, Registrations,
+    abandoned, cvt, not_registered, timeout_ms, Backend, Event, Interest, Readiness, Registration,
+    Registrations,
 };
 
 const INITIAL_EVENTS: usize = 256;
@@ -128,12 +129,19 @@ impl Backend for Epoll {
     /// ready, as poll(2) would report them.
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
         let key = self.registered.add(fd, interest);
-        let result = ctl(
-            self.epfd()?,
-            libc::EPOLL_CTL_ADD,
-            fd,
-            Registration { interest, key },
-        );
+        let reg = Registration { interest, key };
+        let epfd = self.epfd()?;
+        let result = match ctl(epfd, libc::EPOLL_CTL_ADD, fd, reg) {
+            // Left by `deregister_closing` while another fd kept the file open: this
+            // file, this number, a registration the table no longer has. It is replaced
+            // (deleted and added: it may be exclusive, which cannot be modified), so
+            // its events carry the new key.
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                ctl(epfd, libc::EPOLL_CTL_DEL, fd, reg)
+                    .and_then(|()| ctl(epfd, libc::EPOLL_CTL_ADD, fd, reg))
+            }
+            result => result,
+        };
         if result.is_err() {
             self.registered.remove(fd);
         }
@@ -226,6 +234,22 @@ impl Backend for Epoll {
     ) -> io::Result<()> {
         let registered = registrations.collect();
         self.rebuild(registered, false)
+    }
+
+    /// No `EPOLL_CTL_DEL`: closing the last fd of a file removes it from every epoll
+    /// instance. If another fd keeps the file open (a dup, a forked child's copy), its
+    /// registration outlives the close: its events carry a key that is no fd's current
+    /// one and make `wait` rebuild the instance without it, and the same file added
+    /// again under the same number (`EEXIST`) takes over the leftover registration.
+    /// Without tags to tell stale keys (32-bit), it deregisters.
+    fn deregister_closing(&mut self, fd: RawFd) -> io::Result<()> {
+        if !Registrations::recognizes_stale() {
+            return self.deregister(fd);
+        }
+        match self.registered.remove(fd) {
+            Some(_) => Ok(()),
+            None => Err(not_registered("epoll", fd)),
+        }
     }
 
     fn kernel_fd(&self) -> Option<RawFd> {

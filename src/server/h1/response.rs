@@ -1,7 +1,5 @@
 //! Responses, and the checks that keep what a handler writes from breaking the framing.
 
-use std::io::Write as _;
-
 use http::header::{self, HeaderValue};
 use http::StatusCode;
 
@@ -151,33 +149,57 @@ pub(crate) fn encode_head<B>(
     } else {
         framing
     };
-    let mut head = Vec::with_capacity(128);
+    // Every refusal is above: from here the head goes straight into `out`, without
+    // the formatting machinery (this runs once per answer).
+    let head = out;
     let reason = response.status().canonical_reason().unwrap_or("");
-    let _ = write!(head, "HTTP/1.1 {status} {reason}\r\n");
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(response.status().as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(reason.as_bytes());
+    head.extend_from_slice(b"\r\n");
     for (name, value) in headers {
         if name != header::CONTENT_LENGTH && name != header::CONNECTION {
-            push_title_case(&mut head, name.as_str());
+            push_title_case(head, name.as_str());
             head.extend_from_slice(b": ");
             head.extend_from_slice(value.as_bytes());
             head.extend_from_slice(b"\r\n");
         }
     }
     if let Some(length) = length {
-        let _ = write!(head, "Content-Length: {length}\r\n");
+        head.extend_from_slice(b"Content-Length: ");
+        push_decimal(head, length);
+        head.extend_from_slice(b"\r\n");
     }
     if chunked {
         head.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
     if dates == 0 {
-        let _ = write!(head, "Date: {}\r\n", target.date);
+        head.extend_from_slice(b"Date: ");
+        head.extend_from_slice(target.date.as_bytes());
+        head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(if keep_alive {
         b"Connection: keep-alive\r\n\r\n"
     } else {
         b"Connection: close\r\n\r\n"
     });
-    out.extend_from_slice(&head);
     Ok((keep_alive, framing))
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Writes a header name (which `http` keeps in lower case) as `Content-Type` is
@@ -197,6 +219,15 @@ fn push_title_case(out: &mut Vec<u8>, name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_are_written_as_format_writes_them() {
+        for n in [0, 7, 10, 99, 100, 1_000_001, u64::MAX] {
+            let mut out = b"x".to_vec();
+            push_decimal(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+        }
+    }
 
     /// A response with `status`, `body` and `headers`.
     fn response(status: u16, body: &str, headers: &[(&str, &str)]) -> Response {
