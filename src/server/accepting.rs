@@ -153,7 +153,9 @@ fn on_listener(lp: &mut Loop<Worker>, w: &mut Worker, listener: &Listener, _: Re
             w.pace.base = w.conns.len();
             w.pace.queued_rests = 0;
         }
-    } else if w.pace.peers.count() > 1 && w.conns.len() >= w.pace.base + BURST {
+    } else if w.pace.peers.count() <= 1 {
+        // Alone: no one to share with, nor to wake before it.
+    } else if w.conns.len() >= w.pace.base + BURST {
         rest_from_accepting(lp, w);
     } else if w.pace.accepted % REORDER_EVERY == 0 {
         // On epoll, a pause and a resume of an exclusive watch are a delete and an add.
