@@ -281,6 +281,23 @@ fn not_allowed(allow: &'static str) -> Response {
     )
 }
 
+/// The built-in app, whose workers forked after the first `--workers` (a reload's, a
+/// replacement's) run `start` in the child before they serve.
+fn after_the_first(config: Config, start: fn()) -> Server {
+    static FORKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let first = config.supervisor.workers;
+    Server::new(config, hello)
+        .before_fork(|_| {
+            FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .after_fork(move |_| {
+            // The master's count, as copied into this child at the fork.
+            if FORKS.load(std::sync::atomic::Ordering::Relaxed) > first {
+                start()
+            }
+        })
+}
+
 /// The built-in app: `GET /`, `GET /pid`, `POST /echo`, `GET /sleep?ms=N`.
 fn hello(lp: &mut Loop<Worker>, request: Request, responder: Responder) {
     let get = matches!(*request.method(), Method::GET | Method::HEAD);
@@ -449,31 +466,10 @@ fn main() {
             Server::new(config, hello).after_fork(|_| panic!("the app failed to start"))
         }
         App::CrashAfterTheFirst => {
-            static FORKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-            let first = config.supervisor.workers;
-            Server::new(config, hello)
-                .before_fork(|_| {
-                    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                })
-                .after_fork(move |_| {
-                    // The master's count, as copied into this child at the fork.
-                    if FORKS.load(std::sync::atomic::Ordering::Relaxed) > first {
-                        panic!("the new code fails to start")
-                    }
-                })
+            after_the_first(config, || panic!("the new code fails to start"))
         }
         App::SlowAfterTheFirst => {
-            static FORKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-            let first = config.supervisor.workers;
-            Server::new(config, hello)
-                .before_fork(|_| {
-                    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                })
-                .after_fork(move |_| {
-                    if FORKS.load(std::sync::atomic::Ordering::Relaxed) > first {
-                        std::thread::sleep(Duration::from_secs(3));
-                    }
-                })
+            after_the_first(config, || std::thread::sleep(Duration::from_secs(3)))
         }
         App::ExitAfterRequest => Server::new(
             config,

@@ -455,13 +455,7 @@ fn an_upgrade_of_an_activated_master_keeps_the_sockets_systemds() {
         &args,
     )));
     server.signal(libc::SIGUSR2);
-    let line = server.wait_for("USR2: upgrading: new master ");
-    let new_master: libc::pid_t = line
-        .split("new master ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    let new_master = new_master(&mut server);
     server.wait_for("USR2: the new master");
     assert!(server.wait_exit().success());
     let addr = tcp_addr.to_string();
@@ -493,13 +487,7 @@ fn an_activated_master_with_reuse_port_upgrades_and_keeps_its_worker_count() {
     let args = ["--listen", "web", "--workers", "2", "--reuse-port"];
     let mut server = wait_ready(spawn_command(activated(&[&tcp], Some("web"), &args)));
     server.signal(libc::SIGUSR2);
-    let line = server.wait_for("USR2: upgrading: new master ");
-    let new_master: libc::pid_t = line
-        .split("new master ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    let new_master = new_master(&mut server);
     server.wait_for("is ready; this one drains");
     assert!(server.wait_exit().success());
     eventually("the new master's 2 workers", || {
@@ -514,6 +502,16 @@ fn an_activated_master_with_reuse_port_upgrades_and_keeps_its_worker_count() {
     // SAFETY: kill has no memory-safety preconditions; the test started this master.
     unsafe { libc::kill(new_master, libc::SIGTERM) };
     eventually("the new master exiting", || !running(new_master));
+}
+
+/// Waits for the master to start an upgrade, and gives the new master's pid.
+fn new_master(server: &mut Server) -> libc::pid_t {
+    let line = server.wait_for("USR2: upgrading: new master ");
+    line.split("new master ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
 }
 
 /// A copy of `forkloop` in `scratch`, to start a master from and replace later.
