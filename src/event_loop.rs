@@ -431,9 +431,14 @@ impl<D: 'static> Loop<D> {
     pub fn loop_once(&mut self, timeout: Option<Duration>, data: &mut D) -> Result<()> {
         self.ensure_current()?;
         self.update_now();
-        let timeout = self.wait_timeout(timeout);
+        let mut timeout = self.wait_timeout(timeout);
+        if self.signals_before_wait() {
+            timeout = Some(Duration::ZERO); // a delivery came while no wake-up was asked
+        }
         self.events.clear();
-        if let Err(source) = self.backend.wait(&mut self.events, timeout) {
+        let waited = self.backend.wait(&mut self.events, timeout);
+        self.signals_after_wait();
+        if let Err(source) = waited {
             let backend = self.backend_name();
             return Err(match watch_error(backend, -1, source) {
                 Error::Watch { source, .. } => Error::Wait { backend, source },

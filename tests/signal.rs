@@ -4,7 +4,7 @@ mod common;
 
 use std::cell::Cell;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::*;
 use forkloop::{Error, Kind, Loop, SignalRefusal};
@@ -465,5 +465,104 @@ fn signal_a_caught_panic_leaves_the_other_watches_their_delivery(#[case] kind: K
             lp.loop_once(Some(U), &mut calls).unwrap();
         }
         assert_eq!(calls, 1, "once for the one delivery");
+    });
+}
+
+/// A backend that records the timeout of every wait of the one it wraps.
+struct Timeouts(
+    Box<dyn forkloop::Backend>,
+    Rc<std::cell::RefCell<Vec<Option<Duration>>>>,
+);
+
+impl forkloop::Backend for Timeouts {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn register(&mut self, fd: i32, i: forkloop::Interest) -> std::io::Result<()> {
+        self.0.register(fd, i)
+    }
+    fn modify(&mut self, fd: i32, i: forkloop::Interest) -> std::io::Result<()> {
+        self.0.modify(fd, i)
+    }
+    fn deregister(&mut self, fd: i32) -> std::io::Result<()> {
+        self.0.deregister(fd)
+    }
+    fn wait(
+        &mut self,
+        events: &mut Vec<forkloop::Event>,
+        t: Option<Duration>,
+    ) -> std::io::Result<()> {
+        self.1.borrow_mut().push(t);
+        self.0.wait(events, t)
+    }
+    fn post_fork(
+        &mut self,
+        r: &mut dyn Iterator<Item = (i32, forkloop::Interest)>,
+    ) -> std::io::Result<()> {
+        self.0.post_fork(r)
+    }
+    fn kernel_fd(&self) -> Option<i32> {
+        self.0.kernel_fd()
+    }
+}
+
+/// libev's trick: the handler writes to the wake pipe only while the loop waits. A
+/// signal raised while it runs (here: before the iteration) is found by its count, so
+/// the wait does not block and the callback runs in that iteration, with no byte in the
+/// pipe to write or read.
+#[apply(backends)]
+fn signal_raised_while_the_loop_is_not_waiting_is_found_without_the_pipe(#[case] kind: Kind) {
+    isolated(|| {
+        let waits = Rc::new(std::cell::RefCell::new(Vec::new()));
+        let backend = Timeouts(kind.create().unwrap(), Rc::clone(&waits));
+        let mut lp: Loop = Loop::from_backend(Box::new(backend)).unwrap();
+        let (calls, c) = counter();
+        lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
+            .unwrap();
+        // raise, not kill: delivered to this thread before it returns (kill may pick
+        // another thread, whose handler could then run while the loop waits).
+        // SAFETY: raises a signal this process now catches.
+        unsafe { libc::raise(libc::SIGUSR1) };
+        waits.borrow_mut().clear();
+        lp.loop_once(Some(50 * U), &mut ()).unwrap();
+        assert_eq!(calls.get(), 1, "dispatched in the first iteration");
+        assert_eq!(
+            waits.borrow()[..],
+            [Some(Duration::ZERO)],
+            "the wait did not block: the loop saw the delivery by its count"
+        );
+        // Nothing was left in the pipe: the next wait blocks for its whole timeout.
+        let start = Instant::now();
+        lp.loop_once(Some(U), &mut ()).unwrap();
+        assert!(start.elapsed() >= U / 2, "woken by a stale byte");
+        assert_eq!(calls.get(), 1);
+    });
+}
+
+/// While the loop blocks, the handler still writes: a signal from another thread
+/// wakes the wait long before its timeout.
+#[apply(backends)]
+fn signal_sent_while_the_loop_blocks_wakes_it(#[case] kind: Kind) {
+    isolated(|| {
+        let mut lp = new_loop(kind);
+        let (calls, c) = counter();
+        lp.watch_signal(libc::SIGUSR1, move |_, (), _| bump(&c))
+            .unwrap();
+        let sender = std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(100)); // most likely in the wait by then
+            kill_self(libc::SIGUSR1);
+        });
+        let start = Instant::now();
+        while calls.get() == 0 {
+            lp.loop_once(Some(Duration::from_secs(60)), &mut ())
+                .unwrap();
+        }
+        let took = start.elapsed();
+        sender.join().unwrap();
+        assert!(
+            took < Duration::from_secs(30),
+            "the wait ran out ({took:?}) instead of waking"
+        );
+        assert_eq!(calls.get(), 1);
     });
 }

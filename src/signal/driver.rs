@@ -16,7 +16,7 @@
 //! restoring dispositions is serialized by `DISPOSITIONS`, which forkloop's atfork
 //! handler holds across every fork, so a child never inherits it locked.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use forkloop_backend::cvt;
@@ -42,6 +42,12 @@ static CLAIMS: [AtomicU32; MAX_SIGNAL] = [const { AtomicU32::new(0) }; MAX_SIGNA
 static SUBSCRIBERS: [AtomicU64; MAX_SIGNAL] = [const { AtomicU64::new(0) }; MAX_SIGNAL];
 /// The write end of each slot's wake pipe, or -1.
 static WAKE: [AtomicI32; MAX_LOOPS] = [const { AtomicI32::new(-1) }; MAX_LOOPS];
+/// Whether the slot's loop is in (or about to enter) its backend's wait: only then does
+/// the handler write to its wake pipe (libev's `pipe_write_wanted`). A loop not waiting
+/// finds the delivery by its count before it waits ([`set_waiting`]), so a signal that
+/// arrives while the loop runs callbacks, or is raised by one, costs no write and no
+/// read.
+static WAITING: [AtomicBool; MAX_LOOPS] = [const { AtomicBool::new(false) }; MAX_LOOPS];
 /// Handlers between loading a slot's fd and finishing their write to it.
 static BUSY: [AtomicU32; MAX_LOOPS] = [const { AtomicU32::new(0) }; MAX_LOOPS];
 /// The slots in use, one bit each.
@@ -79,7 +85,8 @@ extern "C" fn on_signal(signal: libc::c_int) {
         // Busy before the load: a loop that clears the slot after this load sees it.
         BUSY[slot].fetch_add(1, Ordering::SeqCst);
         let fd = WAKE[slot].load(Ordering::SeqCst);
-        if fd >= 0 {
+        // After the count's increment (SeqCst both): see set_waiting.
+        if fd >= 0 && WAITING[slot].load(Ordering::SeqCst) {
             let byte = signal as u8;
             // SAFETY: one byte from a live stack slot to a pipe that stays open while
             // this slot is busy. A full pipe (EAGAIN) already means a wake-up is
@@ -158,8 +165,18 @@ pub(crate) fn take_slot(wake_fd: libc::c_int) -> Option<usize> {
         return None;
     }
     SLOTS.store(used | 1 << slot, Ordering::SeqCst);
+    WAITING[slot].store(false, Ordering::SeqCst);
     WAKE[slot].store(wake_fd, Ordering::SeqCst);
     Some(slot)
+}
+
+/// Tells the handler whether `slot`'s loop waits. The loop says `true` and *then* looks
+/// at the counts of its signals (and waits without blocking if one moved); the handler
+/// adds to the count and *then* looks at this flag (and writes if set). All four are
+/// SeqCst, so at least one side sees the other's store: a delivery either makes the
+/// loop not block, or wakes it through the pipe. Never both missed.
+pub(crate) fn set_waiting(slot: usize, waiting: bool) {
+    WAITING[slot].store(waiting, Ordering::SeqCst);
 }
 
 /// Gives up a slot: once this returns, no handler writes to its fd any more, so the

@@ -69,6 +69,8 @@ pub(crate) struct Signals<D: 'static> {
     pipe: Option<WakePipe>,
     watches: IdMap<u64, SignalWatch<D>>,
     claimed: BTreeMap<libc::c_int, Claimed>,
+    /// This iteration's pipe event was made up by `signals_after_wait`: nothing to read.
+    unread: bool,
 }
 
 impl<D: 'static> Default for Signals<D> {
@@ -77,6 +79,7 @@ impl<D: 'static> Default for Signals<D> {
             pipe: None,
             watches: IdMap::default(),
             claimed: BTreeMap::new(),
+            unread: false,
         }
     }
 }
@@ -204,6 +207,46 @@ impl<D: 'static> Loop<D> {
         Ok(slot)
     }
 
+    /// Before the backend's wait: from here on the handler writes to the wake pipe, and
+    /// whether a delivery came while it did not (the wait must then not block).
+    pub(crate) fn signals_before_wait(&mut self) -> bool {
+        let Some(slot) = self.signals.pipe.as_ref().and_then(WakePipe::current_slot) else {
+            return false;
+        };
+        driver::set_waiting(slot, true);
+        self.signals_pending()
+    }
+
+    /// After the backend's wait: the handler stops writing, and a delivery the pipe
+    /// did not report (it came while the loop was not waiting) is dispatched as if it
+    /// had, without a read of the empty pipe.
+    pub(crate) fn signals_after_wait(&mut self) {
+        let Some(pipe) = self.signals.pipe.as_ref() else {
+            return;
+        };
+        let Some(slot) = pipe.current_slot() else {
+            return;
+        };
+        driver::set_waiting(slot, false);
+        let fd = pipe.read.as_raw_fd();
+        if self.signals_pending() && !self.events.iter().any(|e| e.fd == fd) {
+            self.signals.unread = true;
+            self.events.push(forkloop_backend::Event {
+                fd,
+                readiness: forkloop_backend::Readiness::READABLE,
+            });
+        }
+    }
+
+    /// Whether a signal this loop watches was delivered past what it dispatched.
+    fn signals_pending(&self) -> bool {
+        let generation = fork::generation();
+        self.signals
+            .claimed
+            .iter()
+            .any(|(&signal, c)| c.subscribed == generation && c.seen < driver::count(signal))
+    }
+
     fn wake_self(&self) {
         if let Some(pipe) = &self.signals.pipe {
             // SAFETY: one byte from a static to the loop's own non-blocking pipe; a full
@@ -252,7 +295,9 @@ impl<D: 'static> Loop<D> {
     }
 
     fn dispatch_signals(&mut self, data: &mut D) {
-        if let Some(pipe) = &self.signals.pipe {
+        // The pipe holds something only if the handler wrote while the loop waited.
+        let unread = std::mem::take(&mut self.signals.unread);
+        if let Some(pipe) = self.signals.pipe.as_ref().filter(|_| !unread) {
             sys::drain(&pipe.read);
         }
         let signals: SmallVec<[libc::c_int; 8]> = self.signals.claimed.keys().copied().collect();
