@@ -178,3 +178,12 @@ fn a_lane_whose_workers_both_die_during_a_reload_gets_a_worker_at_once() {
     }
     wait_lanes(server.pid, &server.addr, 2);
 }
+
+#[test]
+fn a_second_server_with_reuse_port_on_the_same_address_is_refused_not_merged() {
+    let first = start(&["--workers", "1", "--reuse-port"]);
+    let mut second = spawn(&["--listen", &first.addr, "--workers", "1", "--reuse-port"]);
+    second.wait_for("is in use by another listener");
+    assert!(!second.wait_exit().success());
+    assert_eq!(listening_sockets(port_of(&first.addr)).len(), 1);
+}

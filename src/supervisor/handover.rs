@@ -40,7 +40,9 @@ pub(super) fn begin_upgrade(lp: &mut Loop<Master>, m: &mut Master) {
     }
     if m.reload.is_some() {
         // One reload at a time, as systemd sees them (RELOADING=1 … READY=1).
-        return log::warn!("USR2: a HUP reload is under way; upgrade once it is done");
+        return log::warn!(
+            "USR2: a HUP reload is under way; not upgrading: send USR2 again once it is done"
+        );
     }
     if m.handed_in > 0 || m.listeners.is_empty() {
         // The new binary would bind the app's listeners again, and fail.

@@ -39,7 +39,13 @@ impl Listener {
                 ))
             }
             Some(path) => Listener::Unix(bind_unix(PathBuf::from(path))?),
-            None => Listener::Tcp(bind_tcp_at(resolve(address)?, reuse_port)?),
+            None => {
+                let addr = resolve(address)?;
+                if reuse_port {
+                    refuse_if_in_use(addr)?;
+                }
+                Listener::Tcp(bind_tcp_at(addr, reuse_port)?)
+            }
         };
         listener.set_nonblocking()?;
         Ok(listener)
@@ -327,6 +333,33 @@ fn bind_tcp_at(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
+}
+
+/// With `SO_REUSEPORT` a bind succeeds beside another listener of the same user that
+/// has it too, and the two share the connections: a second server started by mistake
+/// would take a share of the first one's. So the address is first bound without it,
+/// which any listener there refuses (`EADDRINUSE`), as a plain bind would. (Port 0
+/// is always free.)
+fn refuse_if_in_use(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => io::Error::new(
+            e.kind(),
+            format!(
+                "{addr} is in use by another listener (reuse_port would share it with \
+                 that one's connections): {e}"
+            ),
+        ),
+        _ => e,
+    })
 }
 
 /// Whether this system spreads connections over a group of listening sockets on one

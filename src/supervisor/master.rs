@@ -272,11 +272,6 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         // Handed in: never unlinked, and never filtered at shutdown (systemd keeps
         // the socket for the next start).
         (Some(listeners), None) => {
-            if master.config.reuse_port {
-                log::info!(
-                    "reuse_port: the sockets socket activation gave are shared by every worker"
-                );
-            }
             for (listener, address) in listeners.into_iter().zip(addresses) {
                 let bound = Bound::handed_in(listener)
                     .map_err(|source| SupervisorError::Bind { address, source })?;
@@ -301,6 +296,12 @@ pub(crate) fn run(supervisor: Supervisor) -> Result<(), SupervisorError> {
         }
     }
     master.lanes = lanes::count(&master.listeners);
+    if master.config.reuse_port && master.lanes == 0 {
+        log::info!(
+            "reuse_port: no TCP address of the master's own to lay lanes for; every \
+             listener is shared by every worker"
+        );
+    }
     if master.report_to.is_some() && master.lanes > 0 {
         // Each lane needs its worker (see `lanes`): as many as the old master had.
         master.target = master.lanes;
@@ -969,7 +970,8 @@ fn rolling_restart(lp: &mut Loop<Master>, m: &mut Master) {
         // One reload at a time, as systemd sees them (RELOADING=1 … READY=1); the new
         // master's workers are new anyway.
         return log::warn!(
-            "HUP: an upgrade is under way (new master {}); reload once it is done",
+            "HUP: an upgrade is under way (new master {}); not reloading: send HUP again \
+             once it is done",
             upgrade.pid
         );
     }
@@ -1025,7 +1027,7 @@ fn upgrading(m: &Master, signal: &str) -> bool {
     } else {
         return false;
     };
-    log::warn!("{signal}: {why}; change the count of workers once it is done");
+    log::warn!("{signal}: {why}; the count stays: send {signal} again once it is done");
     true
 }
 
@@ -1036,7 +1038,7 @@ fn fewer_workers(lp: &mut Loop<Master>, m: &mut Master) {
     }
     if m.target <= 1 {
         match m.target {
-            0 => log::info!("TTOU: no workers (WINCH); HUP or TTIN brings them back"),
+            0 => log::info!("TTOU: no workers (WINCH); HUP brings them back (TTIN starts one)"),
             _ => log::info!("TTOU: already at one worker"),
         }
         return;
