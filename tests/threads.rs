@@ -198,7 +198,9 @@ fn threads_holding_stdout_while_watching_a_signal_never_deadlocks_a_fork() {
         for _ in 0..200 {
             let started = Instant::now();
             let pid = lp.fork(ForkOptions::new(), || 0).unwrap();
-            assert!(started.elapsed() < Duration::from_secs(1), "fork blocked");
+            // A bound on a hang (a deadlock never returns), not a speed claim: a loaded
+            // machine descheduled the stdout holder for over 1 s once in 20 loop runs.
+            assert!(started.elapsed() < Duration::from_secs(10), "fork blocked");
             assert_eq!(exit_code(wait_child(pid, CHILD_LIMIT)), 0);
         }
         stop.store(true, Ordering::Relaxed);
