@@ -40,9 +40,9 @@ impl Listener {
             }
             Some(path) => Listener::Unix(bind_unix(PathBuf::from(path))?),
             None => {
-                let addr = resolve(address)?;
+                let mut addr = resolve(address)?;
                 if reuse_port {
-                    refuse_if_in_use(addr)?;
+                    addr = refuse_if_in_use(addr)?;
                 }
                 Listener::Tcp(bind_tcp_at(addr, reuse_port)?)
             }
@@ -337,13 +337,11 @@ fn bind_tcp_at(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
 
 /// With `SO_REUSEPORT` a bind succeeds beside another listener of the same user that
 /// has it too, and the two share the connections: a second server started by mistake
-/// would take a share of the first one's. So the address is first bound without it,
-/// which any listener there refuses (`EADDRINUSE`), as a plain bind would. (Port 0
-/// is always free.)
-fn refuse_if_in_use(addr: SocketAddr) -> io::Result<()> {
-    if addr.port() == 0 {
-        return Ok(());
-    }
+/// would take a share of the first one's, and port 0, once free ports run short, may
+/// be given a port such a group holds (Linux's second, relaxed search). So the address is first bound without it, which any
+/// listener there refuses (`EADDRINUSE`) as a plain bind would, and which turns port 0
+/// into a port no one holds; the address to bind the lanes at is returned.
+fn refuse_if_in_use(addr: SocketAddr) -> io::Result<SocketAddr> {
     let probe = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -359,6 +357,12 @@ fn refuse_if_in_use(addr: SocketAddr) -> io::Result<()> {
             ),
         ),
         _ => e,
+    })?;
+    probe.local_addr()?.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a TCP socket without an IP address",
+        )
     })
 }
 
