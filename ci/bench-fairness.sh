@@ -23,6 +23,7 @@
 # Installs wrk (Debian package) if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ci/bench-common.sh
 
 ROUNDS=${ROUNDS:-3}
 SCENARIOS=${SCENARIOS:-"2,1,4 4,2,64"}
@@ -71,23 +72,13 @@ function done(summary, latency, requests)
 end
 LUA
 
-wait_port() {
-  for _ in $(seq 1 200); do
-    if python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 0.1)" 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.05
-  done
-  echo "nothing listens on port $PORT" >&2
-  exit 1
-}
 
 # start BIN WORKERS [FLAG]: a server whose every worker has started (so that none is
 # still starting when wrk begins).
 start() {
   "$1" serve --listen "127.0.0.1:$PORT" --workers "$2" --pid-file "$WORK/server.pid" \
     ${3:+"$3"} 2>"$WORK/server.log" &
-  wait_port
+  wait_port "$PORT"
   local master
   master=$(cat "$WORK/server.pid")
   for _ in $(seq 1 200); do

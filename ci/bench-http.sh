@@ -24,6 +24,7 @@
 # under load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ci/bench-common.sh
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
@@ -101,16 +102,6 @@ stop() {
   rm -f "$WORK/$1.pid"
 }
 
-wait_port() {
-  for _ in $(seq 1 200); do
-    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.1)" 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2
-  exit 1
-}
 
 # Sum of utime+stime (clock ticks) of a master and its children.
 cpu_ticks() {

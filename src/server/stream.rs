@@ -106,14 +106,7 @@ pub(crate) fn nodelay_for_accepted(listener: &Listener) -> io::Result<()> {
 }
 
 /// `accept4(2)`, which makes the new fd non-blocking and close-on-exec atomically.
-#[cfg(any(
-    target_os = "linux",
-    target_os = "android",
-    target_os = "freebsd",
-    target_os = "netbsd",
-    target_os = "openbsd",
-    target_os = "dragonfly"
-))]
+#[cfg(has_accept4)]
 mod sys {
     use std::io;
     use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -170,14 +163,7 @@ mod sys {
 }
 
 /// Without `accept4` (macOS): std's accept (close-on-exec), then non-blocking.
-#[cfg(not(any(
-    target_os = "linux",
-    target_os = "android",
-    target_os = "freebsd",
-    target_os = "netbsd",
-    target_os = "openbsd",
-    target_os = "dragonfly"
-)))]
+#[cfg(not(has_accept4))]
 mod sys {
     use std::io;
     use std::net::{SocketAddr, TcpListener, TcpStream};
