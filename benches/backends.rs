@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Throughput};
 use forkloop::{ForkOptions, Interest, Kind, Loop};
+use forkloop_bench_libev::Libev;
 
 fn full() -> bool {
     std::env::var_os("FORKLOOP_BENCH_FULL").is_some()
@@ -79,6 +80,18 @@ impl Measurement for Clock {
     fn formatter(&self) -> &dyn ValueFormatter {
         static WALL: WallTime = WallTime;
         WALL.formatter()
+    }
+}
+
+/// A libev loop (epoll backend, bench-libev/), or `None` after saying loudly, once per
+/// group, why its rows are missing: a machine without libev-dev still runs every other row.
+fn libev(group: &str) -> Option<Libev> {
+    match Libev::new() {
+        Ok(ev) => Some(ev),
+        Err(why) => {
+            eprintln!("\n*** SKIPPED: the libev rows of {group}: {why} ***\n");
+            None
+        }
     }
 }
 
@@ -509,6 +522,15 @@ fn event_processing(c: &mut Criterion) {
                         });
                     }
                 }
+                // libev runs the same round in C (bench-libev/src/shim.c), its idle
+                // timeouts pushed back with ev_timer_again, the counterpart of `+restart`.
+                if let Some(mut ev) = libev(name) {
+                    ev.watch_reads(&reader_fds, &round.writers, with_timeouts);
+                    ev.run_nowait();
+                    group.bench_function(BenchmarkId::new("libev", &param), |b| {
+                        b.iter(|| ev.round(active))
+                    });
+                }
                 let raws: Vec<&str> = if with_timeouts {
                     vec!["raw-epoll+heap"]
                 } else {
@@ -536,8 +558,9 @@ fn event_processing(c: &mut Criterion) {
 fn setup_per_fd(c: &mut Criterion) {
     raise_fd_limit();
     let mut group = c.benchmark_group("setup");
-    for n in [1000, 10000].into_iter().filter(|&n| sockets_fit(n)) {
-        let (readers, _) = sockets(n);
+    for n in [100, 1000, 10000].into_iter().filter(|&n| sockets_fit(n)) {
+        let (readers, writers) = sockets(n);
+        let reader_fds: Vec<RawFd> = readers.iter().map(AsRawFd::as_raw_fd).collect();
         group.throughput(Throughput::Elements(n as u64));
         for kind in kinds().into_iter().filter(|&k| fits(Some(k), n)) {
             group.bench_function(BenchmarkId::new(kind.name(), n), |b| {
@@ -554,7 +577,32 @@ fn setup_per_fd(c: &mut Criterion) {
                 )
             });
         }
-        for raw_name in ["raw-epoll", "raw-mio", "raw-polling"] {
+        // libev registers with the kernel when the loop next runs: the row includes one
+        // ev_run(EVRUN_NOWAIT), as a loop's first iteration would.
+        if libev("setup").is_some() {
+            group.bench_function(BenchmarkId::new("libev", n), |b| {
+                b.iter_batched(
+                    || libev("setup").expect("made above"),
+                    |mut ev| {
+                        ev.watch_reads(&reader_fds, &writers, false);
+                        ev.run_nowait();
+                        ev
+                    },
+                    BatchSize::PerIteration,
+                )
+            });
+        }
+        let raws = [
+            "raw-epoll",
+            "raw-mio",
+            "raw-polling",
+            "raw-poll",
+            "raw-select",
+        ];
+        for raw_name in raws {
+            if raw_name == "raw-select" && !fits(Some(Kind::Select), n) {
+                continue;
+            }
             group.bench_function(BenchmarkId::new(raw_name, n), |b| {
                 b.iter_batched(
                     || (),
@@ -595,6 +643,74 @@ fn timers(c: &mut Criterion) {
                 })
             },
         );
+    }
+    // The same timers, the two phases timed apart (each iteration arms them all and
+    // runs them all; `arm` times the first part, `fire` the second).
+    let clock = Clock::from_env();
+    for kind in kinds() {
+        let mut lp: Loop = Loop::with_backend(kind).unwrap();
+        for phase in ["arm", "fire"] {
+            let id = BenchmarkId::new(kind.name(), format!("{count} {phase}"));
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iters {
+                        let fired = Rc::new(Cell::new(0usize));
+                        let start = clock.read();
+                        for &d in &delays {
+                            let f = fired.clone();
+                            lp.after(d, move |_, ()| f.set(f.get() + 1));
+                        }
+                        let armed = clock.read();
+                        while fired.get() < count {
+                            lp.loop_once(None, &mut ()).unwrap();
+                        }
+                        let end = clock.read();
+                        timed += if phase == "arm" {
+                            armed - start
+                        } else {
+                            end - armed
+                        };
+                    }
+                    timed
+                })
+            });
+        }
+    }
+    // libev: ev_timer_init + ev_timer_start per timer (a preallocated ev_timer each, a C
+    // callback counting), then ev_run until all fired.
+    if let Some(mut ev) = libev("timers") {
+        let seconds: Vec<f64> = delays.iter().map(Duration::as_secs_f64).collect();
+        group.bench_function(
+            BenchmarkId::new("libev", format!("{count} one-shot")),
+            |b| {
+                b.iter(|| {
+                    ev.timers_arm(&seconds);
+                    assert_eq!(ev.timers_fire(), count);
+                })
+            },
+        );
+        for phase in ["arm", "fire"] {
+            let id = BenchmarkId::new("libev", format!("{count} {phase}"));
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iters {
+                        let start = clock.read();
+                        ev.timers_arm(&seconds);
+                        let armed = clock.read();
+                        assert_eq!(ev.timers_fire(), count);
+                        let end = clock.read();
+                        timed += if phase == "arm" {
+                            armed - start
+                        } else {
+                            end - armed
+                        };
+                    }
+                    timed
+                })
+            });
+        }
     }
     group.bench_function(
         BenchmarkId::new("raw-mio-heap", format!("{count} one-shot")),
@@ -742,6 +858,139 @@ fn interest(c: &mut Criterion) {
     group.finish();
 }
 
+/// Re-registration of N fds, libev's "stop + start": each iteration pauses and resumes
+/// every read watch (libev: `ev_io_stop` + `ev_io_start`; raw epoll: `EPOLL_CTL_DEL` +
+/// `EPOLL_CTL_ADD`), then runs the loop once without waiting (`loop_once(Some(ZERO))`,
+/// `ev_run(EVRUN_NOWAIT)`, `epoll_wait(0)`), which is when libev applies its changes.
+/// `toggle` flips every watch between READ and READ|WRITE instead (set_interest; libev:
+/// stop, `ev_io_set`, start; raw: `EPOLL_CTL_MOD`): one real change per fd, and the
+/// write readiness it brings every other iteration, read (EAGAIN) by every contender's
+/// callback. Throughput is per fd.
+fn reregister(c: &mut Criterion) {
+    raise_fd_limit();
+    let mut group = c.benchmark_group("reregister");
+    let ns: &[usize] = if full() {
+        &[100, 1000, 10000]
+    } else {
+        &[100, 1000]
+    };
+    for &n in ns.iter().filter(|&&n| sockets_fit(n)) {
+        let (readers, writers) = sockets(n);
+        let reader_fds: Vec<RawFd> = readers.iter().map(AsRawFd::as_raw_fd).collect();
+        group.throughput(Throughput::Elements(n as u64));
+        for kind in kinds().into_iter().filter(|&k| fits(Some(k), n)) {
+            let mut lp: Loop = Loop::with_backend(kind).unwrap();
+            let ios: Vec<_> = readers
+                .iter()
+                .map(|r| {
+                    lp.watch_io(r.clone(), Interest::READ, |_, (), s, _| {
+                        read_some(s.as_raw_fd());
+                    })
+                    .unwrap()
+                })
+                .collect();
+            let id = BenchmarkId::new(kind.name(), format!("{n} stop+start"));
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    for &io in &ios {
+                        lp.pause(io).unwrap();
+                        lp.resume(io).unwrap();
+                    }
+                    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
+                })
+            });
+            let mut both = false;
+            let id = BenchmarkId::new(kind.name(), format!("{n} toggle"));
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    both = !both;
+                    let interest = if both {
+                        Interest::READ | Interest::WRITE
+                    } else {
+                        Interest::READ
+                    };
+                    for &io in &ios {
+                        lp.set_interest(io, interest).unwrap();
+                    }
+                    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
+                })
+            });
+        }
+        if let Some(mut ev) = libev("reregister") {
+            ev.watch_reads(&reader_fds, &writers, false);
+            ev.run_nowait();
+            let id = BenchmarkId::new("libev", format!("{n} stop+start"));
+            group.bench_function(id, |b| b.iter(|| ev.restart_all()));
+            let mut both = false;
+            let id = BenchmarkId::new("libev", format!("{n} toggle"));
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    both = !both;
+                    ev.toggle_all(both);
+                })
+            });
+            ev.toggle_all(false);
+        }
+        let (epfd, mut events) = epoll_setup(reader_fds.iter().copied());
+        events.resize(n.max(256), libc::epoll_event { events: 0, u64: 0 });
+        let ctl = |op, fd, events: libc::c_int| {
+            let mut ev = libc::epoll_event {
+                events: events as u32,
+                u64: 0,
+            };
+            // SAFETY: a live epoll_event, on the bench's own epoll instance and sockets.
+            unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) };
+        };
+        let wait = |events: &mut Vec<libc::epoll_event>| {
+            // SAFETY: the buffer is a live Vec of its length.
+            let got =
+                unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), events.len() as i32, 0) };
+            for ev in &events[..got.max(0) as usize] {
+                read_some(reader_fds[ev.u64 as usize]);
+            }
+        };
+        let id = BenchmarkId::new("raw-epoll", format!("{n} stop+start"));
+        group.bench_function(id, |b| {
+            b.iter(|| {
+                for (i, &fd) in reader_fds.iter().enumerate() {
+                    ctl(libc::EPOLL_CTL_DEL, fd, 0);
+                    let mut ev = libc::epoll_event {
+                        events: libc::EPOLLIN as u32,
+                        u64: i as u64,
+                    };
+                    // SAFETY: as in ctl.
+                    unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+                }
+                wait(&mut events);
+            })
+        });
+        let mut both = false;
+        let id = BenchmarkId::new("raw-epoll", format!("{n} toggle"));
+        group.bench_function(id, |b| {
+            b.iter(|| {
+                both = !both;
+                let mask = if both {
+                    libc::EPOLLIN | libc::EPOLLOUT
+                } else {
+                    libc::EPOLLIN
+                };
+                for (i, &fd) in reader_fds.iter().enumerate() {
+                    let mut ev = libc::epoll_event {
+                        events: mask as u32,
+                        u64: i as u64,
+                    };
+                    // SAFETY: as in ctl.
+                    unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut ev) };
+                }
+                wait(&mut events);
+            })
+        });
+        // SAFETY: the epoll fd made above; nothing else closes it.
+        unsafe { libc::close(epfd) };
+    }
+    group.finish();
+}
+
 fn signals(c: &mut Criterion) {
     let mut group = c.benchmark_group("signal-latency");
     for kind in kinds() {
@@ -762,6 +1011,12 @@ fn signals(c: &mut Criterion) {
             })
         });
         lp.cancel(watch);
+    }
+    // After the loops' watches are gone: libev installs its own handler for SIGUSR1
+    // (and restores the default when its loop goes).
+    if let Some(mut ev) = libev("signal-latency") {
+        ev.signal_start(libc::SIGUSR1);
+        group.bench_function("libev", |b| b.iter(|| ev.signal_once()));
     }
     group.finish();
 }
@@ -858,6 +1113,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = event_processing, setup_per_fd, timers, interest, signals, fork, children
+    targets = event_processing, setup_per_fd, timers, interest, reregister, signals, fork, children
 }
 criterion_main!(benches);

@@ -24,6 +24,19 @@ else
   skipped "systemd-socket-activate is missing and apt-get could not install systemd; cli/tests/systemd.rs skips its two tests"
 fi
 
+# The benches run libev beside forkloop (bench-libev/: a C shim over Debian's
+# libev-dev). Without it everything still builds and passes, and the benches skip the
+# libev rows; here the shim's own test (in the all-features step) is what is lost.
+step "libev-dev, for the benches' libev rows (bench-libev/)"
+if [ -f /usr/include/ev.h ]; then
+  echo "found"
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] &&
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libev-dev >/dev/null; then
+  echo "installed Debian's libev-dev package"
+else
+  skipped "libev-dev is missing and apt-get could not install it; bench-libev builds without its shim and the benches skip their libev rows"
+fi
+
 step "cargo fmt --check"
 cargo fmt --all --check
 
