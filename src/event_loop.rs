@@ -63,6 +63,9 @@ pub struct Loop<D: 'static = ()> {
     pub(crate) fds: FdMap<FdState>,
     pub(crate) io: Slab<IoWatch<D>>,
     pub(crate) always_ready: Vec<RawFd>,
+    /// Fds whose watches were paused, resumed or given a new interest since the last
+    /// wait: the backend hears of them just before the next one (`apply_fd_changes`).
+    pub(crate) fd_changes: Vec<RawFd>,
     pub(crate) events: Vec<Event>,
     /// This iteration's events merged per fd, in the order first reported.
     pub(crate) ready: Vec<(RawFd, Readiness)>,
@@ -160,6 +163,7 @@ impl<D: 'static> Loop<D> {
             fds: FdMap::new(),
             io: Slab::default(),
             always_ready: Vec::new(),
+            fd_changes: Vec::new(),
             events: Vec::new(),
             ready: Vec::new(),
             timers: Timers::default(),
@@ -430,6 +434,7 @@ impl<D: 'static> Loop<D> {
     /// dispatch with `data`. Timers and pending idle callbacks shorten the wait.
     pub fn loop_once(&mut self, timeout: Option<Duration>, data: &mut D) -> Result<()> {
         self.ensure_current()?;
+        self.apply_fd_changes()?;
         self.update_now();
         let mut timeout = self.wait_timeout(timeout);
         if self.signals_before_wait() {

@@ -66,6 +66,9 @@ pub(crate) struct FdState {
     /// Regular files, which epoll refuses with EPERM: reported ready at every iteration,
     /// as poll(2) would report them.
     pub(crate) always_ready: bool,
+    /// In `Loop::fd_changes`: a watch changed, and `interest` may no longer be what its
+    /// watches want until the change is applied.
+    queued: bool,
 }
 
 pub(crate) struct IoWatch<D: 'static> {
@@ -326,6 +329,7 @@ impl<D: 'static> Loop<D> {
                     watches: SmallVec::new(),
                     raw: 0,
                     always_ready,
+                    queued: false,
                 };
                 self.fds.insert(fd, state);
             }
@@ -386,9 +390,17 @@ impl<D: 'static> Loop<D> {
         Ok(self.io.get_mut(io.watch.id).expect("found above"))
     }
 
-    /// Changes what the watch waits for, in place: at most one syscall (`epoll_ctl`),
-    /// and none if the fd's registered interest does not change. An empty interest is
-    /// refused; [`Loop::pause`] waits for nothing. `interest` replaces the watch's
+    /// Changes what the watch waits for, in place. Like [`Loop::pause`] and
+    /// [`Loop::resume`], the change reaches the backend just before the loop next waits
+    /// (libev's model): at most one syscall (`epoll_ctl`) per fd then, however many
+    /// changes were made, and none if the fd's registered interest ends where it began
+    /// (a pause and a resume in one callback cost nothing). A refusal then (rare for an
+    /// fd the loop holds open: epoll's ENOSPC past `max_user_watches`) is the error of
+    /// that [`Loop::loop_once`] or [`Loop::run`], naming the fd, which keeps its previous
+    /// registration until its watches change again. A watch of a raw fd
+    /// ([`Loop::watch_raw_fd`]) is changed at once instead, so that a number closed
+    /// behind the loop's back is an error here. An empty interest is refused;
+    /// [`Loop::pause`] waits for nothing. `interest` replaces the watch's
     /// whole interest, [`Interest::EXCLUSIVE`] included; a change to or from an
     /// exclusive registration costs epoll two syscalls (it cannot modify one).
     ///
@@ -403,7 +415,7 @@ impl<D: 'static> Loop<D> {
     ///     seen.push(ready);
     ///     lp.stop(0);
     /// })?;
-    /// lp.set_interest(io, Interest::READ | Interest::WRITE)?; // one epoll_ctl
+    /// lp.set_interest(io, Interest::READ | Interest::WRITE)?; // one epoll_ctl, in `run`
     /// let mut seen = Vec::new();
     /// lp.run(&mut seen)?;
     /// assert!(seen[0].contains(Readiness::WRITABLE));
@@ -418,7 +430,7 @@ impl<D: 'static> Loop<D> {
         check_interest(watch.fd, interest)?;
         let (fd, before) = (watch.fd, watch.interest);
         watch.interest = interest;
-        self.refresh_fd(fd).inspect_err(|_| {
+        self.change_fd(fd).inspect_err(|_| {
             if let Some(watch) = self.io.get_mut(io.watch.id) {
                 watch.interest = before;
             }
@@ -426,12 +438,15 @@ impl<D: 'static> Loop<D> {
     }
 
     /// Stops the watch's callback until [`Loop::resume`], keeping the watch and its
-    /// source: one syscall at most (none if other watches of the fd want the same).
+    /// source. Its callback does not run from now on, even for readiness already
+    /// reported; the backend hears of it before the loop next waits (one syscall at
+    /// most, none if other watches of the fd want the same or it is resumed before
+    /// then: see [`Loop::set_interest`]).
     pub fn pause<S: 'static>(&mut self, io: Io<S>) -> Result<()> {
         self.set_paused(io, true)
     }
 
-    /// Undoes [`Loop::pause`]: one syscall at most.
+    /// Undoes [`Loop::pause`], as cheaply (see [`Loop::set_interest`]).
     pub fn resume<S: 'static>(&mut self, io: Io<S>) -> Result<()> {
         self.set_paused(io, false)
     }
@@ -443,7 +458,7 @@ impl<D: 'static> Loop<D> {
         }
         watch.paused = paused;
         let fd = watch.fd;
-        self.refresh_fd(fd).inspect_err(|_| {
+        self.change_fd(fd).inspect_err(|_| {
             if let Some(watch) = self.io.get_mut(io.watch.id) {
                 watch.paused = !paused;
             }
@@ -559,6 +574,54 @@ impl<D: 'static> Loop<D> {
         }
     }
 
+    /// A watch of `fd` was paused, resumed or given a new interest: the backend is told
+    /// just before the loop next waits ([`Loop::apply_fd_changes`]), so that changes
+    /// which undo each other before then (a pause and a resume, an interest set and set
+    /// back, as libev's `ev_io_stop` and `ev_io_start`) cost no syscall, and several
+    /// changes of one fd cost one. The kernel's view only matters while the loop
+    /// waits, and a callback of a paused watch is skipped by the dispatch either way.
+    /// Deferred only while the loop holds the fd open (owned sources): a raw fd may be
+    /// closed behind the loop's back, and its change is made now so that the caller
+    /// hears of a refusal (epoll's ENOENT for a reused number).
+    fn change_fd(&mut self, fd: RawFd) -> Result<()> {
+        let Some(st) = self.fds.get_mut(fd) else {
+            return Ok(());
+        };
+        if st.raw > 0 || st.always_ready {
+            return self.refresh_fd(fd);
+        }
+        if !st.queued {
+            st.queued = true;
+            self.fd_changes.push(fd);
+            // A loop that changes watches and cancels them without ever waiting leaves
+            // entries a cancel already applied: keep the list to the queued fds, once.
+            if self.fd_changes.len() > 2 * self.io.len() + 1024 {
+                let fds = &self.fds;
+                self.fd_changes
+                    .retain(|&fd| fds.get(fd).is_some_and(|st| st.queued));
+                self.fd_changes.sort_unstable();
+                self.fd_changes.dedup();
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the backend of the watch changes made since the last wait (see
+    /// [`Loop::change_fd`]). A refusal (rare for an fd the loop holds open: epoll's
+    /// ENOSPC past `max_user_watches` on a resume) is returned, naming the fd; that
+    /// fd keeps its previous registration until its watches change again, and the
+    /// other changes are applied at the next call.
+    pub(crate) fn apply_fd_changes(&mut self) -> Result<()> {
+        while let Some(fd) = self.fd_changes.pop() {
+            match self.fds.get_mut(fd) {
+                Some(st) if st.queued => st.queued = false,
+                _ => continue, // its watches are gone, or a cancel or watch_io applied it
+            }
+            self.refresh_fd(fd)?;
+        }
+        Ok(())
+    }
+
     /// Brings the backend's registration of `fd` in line with its watches: registered
     /// with the union of their interests, deregistered while all are paused, forgotten
     /// when none is left. One syscall at most.
@@ -581,6 +644,7 @@ impl<D: 'static> Loop<D> {
         let before = st.interest;
         let (always_ready, gone) = (st.always_ready, st.watches.is_empty());
         st.interest = wanted;
+        st.queued = false; // any change made before is in `wanted`
         if gone {
             self.fds.remove(fd);
         }
