@@ -277,6 +277,9 @@ impl<D: 'static> Loop<D> {
         if fd < 0 {
             return Err(Error::InvalidFd(fd));
         }
+        // Nothing guarantees a raw fd open, and poll and select would only notice at the
+        // wait (owned sources are open by their type, so only these pay the fcntl).
+        forkloop_backend::check_fd_open(fd).map_err(|e| watch_error(self.backend_name(), fd, e))?;
         self.add_fd(fd, interest, true)?;
         let mut callback = callback;
         let callback =

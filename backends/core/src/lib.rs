@@ -233,15 +233,26 @@ pub fn timeout_ms(timeout: Option<Duration>) -> libc::c_int {
     }
 }
 
-/// An error for an fd that is negative or not open, checked by the backends whose
-/// syscall would only notice at wait time (poll, select).
-pub fn check_fd_open(fd: RawFd) -> io::Result<()> {
+/// An error for a negative fd: what poll and select check when they register one (a
+/// negative fd in an `fd_set` is memory corruption). Whether the fd is open they leave
+/// to the kernel, which says so at the wait (poll's `POLLNVAL`, select's `EBADF`: see
+/// [`closed_while_registered`]), rather than pay an `fcntl` per registration for what
+/// an owned fd (`AsFd`) guarantees already.
+pub fn check_fd_number(fd: RawFd) -> io::Result<()> {
     if fd < 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("fd {fd} is negative"),
         ));
     }
+    Ok(())
+}
+
+/// An error for an fd that is negative or not open (one `fcntl`): for an fd nothing
+/// guarantees open, such as a raw fd handed to the loop, and to find which registered
+/// fd select's `EBADF` is about.
+pub fn check_fd_open(fd: RawFd) -> io::Result<()> {
+    check_fd_number(fd)?;
     // SAFETY: F_GETFD only reads the flags of whatever `fd` names.
     cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })
         .map(drop)

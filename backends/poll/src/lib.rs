@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, check_fd_open, closed_while_registered, cvt, not_registered, timeout_ms,
+    already_registered, check_fd_number, closed_while_registered, cvt, not_registered, timeout_ms,
     Backend, Event, FdMap, Interest, Readiness,
 };
 
@@ -77,7 +77,8 @@ impl Backend for Poll {
     }
 
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        check_fd_open(fd)?;
+        // Not whether it is open: poll(2) says so at the wait (POLLNVAL, below).
+        check_fd_number(fd)?;
         if self.index.contains(fd) {
             return Err(already_registered("poll", fd));
         }
@@ -150,5 +151,33 @@ impl Backend for Poll {
             self.insert(fd, interest);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forkloop_backend::{refusal, Refusal};
+
+    /// An fd is not checked at registration (no fcntl per fd); the kernel's POLLNVAL at
+    /// the wait is the check, and names the fd.
+    #[test]
+    fn an_fd_that_is_not_open_is_refused_at_the_wait_not_at_registration() {
+        let never_open = 1_000_000; // far above any fd this test process opens
+        let mut poll = Poll::new();
+        poll.register(never_open, Interest::READ)
+            .expect("registering costs no syscall, so it cannot tell");
+        let err = poll
+            .wait(&mut Vec::new(), Some(Duration::ZERO))
+            .unwrap_err();
+        assert_eq!(
+            refusal(&err),
+            Some((never_open, Refusal::ClosedWhileRegistered)),
+            "{err}"
+        );
+        assert!(
+            poll.register(-1, Interest::READ).is_err(),
+            "negative fds are"
+        );
     }
 }

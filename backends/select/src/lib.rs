@@ -11,8 +11,8 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 use forkloop_backend::{
-    already_registered, check_fd_open, closed_while_registered, cvt, not_registered, refused,
-    Backend, Event, FdMap, Interest, Readiness, Refusal,
+    already_registered, check_fd_number, check_fd_open, closed_while_registered, cvt,
+    not_registered, refused, Backend, Event, FdMap, Interest, Readiness, Refusal,
 };
 
 /// select(2) over the backend's own list of registrations.
@@ -70,7 +70,8 @@ impl Backend for Select {
     }
 
     fn register(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        check_fd_open(fd)?;
+        // Not whether it is open: select(2) says so at the wait (EBADF, below).
+        check_fd_number(fd)?;
         if fd >= libc::FD_SETSIZE as RawFd {
             let limit = libc::FD_SETSIZE;
             return Err(refused("select", fd, Refusal::AboveLimit { limit }));
@@ -168,5 +169,42 @@ impl Backend for Select {
             self.insert(fd, interest);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forkloop_backend::{refusal, Refusal};
+
+    /// An fd is not checked at registration (no fcntl per fd); select's EBADF at the
+    /// wait is the check, and the error names the fd.
+    #[test]
+    fn an_fd_that_is_not_open_is_refused_at_the_wait_not_at_registration() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two fds into the live array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the pipe's own fds, closed once each. The only test of this binary:
+        // no other thread can be given the numbers meanwhile.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        let mut select = Select::new();
+        select
+            .register(fds[0], Interest::READ)
+            .expect("registering costs no syscall, so it cannot tell");
+        let err = select
+            .wait(&mut Vec::new(), Some(Duration::ZERO))
+            .unwrap_err();
+        assert_eq!(
+            refusal(&err),
+            Some((fds[0], Refusal::ClosedWhileRegistered)),
+            "{err}"
+        );
+        assert!(
+            select.register(-1, Interest::READ).is_err(),
+            "negative fds are"
+        );
     }
 }
