@@ -691,7 +691,10 @@ fn timers(c: &mut Criterion) {
         );
     }
     // The same timers, the two phases timed apart (each iteration arms them all and
-    // runs them all; `arm` times the first part, `fire` the second).
+    // runs them all; `arm` times the first part, `fire` the second). Armed as libev
+    // arms them (bench-libev: one ev_now_update, then ev_timer_start relative to
+    // ev_now): one clock read, `update_now`, then `at(now + delay)` per timer, where
+    // `after` outside a callback reads the clock for each.
     let clock = Clock::from_env();
     for kind in kinds() {
         let mut lp: Loop = Loop::with_backend(kind).unwrap();
@@ -703,9 +706,10 @@ fn timers(c: &mut Criterion) {
                     for _ in 0..iters {
                         let fired = Rc::new(Cell::new(0usize));
                         let start = clock.read();
+                        let now = lp.update_now();
                         for &d in &delays {
                             let f = fired.clone();
-                            lp.after(d, move |_, ()| f.set(f.get() + 1));
+                            lp.at(now + d, move |_, ()| f.set(f.get() + 1));
                         }
                         let armed = clock.read();
                         while fired.get() < count {
