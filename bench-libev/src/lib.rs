@@ -115,7 +115,8 @@ impl Libev {
         unsafe { ffi::fl_ev_toggle_all(self.raw, both.into()) }
     }
 
-    /// Arms one one-shot timer per delay (seconds), relative to one clock read.
+    /// Arms one one-shot timer per delay (seconds), relative to one clock read; the
+    /// timers of an earlier arming that have not fired are stopped first.
     pub fn timers_arm(&mut self, delays: &[f64]) {
         // SAFETY: the slice is read during the call only.
         let rc = unsafe { ffi::fl_ev_timers_arm(self.raw, delays.as_ptr(), delays.len()) };
@@ -210,5 +211,16 @@ mod tests {
         ev.toggle_all(false);
         ev.timers_arm(&[0.0, 0.001, 0.0005]);
         assert_eq!(ev.timers_fire(), 3);
+    }
+
+    /// Re-arming while timers of the last arming are pending (freed and re-initialised
+    /// under libev's heap before the shim stopped them: a SIGSEGV) arms only the new.
+    #[test]
+    fn timers_re_armed_before_they_fire_replace_the_pending_ones() {
+        let mut ev = Libev::new().unwrap();
+        ev.timers_arm(&[600.0; 3]);
+        ev.timers_arm(&[600.0; 5]); // another size: the array is freed
+        ev.timers_arm(&[0.0, 0.0005, 0.001, 0.0, 0.0]); // the same size: re-initialised
+        assert_eq!(ev.timers_fire(), 5);
     }
 }

@@ -83,6 +83,8 @@ static void on_idle(struct ev_loop *loop, ev_timer *w, int revents) {
 int fl_ev_watch_reads(struct fl_ev *b, const int *readers, const int *writers, size_t n,
                       int timeouts) {
     size_t i;
+    if (b->ios)
+        return -1; /* once per fl_ev: its watchers are started */
     b->ios = calloc(n, sizeof *b->ios);
     b->idle = timeouts ? calloc(n, sizeof *b->idle) : NULL;
     if (!b->ios || (timeouts && !b->idle))
@@ -153,6 +155,10 @@ static void on_timer(struct ev_loop *loop, ev_timer *w, int revents) {
  * count. 0, or -1 if out of memory. */
 int fl_ev_timers_arm(struct fl_ev *b, const double *delays, size_t n) {
     size_t i;
+    /* Timers of an earlier arming still pending sit in the loop's heap: stop them before
+     * their memory is freed or re-initialised (ev_timer_init on an active watcher). */
+    for (i = 0; i < b->ntimers; i++)
+        ev_timer_stop(b->loop, &b->timers[i]);
     if (b->ntimers != n) {
         free(b->timers);
         b->timers = calloc(n, sizeof *b->timers);
