@@ -11,7 +11,7 @@ use forkloop_backend::{Backend, Event, FdMap, Readiness};
 
 use crate::fork;
 use crate::handle::{LoopId, Timer, Watch, WatchKind};
-use crate::io::{watch_error, FdState, IoWatch};
+use crate::io::{watch_error, FdState, IoWatch, REFUSED_RETRY};
 use crate::process::Children;
 use crate::signal::Signals;
 use crate::slab::Slab;
@@ -66,6 +66,11 @@ pub struct Loop<D: 'static = ()> {
     /// Fds whose watches were paused, resumed or given a new interest since the last
     /// wait: the backend hears of them just before the next one (`apply_fd_changes`).
     pub(crate) fd_changes: Vec<RawFd>,
+    /// Fds whose last change the backend refused: tried again before each wait.
+    pub(crate) refused_fds: Vec<RawFd>,
+    /// Fds refused for the first time since their last accepted change, whose watches
+    /// see [`Readiness::ERROR`](crate::Readiness::ERROR) in this iteration's dispatch.
+    pub(crate) errored: Vec<RawFd>,
     pub(crate) events: Vec<Event>,
     /// This iteration's events merged per fd, in the order first reported.
     pub(crate) ready: Vec<(RawFd, Readiness)>,
@@ -164,6 +169,8 @@ impl<D: 'static> Loop<D> {
             io: Slab::default(),
             always_ready: Vec::new(),
             fd_changes: Vec::new(),
+            refused_fds: Vec::new(),
+            errored: Vec::new(),
             events: Vec::new(),
             ready: Vec::new(),
             timers: Timers::default(),
@@ -434,7 +441,7 @@ impl<D: 'static> Loop<D> {
     /// dispatch with `data`. Timers and pending idle callbacks shorten the wait.
     pub fn loop_once(&mut self, timeout: Option<Duration>, data: &mut D) -> Result<()> {
         self.ensure_current()?;
-        self.apply_fd_changes()?;
+        self.apply_fd_changes();
         self.update_now();
         let mut timeout = self.wait_timeout(timeout);
         if self.signals_before_wait() {
@@ -489,6 +496,11 @@ impl<D: 'static> Loop<D> {
         if busy {
             return Some(Duration::ZERO);
         }
+        let requested = if self.refused_fds.is_empty() {
+            requested
+        } else {
+            Some(requested.map_or(REFUSED_RETRY, |r| r.min(REFUSED_RETRY)))
+        };
         match self.timers.next_deadline() {
             None => requested,
             Some(deadline) => {

@@ -9,6 +9,7 @@ use std::any::{Any, TypeId};
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::rc::Rc;
+use std::time::Duration;
 
 use forkloop_backend::{refusal, Interest, Readiness, Refusal};
 use smallvec::SmallVec;
@@ -69,7 +70,14 @@ pub(crate) struct FdState {
     /// In `Loop::fd_changes`: a watch changed, and `interest` may no longer be what its
     /// watches want until the change is applied.
     queued: bool,
+    /// The backend refused the last change applied (`Loop::refused`): in
+    /// `Loop::refused_fds`, tried again before each wait.
+    refused: bool,
 }
+
+/// How long the loop waits at most while a change the backend refused is outstanding,
+/// before it tries that change again.
+pub(crate) const REFUSED_RETRY: Duration = Duration::from_millis(100);
 
 pub(crate) struct IoWatch<D: 'static> {
     /// When it was added, on the loop's id counter: a dispatch skips watches added
@@ -213,14 +221,21 @@ impl<D: 'static> Loop<D> {
     /// whole loop. A read watch also fires on hangup and on a
     /// pending error (reading then tells which); a write watch likewise.
     ///
+    /// The source's type says its fd is open, so poll and select take the fd without a
+    /// syscall: one closed behind the source's back (only `unsafe` code can; std's
+    /// runtime reopens a closed 0, 1 or 2 as `/dev/null` before `main` on Linux) is not
+    /// refused here but by the next wait, as [`Error::ClosedWhileWatched`] naming it.
+    /// epoll and kqueue refuse it here. A raw fd ([`Loop::watch_raw_fd`]) is checked
+    /// here on every backend.
+    ///
     /// `Interest::READ | Interest::EXCLUSIVE` asks for exclusive wake-ups: of the
     /// processes or loops that wait on one file this way (workers sharing a listening
     /// socket), a new readiness wakes one, not all (epoll's `EPOLLEXCLUSIVE`; the other
     /// backends ignore it, see [`Interest::EXCLUSIVE`]). The fd is registered exclusive
     /// while every unpaused watch of it in this loop asks for it. It is part of the
     /// interest, so [`Loop::set_interest`] replaces it too, and [`Loop::pause`] and
-    /// [`Loop::resume`] keep it (on epoll each is a delete and an add, which puts this
-    /// loop at the back of the fd's queue of exclusive waiters). The flag rides on the
+    /// [`Loop::resume`] keep it; [`Loop::reregister`] puts this loop at the back of the
+    /// fd's queue of exclusive waiters. The flag rides on the
     /// interest rather than on a watch option of its own so that it reaches the
     /// backend wherever the interest does, `post_fork`'s re-registration included,
     /// with no new method for a backend to forget. Refused: `EXCLUSIVE` alone
@@ -333,6 +348,7 @@ impl<D: 'static> Loop<D> {
                     raw: 0,
                     always_ready,
                     queued: false,
+                    refused: false,
                 };
                 self.fds.insert(fd, state);
             }
@@ -398,9 +414,12 @@ impl<D: 'static> Loop<D> {
     /// (libev's model): at most one syscall (`epoll_ctl`) per fd then, however many
     /// changes were made, and none if the fd's registered interest ends where it began
     /// (a pause and a resume in one callback cost nothing). A refusal then (rare for an
-    /// fd the loop holds open: epoll's ENOSPC past `max_user_watches`) is the error of
-    /// that [`Loop::loop_once`] or [`Loop::run`], naming the fd, which keeps its previous
-    /// registration until its watches change again. A watch of a raw fd
+    /// fd the loop holds open: epoll's ENOMEM, or ENOSPC past `max_user_watches`) does
+    /// not stop the loop, as libev's does not: it is logged (`log::warn`, naming the
+    /// fd), the fd's active watches see [`Readiness::ERROR`] in that iteration (what a
+    /// pending error on the fd looks like), and the change is tried again before each
+    /// later wait, the wait being cut to 100 ms meanwhile, until the backend takes it
+    /// or the watches change. A watch of a raw fd
     /// ([`Loop::watch_raw_fd`]) is changed at once instead, so that a number closed
     /// behind the loop's back is an error here. An empty interest is refused;
     /// [`Loop::pause`] waits for nothing. `interest` replaces the watch's
@@ -465,6 +484,41 @@ impl<D: 'static> Loop<D> {
             if let Some(watch) = self.io.get_mut(io.watch.id) {
                 watch.paused = !paused;
             }
+        })
+    }
+
+    /// Registers the watch's fd with the backend again, now: on epoll a delete and an
+    /// add (two syscalls), with any change of its watches not yet applied. With
+    /// [`Interest::EXCLUSIVE`] that puts this loop at the back of the fd's queue of
+    /// waiters, which is how a server spreads the accepts of a listener its workers
+    /// share (nginx re-adds its listeners now and then; a [`Loop::pause`] and
+    /// [`Loop::resume`] would cancel out before the next wait, and not move it). Other
+    /// backends keep no such queue, and do the same harmlessly. Nothing to do while
+    /// the fd's watches are all paused. If the add is refused (epoll's ENOMEM), the
+    /// fd's watches wait for nothing until the change is tried again before the next
+    /// wait (see [`Loop::set_interest`]); the error is returned too.
+    pub fn reregister<S: 'static>(&mut self, io: Io<S>) -> Result<()> {
+        let fd = self.io_watch(io)?.fd;
+        self.refresh_fd(fd)?;
+        let Some(st) = self.fds.get(fd) else {
+            return Ok(());
+        };
+        let interest = st.interest;
+        if interest.is_empty() || st.always_ready || !self.backend_is_current() {
+            return Ok(());
+        }
+        let backend = self.backend_name();
+        self.backend
+            .deregister(fd)
+            .map_err(|e| watch_error(backend, fd, e))?;
+        let added = self.backend.register(fd, interest);
+        added.map_err(|e| {
+            let error = watch_error(backend, fd, e);
+            if let Some(st) = self.fds.get_mut(fd) {
+                st.interest = Interest::NONE;
+            }
+            self.refused(fd, &error);
+            error
         })
     }
 
@@ -610,19 +664,44 @@ impl<D: 'static> Loop<D> {
     }
 
     /// Tells the backend of the watch changes made since the last wait (see
-    /// [`Loop::change_fd`]). A refusal (rare for an fd the loop holds open: epoll's
-    /// ENOSPC past `max_user_watches` on a resume) is returned, naming the fd; that
-    /// fd keeps its previous registration until its watches change again, and the
-    /// other changes are applied at the next call.
-    pub(crate) fn apply_fd_changes(&mut self) -> Result<()> {
+    /// [`Loop::change_fd`]), and again of those it refused before (see
+    /// [`Loop::set_interest`] for what a refusal does).
+    pub(crate) fn apply_fd_changes(&mut self) {
+        for fd in mem::take(&mut self.refused_fds) {
+            if let Some(st) = self.fds.get_mut(fd).filter(|st| st.refused && !st.queued) {
+                st.queued = true;
+                self.fd_changes.push(fd);
+            }
+        }
         while let Some(fd) = self.fd_changes.pop() {
             match self.fds.get_mut(fd) {
                 Some(st) if st.queued => st.queued = false,
                 _ => continue, // its watches are gone, or a cancel or watch_io applied it
             }
-            self.refresh_fd(fd)?;
+            match self.refresh_fd(fd) {
+                Ok(()) => {
+                    if let Some(st) = self.fds.get_mut(fd) {
+                        st.refused = false;
+                    }
+                }
+                Err(e) => self.refused(fd, &e),
+            }
         }
-        Ok(())
+    }
+
+    /// The backend refused a change of `fd` (it keeps the registration it had): tried
+    /// again before the next wait. The first refusal of a run of them is logged, and
+    /// its watches are told in this iteration's dispatch (`Loop::errored`).
+    fn refused(&mut self, fd: RawFd, error: &Error) {
+        let Some(st) = self.fds.get_mut(fd) else {
+            return;
+        };
+        if !st.refused {
+            st.refused = true;
+            self.errored.push(fd);
+            log::warn!("{error}; tried again before each wait, every {REFUSED_RETRY:?} at least");
+        }
+        self.refused_fds.push(fd);
     }
 
     /// Brings the backend's registration of `fd` in line with its watches: registered
@@ -744,6 +823,14 @@ impl<D: 'static> Loop<D> {
         // reports each filter as an event of its own. The per-fd marks are all cleared
         // before the first callback, so a nested iteration or a caught panic finds none.
         let mut ready = mem::take(&mut self.ready);
+        for fd in mem::take(&mut self.errored) {
+            if let Some(st) = self.fds.get_mut(fd) {
+                if st.pending.is_empty() {
+                    ready.push((fd, Readiness::NONE));
+                }
+                st.pending |= Readiness::ERROR;
+            }
+        }
         for event in &self.events {
             if let Some(st) = self.fds.get_mut(event.fd) {
                 if st.pending.is_empty() {

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,13 +17,21 @@ use forkloop::{Backend, Error, Interest, Kind, Loop, Readiness, Timer};
 use rstest::rstest;
 use rstest_reuse::apply;
 
-/// Counts the backend calls a change costs: `register`, `modify`, `deregister`.
+/// Counts the backend calls a change costs: `register`, `modify`, `deregister`; and
+/// refuses registrations (ENOMEM) while told to.
 #[derive(Clone, Default)]
-struct Calls(Arc<AtomicUsize>);
+struct Calls {
+    made: Arc<AtomicUsize>,
+    refuse_adds: Arc<AtomicBool>,
+}
 
 impl Calls {
     fn take(&self) -> usize {
-        self.0.swap(0, Ordering::SeqCst)
+        self.made.swap(0, Ordering::SeqCst)
+    }
+
+    fn refuse_adds(&self, refuse: bool) {
+        self.refuse_adds.store(refuse, Ordering::SeqCst);
     }
 }
 
@@ -34,7 +42,7 @@ struct Counting {
 
 impl Counting {
     fn count(&self) {
-        self.calls.0.fetch_add(1, Ordering::SeqCst);
+        self.calls.made.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -44,6 +52,9 @@ impl Backend for Counting {
     }
     fn register(&mut self, fd: i32, interest: Interest) -> std::io::Result<()> {
         self.count();
+        if self.calls.refuse_adds.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+        }
         self.inner.register(fd, interest)
     }
     fn modify(&mut self, fd: i32, interest: Interest) -> std::io::Result<()> {
@@ -263,6 +274,77 @@ fn api_changes_undone_before_the_next_wait_cost_no_backend_call(#[case] kind: Ki
     lp.loop_once(Some(Duration::from_millis(20)), &mut reads)
         .unwrap();
     assert_eq!((calls.take(), reads), (1, 1), "paused before the wait");
+    assert_epoll_holds(&lp, fd, None, "paused");
+}
+
+/// A change the backend refuses when the loop applies it (before its wait) is that
+/// fd's error, not the loop's: the watch sees `Readiness::ERROR` once, the loop goes on
+/// (its wait cut to 100 ms), and the change is tried again before each wait until the
+/// backend takes it. (It used to end the `run` of a whole server worker.)
+#[apply(backends)]
+fn api_a_refused_resume_is_the_watchs_error_and_is_tried_again(#[case] kind: Kind) {
+    let (mut lp, calls) = counting_loop::<Vec<Readiness>>(kind);
+    let (a, mut b) = socketpair();
+    let io = lp
+        .watch_io(a, Interest::READ, |_, seen, a, ready| {
+            drain(a);
+            seen.push(ready);
+        })
+        .unwrap();
+    let mut seen = Vec::new();
+    lp.pause(io).unwrap();
+    lp.loop_once(Some(Duration::ZERO), &mut seen).unwrap();
+    calls.refuse_adds(true);
+    lp.resume(io).unwrap();
+    lp.loop_once(Some(U), &mut seen)
+        .expect("a refused change does not end the iteration");
+    assert!(
+        matches!(seen[..], [r] if r.contains(Readiness::ERROR)),
+        "the watch is told once: {seen:?}"
+    );
+    let start = Instant::now();
+    lp.loop_once(None, &mut seen).unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "an endless wait returns to try the change again"
+    );
+    assert_eq!(seen.len(), 1, "told once, not at every attempt: {seen:?}");
+    b.write_all(b"x").unwrap();
+    calls.refuse_adds(false);
+    lp.loop_once(Some(U), &mut seen).unwrap();
+    assert!(
+        matches!(seen[1..], [r] if r.contains(Readiness::READABLE)),
+        "taken at last, the byte waiting is read: {seen:?}"
+    );
+}
+
+/// `reregister` is a delete and an add, now (a pause and a resume cancel out before
+/// the wait): what moves a loop to the back of an exclusive listener's waiters.
+#[apply(backends)]
+fn api_reregister_registers_again_at_once(#[case] kind: Kind) {
+    let (mut lp, calls) = counting_loop::<u32>(kind);
+    let (a, mut b) = socketpair();
+    let fd = a.as_raw_fd();
+    let exclusive = Interest::READ | Interest::EXCLUSIVE;
+    let io = lp
+        .watch_io(a, exclusive, |_, reads, a, _| *reads += drain(a) as u32)
+        .unwrap();
+    calls.take();
+    lp.reregister(io).unwrap();
+    assert_eq!(calls.take(), 2, "a delete and an add, at the call");
+    assert_epoll_holds(&lp, fd, Some(exclusive), "registered again, as it was");
+    b.write_all(b"x").unwrap();
+    let mut reads = 0;
+    lp.loop_once(Some(U), &mut reads).unwrap();
+    assert_eq!((reads, calls.take()), (1, 0), "it fires as before");
+    lp.pause(io).unwrap();
+    calls.take();
+    lp.reregister(io).unwrap();
+    assert_eq!(
+        calls.take(),
+        1,
+        "paused: the pause is applied, nothing re-added"
+    );
     assert_epoll_holds(&lp, fd, None, "paused");
 }
 

@@ -51,23 +51,15 @@ fn pause_accepting(lp: &mut Loop<Worker>, w: &Worker) {
     }
 }
 
-/// Resumes the listeners' watches; one the backend refuses to resume (epoll's add
-/// fails, as with `ENOMEM`) is tried again after [`ACCEPT_BACKOFF`], so that the worker
-/// never goes on deaf to a listener while it still beats for the master.
+/// Resumes the listeners' watches. One the backend refuses to resume (epoll's add
+/// fails, as with `ENOMEM`) the loop tries again before each wait, every 100 ms at
+/// least (see `Loop::set_interest`), so that the worker never goes on deaf to a
+/// listener while it still beats for the master.
 fn resume_accepting(lp: &mut Loop<Worker>, w: &Worker) {
-    let mut failed = false;
     for &io in &w.listeners {
         if let Err(e) = lp.resume(io) {
-            log::error!("resuming a listener: {e}; trying again in {ACCEPT_BACKOFF:?}");
-            failed = true;
+            log::error!("resuming a listener: {e}");
         }
-    }
-    if failed {
-        lp.after(ACCEPT_BACKOFF, |lp, w| {
-            if !w.draining && w.pace.rest.is_none() {
-                resume_accepting(lp, w);
-            }
-        });
     }
 }
 
@@ -158,9 +150,12 @@ fn on_listener(lp: &mut Loop<Worker>, w: &mut Worker, listener: &Listener, _: Re
     } else if w.conns.len() >= w.pace.base + BURST {
         rest_from_accepting(lp, w);
     } else if w.pace.accepted % REORDER_EVERY == 0 {
-        // On epoll, a pause and a resume of an exclusive watch are a delete and an add.
-        pause_accepting(lp, w);
-        resume_accepting(lp, w);
+        // To the back of the listeners' queues of exclusive waiters.
+        for &io in &w.listeners {
+            if let Err(e) = lp.reregister(io) {
+                log::error!("re-adding a listener: {e}");
+            }
+        }
     }
 }
 
@@ -255,6 +250,7 @@ pub(super) fn accept(
 #[cfg(test)]
 mod tests {
     use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
     use std::rc::Rc;
 
@@ -368,10 +364,28 @@ mod tests {
         });
     }
 
-    /// The best backend, whose `register` fails with `ENOMEM` while `failing` is set.
+    /// The best backend, whose `register` fails with `ENOMEM` while `failing` is set,
+    /// keeping the fds it is asked to register in `adds`.
+    #[derive(Default)]
     struct Flaky {
-        inner: Box<dyn crate::Backend>,
+        inner: Option<Box<dyn crate::Backend>>,
         failing: Rc<std::cell::Cell<bool>>,
+        adds: Rc<std::cell::RefCell<Vec<std::os::fd::RawFd>>>,
+    }
+
+    impl Flaky {
+        fn inner(&mut self) -> &mut dyn crate::Backend {
+            self.inner.as_deref_mut().expect("built with a backend")
+        }
+
+        fn looping(self) -> Loop<Worker> {
+            let inner = crate::Kind::best().unwrap().create().unwrap();
+            let flaky = Flaky {
+                inner: Some(inner),
+                ..self
+            };
+            Loop::from_backend(Box::new(flaky)).unwrap()
+        }
     }
 
     impl crate::Backend for Flaky {
@@ -379,38 +393,34 @@ mod tests {
             "flaky"
         }
         fn register(&mut self, fd: std::os::fd::RawFd, i: Interest) -> io::Result<()> {
+            self.adds.borrow_mut().push(fd);
             if self.failing.get() {
                 return Err(io::Error::from_raw_os_error(libc::ENOMEM));
             }
-            self.inner.register(fd, i)
+            self.inner().register(fd, i)
         }
         fn modify(&mut self, fd: std::os::fd::RawFd, i: Interest) -> io::Result<()> {
-            self.inner.modify(fd, i)
+            self.inner().modify(fd, i)
         }
         fn deregister(&mut self, fd: std::os::fd::RawFd) -> io::Result<()> {
-            self.inner.deregister(fd)
+            self.inner().deregister(fd)
         }
         fn wait(&mut self, events: &mut Vec<crate::Event>, t: Option<Duration>) -> io::Result<()> {
-            self.inner.wait(events, t)
+            self.inner().wait(events, t)
         }
         fn post_fork(
             &mut self,
             r: &mut dyn Iterator<Item = (std::os::fd::RawFd, Interest)>,
         ) -> io::Result<()> {
-            self.inner.post_fork(r)
+            self.inner().post_fork(r)
         }
     }
 
     #[test]
     fn a_listener_the_backend_refuses_to_resume_is_tried_again() {
-        let failing = Rc::new(std::cell::Cell::new(false));
-        let inner = crate::Kind::best().unwrap().create().unwrap();
-        let flaky = Flaky {
-            inner,
-            failing: failing.clone(),
-        };
-        let (mut lp, mut w, _master, addr) =
-            listening_on(Loop::from_backend(Box::new(flaky)).unwrap(), 2);
+        let flaky = Flaky::default();
+        let failing = flaky.failing.clone();
+        let (mut lp, mut w, _master, addr) = listening_on(flaky.looping(), 2);
         let _clients = connect(addr, 3);
         until(&mut lp, &mut w, |w| w.pace.rest.is_some());
         failing.set(true);
@@ -418,6 +428,31 @@ mod tests {
         failing.set(false);
         let _more = connect(addr, 5);
         until(&mut lp, &mut w, |w| w.conns.len() == 8);
+    }
+
+    /// nginx's reordering: every 16 accepts the listener is registered again (at once:
+    /// a pause and a resume would cancel out before the wait).
+    #[test]
+    fn a_worker_re_adds_its_listener_every_16_accepts() {
+        let flaky = Flaky::default();
+        let adds = flaky.adds.clone();
+        let (mut lp, mut w, _master, addr) = listening_on(flaky.looping(), 2);
+        lp.loop_once(Some(Duration::ZERO), &mut w).unwrap();
+        let listener = lp.source(w.listeners[0]).unwrap().as_fd().as_raw_fd();
+        let readds = || adds.borrow().iter().filter(|&&fd| fd == listener).count();
+        let before = readds();
+        for accepted in 1..=REORDER_EVERY {
+            let _client = TcpStream::connect(addr).unwrap();
+            until(&mut lp, &mut w, |w| w.conns.len() == 1);
+            let id = *w.conns.keys().next().unwrap();
+            close(&mut lp, &mut w, id); // never a burst: no rest
+            let readded = readds() - before;
+            assert_eq!(
+                readded,
+                usize::from(accepted == REORDER_EVERY),
+                "{accepted}"
+            );
+        }
     }
 
     #[test]
