@@ -15,7 +15,7 @@ use crate::io::{watch_error, FdState, IoWatch, REFUSED_RETRY};
 use crate::process::Children;
 use crate::signal::Signals;
 use crate::slab::Slab;
-use crate::timer::{TimerCallback, Timers};
+use crate::timer::{Due, TimerCallback, Timers};
 use crate::waker::Wakers;
 use crate::{Error, Kind, Result};
 
@@ -75,7 +75,7 @@ pub struct Loop<D: 'static = ()> {
     /// This iteration's events merged per fd, in the order first reported.
     pub(crate) ready: Vec<(RawFd, Readiness)>,
     timers: Timers<D>,
-    due: Vec<(Instant, u64, u64)>,
+    due: Vec<Due>,
     /// Keyed by id, so in arming order; an iteration runs only ids below its start mark.
     idle: BTreeMap<u64, IdleCallback<D>>,
     pub(crate) signals: Signals<D>,
@@ -517,7 +517,8 @@ impl<D: 'static> Loop<D> {
         let now = self.now;
         let mut due = mem::take(&mut self.due);
         self.timers.pop_due(now, &mut due);
-        for (i, &(deadline, seq, id)) in due.iter().enumerate() {
+        for (i, &entry) in due.iter().enumerate() {
+            let (_, seq, id) = entry;
             let called = match self.timers.take(id, seq) {
                 Some(TimerCallback::Once(callback)) => guarded(|| callback(self, data)),
                 Some(TimerCallback::Every(mut callback, interval)) => {
@@ -525,15 +526,15 @@ impl<D: 'static> Loop<D> {
                     let called = guarded(|| callback(self, data));
                     let callback = take_back(serial, self.id.serial, callback);
                     let callback = TimerCallback::Every(callback, interval);
-                    self.timers.rearm(id, seq, deadline, now, callback);
+                    self.timers.rearm(entry, now, callback);
                     called
                 }
                 None => Ok(()),
             };
             if called.is_err() || self.forked_in_dispatch() {
                 // The rest of the batch is due still: back on the heap, not lost.
-                for &(deadline, seq, id) in &due[i + 1..] {
-                    self.timers.requeue(deadline, seq, id);
+                for &entry in &due[i + 1..] {
+                    self.timers.requeue(entry);
                 }
                 resume(called);
                 break;

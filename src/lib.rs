@@ -48,6 +48,7 @@ mod id_map;
 mod io;
 mod kind;
 mod process;
+mod quad_heap;
 #[cfg(feature = "server")]
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod server;

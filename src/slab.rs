@@ -72,8 +72,16 @@ impl<T> Slab<T> {
         }
         let value = entry.value.take()?;
         entry.generation = entry.generation.wrapping_add(1);
-        self.free.push(index as u32);
         self.len -= 1;
+        if self.len == 0 {
+            // Emptied: the next fill takes the places in order, so its writes run through
+            // memory one after another instead of in the random order they were freed
+            // in (a batch of timers frees its places in deadline order).
+            self.free.clear();
+            self.free.extend((0..self.entries.len() as u32).rev());
+        } else {
+            self.free.push(index as u32);
+        }
         Some(value)
     }
 
@@ -109,5 +117,21 @@ mod tests {
         assert_eq!(slab.get(b), Some(&"b"));
         assert_eq!((slab.len(), slab.capacity()), (1, 1));
         assert_eq!(slab.get(u64::MAX), None);
+    }
+
+    #[test]
+    fn an_emptied_slab_is_refilled_in_place_order_and_stale_keys_still_miss() {
+        let mut slab = Slab::default();
+        let keys: Vec<u64> = (0..4).map(|i| slab.insert(i)).collect();
+        for &k in &[keys[2], keys[0], keys[3], keys[1]] {
+            slab.remove(k);
+        }
+        let again: Vec<u64> = (0..4).map(|i| slab.insert(i)).collect();
+        let places: Vec<u64> = again.iter().map(|k| k & 0xffff_ffff).collect();
+        assert_eq!(places, [0, 1, 2, 3]);
+        assert!(
+            keys.iter().all(|&k| slab.get(k).is_none()),
+            "a new generation"
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! Timers on the monotonic clock: a binary heap of deadlines with lazy cancellation.
+//! Timers on the monotonic clock: a 4-ary heap of deadlines with lazy cancellation.
 //!
 //! Timers need no kernel object: the loop turns the nearest deadline into the backend's
 //! wait timeout. Equal deadlines fire in the order they were armed.
@@ -11,11 +11,14 @@
 //! deadline in the timer; the entry moves there only when it reaches the top of the
 //! heap, so a timeout restarted on every event costs no heap work until its first
 //! deadline comes. Only a restart to an earlier deadline pushes a new entry.
+//!
+//! Deadlines are kept as nanoseconds since the timers were made (8 bytes where an
+//! `Instant` is 16, compared as integers), so a heap entry is 24 bytes and a timer
+//! with its slab place 72: what a million timers touch is what they cost.
 
-use std::cmp::Reverse;
-use std::collections::binary_heap::{BinaryHeap, PeekMut};
 use std::time::{Duration, Instant};
 
+use crate::quad_heap::QuadHeap;
 use crate::slab::Slab;
 use crate::Loop;
 
@@ -27,6 +30,12 @@ pub(crate) enum TimerCallback<D: 'static> {
     Every(EveryCallback<D>, Duration),
 }
 
+/// Nanoseconds since [`Timers::epoch`].
+type Nanos = u64;
+
+/// A heap entry, or an entry of a due batch: `(deadline, seq, key)`.
+pub(crate) type Due = (Nanos, u64, u64);
+
 /// A live timer: `seq` names its current arming (what orders equal deadlines, and what
 /// a due batch checks), due at `deadline`. `queued` names the arming of its one live
 /// heap entry (0: none, while it is in a due batch): that entry is due no later than
@@ -35,18 +44,20 @@ pub(crate) enum TimerCallback<D: 'static> {
 struct Timer<D: 'static> {
     seq: u64,
     queued: u64,
-    deadline: Instant,
+    deadline: Nanos,
     /// A repeating timer's callback is `None` while it runs.
     callback: Option<TimerCallback<D>>,
-    /// The arming that came due in a nested run while the callback ran: `rearm` fires
-    /// it next, unless the callback restarted the timer after that.
-    due_while_running: Option<u64>,
+    /// Its current arming came due in a nested run while the callback ran: `rearm`
+    /// fires it next (a restart since clears it).
+    due_while_running: bool,
 }
 
 /// Timers in a slab (no hashing on arm, fire or cancel), ordered by a heap of
 /// `(deadline, seq, key)`; `seq` grows with every arming, so equal deadlines fire FIFO.
 pub(crate) struct Timers<D: 'static> {
-    heap: BinaryHeap<Reverse<(Instant, u64, u64)>>,
+    /// What deadlines count from: a deadline before it is due at once (0).
+    epoch: Instant,
+    heap: QuadHeap<Due>,
     slab: Slab<Timer<D>>,
     next_seq: u64,
 }
@@ -54,7 +65,8 @@ pub(crate) struct Timers<D: 'static> {
 impl<D: 'static> Default for Timers<D> {
     fn default() -> Timers<D> {
         Timers {
-            heap: BinaryHeap::new(),
+            epoch: Instant::now(),
+            heap: QuadHeap::default(),
             slab: Slab::default(),
             next_seq: 0,
         }
@@ -62,18 +74,30 @@ impl<D: 'static> Default for Timers<D> {
 }
 
 impl<D: 'static> Timers<D> {
+    /// `at` as nanoseconds since the epoch; 0 before it, and about 584 years at most
+    /// (past any deadline `saturating_add` makes).
+    fn nanos(&self, at: Instant) -> Nanos {
+        let since = at.saturating_duration_since(self.epoch);
+        Nanos::try_from(since.as_nanos()).unwrap_or(Nanos::MAX)
+    }
+
+    fn instant(&self, nanos: Nanos) -> Instant {
+        saturating_add(self.epoch, Duration::from_nanos(nanos))
+    }
+
     /// Arms a timer; returns its key (what a `Watch` carries).
     pub(crate) fn insert(&mut self, deadline: Instant, callback: TimerCallback<D>) -> u64 {
         self.next_seq += 1;
         let seq = self.next_seq;
+        let deadline = self.nanos(deadline);
         let key = self.slab.insert(Timer {
             seq,
             queued: seq,
             deadline,
             callback: Some(callback),
-            due_while_running: None,
+            due_while_running: false,
         });
-        self.heap.push(Reverse((deadline, seq, key)));
+        self.heap.push((deadline, seq, key));
         key
     }
 
@@ -84,15 +108,17 @@ impl<D: 'static> Timers<D> {
     pub(crate) fn restart(&mut self, key: u64, deadline: Instant) -> bool {
         self.next_seq += 1;
         let seq = self.next_seq;
+        let deadline = self.nanos(deadline);
         let Some(timer) = self.slab.get_mut(key) else {
             return false;
         };
         timer.seq = seq;
+        timer.due_while_running = false;
         let postpone = timer.queued != 0 && deadline >= timer.deadline;
         timer.deadline = deadline;
         if !postpone {
             timer.queued = seq;
-            self.heap.push(Reverse((deadline, seq, key)));
+            self.heap.push((deadline, seq, key));
             self.compact();
         }
         true
@@ -103,28 +129,26 @@ impl<D: 'static> Timers<D> {
         if self.heap.len() > 2 * self.slab.len() + 1024 {
             let slab = &self.slab;
             self.heap
-                .retain(|Reverse((_, seq, key))| slab.get(*key).is_some_and(|t| t.queued == *seq));
+                .retain(|&(_, seq, key)| slab.get(key).is_some_and(|t| t.queued == seq));
         }
     }
 
     /// The earliest live heap entry, left on top: dead entries found there (cancelled,
     /// fired, or restarted earlier since) are dropped, and a postponed one moves to its
     /// timer's deadline, until the top is an entry due when its timer is.
-    fn top(&mut self) -> Option<(Instant, u64, u64)> {
-        while let Some(mut top) = self.heap.peek_mut() {
-            let Reverse((deadline, seq, key)) = *top;
+    fn top(&mut self) -> Option<Due> {
+        while let Some((deadline, seq, key)) = self.heap.peek() {
             match self.slab.get_mut(key) {
                 Some(timer) if timer.queued == seq => {
                     if timer.seq == seq {
                         return Some((deadline, seq, key));
                     }
-                    // Replacing the top sifts it down once (PeekMut), cheaper than a
-                    // pop and a push.
+                    // Replacing the top sifts it down once, cheaper than a pop and a push.
                     timer.queued = timer.seq;
-                    *top = Reverse((timer.deadline, timer.seq, key));
+                    self.heap.replace_top((timer.deadline, timer.seq, key));
                 }
                 _ => {
-                    PeekMut::pop(top);
+                    self.heap.pop();
                 }
             }
         }
@@ -149,13 +173,14 @@ impl<D: 'static> Timers<D> {
 
     /// The nearest live deadline.
     pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
-        self.top().map(|(deadline, _, _)| deadline)
+        self.top().map(|(deadline, _, _)| self.instant(deadline))
     }
 
     /// Moves the deadlines, arming numbers and keys of live timers due at `now` into
     /// `due`, earliest first. Timers armed by their callbacks are not in this batch, so a timer
     /// re-arming itself with a zero delay cannot keep one iteration busy forever.
-    pub(crate) fn pop_due(&mut self, now: Instant, due: &mut Vec<(Instant, u64, u64)>) {
+    pub(crate) fn pop_due(&mut self, now: Instant, due: &mut Vec<Due>) {
+        let now = self.nanos(now);
         while let Some((deadline, seq, key)) = self.top() {
             if deadline > now {
                 break;
@@ -179,7 +204,7 @@ impl<D: 'static> Timers<D> {
             // Only a repeating timer's callback is ever out: it runs further up the
             // stack, and this arming came due in a nested run.
             None => {
-                timer.due_while_running = Some(seq);
+                timer.due_while_running = true;
                 None
             }
             Some(TimerCallback::Once(_)) => self.slab.remove(key)?.callback,
@@ -188,10 +213,10 @@ impl<D: 'static> Timers<D> {
 
     /// Puts an entry of a due batch back on the heap (the batch was cut short), unless
     /// its timer was cancelled or restarted since.
-    pub(crate) fn requeue(&mut self, deadline: Instant, seq: u64, key: u64) {
+    pub(crate) fn requeue(&mut self, (deadline, seq, key): Due) {
         if let Some(timer) = self.slab.get_mut(key).filter(|t| t.seq == seq) {
             timer.queued = seq;
-            self.heap.push(Reverse((deadline, seq, key)));
+            self.heap.push((deadline, seq, key));
         }
     }
 
@@ -201,24 +226,24 @@ impl<D: 'static> Timers<D> {
     /// restarted it (arming `seq` is no longer its own), which chose the deadline.
     pub(crate) fn rearm(
         &mut self,
-        key: u64,
-        seq: u64,
-        fired: Instant,
+        (fired, seq, key): Due,
         now: Instant,
         callback: TimerCallback<D>,
     ) {
         let TimerCallback::Every(_, interval) = &callback else {
             return;
         };
-        let mut next = saturating_add(fired, *interval);
+        let interval = Nanos::try_from(interval.as_nanos()).unwrap_or(Nanos::MAX);
+        let now = self.nanos(now);
+        let mut next = fired.saturating_add(interval);
         if next <= now {
-            next = saturating_add(now, *interval);
+            next = now.saturating_add(interval);
         }
         let Some(timer) = self.slab.get_mut(key) else {
             return;
         };
         timer.callback = Some(callback);
-        if timer.due_while_running.take() == Some(timer.seq) {
+        if std::mem::take(&mut timer.due_while_running) {
             next = now;
         } else if timer.seq != seq {
             return; // restarted by its callback, which chose the deadline
@@ -227,7 +252,7 @@ impl<D: 'static> Timers<D> {
         timer.seq = self.next_seq;
         timer.queued = timer.seq;
         timer.deadline = next;
-        self.heap.push(Reverse((next, timer.seq, key)));
+        self.heap.push((next, timer.seq, key));
     }
 }
 
@@ -323,7 +348,7 @@ mod tests {
         let [(deadline, seq, key)] = due[..] else {
             panic!("{} entries due, not one", due.len());
         };
-        assert_eq!((deadline, key), (t0 + ms(30), k));
+        assert_eq!((timers.instant(deadline), key), (t0 + ms(30), k));
         assert!(timers.take(k, seq).is_some() && timers.is_empty());
         assert_eq!(timers.next_deadline(), None, "no entry left alive");
     }
@@ -354,7 +379,7 @@ mod tests {
         assert!(timers.take(k, due[0].1).is_none());
         assert_eq!(timers.next_deadline(), Some(t0 + ms(10)));
         // A batch cut short puts back only what is still due as it was.
-        timers.requeue(due[0].0, due[0].1, k);
+        timers.requeue(due[0]);
         assert_eq!(timers.heap.len(), 1, "the restarted arming is not requeued");
         assert_eq!(due_at(&mut timers, t0 + ms(10)), [k]);
     }
