@@ -1107,19 +1107,47 @@ fn fork(c: &mut Criterion) {
                 })
             });
         }
+        // libev: fork, the child's ev_loop_fork + ev_run(EVRUN_NOWAIT) (re-adding its n
+        // fds to a new epoll) and _exit, the parent's waitpid. forkloop's child above
+        // starts from a fresh loop (`Loop::fork`'s default: it inherits no watches).
+        if let Some(mut ev) = libev_watching("fork-round-trip", &readers[..n]) {
+            round_trip.bench_function(BenchmarkId::new("libev", format!("{n} fds")), |b| {
+                b.iter(|| assert!(ev.fork_round_trip()))
+            });
+        }
     }
     round_trip.finish();
+    // Re-init and one non-blocking iteration, what a child that keeps its parent's
+    // watches does first: forkloop's `post_fork` (a new backend with every fd added
+    // again), libev's ev_loop_fork (the same at its next ev_run).
     let mut post_fork = c.benchmark_group("post-fork");
     for &n in counts.iter().filter(|&&n| sockets_fit(n)) {
         let (readers, _) = sockets(n.max(2));
         for kind in kinds().into_iter().filter(|&k| fits(Some(k), n)) {
             let mut lp = loop_watching(kind, &readers[..n]);
             post_fork.bench_function(BenchmarkId::new(kind.name(), format!("{n} fds")), |b| {
-                b.iter(|| lp.post_fork().unwrap())
+                b.iter(|| {
+                    lp.post_fork().unwrap();
+                    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
+                })
+            });
+        }
+        if let Some(mut ev) = libev_watching("post-fork", &readers[..n]) {
+            post_fork.bench_function(BenchmarkId::new("libev", format!("{n} fds")), |b| {
+                b.iter(|| ev.post_fork_run())
             });
         }
     }
     post_fork.finish();
+}
+
+/// A libev loop watching `readers` (no per-fd timers), its first iteration run.
+fn libev_watching(group: &str, readers: &[Rc<UnixStream>]) -> Option<Libev> {
+    let mut ev = libev(group)?;
+    let fds: Vec<RawFd> = readers.iter().map(|r| r.as_raw_fd()).collect();
+    ev.watch_reads(&fds, &fds, false);
+    ev.run_nowait();
+    Some(ev)
 }
 
 fn children(c: &mut Criterion) {

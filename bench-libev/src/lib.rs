@@ -36,6 +36,8 @@ mod ffi {
         pub fn fl_ev_signal_start(b: *mut FlEv, signo: c_int);
         pub fn fl_ev_signal_stop(b: *mut FlEv);
         pub fn fl_ev_signal_once(b: *mut FlEv);
+        pub fn fl_ev_post_fork_run(b: *mut FlEv);
+        pub fn fl_ev_fork_round_trip(b: *mut FlEv) -> c_int;
     }
 }
 
@@ -115,6 +117,21 @@ impl Libev {
         unsafe { ffi::fl_ev_toggle_all(self.raw, both.into()) }
     }
 
+    /// What a forked child does first: `ev_loop_fork`, then `ev_run(EVRUN_NOWAIT)`,
+    /// which makes a new epoll fd and adds every watched fd again. Run here, in the
+    /// parent, it costs what it costs a child.
+    pub fn post_fork_run(&mut self) {
+        // SAFETY: a live loop.
+        unsafe { ffi::fl_ev_post_fork_run(self.raw) }
+    }
+
+    /// `fork`: the child does [`Libev::post_fork_run`] and `_exit`s, the parent waits
+    /// for it (`waitpid`). Whether the child did.
+    pub fn fork_round_trip(&mut self) -> bool {
+        // SAFETY: a live loop; the child only runs libev on it and `_exit`s.
+        unsafe { ffi::fl_ev_fork_round_trip(self.raw) == 0 }
+    }
+
     /// Arms one one-shot timer per delay (seconds), relative to one clock read; the
     /// timers of an earlier arming that have not fired are stopped first.
     pub fn timers_arm(&mut self, delays: &[f64]) {
@@ -186,6 +203,12 @@ impl Libev {
     pub fn signal_start(&mut self, _: i32) {}
     /// Unreachable without libev.
     pub fn signal_once(&mut self) {}
+    /// Unreachable without libev.
+    pub fn post_fork_run(&mut self) {}
+    /// Unreachable without libev.
+    pub fn fork_round_trip(&mut self) -> bool {
+        false
+    }
 }
 
 #[cfg(all(test, has_libev))]
@@ -211,6 +234,9 @@ mod tests {
         ev.toggle_all(false);
         ev.timers_arm(&[0.0, 0.001, 0.0005]);
         assert_eq!(ev.timers_fire(), 3);
+        assert!(ev.fork_round_trip(), "the child re-added its fds and ran");
+        ev.post_fork_run();
+        ev.round(2); // the parent's loop works after both
     }
 
     /// Re-arming while timers of the last arming are pending (freed and re-initialised

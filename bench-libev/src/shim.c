@@ -3,9 +3,11 @@
  * round) is written here in C, as libev's own benchmark does it: no FFI call per
  * callback. Every loop is ev_loop_new(EVBACKEND_EPOLL | EVFLAG_NOENV): epoll, whatever
  * LIBEV_FLAGS says. */
+#include <errno.h>
 #include <ev.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 struct fl_ev {
@@ -205,4 +207,28 @@ void fl_ev_signal_once(struct fl_ev *b) {
     raise(b->sig.signum);
     while (!b->got)
         ev_run(b->loop, EVRUN_ONCE);
+}
+
+/* What a forked child does first: ev_loop_fork, then one ev_run(EVRUN_NOWAIT), in which
+ * libev makes a new epoll fd and adds every watched fd to it again. */
+void fl_ev_post_fork_run(struct fl_ev *b) {
+    ev_loop_fork(b->loop);
+    ev_run(b->loop, EVRUN_NOWAIT);
+}
+
+/* fork; the child does fl_ev_post_fork_run and _exits; the parent waits for it.
+ * 0 if the child did, -1 if the fork or the wait failed. */
+int fl_ev_fork_round_trip(struct fl_ev *b) {
+    int status;
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        fl_ev_post_fork_run(b);
+        _exit(0);
+    }
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            return -1;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -1;
 }
