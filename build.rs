@@ -17,7 +17,14 @@ fn main() {
     if feature("KQUEUE") && bsd.contains(&os.as_str()) {
         println!("cargo::rustc-cfg=has_kqueue");
     }
-    let accept4 = ["linux", "android", "freebsd", "netbsd", "openbsd", "dragonfly"];
+    let accept4 = [
+        "linux",
+        "android",
+        "freebsd",
+        "netbsd",
+        "openbsd",
+        "dragonfly",
+    ];
     if accept4.contains(&os.as_str()) {
         println!("cargo::rustc-cfg=has_accept4");
     }

@@ -66,8 +66,6 @@ pub struct Loop<D: 'static = ()> {
     /// Fds whose watches were paused, resumed or given a new interest since the last
     /// wait: the backend hears of them just before the next one (`apply_fd_changes`).
     pub(crate) fd_changes: Vec<RawFd>,
-    /// Fds whose last change the backend refused: tried again before each wait.
-    pub(crate) refused_fds: Vec<RawFd>,
     /// Fds refused for the first time since their last accepted change, whose watches
     /// see [`Readiness::ERROR`](crate::Readiness::ERROR) in this iteration's dispatch.
     pub(crate) errored: Vec<RawFd>,
@@ -169,7 +167,6 @@ impl<D: 'static> Loop<D> {
             io: Slab::default(),
             always_ready: Vec::new(),
             fd_changes: Vec::new(),
-            refused_fds: Vec::new(),
             errored: Vec::new(),
             events: Vec::new(),
             ready: Vec::new(),
@@ -284,7 +281,11 @@ impl<D: 'static> Loop<D> {
     }
 
     /// Runs `callback` once, `delay` after [`Loop::now`] (a delay past what `Instant`
-    /// can hold means never).
+    /// can hold means never). Outside a callback the clock is read first, and becomes
+    /// [`Loop::now`] ([`Loop::update_now`]), so that a timer armed between runs does not
+    /// count from a time as old as the last iteration; inside one, the iteration's
+    /// time is used, as libev's `ev_now` (arm from a long callback with [`Loop::at`]
+    /// and a fresh `Instant` to count from the clock). [`Loop::every`] is the same.
     pub fn after(
         &mut self,
         delay: Duration,
@@ -496,7 +497,8 @@ impl<D: 'static> Loop<D> {
         if busy {
             return Some(Duration::ZERO);
         }
-        let requested = if self.refused_fds.is_empty() {
+        // After `apply_fd_changes`, what is queued is what the backend refused.
+        let requested = if self.fd_changes.is_empty() {
             requested
         } else {
             Some(requested.map_or(REFUSED_RETRY, |r| r.min(REFUSED_RETRY)))

@@ -70,8 +70,8 @@ pub(crate) struct FdState {
     /// In `Loop::fd_changes`: a watch changed, and `interest` may no longer be what its
     /// watches want until the change is applied.
     queued: bool,
-    /// The backend refused the last change applied (`Loop::refused`): in
-    /// `Loop::refused_fds`, tried again before each wait.
+    /// The backend refused the last change applied before a wait (`Loop::refused`);
+    /// it is queued again, and tried before each wait.
     refused: bool,
 }
 
@@ -416,12 +416,18 @@ impl<D: 'static> Loop<D> {
     /// (a pause and a resume in one callback cost nothing). A refusal then (rare for an
     /// fd the loop holds open: epoll's ENOMEM, or ENOSPC past `max_user_watches`) does
     /// not stop the loop, as libev's does not: it is logged (`log::warn`, naming the
-    /// fd), the fd's active watches see [`Readiness::ERROR`] in that iteration (what a
-    /// pending error on the fd looks like), and the change is tried again before each
-    /// later wait, the wait being cut to 100 ms meanwhile, until the backend takes it
-    /// or the watches change. A watch of a raw fd
-    /// ([`Loop::watch_raw_fd`]) is changed at once instead, so that a number closed
-    /// behind the loop's back is an error here. An empty interest is refused;
+    /// fd and the errno), the fd's active watches see [`Readiness::ERROR`] once, in
+    /// that iteration, with nothing pending on the fd itself (a read says
+    /// `WouldBlock`: the log says why; a server that closes the connection on ERROR
+    /// loses only that connection), and the change is tried again before each later
+    /// wait, the wait being cut to 100 ms meanwhile, until the backend takes it or the
+    /// watches change. A refused change that drops interest leaves the kernel
+    /// reporting what no watch wants meanwhile, so the loop wakes at once until it is
+    /// taken. A watch of a raw fd
+    /// ([`Loop::watch_raw_fd`]) is changed at once instead, after a check that the fd
+    /// is open (one `fcntl`), so that a number closed behind the loop's back is
+    /// [`Error::ClosedWhileWatched`] here (a number already reused by another file
+    /// cannot be told apart). An empty interest is refused;
     /// [`Loop::pause`] waits for nothing. `interest` replaces the watch's
     /// whole interest, [`Interest::EXCLUSIVE`] included; a change to or from an
     /// exclusive registration costs epoll two syscalls (it cannot modify one).
@@ -488,15 +494,14 @@ impl<D: 'static> Loop<D> {
     }
 
     /// Registers the watch's fd with the backend again, now: on epoll a delete and an
-    /// add (two syscalls), with any change of its watches not yet applied. With
+    /// add (two syscalls), after one for a change of its watches not yet applied. With
     /// [`Interest::EXCLUSIVE`] that puts this loop at the back of the fd's queue of
     /// waiters, which is how a server spreads the accepts of a listener its workers
     /// share (nginx re-adds its listeners now and then; a [`Loop::pause`] and
     /// [`Loop::resume`] would cancel out before the next wait, and not move it). Other
-    /// backends keep no such queue, and do the same harmlessly. Nothing to do while
-    /// the fd's watches are all paused. If the add is refused (epoll's ENOMEM), the
-    /// fd's watches wait for nothing until the change is tried again before the next
-    /// wait (see [`Loop::set_interest`]); the error is returned too.
+    /// backends keep no such queue, and do the same harmlessly. An fd whose watches
+    /// are all paused is only deregistered (if it was not yet). An error is returned, and what the fd's
+    /// watches want is tried again before the next wait (see [`Loop::set_interest`]).
     pub fn reregister<S: 'static>(&mut self, io: Io<S>) -> Result<()> {
         let fd = self.io_watch(io)?.fd;
         self.refresh_fd(fd)?;
@@ -513,12 +518,11 @@ impl<D: 'static> Loop<D> {
             .map_err(|e| watch_error(backend, fd, e))?;
         let added = self.backend.register(fd, interest);
         added.map_err(|e| {
-            let error = watch_error(backend, fd, e);
             if let Some(st) = self.fds.get_mut(fd) {
-                st.interest = Interest::NONE;
+                st.interest = Interest::NONE; // deleted above
             }
-            self.refused(fd, &error);
-            error
+            self.queue_fd(fd);
+            watch_error(backend, fd, e)
         })
     }
 
@@ -638,15 +642,31 @@ impl<D: 'static> Loop<D> {
     /// changes of one fd cost one. The kernel's view only matters while the loop
     /// waits, and a callback of a paused watch is skipped by the dispatch either way.
     /// Deferred only while the loop holds the fd open (owned sources): a raw fd may be
-    /// closed behind the loop's back, and its change is made now so that the caller
-    /// hears of a refusal (epoll's ENOENT for a reused number).
+    /// closed behind the loop's back, and its change is made now, after a check that
+    /// it is still open (one `fcntl`), so that the caller hears of it. (A number closed
+    /// and already reused by another file cannot be told from the fd it was.)
     fn change_fd(&mut self, fd: RawFd) -> Result<()> {
-        let Some(st) = self.fds.get_mut(fd) else {
+        let Some(st) = self.fds.get(fd) else {
             return Ok(());
         };
+        if st.raw > 0 {
+            forkloop_backend::check_fd_open(fd).map_err(|_| Error::ClosedWhileWatched {
+                backend: self.backend_name(),
+                fd,
+            })?;
+        }
         if st.raw > 0 || st.always_ready {
             return self.refresh_fd(fd);
         }
+        self.queue_fd(fd);
+        Ok(())
+    }
+
+    /// Puts `fd` in [`Loop::fd_changes`], once.
+    fn queue_fd(&mut self, fd: RawFd) {
+        let Some(st) = self.fds.get_mut(fd) else {
+            return;
+        };
         if !st.queued {
             st.queued = true;
             self.fd_changes.push(fd);
@@ -660,20 +680,15 @@ impl<D: 'static> Loop<D> {
                 self.fd_changes.dedup();
             }
         }
-        Ok(())
     }
 
     /// Tells the backend of the watch changes made since the last wait (see
-    /// [`Loop::change_fd`]), and again of those it refused before (see
-    /// [`Loop::set_interest`] for what a refusal does).
+    /// [`Loop::change_fd`]), and again of those it refused before: a refused change
+    /// stays queued (see [`Loop::set_interest`] for what a refusal does).
     pub(crate) fn apply_fd_changes(&mut self) {
-        for fd in mem::take(&mut self.refused_fds) {
-            if let Some(st) = self.fds.get_mut(fd).filter(|st| st.refused && !st.queued) {
-                st.queued = true;
-                self.fd_changes.push(fd);
-            }
-        }
-        while let Some(fd) = self.fd_changes.pop() {
+        let queued = self.fd_changes.len();
+        for i in 0..queued {
+            let fd = self.fd_changes[i];
             match self.fds.get_mut(fd) {
                 Some(st) if st.queued => st.queued = false,
                 _ => continue, // its watches are gone, or a cancel or watch_io applied it
@@ -684,14 +699,15 @@ impl<D: 'static> Loop<D> {
                         st.refused = false;
                     }
                 }
-                Err(e) => self.refused(fd, &e),
+                Err(e) => self.refused(fd, &e), // queued again, past `queued`
             }
         }
+        self.fd_changes.drain(..queued);
     }
 
-    /// The backend refused a change of `fd` (it keeps the registration it had): tried
-    /// again before the next wait. The first refusal of a run of them is logged, and
-    /// its watches are told in this iteration's dispatch (`Loop::errored`).
+    /// The backend refused a change of `fd` before a wait (it is queued again). The
+    /// first refusal of a run of them is logged, and the fd's watches are told in this
+    /// iteration's dispatch (`Loop::errored`).
     fn refused(&mut self, fd: RawFd, error: &Error) {
         let Some(st) = self.fds.get_mut(fd) else {
             return;
@@ -701,7 +717,6 @@ impl<D: 'static> Loop<D> {
             self.errored.push(fd);
             log::warn!("{error}; tried again before each wait, every {REFUSED_RETRY:?} at least");
         }
-        self.refused_fds.push(fd);
     }
 
     /// Brings the backend's registration of `fd` in line with its watches: registered
@@ -754,6 +769,9 @@ impl<D: 'static> Loop<D> {
             if let Some(st) = self.fds.get_mut(fd) {
                 st.interest = before;
             }
+            // What the watches want is tried again before the next wait, whoever
+            // asked for this update (another watch of the fd may have a change queued).
+            self.queue_fd(fd);
             watch_error(backend, fd, e)
         })
     }
@@ -824,7 +842,8 @@ impl<D: 'static> Loop<D> {
         // before the first callback, so a nested iteration or a caught panic finds none.
         let mut ready = mem::take(&mut self.ready);
         for fd in mem::take(&mut self.errored) {
-            if let Some(st) = self.fds.get_mut(fd) {
+            // Still refused: not a new fd given the number since.
+            if let Some(st) = self.fds.get_mut(fd).filter(|st| st.refused) {
                 if st.pending.is_empty() {
                     ready.push((fd, Readiness::NONE));
                 }

@@ -30,8 +30,9 @@ pub(crate) enum TimerCallback<D: 'static> {
     Every(EveryCallback<D>, Duration),
 }
 
-/// Nanoseconds since [`Timers::epoch`].
-type Nanos = u64;
+/// Nanoseconds since [`Timers::epoch`] (negative before it: a deadline may be an
+/// `Instant` from before the loop).
+type Nanos = i64;
 
 /// A heap entry, or an entry of a due batch: `(deadline, seq, key)`.
 pub(crate) type Due = (Nanos, u64, u64);
@@ -55,7 +56,7 @@ struct Timer<D: 'static> {
 /// Timers in a slab (no hashing on arm, fire or cancel), ordered by a heap of
 /// `(deadline, seq, key)`; `seq` grows with every arming, so equal deadlines fire FIFO.
 pub(crate) struct Timers<D: 'static> {
-    /// What deadlines count from: a deadline before it is due at once (0).
+    /// What deadlines count from.
     epoch: Instant,
     heap: QuadHeap<Due>,
     slab: Slab<Timer<D>>,
@@ -74,15 +75,23 @@ impl<D: 'static> Default for Timers<D> {
 }
 
 impl<D: 'static> Timers<D> {
-    /// `at` as nanoseconds since the epoch; 0 before it, and about 584 years at most
-    /// (past any deadline `saturating_add` makes).
+    /// `at` as nanoseconds since the epoch, within about 292 years of it either way
+    /// (past any deadline `saturating_add` makes, or any `Instant` since boot).
     fn nanos(&self, at: Instant) -> Nanos {
-        let since = at.saturating_duration_since(self.epoch);
-        Nanos::try_from(since.as_nanos()).unwrap_or(Nanos::MAX)
+        let saturate = |d: Duration| Nanos::try_from(d.as_nanos()).unwrap_or(Nanos::MAX);
+        match at.checked_duration_since(self.epoch) {
+            Some(since) => saturate(since),
+            None => -saturate(self.epoch.duration_since(at)),
+        }
     }
 
     fn instant(&self, nanos: Nanos) -> Instant {
-        saturating_add(self.epoch, Duration::from_nanos(nanos))
+        let offset = Duration::from_nanos(nanos.unsigned_abs());
+        if nanos >= 0 {
+            saturating_add(self.epoch, offset)
+        } else {
+            self.epoch.checked_sub(offset).unwrap_or(self.epoch)
+        }
     }
 
     /// Arms a timer; returns its key (what a `Watch` carries).
@@ -363,6 +372,18 @@ mod tests {
         timers.restart(a, t0 + ms(20)); // postponed, armed after b
         let c = timers.insert(t0 + ms(20), once());
         assert_eq!(due_at(&mut timers, t0 + ms(20)), [b, a, c]);
+    }
+
+    #[test]
+    fn deadlines_from_before_the_timers_were_made_keep_their_order() {
+        let mut timers = Timers::default();
+        let ms = Duration::from_millis;
+        let before = |d| timers.epoch.checked_sub(d).expect("booted > 2 ms ago");
+        let (late, early) = (before(ms(1)), before(ms(2)));
+        let a = timers.insert(late, once());
+        let b = timers.insert(early, once());
+        assert_eq!(timers.next_deadline(), Some(early));
+        assert_eq!(due_at(&mut timers, late), [b, a], "earliest first");
     }
 
     #[test]

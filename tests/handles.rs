@@ -18,11 +18,12 @@ use rstest::rstest;
 use rstest_reuse::apply;
 
 /// Counts the backend calls a change costs: `register`, `modify`, `deregister`; and
-/// refuses registrations (ENOMEM) while told to.
+/// refuses registrations, or every change, (ENOMEM) while told to.
 #[derive(Clone, Default)]
 struct Calls {
     made: Arc<AtomicUsize>,
     refuse_adds: Arc<AtomicBool>,
+    refuse_all: Arc<AtomicBool>,
 }
 
 impl Calls {
@@ -32,6 +33,19 @@ impl Calls {
 
     fn refuse_adds(&self, refuse: bool) {
         self.refuse_adds.store(refuse, Ordering::SeqCst);
+    }
+
+    fn refuse_all(&self, refuse: bool) {
+        self.refuse_all.store(refuse, Ordering::SeqCst);
+    }
+
+    fn refusal(&self, add: bool) -> std::io::Result<()> {
+        let refused = self.refuse_all.load(Ordering::SeqCst)
+            || (add && self.refuse_adds.load(Ordering::SeqCst));
+        match refused {
+            true => Err(std::io::Error::from_raw_os_error(libc::ENOMEM)),
+            false => Ok(()),
+        }
     }
 }
 
@@ -52,17 +66,17 @@ impl Backend for Counting {
     }
     fn register(&mut self, fd: i32, interest: Interest) -> std::io::Result<()> {
         self.count();
-        if self.calls.refuse_adds.load(Ordering::SeqCst) {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
-        }
+        self.calls.refusal(true)?;
         self.inner.register(fd, interest)
     }
     fn modify(&mut self, fd: i32, interest: Interest) -> std::io::Result<()> {
         self.count();
+        self.calls.refusal(false)?;
         self.inner.modify(fd, interest)
     }
     fn deregister(&mut self, fd: i32) -> std::io::Result<()> {
         self.count();
+        self.calls.refusal(false)?;
         self.inner.deregister(fd)
     }
     fn wait(
@@ -316,6 +330,88 @@ fn api_a_refused_resume_is_the_watchs_error_and_is_tried_again(#[case] kind: Kin
         matches!(seen[1..], [r] if r.contains(Readiness::READABLE)),
         "taken at last, the byte waiting is read: {seen:?}"
     );
+}
+
+/// A refused update made outside the flush (here a cancel of one watch of a shared
+/// source) leaves what the fd's other watches want queued: the resumed read watch
+/// fires once the backend takes changes again. (It used to lose that queued resume,
+/// and the kernel kept reporting the cancelled WRITE: a spin with a deaf watch.)
+#[apply(backends)]
+fn api_a_refused_cancel_keeps_the_other_watchs_queued_change(#[case] kind: Kind) {
+    let (mut lp, calls) = counting_loop::<Vec<Readiness>>(kind);
+    let (a, mut b) = socketpair();
+    let a = Rc::new(a);
+    let read = lp
+        .watch_io(a.clone(), Interest::READ, |_, seen, a, ready| {
+            drain(a);
+            seen.push(ready);
+        })
+        .unwrap();
+    let write = lp
+        .watch_io(a.clone(), Interest::WRITE, |_, _, _, _| {})
+        .unwrap();
+    let mut seen = Vec::new();
+    lp.pause(read).unwrap();
+    lp.loop_once(Some(Duration::ZERO), &mut seen).unwrap();
+    lp.resume(read).unwrap();
+    calls.refuse_all(true);
+    assert!(lp.cancel(write));
+    calls.refuse_all(false);
+    b.write_all(b"x").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut iterations = 0;
+    while !seen.iter().any(|r| r.contains(Readiness::READABLE)) {
+        assert!(Instant::now() < deadline, "the resumed watch never fired");
+        lp.loop_once(Some(U), &mut seen).unwrap();
+        iterations += 1;
+    }
+    assert!(iterations <= 2, "{iterations} iterations: a spin");
+}
+
+/// A `reregister` whose first step (the queued change) is refused leaves it queued,
+/// tried again before the next wait.
+#[apply(backends)]
+fn api_a_refused_reregister_leaves_the_change_queued(#[case] kind: Kind) {
+    let (mut lp, calls) = counting_loop::<Vec<Readiness>>(kind);
+    let (a, mut b) = socketpair();
+    let io = lp
+        .watch_io(a, Interest::READ, |_, seen, a, ready| {
+            drain(a);
+            seen.push(ready);
+        })
+        .unwrap();
+    let mut seen = Vec::new();
+    lp.pause(io).unwrap();
+    lp.loop_once(Some(Duration::ZERO), &mut seen).unwrap();
+    lp.resume(io).unwrap();
+    calls.refuse_all(true);
+    assert!(lp.reregister(io).is_err(), "the refusal is the caller's");
+    calls.refuse_all(false);
+    b.write_all(b"x").unwrap();
+    lp.loop_once(Some(U), &mut seen).unwrap();
+    assert!(
+        matches!(seen[..], [r] if r.contains(Readiness::READABLE)),
+        "{seen:?}"
+    );
+}
+
+/// A raw fd closed behind the loop's back is an error at the change, on every backend.
+#[apply(backends)]
+fn api_a_change_of_a_closed_raw_fd_is_an_error_at_the_call(#[case] kind: Kind) {
+    let mut lp: Loop<()> = Loop::with_backend(kind).unwrap();
+    let (a, _b) = socketpair();
+    let fd = a.as_raw_fd();
+    // SAFETY: the watch is removed before the test ends; `a` is closed below, which is
+    // what the test is about (the loop never touches memory through the number).
+    let io = unsafe { lp.watch_raw_fd(fd, Interest::READ, |_, _, _, _| {}) }.unwrap();
+    lp.pause(io).unwrap();
+    drop(a);
+    assert!(
+        matches!(lp.resume(io), Err(Error::ClosedWhileWatched { fd: f, .. }) if f == fd),
+        "resumed a closed fd"
+    );
+    assert!(lp.remove(io).is_some());
+    lp.loop_once(Some(Duration::ZERO), &mut ()).unwrap();
 }
 
 /// `reregister` is a delete and an add, now (a pause and a resume cancel out before

@@ -163,8 +163,8 @@ int fl_ev_timers_arm(struct fl_ev *b, const double *delays, size_t n) {
         ev_timer_stop(b->loop, &b->timers[i]);
     if (b->ntimers != n) {
         free(b->timers);
-        b->timers = calloc(n, sizeof *b->timers);
-        if (!b->timers) {
+        b->timers = n ? calloc(n, sizeof *b->timers) : NULL;
+        if (n && !b->timers) {
             b->ntimers = 0;
             return -1;
         }

@@ -149,12 +149,13 @@ impl Backend for Epoll {
     }
 
     /// An exclusive registration, or one becoming exclusive, is deleted and added again
-    /// (see the crate's docs); if the add fails, the old registration is put back.
+    /// (see the crate's docs); if the add fails, the old registration is put back. If
+    /// that fails too the fd is in neither the kernel nor the table, and the caller's
+    /// next modify (the loop tries a refused change again) adds it.
     fn modify(&mut self, fd: RawFd, interest: Interest) -> io::Result<()> {
-        let old = self.registered.get(fd).unwrap_or(Registration {
-            interest: Interest::NONE,
-            key: 0,
-        });
+        let Some(old) = self.registered.get(fd) else {
+            return self.register(fd, interest);
+        };
         let new = Registration {
             interest,
             key: old.key,
