@@ -12,6 +12,8 @@
 #   close64       wrk -t2 -c64, Connection: close (a connection per request)
 #   keepalive4    wrk -t1 -c4, keep-alive: latency-bound, low concurrency
 #   pipeline16    wrk -t2 -c64 with 16 requests per write (TechEmpower's plaintext shape)
+#   h2load64      h2load --h1 -t2 -c64, keep-alive (another client's view; its p99
+#                 column is the mean time per request, which is what h2load reports)
 # For every worker count, both servers (and BASELINE) run with that many workers; within
 # a round, each scenario runs on each server in turn, so that the machine's noise hits
 # them alike. Per run: requests/s, p99 latency, and the server's CPU time per request
@@ -29,7 +31,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 WORKER_COUNTS=${WORKER_COUNTS:-"1 2 4"}
-SCENARIOS=${SCENARIOS:-"keepalive64 close64 keepalive4 pipeline16"}
+SCENARIOS=${SCENARIOS:-"keepalive64 close64 keepalive4 pipeline16 h2load64"}
 BASELINE=${BASELINE:-}
 SUPERVISION=${SUPERVISION:-1}
 WORKERS=${WORKERS:-2} # the supervision figures'
@@ -45,6 +47,12 @@ if ! need wrk || ! need nginx && [ ! -x /usr/sbin/nginx ]; then
     (apt-get update >/dev/null 2>&1 && apt-get install -y wrk nginx-light >/dev/null 2>&1))
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+if [[ " $SCENARIOS " == *" h2load64 "* ]] && ! need h2load; then
+  echo "installing h2load (Debian's nghttp2-client)"
+  (apt-get install -y nghttp2-client >/dev/null 2>&1 ||
+    (apt-get update >/dev/null 2>&1 && apt-get install -y nghttp2-client >/dev/null 2>&1)) ||
+    { echo "*** SKIPPED: the h2load64 scenario (no h2load) ***"; SCENARIOS=${SCENARIOS/h2load64/}; }
+fi
 
 cargo build --release -q -p forkloop-cli
 BIN=target/release/forkloop
@@ -114,9 +122,34 @@ cpu_ticks() {
   echo "$total"
 }
 
+# run_h2load NAME PORT [SECONDS] -> prints "rps mean_ms cpu_us_per_request [errors]"
+run_h2load() {
+  local master out before after
+  master=$(cat "$WORK/$1.pid")
+  before=$(cpu_ticks "$master")
+  out=$(h2load --h1 -t2 -c"$CONNECTIONS" -D"${3:-$DURATION}" "http://127.0.0.1:$2/" 2>&1)
+  after=$(cpu_ticks "$master")
+  python3 - "$before" "$after" "$(getconf CLK_TCK)" <<PY
+import re, sys
+out = """$out"""
+before, after, hz = map(int, sys.argv[1:])
+rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+mean = re.search(r"time for request:\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[mean.group(2)]
+cpu_us = (after - before) / hz * 1e6 / max(int(done.group(1)), 1)
+bad = "" if done.group(3) == done.group(4) == "0" else f"failed:{done.group(3)},errored:{done.group(4)}"
+print(f"{rps:.0f} {float(mean.group(1)) * scale:.2f} {cpu_us:.2f} {bad}".strip())
+PY
+}
+
 # run_wrk NAME PORT SCENARIO [SECONDS] -> prints "rps p99_ms cpu_us_per_request [errors]"
 run_wrk() {
   local master out before after args
+  if [ "$3" = h2load64 ]; then
+    run_h2load "$1" "$2" "${4:-}"
+    return
+  fi
   case $3 in
     keepalive64) args=(-t2 -c"$CONNECTIONS") ;;
     close64) args=(-t2 -c"$CONNECTIONS" -H "Connection: close") ;;
