@@ -444,20 +444,11 @@ fn raw_once(raw: &mut Raw, readers: &[RawFd], round: &Round) {
             }
         }
         Raw::Select(fds) => {
-            // SAFETY: fd_set is plain old data; every fd is below FD_SETSIZE (fits()).
-            unsafe {
-                let mut set: libc::fd_set = std::mem::zeroed();
-                let mut max = 0;
-                for &fd in fds.iter() {
-                    libc::FD_SET(fd, &mut set);
-                    max = max.max(fd);
-                }
-                let none = std::ptr::null_mut();
-                libc::select(max + 1, &mut set, none, none, std::ptr::null_mut());
-                for (i, &fd) in fds.iter().enumerate() {
-                    if libc::FD_ISSET(fd, &set) {
-                        round.on_readable(fd, i);
-                    }
+            let set = select_readable(fds, None);
+            for (i, &fd) in fds.iter().enumerate() {
+                // SAFETY: `set` is a live fd_set, `fd` below FD_SETSIZE (fits()).
+                if unsafe { libc::FD_ISSET(fd, &set) } {
+                    round.on_readable(fd, i);
                 }
             }
         }
@@ -493,27 +484,36 @@ fn raw_poll_now(raw: &mut Raw) {
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
         }
         Raw::Select(fds) => {
-            // SAFETY: fd_set is plain old data; every fd is below FD_SETSIZE (fits()).
-            unsafe {
-                let mut set: libc::fd_set = std::mem::zeroed();
-                let mut max = 0;
-                for &fd in fds.iter() {
-                    libc::FD_SET(fd, &mut set);
-                    max = max.max(fd);
-                }
-                let mut zero = libc::timeval {
-                    tv_sec: 0,
-                    tv_usec: 0,
-                };
-                let none = std::ptr::null_mut();
-                libc::select(max + 1, &mut set, none, none, &mut zero);
-            }
+            let mut zero = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            };
+            select_readable(fds, Some(&mut zero));
         }
         Raw::Mio(poll, events) => poll.poll(events, Some(Duration::ZERO)).unwrap(),
         Raw::Polling(poller, events) => {
             events.clear();
             poller.wait(events, Some(Duration::ZERO)).unwrap();
         }
+    }
+}
+
+/// select(2) for reading on `fds` (every one below FD_SETSIZE: see `fits`), waiting up
+/// to `timeout` (`None`: until one is ready); the set it reports ready.
+fn select_readable(fds: &[RawFd], timeout: Option<&mut libc::timeval>) -> libc::fd_set {
+    let timeout = timeout.map_or(std::ptr::null_mut(), |t| t as *mut libc::timeval);
+    let none = std::ptr::null_mut();
+    // SAFETY: fd_set is plain old data, every fd is below FD_SETSIZE, and `timeout` is
+    // null or a live timeval.
+    unsafe {
+        let mut set: libc::fd_set = std::mem::zeroed();
+        let mut max = 0;
+        for &fd in fds {
+            libc::FD_SET(fd, &mut set);
+            max = max.max(fd);
+        }
+        libc::select(max + 1, &mut set, none, none, timeout);
+        set
     }
 }
 
@@ -661,6 +661,21 @@ fn setup_per_fd(c: &mut Criterion) {
     group.finish();
 }
 
+/// `iters` rounds of `round`, which arms timers, fires them, and returns how long each
+/// took: the sum of the `phase` ("arm" or "fire") part.
+fn timed_phase(
+    phase: &str,
+    iters: u64,
+    mut round: impl FnMut() -> (Duration, Duration),
+) -> Duration {
+    (0..iters)
+        .map(|_| match (phase, round()) {
+            ("arm", (arm, _)) => arm,
+            (_, (_, fire)) => fire,
+        })
+        .sum()
+}
+
 fn timers(c: &mut Criterion) {
     let count: usize = if full() { 1_000_000 } else { 200_000 };
     // A fixed pseudo-random spread of deadlines over 0..10 ms.
@@ -704,8 +719,7 @@ fn timers(c: &mut Criterion) {
             let id = BenchmarkId::new(kind.name(), format!("{count} {phase}"));
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
-                    let mut timed = Duration::ZERO;
-                    for _ in 0..iters {
+                    timed_phase(phase, iters, || {
                         let mut fired = 0;
                         let start = clock.read();
                         let now = lp.update_now();
@@ -716,14 +730,8 @@ fn timers(c: &mut Criterion) {
                         while fired < count {
                             lp.loop_once(None, &mut fired).unwrap();
                         }
-                        let end = clock.read();
-                        timed += if phase == "arm" {
-                            armed - start
-                        } else {
-                            end - armed
-                        };
-                    }
-                    timed
+                        (armed - start, clock.read() - armed)
+                    })
                 })
             });
         }
@@ -745,20 +753,13 @@ fn timers(c: &mut Criterion) {
             let id = BenchmarkId::new("libev", format!("{count} {phase}"));
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
-                    let mut timed = Duration::ZERO;
-                    for _ in 0..iters {
+                    timed_phase(phase, iters, || {
                         let start = clock.read();
                         ev.timers_arm(&seconds);
                         let armed = clock.read();
                         assert_eq!(ev.timers_fire(), count);
-                        let end = clock.read();
-                        timed += if phase == "arm" {
-                            armed - start
-                        } else {
-                            end - armed
-                        };
-                    }
-                    timed
+                        (armed - start, clock.read() - armed)
+                    })
                 })
             });
         }
@@ -984,10 +985,10 @@ fn reregister(c: &mut Criterion) {
         }
         let (epfd, mut events) = epoll_setup(reader_fds.iter().copied());
         events.resize(n.max(256), libc::epoll_event { events: 0, u64: 0 });
-        let ctl = |op, fd, events: libc::c_int| {
+        let ctl = |op, fd, events: libc::c_int, key: usize| {
             let mut ev = libc::epoll_event {
                 events: events as u32,
-                u64: 0,
+                u64: key as u64,
             };
             // SAFETY: a live epoll_event, on the bench's own epoll instance and sockets.
             unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) };
@@ -1004,13 +1005,8 @@ fn reregister(c: &mut Criterion) {
         group.bench_function(id, |b| {
             b.iter(|| {
                 for (i, &fd) in reader_fds.iter().enumerate() {
-                    ctl(libc::EPOLL_CTL_DEL, fd, 0);
-                    let mut ev = libc::epoll_event {
-                        events: libc::EPOLLIN as u32,
-                        u64: i as u64,
-                    };
-                    // SAFETY: as in ctl.
-                    unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+                    ctl(libc::EPOLL_CTL_DEL, fd, 0, i);
+                    ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN, i);
                 }
                 wait(&mut events);
             })
@@ -1026,12 +1022,7 @@ fn reregister(c: &mut Criterion) {
                     libc::EPOLLIN
                 };
                 for (i, &fd) in reader_fds.iter().enumerate() {
-                    let mut ev = libc::epoll_event {
-                        events: mask as u32,
-                        u64: i as u64,
-                    };
-                    // SAFETY: as in ctl.
-                    unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_MOD, fd, &mut ev) };
+                    ctl(libc::EPOLL_CTL_MOD, fd, mask, i);
                 }
                 wait(&mut events);
             })

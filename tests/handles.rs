@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use forkloop::{Backend, Error, Interest, Kind, Loop, Readiness, Timer};
+use forkloop::{Backend, Error, Interest, Io, Kind, Loop, Readiness, Timer};
 use rstest::rstest;
 use rstest_reuse::apply;
 
@@ -291,23 +291,30 @@ fn api_changes_undone_before_the_next_wait_cost_no_backend_call(#[case] kind: Ki
     assert_epoll_holds(&lp, fd, None, "paused");
 }
 
-/// A change the backend refuses when the loop applies it (before its wait) is that
-/// fd's error, not the loop's: the watch sees `Readiness::ERROR` once, the loop goes on
-/// (its wait cut to 100 ms), and the change is tried again before each wait until the
-/// backend takes it. (It used to end the `run` of a whole server worker.)
-#[apply(backends)]
-fn api_a_refused_resume_is_the_watchs_error_and_is_tried_again(#[case] kind: Kind) {
+/// A counting loop with a read watch (which drains its end and records each readiness)
+/// paused and the pause applied, and the other end of the pair.
+fn paused_reader(kind: Kind) -> (Loop<Vec<Readiness>>, Calls, Io<UnixStream>, UnixStream) {
     let (mut lp, calls) = counting_loop::<Vec<Readiness>>(kind);
-    let (a, mut b) = socketpair();
+    let (a, b) = socketpair();
     let io = lp
         .watch_io(a, Interest::READ, |_, seen, a, ready| {
             drain(a);
             seen.push(ready);
         })
         .unwrap();
-    let mut seen = Vec::new();
     lp.pause(io).unwrap();
-    lp.loop_once(Some(Duration::ZERO), &mut seen).unwrap();
+    lp.loop_once(Some(Duration::ZERO), &mut Vec::new()).unwrap();
+    (lp, calls, io, b)
+}
+
+/// A change the backend refuses when the loop applies it (before its wait) is that
+/// fd's error, not the loop's: the watch sees `Readiness::ERROR` once, the loop goes on
+/// (its wait cut to 100 ms), and the change is tried again before each wait until the
+/// backend takes it. (It used to end the `run` of a whole server worker.)
+#[apply(backends)]
+fn api_a_refused_resume_is_the_watchs_error_and_is_tried_again(#[case] kind: Kind) {
+    let (mut lp, calls, io, mut b) = paused_reader(kind);
+    let mut seen = Vec::new();
     calls.refuse_adds(true);
     lp.resume(io).unwrap();
     lp.loop_once(Some(U), &mut seen)
@@ -372,17 +379,8 @@ fn api_a_refused_cancel_keeps_the_other_watchs_queued_change(#[case] kind: Kind)
 /// tried again before the next wait.
 #[apply(backends)]
 fn api_a_refused_reregister_leaves_the_change_queued(#[case] kind: Kind) {
-    let (mut lp, calls) = counting_loop::<Vec<Readiness>>(kind);
-    let (a, mut b) = socketpair();
-    let io = lp
-        .watch_io(a, Interest::READ, |_, seen, a, ready| {
-            drain(a);
-            seen.push(ready);
-        })
-        .unwrap();
+    let (mut lp, calls, io, mut b) = paused_reader(kind);
     let mut seen = Vec::new();
-    lp.pause(io).unwrap();
-    lp.loop_once(Some(Duration::ZERO), &mut seen).unwrap();
     lp.resume(io).unwrap();
     calls.refuse_all(true);
     assert!(lp.reregister(io).is_err(), "the refusal is the caller's");
