@@ -271,18 +271,22 @@ print(f"  SIGKILL of a worker -> its replacement answering: median {statistics.m
 PYTHON
 kill -TERM "$(cat "$WORK/single.pid")"
 
-hup_under_load() { # MODE
+hup_under_load() { # SERVER MODE
   local header=() out
-  [ "$1" = close ] && header=(-H "Connection: close")
-  (for _ in 1 2 3; do sleep 1; kill -HUP "$(cat "$WORK/forkloop.pid")"; done) &
+  [ "$2" = close ] && header=(-H "Connection: close")
+  (for _ in 1 2 3; do sleep 1; kill -HUP "$(cat "$WORK/$1.pid")"; done) &
   local hups=$!
-  out=$(wrk -t2 -c"$CONNECTIONS" -d4s "${header[@]}" "http://127.0.0.1:$FL_PORT/")
+  out=$(wrk -t2 -c"$CONNECTIONS" -d4s "${header[@]}" "http://127.0.0.1:${PORT[$1]}/")
   wait "$hups"
-  echo "  3 HUPs during wrk ($1): $(echo "$out" | grep -E 'requests in') ; errors: $(echo "$out" | grep -E 'Socket errors|Non-2xx' | tr '\n' ' ')"
+  echo "  $1, 3 HUPs during wrk ($2): $(echo "$out" | grep -E 'requests in') ; errors: $(echo "$out" | grep -E 'Socket errors|Non-2xx' | tr '\n' ' ')"
 }
 start_forkloop forkloop "$BIN" "$FL_PORT" "$WORKERS"
-hup_under_load keepalive
-hup_under_load close
+hup_under_load forkloop keepalive
+hup_under_load forkloop close
+start_nginx "$WORKERS" # the anchor: nginx reloads its workers on HUP
+hup_under_load nginx keepalive
+hup_under_load nginx close
+stop nginx
 
 for mode in keepalive close; do
   [ -s "$WORK/forkloop.pid" ] && kill -TERM "$(cat "$WORK/forkloop.pid")" 2>/dev/null || true

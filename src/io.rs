@@ -659,6 +659,16 @@ impl<D: 'static> Loop<D> {
             return self.refresh_fd(fd);
         }
         self.queue_fd(fd);
+        // A loop that changes watches and cancels them without ever waiting leaves
+        // entries a cancel already applied: keep the list to the queued fds, once.
+        // (Here, not in `queue_fd`: `apply_fd_changes` walks the list by index.)
+        if self.fd_changes.len() > 2 * self.io.len() + 1024 {
+            let fds = &self.fds;
+            self.fd_changes
+                .retain(|&fd| fds.get(fd).is_some_and(|st| st.queued));
+            self.fd_changes.sort_unstable();
+            self.fd_changes.dedup();
+        }
         Ok(())
     }
 
@@ -670,15 +680,6 @@ impl<D: 'static> Loop<D> {
         if !st.queued {
             st.queued = true;
             self.fd_changes.push(fd);
-            // A loop that changes watches and cancels them without ever waiting leaves
-            // entries a cancel already applied: keep the list to the queued fds, once.
-            if self.fd_changes.len() > 2 * self.io.len() + 1024 {
-                let fds = &self.fds;
-                self.fd_changes
-                    .retain(|&fd| fds.get(fd).is_some_and(|st| st.queued));
-                self.fd_changes.sort_unstable();
-                self.fd_changes.dedup();
-            }
         }
     }
 
